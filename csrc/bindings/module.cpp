@@ -1,0 +1,217 @@
+// optkern._C: the only file that sees both Python and the core.  Each step function validates the
+// hyperparameters, then every array (array_view.cpp), then releases the GIL and runs the fused kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "../optkern/optim_api.h"
+#include "../optkern/work_plan.h"
+#include "array_view.h"
+
+namespace py = pybind11;
+using namespace optkern;
+using optkern_py::ArrayView;
+using optkern_py::collect_read;
+using optkern_py::collect_step;
+using optkern_py::CollectedStep;
+
+namespace {
+
+// Optional device scalar (CUDA float32, one element) for grad_scale / found_inf.
+struct DeviceScalarArg {
+  ArrayView view;
+  const float* ptr = nullptr;
+};
+void parse_device_scalar(py::handle obj, const char* name, int64_t stream, DeviceScalarArg* out) {
+  if (obj.is_none()) return;
+  out->view = ArrayView::from(obj, name, stream);
+  const ArrayView& v = out->view;
+  if (v.device.kind != DeviceKind::cuda || !v.dtype_ok || v.dtype != DType::f32 || v.numel != 1)
+    throw py::value_error(std::string(name) + ": expected a one-element float32 CUDA array");
+  out->ptr = static_cast<const float*>(v.data);
+}
+
+template <class Hyper, class NumStates, class Step>
+auto bind_step(NumStates num_states, Step step_fn) {
+  return [num_states, step_fn](py::handle params, py::handle grads, py::handle states, py::handle state_names,
+                               const Hyper& h, int64_t step, double grad_scale, bool maximize, int64_t stream,
+                               py::handle grad_scale_device, py::handle found_inf_device) {
+    check(h);  // hyperparameters first: they decide how many state lists are expected
+    StepInfo info;
+    info.step = step;
+    info.grad_scale = grad_scale;
+    info.maximize = maximize;
+    check(info);
+    CollectedStep cs = collect_step(params, grads, states, state_names, num_states(h), stream);
+    DeviceScalarArg gs, fi;
+    parse_device_scalar(grad_scale_device, "grad_scale", stream, &gs);
+    parse_device_scalar(found_inf_device, "found_inf", stream, &fi);
+    info.grad_scale_device = gs.ptr;
+    info.found_inf_device = fi.ptr;
+    py::gil_scoped_release nogil;
+    return step_fn(cs.batch, h, info);
+  };
+}
+
+#define STEP_ARGS                                                                                       \
+  py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),     \
+      py::arg("step"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false, py::arg("stream") = 0, \
+      py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none()
+
+CpuIsa isa_from_name(const std::string& s) {
+  if (s == "avx512") return CpuIsa::avx512;
+  if (s == "avx2") return CpuIsa::avx2;
+  if (s == "scalar") return CpuIsa::scalar;
+  throw std::invalid_argument("isa: expected 'avx512', 'avx2' or 'scalar', got '" + s + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "optkern compiled core: fused optimizer steps on CPU (AVX-512/AVX2/scalar) and CUDA";
+
+  // ---- hyperparameter structs (validated by the core before any memory is touched) ----
+  py::class_<SgdHyper>(m, "SgdHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &SgdHyper::lr).def_readwrite("momentum", &SgdHyper::momentum)
+      .def_readwrite("dampening", &SgdHyper::dampening).def_readwrite("weight_decay", &SgdHyper::weight_decay)
+      .def_readwrite("nesterov", &SgdHyper::nesterov).def_readwrite("velocity", &SgdHyper::velocity);
+  py::class_<AdamHyper>(m, "AdamHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &AdamHyper::lr).def_readwrite("beta1", &AdamHyper::beta1)
+      .def_readwrite("beta2", &AdamHyper::beta2).def_readwrite("eps", &AdamHyper::eps)
+      .def_readwrite("weight_decay", &AdamHyper::weight_decay).def_readwrite("amsgrad", &AdamHyper::amsgrad)
+      .def_readwrite("decoupled_weight_decay", &AdamHyper::decoupled_weight_decay)
+      .def_readwrite("eps_inside_sqrt", &AdamHyper::eps_inside_sqrt)
+      .def_readwrite("bias_correction", &AdamHyper::bias_correction);
+  py::class_<AdagradHyper>(m, "AdagradHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &AdagradHyper::lr).def_readwrite("lr_decay", &AdagradHyper::lr_decay)
+      .def_readwrite("weight_decay", &AdagradHyper::weight_decay).def_readwrite("eps", &AdagradHyper::eps);
+  py::class_<RmspropHyper>(m, "RmspropHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &RmspropHyper::lr).def_readwrite("alpha", &RmspropHyper::alpha)
+      .def_readwrite("eps", &RmspropHyper::eps).def_readwrite("weight_decay", &RmspropHyper::weight_decay)
+      .def_readwrite("momentum", &RmspropHyper::momentum).def_readwrite("centered", &RmspropHyper::centered)
+      .def_readwrite("eps_inside_sqrt", &RmspropHyper::eps_inside_sqrt)
+      .def_readwrite("nesterov", &RmspropHyper::nesterov);
+  py::class_<AdamaxHyper>(m, "AdamaxHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &AdamaxHyper::lr).def_readwrite("beta1", &AdamaxHyper::beta1)
+      .def_readwrite("beta2", &AdamaxHyper::beta2).def_readwrite("eps", &AdamaxHyper::eps)
+      .def_readwrite("weight_decay", &AdamaxHyper::weight_decay);
+  py::class_<NadamHyper>(m, "NadamHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &NadamHyper::lr).def_readwrite("beta1", &NadamHyper::beta1)
+      .def_readwrite("beta2", &NadamHyper::beta2).def_readwrite("eps", &NadamHyper::eps)
+      .def_readwrite("weight_decay", &NadamHyper::weight_decay)
+      .def_readwrite("momentum_decay", &NadamHyper::momentum_decay)
+      .def_readwrite("decoupled_weight_decay", &NadamHyper::decoupled_weight_decay)
+      .def_readwrite("momentum_schedule", &NadamHyper::momentum_schedule);
+  py::class_<AdadeltaHyper>(m, "AdadeltaHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &AdadeltaHyper::lr).def_readwrite("rho", &AdadeltaHyper::rho)
+      .def_readwrite("eps", &AdadeltaHyper::eps).def_readwrite("weight_decay", &AdadeltaHyper::weight_decay);
+  py::class_<RpropHyper>(m, "RpropHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &RpropHyper::lr).def_readwrite("etaminus", &RpropHyper::etaminus)
+      .def_readwrite("etaplus", &RpropHyper::etaplus).def_readwrite("step_size_min", &RpropHyper::step_size_min)
+      .def_readwrite("step_size_max", &RpropHyper::step_size_max);
+
+  m.def("check_hyper", [](const SgdHyper& h) { check(h); });
+  m.def("check_hyper", [](const AdamHyper& h) { check(h); });
+  m.def("check_hyper", [](const AdagradHyper& h) { check(h); });
+  m.def("check_hyper", [](const RmspropHyper& h) { check(h); });
+  m.def("check_hyper", [](const AdamaxHyper& h) { check(h); });
+  m.def("check_hyper", [](const NadamHyper& h) { check(h); });
+  m.def("check_hyper", [](const AdadeltaHyper& h) { check(h); });
+  m.def("check_hyper", [](const RpropHyper& h) { check(h); });
+
+  m.def("sgd_num_states", [](const SgdHyper& h) { return sgd_num_states(h); });
+  m.def("adam_num_states", [](const AdamHyper& h) { return adam_num_states(h); });
+  m.def("rmsprop_num_states", [](const RmspropHyper& h) { return rmsprop_num_states(h); });
+
+  // ---- steps ----
+  m.def("sgd_step", bind_step<SgdHyper>(sgd_num_states, [](const StepBatch& b, const SgdHyper& h, const StepInfo& s) {
+          sgd_step(b, h, s);
+        }), STEP_ARGS);
+  m.def("adam_step", bind_step<AdamHyper>(adam_num_states, [](const StepBatch& b, const AdamHyper& h, const StepInfo& s) {
+          adam_step(b, h, s);
+        }), STEP_ARGS);
+  m.def("adagrad_step", bind_step<AdagradHyper>([](const AdagradHyper&) { return adagrad_num_states(); },
+                                               [](const StepBatch& b, const AdagradHyper& h, const StepInfo& s) {
+                                                 adagrad_step(b, h, s);
+                                               }), STEP_ARGS);
+  m.def("rmsprop_step", bind_step<RmspropHyper>(rmsprop_num_states,
+                                               [](const StepBatch& b, const RmspropHyper& h, const StepInfo& s) {
+                                                 rmsprop_step(b, h, s);
+                                               }), STEP_ARGS);
+  m.def("adamax_step", bind_step<AdamaxHyper>([](const AdamaxHyper&) { return adamax_num_states(); },
+                                             [](const StepBatch& b, const AdamaxHyper& h, const StepInfo& s) {
+                                               adamax_step(b, h, s);
+                                             }), STEP_ARGS);
+  m.def("adadelta_step", bind_step<AdadeltaHyper>([](const AdadeltaHyper&) { return adadelta_num_states(); },
+                                                 [](const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s) {
+                                                   adadelta_step(b, h, s);
+                                                 }), STEP_ARGS);
+  m.def("rprop_step", bind_step<RpropHyper>([](const RpropHyper&) { return rprop_num_states(); },
+                                           [](const StepBatch& b, const RpropHyper& h, const StepInfo& s) {
+                                             rprop_step(b, h, s);
+                                           }), STEP_ARGS);
+  m.def(
+      "nadam_step",
+      [](py::handle params, py::handle grads, py::handle states, py::handle state_names, const NadamHyper& h,
+         int64_t step, double mu_product, double grad_scale, bool maximize, int64_t stream, py::handle grad_scale_device,
+         py::handle found_inf_device) {
+        return bind_step<NadamHyper>([](const NadamHyper&) { return nadam_num_states(); },
+                                     [mu_product](const StepBatch& b, const NadamHyper& hh, const StepInfo& s) {
+                                       return nadam_step(b, hh, s, mu_product);
+                                     })(params, grads, states, state_names, h, step, grad_scale, maximize, stream,
+                                        grad_scale_device, found_inf_device);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),
+      py::arg("step"), py::arg("mu_product"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false,
+      py::arg("stream") = 0, py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),
+      "Returns the updated product of NAdam's momentum coefficients.");
+
+  m.def(
+      "global_norm",
+      [](py::handle arrays, double norm_type, int64_t stream) {
+        CollectedStep cs = collect_read(arrays, "grads", stream);
+        py::gil_scoped_release nogil;
+        return global_norm(cs.batch, norm_type);
+      },
+      py::arg("arrays"), py::arg("norm_type") = 2.0, py::arg("stream") = 0);
+
+  m.def("check_arrays", [](py::handle params, py::handle grads, py::handle states, py::handle names, int nstates,
+                           int64_t stream) { collect_step(params, grads, states, names, nstates, stream); },
+        "Validate a step's arrays without running it (raises like a step would).");
+
+  // ---- CPU control ----
+  m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); });
+  m.def("cpu_best_isa", [] { return std::string(cpu_isa_name(cpu_best_isa())); });
+  m.def("set_cpu_isa", [](const std::string& s) { set_cpu_isa(isa_from_name(s)); }, py::arg("isa"));
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("cuda_built", &cuda_built);
+  m.def("cuda_available", &cuda_available);
+
+  // ---- work plans (host code shared with the executors; exposed for tests) ----
+  m.def("_cpu_plan", [](const std::vector<int64_t>& numels, int nparts, int64_t align) {
+    py::list out;
+    for (const auto& part : cpu_plan(numels, nparts, align)) {
+      py::list l;
+      for (const auto& r : part) l.append(py::make_tuple(r.tensor, r.begin, r.end));
+      out.append(l);
+    }
+    return out;
+  });
+  m.def("_cuda_chunk_plan", [](const std::vector<int64_t>& numels, int64_t chunk) {
+    py::list out;
+    for (const auto& c : cuda_chunk_plan(numels, chunk)) out.append(py::make_tuple(c.tensor, c.begin, c.len));
+    return out;
+  });
+}

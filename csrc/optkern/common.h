@@ -1,0 +1,45 @@
+// optkern common definitions: host/device qualifiers and the small math helpers every rule uses.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define OK_HD __host__ __device__ __forceinline__
+#else
+#define OK_HD inline __attribute__((always_inline))
+#endif
+
+namespace optkern {
+
+enum class DType : int { f32 = 0, f64 = 1 };
+
+inline int dtype_size(DType d) { return d == DType::f32 ? 4 : 8; }
+inline const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
+
+// Branch-free helpers written as plain ternaries so that the CPU compiler turns them into
+// vector blends / min / max and the CUDA compiler into selects.
+template <class T>
+OK_HD T ok_max(T a, T b) {
+  return a < b ? b : a;
+}
+template <class T>
+OK_HD T ok_min(T a, T b) {
+  return b < a ? b : a;
+}
+template <class T>
+OK_HD T ok_abs(T a) {
+  return a < T(0) ? -a : a;
+}
+template <class T>
+OK_HD T ok_sign(T a) {  // torch.sign: -1, 0 or +1 (0 for +-0)
+  return a > T(0) ? T(1) : (a < T(0) ? T(-1) : T(0));
+}
+
+}  // namespace optkern
+
+#if defined(__CUDACC__)
+#define OK_SQRT(x) sqrt(x)
+#else
+#include <cmath>
+#define OK_SQRT(x) std::sqrt(x)
+#endif

@@ -1,0 +1,15 @@
+// A tiny fork-join thread pool for the CPU kernels.  Workers spin briefly after a job (so back-to-back
+// steps do not pay a wake-up) and then sleep, so they never keep a core busy between training steps.
+#pragma once
+
+#include <functional>
+
+namespace optkern {
+
+// Run fn(thread_index, num_threads) on num_threads threads (the caller is thread 0) and wait for all.
+void parallel_run(int num_threads, const std::function<void(int, int)>& fn);
+
+int pool_num_threads();        // the configured thread count (default: the CPUs this process may use)
+void pool_set_num_threads(int n);
+
+}  // namespace optkern

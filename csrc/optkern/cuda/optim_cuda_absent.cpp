@@ -1,0 +1,28 @@
+// Compiled instead of optim_cuda.cu when the package is built without CUDA: CUDA arrays are refused loudly.
+#include <stdexcept>
+
+#include "../executors.h"
+
+namespace optkern {
+namespace cuda_exec {
+namespace {
+[[noreturn]] void refuse() {
+  throw std::invalid_argument(
+      "params: CUDA arrays were given, but this optkern build has no CUDA kernels (rebuild with nvcc on PATH, "
+      "or OPTKERN_CUDA=ON to make a missing nvcc an error)");
+}
+}  // namespace
+template <class Rule>
+void run_rule(const StepBatch&, const CoefD<Rule>&, const DeviceScalars&) {
+  refuse();
+}
+#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&, const DeviceScalars&);
+OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
+#undef OPTKERN_INSTANTIATE
+double sum_squares(const StepBatch&) { refuse(); }
+double max_abs(const StepBatch&) { refuse(); }
+bool available() { return false; }
+}  // namespace cuda_exec
+bool cuda_built() { return false; }
+bool cuda_available() { return false; }
+}  // namespace optkern

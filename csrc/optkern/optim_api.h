@@ -1,0 +1,142 @@
+// optkern's framework-free C++ API for fused optimizer steps.
+//
+// A caller (the Python binding, or another framework linking the core) describes N tensors as raw pointers
+// in a StepBatch, fills the hyperparameter struct of one algorithm and calls its *_step function.  The
+// hyperparameters are checked first (std::invalid_argument naming the argument); then the per-step scalars
+// are computed once on the host and every element of every tensor is updated in one pass, on the CPU (SIMD
+// dispatch, threads) or on a CUDA device (one launch walking a multi-tensor work plan).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace optkern {
+
+enum class DeviceKind : int { cpu = 0, cuda = 1 };
+
+struct Device {
+  DeviceKind kind = DeviceKind::cpu;
+  int index = 0;
+  bool operator==(const Device& o) const { return kind == o.kind && index == o.index; }
+};
+
+// One tensor of a step: ptr[0] = param, ptr[1] = grad, ptr[2..] = state buffers in the rule's order.
+struct TensorSlots {
+  void* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  int64_t numel = 0;
+};
+
+struct StepBatch {
+  DType dtype = DType::f32;
+  Device device;
+  void* stream = nullptr;  // cudaStream_t on CUDA devices (nullptr: the legacy default stream)
+  std::vector<TensorSlots> tensors;
+};
+
+// What every step has in common.  `step` counts steps including this one (1 on the first step), as
+// torch's state["step"] after its increment.  grad_scale multiplies the gradient inside the pass (a
+// global-norm clip coefficient or an AMP unscale).
+struct StepInfo {
+  int64_t step = 1;
+  double grad_scale = 1.0;
+  bool maximize = false;
+  // CUDA only, optional: a device float32 scalar multiplied into grad_scale, and a device float32 flag that
+  // skips the whole step when non-zero (AMP's found_inf).  Read by the kernel: no host synchronisation.
+  const float* grad_scale_device = nullptr;
+  const float* found_inf_device = nullptr;
+};
+
+struct SgdHyper {
+  double lr = 1e-3, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
+  bool nesterov = false;
+  bool velocity = false;  // seeds' Algorithms 8.2/8.3: v <- alpha v - lr g; theta <- theta + v
+};
+
+struct AdamHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false, decoupled_weight_decay = false;
+  bool eps_inside_sqrt = false;  // seeds' Algorithm 8.7: sqrt(r_hat + delta)
+  bool bias_correction = true;   // false: Reddi et al.'s AMSGrad as in seed 002 (no bias correction)
+};
+
+struct AdagradHyper {
+  double lr = 1e-2, lr_decay = 0.0, weight_decay = 0.0, eps = 1e-10;
+};
+
+struct RmspropHyper {
+  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0.0, momentum = 0.0;
+  bool centered = false;
+  bool eps_inside_sqrt = false;  // seeds' Algorithms 8.5/8.6: sqrt(delta + r)
+  bool nesterov = false;         // seeds' Algorithm 8.6: velocity form, the array holds theta + alpha v
+};
+
+struct AdamaxHyper {
+  double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+};
+
+struct NadamHyper {
+  double lr = 2e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0, momentum_decay = 4e-3;
+  bool decoupled_weight_decay = false;
+  bool momentum_schedule = true;  // false: seed 002's Nadam, constant beta1 (Ruder's form)
+};
+
+struct AdadeltaHyper {
+  double lr = 1.0, rho = 0.9, eps = 1e-6, weight_decay = 0.0;
+};
+
+struct RpropHyper {
+  double lr = 1e-2, etaminus = 0.5, etaplus = 1.2, step_size_min = 1e-6, step_size_max = 50.0;
+};
+
+// How many state buffers a step reads and writes for these hyperparameters (the order is the rule's).
+int sgd_num_states(const SgdHyper& h);
+int adam_num_states(const AdamHyper& h);
+int rmsprop_num_states(const RmspropHyper& h);
+inline int adagrad_num_states() { return 1; }
+inline int adamax_num_states() { return 2; }
+inline int nadam_num_states() { return 2; }
+inline int adadelta_num_states() { return 2; }
+inline int rprop_num_states() { return 2; }
+
+// Validate hyperparameters (std::invalid_argument naming the argument) without touching memory.
+void check(const SgdHyper& h);
+void check(const AdamHyper& h);
+void check(const AdagradHyper& h);
+void check(const RmspropHyper& h);
+void check(const AdamaxHyper& h);
+void check(const NadamHyper& h);
+void check(const AdadeltaHyper& h);
+void check(const RpropHyper& h);
+void check(const StepInfo& s);
+
+// The steps.  Each checks its hyperparameters and StepInfo, then updates every tensor in place.
+void sgd_step(const StepBatch& b, const SgdHyper& h, const StepInfo& s);
+void adam_step(const StepBatch& b, const AdamHyper& h, const StepInfo& s);
+void adagrad_step(const StepBatch& b, const AdagradHyper& h, const StepInfo& s);
+void rmsprop_step(const StepBatch& b, const RmspropHyper& h, const StepInfo& s);
+void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s);
+// NAdam's momentum schedule needs the running product of mu_1..mu_{t-1}; returns the product through mu_t.
+double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product);
+void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s);
+void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s);
+
+// Gradient norms over a list of tensors (one multi-tensor reduction).  ptr[0] of each slot is read.
+// norm_type 2 returns sqrt(sum x^2) accumulated in double; norm_type inf returns max |x| (NaN propagates).
+double global_norm(const StepBatch& b, double norm_type);
+
+// CPU execution control.
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+CpuIsa cpu_isa();                 // the path in use
+CpuIsa cpu_best_isa();            // the best this machine supports
+void set_cpu_isa(CpuIsa isa);     // throws std::invalid_argument if unsupported here
+const char* cpu_isa_name(CpuIsa isa);
+void set_num_threads(int n);
+int get_num_threads();
+
+// CUDA availability (false when built without CUDA or when no driver/device is present).
+bool cuda_built();
+bool cuda_available();
+
+}  // namespace optkern

@@ -1,0 +1,257 @@
+"""The functional layer: one fused step per algorithm, on one array or on lists of arrays.
+
+Every function updates ``params`` and the state arrays in place, in one pass over memory (every element of
+param, grad and state read once and written once), and returns nothing (NAdam returns its running momentum
+product).  ``step`` counts steps including this one (1 on the first step), like torch's ``state["step"]``.
+
+Common keywords:
+    grad_scale: multiplies the gradient inside the pass (a global-norm clip coefficient from
+        :func:`optkern.clip_grad_norm`, or an AMP unscale 1/scale).  A float, or a one-element float32 CUDA array
+        (read on the device, no host sync).
+    found_inf: when true, nothing is changed (the step is skipped).  A bool, or a one-element float32 CUDA array
+        read by the kernel (non-zero skips).
+    maximize: ascend instead of descend (torch's ``maximize``).
+
+All arrays of one call share a dtype (float32 or float64) and a device; grads and states match their param's
+shape and layout.  Bad input raises ValueError or TypeError naming the argument before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import _C
+from ._arrays import as_list, current_stream, plain
+
+__all__ = [
+    "sgd_step",
+    "adam_step",
+    "adamw_step",
+    "adagrad_step",
+    "rmsprop_step",
+    "adamax_step",
+    "nadam_step",
+    "adadelta_step",
+    "rprop_step",
+]
+
+
+def _scalar_args(grad_scale, found_inf):
+    """-> (skip, grad_scale float, grad_scale device array or None, found_inf device array or None)."""
+    gs_dev = fi_dev = None
+    if found_inf is None or found_inf is False:
+        skip = False
+    elif hasattr(found_inf, "__cuda_array_interface__") or _is_torch_cuda(found_inf):
+        skip, fi_dev = False, found_inf
+    else:
+        skip = bool(found_inf)
+    if isinstance(grad_scale, (int, float)):
+        gs = float(grad_scale)
+    elif hasattr(grad_scale, "__cuda_array_interface__") or _is_torch_cuda(grad_scale):
+        gs, gs_dev = 1.0, grad_scale
+    else:
+        gs = float(grad_scale)
+    if not math.isfinite(gs):
+        raise ValueError(f"grad_scale: expected a finite number, got {gs}")
+    return skip, gs, gs_dev, fi_dev
+
+
+def _is_torch_cuda(x) -> bool:
+    return type(x).__module__.startswith("torch") and getattr(getattr(x, "device", None), "type", None) == "cuda"
+
+
+def _lists(params, grads, states):
+    ps = [plain(p) for p in as_list(params)]
+    gs = [plain(g) for g in as_list(grads)]
+    ss = [[plain(a) for a in as_list(s)] for s in states]
+    return ps, gs, ss
+
+
+def _run(fn, params, grads, states, names, hyper, step, grad_scale, found_inf, maximize, **extra):
+    skip, gs, gs_dev, fi_dev = _scalar_args(grad_scale, found_inf)
+    ps, gr, ss = _lists(params, grads, states)
+    stream = current_stream(ps[0]) if ps else 0
+    if skip:  # validate anyway, so that a skipped step still reports bad input
+        _C.check_hyper(hyper)
+        return None
+    return fn(ps, gr, ss, names, hyper, int(step), grad_scale=gs, maximize=bool(maximize), stream=stream,
+              grad_scale_device=gs_dev, found_inf_device=fi_dev, **extra)
+
+
+def _pair(name, v):
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a pair of numbers, got {v!r}") from None
+    return float(a), float(b)
+
+
+def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
+             weight_decay=0.0, nesterov=False, maximize=False, velocity=False, grad_scale=1.0, found_inf=None):
+    """SGD (torch.optim.SGD; seeds' Algorithm 8.1), with momentum, dampening and Nesterov.
+
+    g <- g + wd p;  buf <- g (step 1) or momentum buf + (1 - dampening) g;  d <- g + momentum buf (nesterov) or buf;
+    p <- p - lr d.
+
+    ``velocity=True`` is the seeds' velocity form (Algorithms 8.2 and 8.3): v <- momentum v - lr g; p <- p + v.
+    With ``nesterov=True`` as well (Algorithm 8.3), ``params`` hold the interim point theta + momentum v, where the
+    caller evaluates the gradient; theta is recovered as params - momentum v.  ``momentum_buffers`` holds v
+    (start from zeros).
+    """
+    h = _C.SgdHyper()
+    h.lr, h.momentum, h.dampening, h.weight_decay = float(lr), float(momentum), float(dampening), float(weight_decay)
+    h.nesterov, h.velocity = bool(nesterov), bool(velocity)
+    _C.check_hyper(h)
+    n = _C.sgd_num_states(h)
+    if n and momentum_buffers is None:
+        raise ValueError("momentum_buffers: required when momentum != 0 or velocity=True")
+    states = [momentum_buffers] if n else []
+    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_scale, found_inf, maximize)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+              eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
+              eps_inside_sqrt=False, bias_correction=True, grad_scale=1.0, found_inf=None):
+    """Adam (Kingma & Ba 2015; torch.optim.Adam; seeds' Algorithm 8.7), AMSGrad (Reddi et al. 2018).
+
+    m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2;  (AMSGrad: v_max <- max(v_max, v), used for v)
+    p <- p - lr/(1 - beta1^t) m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+
+    ``eps_inside_sqrt=True`` is Algorithm 8.7 exactly: p <- p - lr m_hat / sqrt(v_hat + eps).
+    ``bias_correction=False`` drops both corrections (with amsgrad, seed 002's AMSGrad).
+    ``decoupled_weight_decay=True`` is AdamW: p <- p (1 - lr wd) before the step.
+    """
+    b1, b2 = _pair("betas", betas)
+    h = _C.AdamHyper()
+    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
+    h.amsgrad, h.decoupled_weight_decay = bool(amsgrad), bool(decoupled_weight_decay)
+    h.eps_inside_sqrt, h.bias_correction = bool(eps_inside_sqrt), bool(bias_correction)
+    _C.check_hyper(h)
+    states = [exp_avgs, exp_avg_sqs]
+    names = ("exp_avgs", "exp_avg_sqs")
+    if amsgrad:
+        if max_exp_avg_sqs is None:
+            raise ValueError("max_exp_avg_sqs: required when amsgrad=True")
+        states.append(max_exp_avg_sqs)
+        names += ("max_exp_avg_sqs",)
+    _run(_C.adam_step, params, grads, states, names, h, step, grad_scale, found_inf, maximize)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+               eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, grad_scale=1.0, found_inf=None):
+    """AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW): Adam with decoupled weight decay p <- p (1 - lr wd)."""
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, betas=betas, eps=eps,
+              weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+              grad_scale=grad_scale, found_inf=found_inf)
+
+
+def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                 maximize=False, grad_scale=1.0, found_inf=None):
+    """Adagrad (Duchi et al. 2011; torch.optim.Adagrad; seeds' Algorithm 8.4).
+
+    r <- r + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) g / (sqrt(r) + eps).  ``state_sums`` start at
+    ``initial_accumulator_value``.
+    """
+    h = _C.AdagradHyper()
+    h.lr, h.lr_decay, h.weight_decay, h.eps = float(lr), float(lr_decay), float(weight_decay), float(eps)
+    _C.check_hyper(h)
+    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_scale, found_inf, maximize)
+
+
+def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, step, lr=1e-2, alpha=0.99,
+                 eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False, eps_inside_sqrt=False,
+                 nesterov=False, grad_scale=1.0, found_inf=None):
+    """RMSprop (Hinton's lecture 6e; torch.optim.RMSprop; seeds' Algorithms 8.5 and 8.6).
+
+    r <- alpha r + (1 - alpha) g^2;  (centered: ga <- alpha ga + (1 - alpha) g; r_c = r - ga^2);
+    p <- p - lr g / (sqrt(r_c) + eps), or with momentum buf <- momentum buf + g / (sqrt(r_c) + eps); p <- p - lr buf.
+
+    ``eps_inside_sqrt=True``: the denominator is sqrt(r_c + eps), as in Algorithm 8.5 (and 8.6 with eps=0).
+    ``nesterov=True`` (needs momentum > 0) is Algorithm 8.6: v <- momentum v - lr g / denom, and ``params`` hold the
+    interim point theta + momentum v where the caller evaluates the gradient.
+    """
+    h = _C.RmspropHyper()
+    h.lr, h.alpha, h.eps, h.weight_decay, h.momentum = float(lr), float(alpha), float(eps), float(weight_decay), \
+        float(momentum)
+    h.centered, h.eps_inside_sqrt, h.nesterov = bool(centered), bool(eps_inside_sqrt), bool(nesterov)
+    _C.check_hyper(h)
+    states, names = [square_avgs], ("square_avgs",)
+    if centered:
+        if grad_avgs is None:
+            raise ValueError("grad_avgs: required when centered=True")
+        states.append(grad_avgs)
+        names += ("grad_avgs",)
+    if h.momentum > 0:
+        if momentum_buffers is None:
+            raise ValueError("momentum_buffers: required when momentum > 0")
+        states.append(momentum_buffers)
+        names += ("momentum_buffers",)
+    _run(_C.rmsprop_step, params, grads, states, names, h, step, grad_scale, found_inf, maximize)
+
+
+def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+                weight_decay=0.0, maximize=False, grad_scale=1.0, found_inf=None):
+    """Adamax (Kingma & Ba 2015, sec. 7; torch.optim.Adamax; AdaMax in seed 002).
+
+    m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g| + eps);  p <- p - lr / (1 - beta1^t) m / u.
+    """
+    b1, b2 = _pair("betas", betas)
+    h = _C.AdamaxHyper()
+    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
+    _C.check_hyper(h)
+    _run(_C.adamax_step, params, grads, [exp_avgs, exp_infs], ("exp_avgs", "exp_infs"), h, step, grad_scale,
+         found_inf, maximize)
+
+
+def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+               weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False, momentum_schedule=True,
+               maximize=False, grad_scale=1.0, found_inf=None) -> float:
+    """NAdam (Dozat 2016; torch.optim.NAdam; Nadam in seed 002).  Returns the new ``mu_product``.
+
+    mu_t = beta1 (1 - 0.5 * 0.96^(t momentum_decay));  ``mu_product`` is mu_1 ... mu_{t-1} (1.0 before step 1):
+    p <- p - lr (1 - mu_t) / (1 - prod mu) g / denom - lr mu_{t+1} / (1 - prod mu * mu_{t+1}) m / denom,
+    denom = sqrt(v / (1 - beta2^t)) + eps.
+
+    ``momentum_schedule=False`` is seed 002's form with a constant beta1:
+    p <- p - lr / denom (beta1 m + (1 - beta1) g) / (1 - beta1^t).
+    """
+    b1, b2 = _pair("betas", betas)
+    h = _C.NadamHyper()
+    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
+    h.momentum_decay, h.decoupled_weight_decay = float(momentum_decay), bool(decoupled_weight_decay)
+    h.momentum_schedule = bool(momentum_schedule)
+    _C.check_hyper(h)
+    out = _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
+               grad_scale, found_inf, maximize, mu_product=float(mu_product))
+    return float(mu_product) if out is None else out
+
+
+def adadelta_step(params, grads, square_avgs, acc_deltas, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
+                  maximize=False, grad_scale=1.0, found_inf=None):
+    """Adadelta (Zeiler 2012; torch.optim.Adadelta; seed 002).
+
+    sq <- rho sq + (1 - rho) g^2;  dx <- sqrt(acc + eps) / sqrt(sq + eps) g;  acc <- rho acc + (1 - rho) dx^2;
+    p <- p - lr dx.
+    """
+    h = _C.AdadeltaHyper()
+    h.lr, h.rho, h.eps, h.weight_decay = float(lr), float(rho), float(eps), float(weight_decay)
+    _C.check_hyper(h)
+    _run(_C.adadelta_step, params, grads, [square_avgs, acc_deltas], ("square_avgs", "acc_deltas"), h, step,
+         grad_scale, found_inf, maximize)
+
+
+def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0),
+               maximize=False, grad_scale=1.0, found_inf=None):
+    """Rprop (Riedmiller & Braun 1993; torch.optim.Rprop; seed 004).
+
+    s = g prev;  step <- clamp(step * (etaplus if s > 0, etaminus if s < 0, else 1), *step_size_limits);
+    g <- 0 where s < 0;  p <- p - sign(g) step;  prev <- g.  ``prevs`` start at 0, ``step_sizes`` at lr (``lr`` is
+    only used to check the value; the step sizes carry it).
+    """
+    em, ep = _pair("etas", etas)
+    smin, smax = _pair("step_sizes", step_size_limits)
+    h = _C.RpropHyper()
+    h.lr, h.etaminus, h.etaplus, h.step_size_min, h.step_size_max = float(lr), em, ep, smin, smax
+    _C.check_hyper(h)
+    _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_scale, found_inf,
+         maximize)

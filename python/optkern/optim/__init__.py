@@ -1,0 +1,6 @@
+"""torch.optim-compatible optimizers running optkern's fused kernels."""
+
+from .algorithms import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop, Rprop
+from .optimizer import Optimizer
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
