@@ -2,9 +2,12 @@
 #include "array_view.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+
+#include <pybind11/numpy.h>
 
 #include "dlpack.h"
 
@@ -39,7 +42,7 @@ ArrayView& ArrayView::operator=(ArrayView&& o) noexcept {
     data = o.data;
     dtype_ok = o.dtype_ok;
     dtype = o.dtype;
-    dtype_str = std::move(o.dtype_str);
+    std::memcpy(dtype_str, o.dtype_str, sizeof(dtype_str));
     ndim = o.ndim;
     std::memcpy(shape, o.shape, sizeof(shape));
     std::memcpy(strides, o.strides, sizeof(strides));
@@ -104,9 +107,47 @@ std::string shape_str(const ArrayView& a) {
   return os.str();
 }
 
-ArrayView ArrayView::from(py::handle obj, const std::string& what, int64_t cuda_stream) {
+ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream) {
   ArrayView v;
+  struct LazyName {
+    const char* kind;
+    int64_t index;
+    operator std::string() const { return index < 0 ? std::string(kind) : std::string(kind) + "[" + std::to_string(index) + "]"; }
+    std::string operator+(const std::string& s) const { return std::string(*this) + s; }
+    std::string operator+(const char* s) const { return std::string(*this) + s; }
+  } what{kind, index};
   PyObject* o = obj.ptr();
+  // 0. NumPy arrays: read the array struct directly through NumPy's C API (pybind11 loads it at run time).
+  {
+    auto& api = py::detail::npy_api::get();
+    if (api.PyArray_Check_(o)) {
+      const auto* a = py::detail::array_proxy(o);
+      const auto* d = py::detail::array_descriptor_proxy(a->descr);
+      constexpr int kNpyFloat = 11, kNpyDouble = 12;
+      constexpr int kWriteable = 0x0400;
+      const bool native = d->byteorder != '>';
+      if (d->type_num == kNpyFloat && native) { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
+      else if (d->type_num == kNpyDouble && native) { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
+      else {
+        v.itemsize = 1;
+        std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", std::string(py::str(obj.attr("dtype"))).c_str());
+        if (!native) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "a non-native byte order");
+      }
+      if (a->nd > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
+      v.data = a->data;
+      v.ndim = a->nd;
+      v.numel = 1;
+      for (int k = 0; k < a->nd; ++k) {
+        v.shape[k] = a->dimensions[k];
+        v.strides[k] = a->strides[k];
+        v.numel *= a->dimensions[k];
+      }
+      if (v.itemsize == 1) v.numel = v.numel;  // unsupported dtype: reported by the caller
+      v.readonly = (a->flags & kWriteable) == 0;
+      v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
+      return v;
+    }
+  }
   // 1. The buffer protocol (NumPy and anything like it): the fast path.
   if (PyObject_CheckBuffer(o)) {
     if (PyObject_GetBuffer(o, &v.buffer_, PyBUF_RECORDS_RO) != 0) {
@@ -119,7 +160,7 @@ ArrayView ArrayView::from(py::handle obj, const std::string& what, int64_t cuda_
     v.itemsize = static_cast<int>(b.itemsize);
     v.readonly = b.readonly != 0;
     v.dtype_ok = parse_format(b.format, v.itemsize, &v.dtype);
-    v.dtype_str = b.format ? std::string("buffer format '") + b.format + "'" : "unknown";
+    if (!v.dtype_ok) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "buffer format '%.40s'", b.format ? b.format : "?");
     if (b.ndim > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
     v.ndim = b.ndim;
     v.numel = 1;
@@ -145,7 +186,7 @@ ArrayView ArrayView::from(py::handle obj, const std::string& what, int64_t cuda_
     py::tuple data = cai["data"];
     v.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
     v.readonly = data[1].cast<bool>();
-    v.dtype_str = "typestr '" + typestr + "'";
+    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "typestr '%.40s'", typestr.c_str());
     if (typestr == "<f4") { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
     else if (typestr == "<f8") { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
     else { v.itemsize = 1; }
@@ -223,7 +264,7 @@ ArrayView ArrayView::from(py::handle obj, const std::string& what, int64_t cuda_
       v.dtype = t->dtype.bits == 32 ? DType::f32 : DType::f64;
     }
     v.itemsize = t->dtype.bits / 8 > 0 ? t->dtype.bits / 8 : 1;
-    v.dtype_str = "DLPack dtype (code " + std::to_string(t->dtype.code) + ", bits " + std::to_string(t->dtype.bits) + ")";
+    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "DLPack dtype (code %d, bits %d)", int(t->dtype.code), int(t->dtype.bits));
     if (t->ndim > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
     v.ndim = t->ndim;
     v.numel = 1;
@@ -315,7 +356,7 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     const bool is_list = PyList_Check(seq);
     for (size_t i = 0; i < nt; ++i) {
       PyObject* item = is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
-      out.views.push_back(ArrayView::from(item, names[k] + "[" + std::to_string(i) + "]", cuda_stream));
+      out.views.push_back(ArrayView::from(item, names[k].c_str(), static_cast<int64_t>(i), cuda_stream));
     }
   }
   // Per-tensor checks: dtype, shape, layout, device, writability, alignment.
@@ -323,10 +364,10 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   bool have_device = false;
   for (size_t i = 0; i < nt; ++i) {
     const ArrayView& p = out.views[i];
-    const std::string pn = "params[" + std::to_string(i) + "]";
-    if (!p.dtype_ok) type_error(pn + ": expected float32 or float64, got " + p.dtype_str);
+    auto pn_str = [&] { return "params[" + std::to_string(i) + "]"; };
+    if (!p.dtype_ok) type_error(pn_str() + ": expected float32 or float64, got " + p.dtype_str);
     if (i > 0 && p.dtype != out.views[0].dtype)
-      type_error(pn + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like params[0] (one dtype per call), got " +
+      type_error(pn_str() + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like params[0] (one dtype per call), got " +
                  optkern::dtype_name(p.dtype));
     if (!have_device) {
       device = p.device;
@@ -334,27 +375,27 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     }
     for (size_t k = 0; k < nkinds; ++k) {
       const ArrayView& a = out.views[k * nt + i];
-      const std::string an = names[k] + "[" + std::to_string(i) + "]";
+      auto an_str = [&] { return names[k] + "[" + std::to_string(i) + "]"; };
       if (k > 0) {
         if (!a.dtype_ok || a.dtype != p.dtype)
-          type_error(an + ": expected " + optkern::dtype_name(p.dtype) + " like " + pn + ", got " +
+          type_error(an_str() + ": expected " + optkern::dtype_name(p.dtype) + " like " + pn_str() + ", got " +
                      (a.dtype_ok ? std::string(optkern::dtype_name(a.dtype)) : a.dtype_str));
         bool same_shape = a.ndim == p.ndim;
         for (int d = 0; same_shape && d < p.ndim; ++d) same_shape = a.shape[d] == p.shape[d];
-        if (!same_shape) value_error(an + ": expected shape " + shape_str(p) + " like " + pn + ", got " + shape_str(a));
+        if (!same_shape) value_error(an_str() + ": expected shape " + shape_str(p) + " like " + pn_str() + ", got " + shape_str(a));
       }
       if (!(a.device == device))
-        value_error(an + ": expected an array on " + device_str(device) + " like params[0], got " + device_str(a.device));
-      if (k != 1 && a.readonly) value_error(an + ": is read-only; it is updated in place and must be writable");
+        value_error(an_str() + ": expected an_str() array on " + device_str(device) + " like params[0], got " + device_str(a.device));
+      if (k != 1 && a.readonly) value_error(an_str() + ": is read-only; it is updated in place and must be writable");
       if (a.numel > 0) {
         if (reinterpret_cast<uintptr_t>(a.data) % static_cast<uintptr_t>(a.itemsize) != 0)
-          value_error(an + ": data pointer is not aligned to its itemsize (" + std::to_string(a.itemsize) + " bytes)");
+          value_error(an_str() + ": data pointer is not aligned to its itemsize (" + std::to_string(a.itemsize) + " bytes)");
         if (!a.dense())
-          value_error(an + ": expected a contiguous (dense) array; got strides that skip or repeat elements");
+          value_error(an_str() + ": expected a contiguous (dense) array; got strides that skip or repeat elements");
         if (k > 0)
           for (int d = 0; d < p.ndim; ++d)
             if (p.shape[d] > 1 && a.strides[d] != p.strides[d])
-              value_error(an + ": has a different memory layout (strides) from " + pn +
+              value_error(an_str() + ": has a different memory layout (strides) from " + pn_str() +
                           "; elementwise steps need the same layout (e.g. both C-contiguous)");
       }
     }
@@ -402,19 +443,19 @@ CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_s
   CollectedStep out;
   out.views.reserve(n);
   for (size_t i = 0; i < n; ++i)
-    out.views.push_back(ArrayView::from(arrays[i], std::string(name) + "[" + std::to_string(i) + "]", cuda_stream));
+    out.views.push_back(ArrayView::from(arrays[i], name, static_cast<int64_t>(i), cuda_stream));
   for (size_t i = 0; i < n; ++i) {
     const ArrayView& a = out.views[i];
-    const std::string an = std::string(name) + "[" + std::to_string(i) + "]";
-    if (!a.dtype_ok) type_error(an + ": expected float32 or float64, got " + a.dtype_str);
+    auto an_str = [&] { return std::string(name) + "[" + std::to_string(i) + "]"; };
+    if (!a.dtype_ok) type_error(an_str() + ": expected float32 or float64, got " + a.dtype_str);
     if (a.dtype != out.views[0].dtype)
-      type_error(an + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like " + name + "[0], got " +
+      type_error(an_str() + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like " + name + "[0], got " +
                  optkern::dtype_name(a.dtype));
     if (!(a.device == out.views[0].device))
-      value_error(an + ": expected an array on " + device_str(out.views[0].device) + " like " + name + "[0]");
-    if (a.numel > 0 && !a.dense()) value_error(an + ": expected a contiguous (dense) array");
+      value_error(an_str() + ": expected an_str() array on " + device_str(out.views[0].device) + " like " + name + "[0]");
+    if (a.numel > 0 && !a.dense()) value_error(an_str() + ": expected a contiguous (dense) array");
     if (a.numel > 0 && reinterpret_cast<uintptr_t>(a.data) % static_cast<uintptr_t>(a.itemsize) != 0)
-      value_error(an + ": data pointer is not aligned to its itemsize");
+      value_error(an_str() + ": data pointer is not aligned to its itemsize");
   }
   optkern::StepBatch& b = out.batch;
   b.dtype = n ? out.views[0].dtype : DType::f32;

@@ -29,13 +29,14 @@ class ArrayView {
   ArrayView& operator=(const ArrayView&) = delete;
   ~ArrayView();
 
-  // Parse obj; `what` names it in error messages (e.g. "grads[3]").  cuda_stream is handed to __dlpack__.
-  static ArrayView from(py::handle obj, const std::string& what, int64_t cuda_stream);
+  // Parse obj; kind[index] names it in error messages (e.g. "grads[3]"), built only when an error is raised.
+  // index < 0 names it by kind alone.  cuda_stream is handed to __dlpack__.
+  static ArrayView from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream);
 
   void* data = nullptr;
   bool dtype_ok = false;  // float32 or float64
   DType dtype = DType::f32;
-  std::string dtype_str;  // for messages when unsupported
+  char dtype_str[64] = {0};  // for messages when unsupported
   int ndim = 0;
   int64_t shape[kMaxDims] = {0};
   int64_t strides[kMaxDims] = {0};  // bytes

@@ -27,7 +27,7 @@ struct DeviceScalarArg {
 };
 void parse_device_scalar(py::handle obj, const char* name, int64_t stream, DeviceScalarArg* out) {
   if (obj.is_none()) return;
-  out->view = ArrayView::from(obj, name, stream);
+  out->view = ArrayView::from(obj, name, -1, stream);
   const ArrayView& v = out->view;
   if (v.device.kind != DeviceKind::cuda || !v.dtype_ok || v.dtype != DType::f32 || v.numel != 1)
     throw py::value_error(std::string(name) + ": expected a one-element float32 CUDA array");

@@ -86,6 +86,82 @@ def _pair(name, v):
     return float(a), float(b)
 
 
+# ---- hyperparameter builders (shared with optkern.optim): kwargs -> validated C struct ----------------------
+def build_hyper(algo: str, **kw):
+    """The validated hyperparameter struct of ``algo`` ('sgd', 'adam', ...) from the functional keywords
+    (except step/maximize/grad_scale/found_inf).  Raises ValueError naming a bad argument."""
+    h = _BUILDERS[algo](**kw)
+    _C.check_hyper(h)
+    return h
+
+
+def _b_sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, velocity=False):
+    h = _C.SgdHyper()
+    h.lr, h.momentum, h.dampening, h.weight_decay = float(lr), float(momentum), float(dampening), float(weight_decay)
+    h.nesterov, h.velocity = bool(nesterov), bool(velocity)
+    return h
+
+
+def _b_adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled_weight_decay=False,
+            eps_inside_sqrt=False, bias_correction=True):
+    h = _C.AdamHyper()
+    h.beta1, h.beta2 = _pair("betas", betas)
+    h.lr, h.eps, h.weight_decay = float(lr), float(eps), float(weight_decay)
+    h.amsgrad, h.decoupled_weight_decay = bool(amsgrad), bool(decoupled_weight_decay)
+    h.eps_inside_sqrt, h.bias_correction = bool(eps_inside_sqrt), bool(bias_correction)
+    return h
+
+
+def _b_adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10):
+    h = _C.AdagradHyper()
+    h.lr, h.lr_decay, h.weight_decay, h.eps = float(lr), float(lr_decay), float(weight_decay), float(eps)
+    return h
+
+
+def _b_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, eps_inside_sqrt=False,
+               nesterov=False):
+    h = _C.RmspropHyper()
+    h.lr, h.alpha, h.eps, h.weight_decay = float(lr), float(alpha), float(eps), float(weight_decay)
+    h.momentum, h.centered = float(momentum), bool(centered)
+    h.eps_inside_sqrt, h.nesterov = bool(eps_inside_sqrt), bool(nesterov)
+    return h
+
+
+def _b_adamax(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    h = _C.AdamaxHyper()
+    h.beta1, h.beta2 = _pair("betas", betas)
+    h.lr, h.eps, h.weight_decay = float(lr), float(eps), float(weight_decay)
+    return h
+
+
+def _b_nadam(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+             decoupled_weight_decay=False, momentum_schedule=True):
+    h = _C.NadamHyper()
+    h.beta1, h.beta2 = _pair("betas", betas)
+    h.lr, h.eps, h.weight_decay, h.momentum_decay = float(lr), float(eps), float(weight_decay), float(momentum_decay)
+    h.decoupled_weight_decay, h.momentum_schedule = bool(decoupled_weight_decay), bool(momentum_schedule)
+    return h
+
+
+def _b_adadelta(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
+    h = _C.AdadeltaHyper()
+    h.lr, h.rho, h.eps, h.weight_decay = float(lr), float(rho), float(eps), float(weight_decay)
+    return h
+
+
+def _b_rprop(lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0)):
+    h = _C.RpropHyper()
+    h.lr = float(lr)
+    h.etaminus, h.etaplus = _pair("etas", etas)
+    h.step_size_min, h.step_size_max = _pair("step_sizes", step_size_limits)
+    return h
+
+
+_BUILDERS = {"sgd": _b_sgd, "adam": _b_adam, "adagrad": _b_adagrad, "rmsprop": _b_rmsprop, "adamax": _b_adamax,
+             "nadam": _b_nadam, "adadelta": _b_adadelta, "rprop": _b_rprop}
+
+
+# ---- the steps ---------------------------------------------------------------------------------------------------
 def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
              weight_decay=0.0, nesterov=False, maximize=False, velocity=False, grad_scale=1.0, found_inf=None):
     """SGD (torch.optim.SGD; seeds' Algorithm 8.1), with momentum, dampening and Nesterov.
@@ -98,10 +174,8 @@ def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.
     caller evaluates the gradient; theta is recovered as params - momentum v.  ``momentum_buffers`` holds v
     (start from zeros).
     """
-    h = _C.SgdHyper()
-    h.lr, h.momentum, h.dampening, h.weight_decay = float(lr), float(momentum), float(dampening), float(weight_decay)
-    h.nesterov, h.velocity = bool(nesterov), bool(velocity)
-    _C.check_hyper(h)
+    h = build_hyper("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, velocity=velocity)
     n = _C.sgd_num_states(h)
     if n and momentum_buffers is None:
         raise ValueError("momentum_buffers: required when momentum != 0 or velocity=True")
@@ -121,12 +195,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
     ``bias_correction=False`` drops both corrections (with amsgrad, seed 002's AMSGrad).
     ``decoupled_weight_decay=True`` is AdamW: p <- p (1 - lr wd) before the step.
     """
-    b1, b2 = _pair("betas", betas)
-    h = _C.AdamHyper()
-    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
-    h.amsgrad, h.decoupled_weight_decay = bool(amsgrad), bool(decoupled_weight_decay)
-    h.eps_inside_sqrt, h.bias_correction = bool(eps_inside_sqrt), bool(bias_correction)
-    _C.check_hyper(h)
+    h = build_hyper("adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+                    bias_correction=bias_correction)
     states = [exp_avgs, exp_avg_sqs]
     names = ("exp_avgs", "exp_avg_sqs")
     if amsgrad:
@@ -152,9 +223,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
     r <- r + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) g / (sqrt(r) + eps).  ``state_sums`` start at
     ``initial_accumulator_value``.
     """
-    h = _C.AdagradHyper()
-    h.lr, h.lr_decay, h.weight_decay, h.eps = float(lr), float(lr_decay), float(weight_decay), float(eps)
-    _C.check_hyper(h)
+    h = build_hyper("adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
     _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_scale, found_inf, maximize)
 
 
@@ -170,11 +239,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=No
     ``nesterov=True`` (needs momentum > 0) is Algorithm 8.6: v <- momentum v - lr g / denom, and ``params`` hold the
     interim point theta + momentum v where the caller evaluates the gradient.
     """
-    h = _C.RmspropHyper()
-    h.lr, h.alpha, h.eps, h.weight_decay, h.momentum = float(lr), float(alpha), float(eps), float(weight_decay), \
-        float(momentum)
-    h.centered, h.eps_inside_sqrt, h.nesterov = bool(centered), bool(eps_inside_sqrt), bool(nesterov)
-    _C.check_hyper(h)
+    h = build_hyper("rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                    centered=centered, eps_inside_sqrt=eps_inside_sqrt, nesterov=nesterov)
     states, names = [square_avgs], ("square_avgs",)
     if centered:
         if grad_avgs is None:
@@ -195,10 +261,7 @@ def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9,
 
     m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g| + eps);  p <- p - lr / (1 - beta1^t) m / u.
     """
-    b1, b2 = _pair("betas", betas)
-    h = _C.AdamaxHyper()
-    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
-    _C.check_hyper(h)
+    h = build_hyper("adamax", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     _run(_C.adamax_step, params, grads, [exp_avgs, exp_infs], ("exp_avgs", "exp_infs"), h, step, grad_scale,
          found_inf, maximize)
 
@@ -215,12 +278,8 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     ``momentum_schedule=False`` is seed 002's form with a constant beta1:
     p <- p - lr / denom (beta1 m + (1 - beta1) g) / (1 - beta1^t).
     """
-    b1, b2 = _pair("betas", betas)
-    h = _C.NadamHyper()
-    h.lr, h.beta1, h.beta2, h.eps, h.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
-    h.momentum_decay, h.decoupled_weight_decay = float(momentum_decay), bool(decoupled_weight_decay)
-    h.momentum_schedule = bool(momentum_schedule)
-    _C.check_hyper(h)
+    h = build_hyper("nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, momentum_schedule=momentum_schedule)
     out = _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
                grad_scale, found_inf, maximize, mu_product=float(mu_product))
     return float(mu_product) if out is None else out
@@ -233,9 +292,7 @@ def adadelta_step(params, grads, square_avgs, acc_deltas, *, step, lr=1.0, rho=0
     sq <- rho sq + (1 - rho) g^2;  dx <- sqrt(acc + eps) / sqrt(sq + eps) g;  acc <- rho acc + (1 - rho) dx^2;
     p <- p - lr dx.
     """
-    h = _C.AdadeltaHyper()
-    h.lr, h.rho, h.eps, h.weight_decay = float(lr), float(rho), float(eps), float(weight_decay)
-    _C.check_hyper(h)
+    h = build_hyper("adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
     _run(_C.adadelta_step, params, grads, [square_avgs, acc_deltas], ("square_avgs", "acc_deltas"), h, step,
          grad_scale, found_inf, maximize)
 
@@ -248,10 +305,6 @@ def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.
     g <- 0 where s < 0;  p <- p - sign(g) step;  prev <- g.  ``prevs`` start at 0, ``step_sizes`` at lr (``lr`` is
     only used to check the value; the step sizes carry it).
     """
-    em, ep = _pair("etas", etas)
-    smin, smax = _pair("step_sizes", step_size_limits)
-    h = _C.RpropHyper()
-    h.lr, h.etaminus, h.etaplus, h.step_size_min, h.step_size_max = float(lr), em, ep, smin, smax
-    _C.check_hyper(h)
+    h = build_hyper("rprop", lr=lr, etas=etas, step_size_limits=step_size_limits)
     _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_scale, found_inf,
          maximize)
