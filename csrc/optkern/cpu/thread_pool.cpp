@@ -36,7 +36,10 @@ int default_threads() {
 class Pool {
  public:
   explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { worker(i + 1); });
+    // Each worker starts from the generation current at construction: a job posted before the thread is
+    // scheduled must still count as new for it.
+    const uint64_t start = generation_.load(std::memory_order_acquire);
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i, start] { worker(i + 1, start); });
   }
   ~Pool() {
     {
@@ -65,8 +68,7 @@ class Pool {
   }
 
  private:
-  void worker(int index) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker(int index, uint64_t seen) {
     for (;;) {
       // Spin for a short while: consecutive steps then start without a wake-up.
       auto start = std::chrono::steady_clock::now();
