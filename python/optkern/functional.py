@@ -68,7 +68,10 @@ def _lists(params, grads, states):
 
 
 def _run(fn, params, grads, states, names, hyper, step, grad_scale, found_inf, maximize, **extra):
-    skip, gs, gs_dev, fi_dev = _scalar_args(grad_scale, found_inf)
+    if found_inf is None and type(grad_scale) is float and grad_scale == 1.0:
+        skip, gs, gs_dev, fi_dev = False, 1.0, None, None
+    else:
+        skip, gs, gs_dev, fi_dev = _scalar_args(grad_scale, found_inf)
     ps, gr, ss = _lists(params, grads, states)
     stream = current_stream(ps[0]) if ps else 0
     if skip:  # validate anyway, so that a skipped step still reports bad input
@@ -87,11 +90,28 @@ def _pair(name, v):
 
 
 # ---- hyperparameter builders (shared with optkern.optim): kwargs -> validated C struct ----------------------
+_HYPER_CACHE: dict = {}
+
+
 def build_hyper(algo: str, **kw):
     """The validated hyperparameter struct of ``algo`` ('sgd', 'adam', ...) from the functional keywords
-    (except step/maximize/grad_scale/found_inf).  Raises ValueError naming a bad argument."""
+    (except step/maximize/grad_scale/found_inf).  Raises ValueError naming a bad argument.
+
+    Structs are memoized by their keywords (they are never mutated), so a training loop calling a functional
+    step with the same hyperparameters does not rebuild and re-check them every step."""
+    try:
+        key = (algo, tuple(kw.items()))
+        hit = _HYPER_CACHE.get(key)
+    except TypeError:  # an unhashable value (e.g. betas given as a list): build without the cache
+        key, hit = None, None
+    if hit is not None:
+        return hit
     h = _BUILDERS[algo](**kw)
     _C.check_hyper(h)
+    if key is not None:
+        if len(_HYPER_CACHE) > 512:
+            _HYPER_CACHE.clear()
+        _HYPER_CACHE[key] = h
     return h
 
 
