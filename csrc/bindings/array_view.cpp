@@ -21,7 +21,7 @@ namespace {
 bool parse_format(const char* f, int itemsize, DType* out) {
   if (!f) return false;
   if (*f == '<' || *f == '=' || *f == '@') ++f;
-  if (f[1] != '\0') return false;
+  if (f[0] == '\0' || f[1] != '\0') return false;
   if (*f == 'f' && itemsize == 4) { *out = DType::f32; return true; }
   if (*f == 'd' && itemsize == 8) { *out = DType::f64; return true; }
   return false;
@@ -142,7 +142,6 @@ ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64
         v.strides[k] = a->strides[k];
         v.numel *= a->dimensions[k];
       }
-      if (v.itemsize == 1) v.numel = v.numel;  // unsupported dtype: reported by the caller
       v.readonly = (a->flags & kWriteable) == 0;
       v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
       return v;
@@ -248,6 +247,8 @@ ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64
       Py_INCREF(c);
       v.versioned_ = true;
       v.readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+      // A copied export would take the in-place update away from the caller: treat it as not writable.
+      if (m->flags & DLPACK_FLAG_BITMASK_IS_COPIED) v.readonly = true;
       t = &m->dl_tensor;
     } else if (PyCapsule_IsValid(c, kDLPackName)) {
       auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, kDLPackName));
@@ -334,6 +335,7 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   py::sequence states = as_sequence(states_h, "states");
   py::sequence names_seq = as_sequence(names_h, "state_names");
   const size_t nt = static_cast<size_t>(py::len(params));
+  if (nstates < 0 || nstates > 3) value_error("states: at most 3 state lists are supported, got " + std::to_string(nstates));
   if (static_cast<int>(py::len(states)) != nstates || static_cast<int>(py::len(names_seq)) != nstates)
     value_error("states: expected " + std::to_string(nstates) + " state lists for these hyperparameters, got " +
                 std::to_string(py::len(states)));
@@ -385,7 +387,7 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
         if (!same_shape) value_error(an_str() + ": expected shape " + shape_str(p) + " like " + pn_str() + ", got " + shape_str(a));
       }
       if (!(a.device == device))
-        value_error(an_str() + ": expected an_str() array on " + device_str(device) + " like params[0], got " + device_str(a.device));
+        value_error(an_str() + ": expected an array on " + device_str(device) + " like params[0], got " + device_str(a.device));
       if (k != 1 && a.readonly) value_error(an_str() + ": is read-only; it is updated in place and must be writable");
       if (a.numel > 0) {
         if (reinterpret_cast<uintptr_t>(a.data) % static_cast<uintptr_t>(a.itemsize) != 0)
@@ -452,7 +454,7 @@ CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_s
       type_error(an_str() + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like " + name + "[0], got " +
                  optkern::dtype_name(a.dtype));
     if (!(a.device == out.views[0].device))
-      value_error(an_str() + ": expected an_str() array on " + device_str(out.views[0].device) + " like " + name + "[0]");
+      value_error(an_str() + ": expected an array on " + device_str(out.views[0].device) + " like " + name + "[0]");
     if (a.numel > 0 && !a.dense()) value_error(an_str() + ": expected a contiguous (dense) array");
     if (a.numel > 0 && reinterpret_cast<uintptr_t>(a.data) % static_cast<uintptr_t>(a.itemsize) != 0)
       value_error(an_str() + ": data pointer is not aligned to its itemsize");

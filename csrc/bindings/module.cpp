@@ -49,6 +49,10 @@ auto bind_step(NumStates num_states, Step step_fn) {
     DeviceScalarArg gs, fi;
     parse_device_scalar(grad_scale_device, "grad_scale", stream, &gs);
     parse_device_scalar(found_inf_device, "found_inf", stream, &fi);
+    for (const DeviceScalarArg* d : {&gs, &fi})
+      if (d->ptr && !(d->view.device == cs.batch.device))
+        throw py::value_error(std::string(d == &gs ? "grad_scale" : "found_inf") +
+                              ": must be on the same CUDA device as the params");
     info.grad_scale_device = gs.ptr;
     info.found_inf_device = fi.ptr;
     py::gil_scoped_release nogil;

@@ -19,8 +19,8 @@ inline const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "f
 // Branch-free helpers written as plain ternaries so that the CPU compiler turns them into
 // vector blends / min / max and the CUDA compiler into selects.
 template <class T>
-OK_HD T ok_max(T a, T b) {
-  return a < b ? b : a;
+OK_HD T ok_max(T a, T b) {  // NaN in either operand propagates, like torch.maximum
+  return (a < b || b != b) ? b : a;
 }
 template <class T>
 OK_HD T ok_min(T a, T b) {

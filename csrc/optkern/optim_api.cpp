@@ -253,8 +253,8 @@ void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s) {
 double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product) {
   check(h);
   check(s);
-  if (!(std::isfinite(mu_product) && mu_product > 0.0 && mu_product <= 1.0))
-    bad("mu_product", "a number in (0, 1] (the product of mu_1..mu_{t-1}; 1 before the first step)", mu_product);
+  if (!(mu_product >= 0.0 && mu_product <= 1.0))  // may underflow to 0 after many steps with a small beta1
+    bad("mu_product", "a number in [0, 1] (the product of mu_1..mu_{t-1}; 1 before the first step)", mu_product);
   const double t = static_cast<double>(s.step);
   CoefD<NadamRule> c;
   c.gscale = grad_sign_scale(s);

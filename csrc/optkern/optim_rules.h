@@ -2,7 +2,7 @@
 //
 // Each rule is a struct with
 //   - kStates: how many state buffers it reads and writes besides (param, grad);
-//   - Coef<T>: the per-step scalars, computed once on the host (optim_coef.cpp) and converted to T;
+//   - Coef<T>: the per-step scalars, computed once on the host (optim_api.cpp) and converted to T;
 //   - apply(): the update of one element, a __host__ __device__ function.
 // The CPU executor (cpu/optim_cpu_kernels.cpp, compiled once per instruction set) and the CUDA executor
 // (cuda/optim_cuda.cu) both call apply(), so the CPU tests check the exact formula the GPU runs.

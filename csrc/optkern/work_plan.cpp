@@ -14,8 +14,8 @@ std::vector<int64_t> prefix_offsets(const std::vector<int64_t>& numels) {
 void part_bounds(int64_t total, int part, int nparts, int64_t align, int64_t* lo, int64_t* hi) {
   auto bound = [&](int k) -> int64_t {
     if (k >= nparts) return total;
-    int64_t x = total / nparts * k + (total % nparts) * k / nparts;
-    x = x / align * align;
+    int64_t x = total / nparts * k + (total % nparts) * k / nparts;  // the ideal boundary
+    x = (2 * x + align - 1) / (2 * align) * align;                     // nearest multiple of align (ties down)
     return x < total ? x : total;
   };
   *lo = bound(part);

@@ -16,6 +16,18 @@
 #error "OPTKERN_ISA_NS must name the instruction-set namespace"
 #endif
 
+// Only the kernels below carry the instruction set (as a function attribute); everything else in this file,
+// including the standard-library templates it instantiates, is baseline x86-64 code, so no AVX-512
+// instruction can leak into code shared with the other paths.
+#if defined(OPTKERN_ISA_AVX512)
+#define OK_KERNEL \
+  __attribute__((noinline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
+#elif defined(OPTKERN_ISA_AVX2)
+#define OK_KERNEL __attribute__((noinline, target("avx2,fma")))
+#else
+#define OK_KERNEL __attribute__((noinline))
+#endif
+
 namespace optkern {
 namespace OPTKERN_ISA_NS {
 namespace {
@@ -24,7 +36,7 @@ namespace {
 // compiler what the binding has checked (no two buffers overlap), so the loop vectorizes without aliasing
 // checks.
 template <class Rule, class T>
-__attribute__((noinline)) void apply_range(const typename Rule::template Coef<T>& c, T* __restrict p,
+OK_KERNEL void apply_range(const typename Rule::template Coef<T>& c, T* __restrict p,
                                            const T* __restrict g, T* __restrict s0, T* __restrict s1,
                                            T* __restrict s2, int64_t n) {
   const typename Rule::template Coef<T> cc = c;  // local copy: scalars live in registers
@@ -61,7 +73,7 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
 // Sum of squares of one range, accumulated in double in several independent lanes (vectorizable,
 // and accurate for float32 input).
 template <class T>
-__attribute__((noinline)) double sum_squares_range(const T* __restrict x, int64_t n) {
+OK_KERNEL double sum_squares_range(const T* __restrict x, int64_t n) {
   constexpr int kLanes = 16;
   double acc[kLanes] = {0};
   int64_t i = 0;
@@ -80,7 +92,7 @@ __attribute__((noinline)) double sum_squares_range(const T* __restrict x, int64_
 }
 
 template <class T>
-__attribute__((noinline)) double max_abs_range(const T* __restrict x, int64_t n) {
+OK_KERNEL double max_abs_range(const T* __restrict x, int64_t n) {
   constexpr int kLanes = 16;
   T acc[kLanes] = {};
   int nan[kLanes] = {};
@@ -107,7 +119,8 @@ __attribute__((noinline)) double max_abs_range(const T* __restrict x, int64_t n)
 
 template <class T, class F>
 double reduce_typed(const StepBatch& b, F range_fn, bool is_max) {
-  std::vector<double> partial(static_cast<size_t>(max_threads_for(b)), 0.0);
+  const int nt = max_threads_for(b);
+  std::vector<double> partial(static_cast<size_t>(nt), 0.0);
   auto body = [&](const ElementRange& r, int tid) {
     const T* x = static_cast<const T*>(b.tensors[r.tensor].ptr[0]) + r.begin;
     double v = range_fn(x, r.end - r.begin);
@@ -117,7 +130,7 @@ double reduce_typed(const StepBatch& b, F range_fn, bool is_max) {
     else
       acc += v;
   };
-  for_each_range_parallel_tid(b, body);
+  for_each_range_parallel_tid(b, nt, body);
   double total = 0.0;
   for (double v : partial) total = is_max ? ((std::isnan(v) || std::isnan(total)) ? NAN : std::max(total, v))
                                           : total + v;

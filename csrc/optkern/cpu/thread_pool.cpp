@@ -1,12 +1,16 @@
 // Fork-join thread pool: persistent workers, a generation counter, a short spin, then a condition variable.
+//
+// Every worker acknowledges every job (those beyond the job's thread count just acknowledge), so a job is
+// never posted while any worker may still be looking at the previous one.  One job runs at a time (a global
+// lock, also held while the pool is resized), and a forked child starts with no pool.
 #include "thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -23,6 +27,8 @@
 namespace optkern {
 namespace {
 
+constexpr int kMaxThreads = 1024;
+
 int default_threads() {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
@@ -36,108 +42,121 @@ int default_threads() {
 class Pool {
  public:
   explicit Pool(int workers) {
-    // Each worker starts from the generation current at construction: a job posted before the thread is
-    // scheduled must still count as new for it.
-    const uint64_t start = generation_.load(std::memory_order_acquire);
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i, start] { worker(i + 1, start); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
+    try {
+      for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { worker(i + 1); });
+    } catch (...) {
+      shutdown();  // join what started, then report the failure
+      throw;
     }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
   }
+  ~Pool() { shutdown(); }
   int workers() const { return static_cast<int>(threads_.size()); }
 
+  // Callers hold the global run lock.
   void run(int nthreads, const std::function<void(int, int)>& fn) {
-    std::lock_guard<std::mutex> serialize(run_mu_);  // one parallel job at a time
-    job_ = &fn;
-    job_threads_ = nthreads;
-    pending_.store(nthreads - 1, std::memory_order_relaxed);
+    job_.store(&fn, std::memory_order_relaxed);
+    job_threads_.store(nthreads, std::memory_order_relaxed);
+    pending_.store(workers(), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(mu_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     fn(0, nthreads);
-    while (pending_.load(std::memory_order_acquire) != 0) OK_PAUSE();
-    job_ = nullptr;
+    int spins = 0;
+    while (pending_.load(std::memory_order_acquire) != 0)
+      if (++spins % 1024 == 0) std::this_thread::yield(); else OK_PAUSE();
   }
 
  private:
-  void worker(int index, uint64_t seen) {
+  void shutdown() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_.store(true, std::memory_order_release);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    threads_.clear();
+  }
+
+  void worker(int index) {
+    uint64_t seen = 0;  // the generation at construction: no job has been posted yet
     for (;;) {
       // Spin for a short while: consecutive steps then start without a wake-up.
       auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         OK_PAUSE();
-        if (++spins % 256 == 0 &&
-            std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
           std::unique_lock<std::mutex> lk(mu_);
           cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
           break;
         }
       }
       seen = generation_.load(std::memory_order_acquire);
-      if (stop_) return;
-      const std::function<void(int, int)>* job = job_;
-      int n = job_threads_;
-      if (job && index < n) {
-        (*job)(index, n);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      if (stop_.load(std::memory_order_acquire)) return;
+      const std::function<void(int, int)>* job = job_.load(std::memory_order_relaxed);
+      const int n = job_threads_.load(std::memory_order_relaxed);
+      if (job && index < n) (*job)(index, n);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);  // acknowledge this generation
     }
   }
 
   std::vector<std::thread> threads_;
-  std::mutex mu_, run_mu_;
+  std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
-  const std::function<void(int, int)>* volatile job_ = nullptr;
-  volatile int job_threads_ = 0;
+  std::atomic<const std::function<void(int, int)>*> job_{nullptr};
+  std::atomic<int> job_threads_{0};
   std::atomic<bool> stop_{false};
 };
 
-std::mutex g_config_mu;
-int g_num_threads = 0;  // 0: not yet initialised
-std::unique_ptr<Pool> g_pool;
+// Heap-allocated so that a forked child can abandon them (the parent's threads do not exist there).
+std::mutex* g_run_mu = new std::mutex;  // one parallel job at a time; guards g_pool
+Pool* g_pool = nullptr;
+std::atomic<int> g_num_threads{0};  // 0: not yet initialised
 
-Pool& pool_for(int nthreads) {
-  // Called with g_config_mu held.
-  if (!g_pool || g_pool->workers() < nthreads - 1) g_pool = std::make_unique<Pool>(nthreads - 1);
-  return *g_pool;
+void after_fork_in_child() {
+  g_run_mu = new std::mutex;  // the old one may have been held by a thread that does not exist here
+  g_pool = nullptr;           // leaked on purpose: its threads are gone, joining them would hang
 }
+const int g_atfork_registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
 
 }  // namespace
 
 int pool_num_threads() {
-  std::lock_guard<std::mutex> lk(g_config_mu);
-  if (g_num_threads == 0) g_num_threads = default_threads();
-  return g_num_threads;
+  int n = g_num_threads.load(std::memory_order_relaxed);
+  if (n == 0) {
+    int d = default_threads();
+    g_num_threads.compare_exchange_strong(n, d);
+    n = g_num_threads.load(std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void pool_set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("num_threads: expected an integer >= 1, got " + std::to_string(n));
-  std::lock_guard<std::mutex> lk(g_config_mu);
-  g_num_threads = n;
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("num_threads: expected an integer in [1, " + std::to_string(kMaxThreads) + "], got " +
+                                std::to_string(n));
+  g_num_threads.store(n, std::memory_order_relaxed);
 }
 
 void parallel_run(int nthreads, const std::function<void(int, int)>& fn) {
+  (void)g_atfork_registered;
   if (nthreads <= 1) {
     fn(0, 1);
     return;
   }
-  Pool* pool;
-  {
-    std::lock_guard<std::mutex> lk(g_config_mu);
-    pool = &pool_for(nthreads);
+  std::lock_guard<std::mutex> lk(*g_run_mu);
+  if (!g_pool || g_pool->workers() < nthreads - 1) {
+    delete g_pool;  // idle: we hold the run lock
+    g_pool = nullptr;
+    g_pool = new Pool(nthreads - 1);
   }
-  pool->run(nthreads, fn);
+  g_pool->run(nthreads, fn);
 }
 
 }  // namespace optkern

@@ -31,11 +31,10 @@ inline int max_threads_for(const StepBatch& b) {
   return threads_for_total(total);
 }
 
-template <class F>  // fn(const ElementRange&, int thread)
-void for_each_range_parallel_tid(const StepBatch& b, F&& fn) {
+template <class F>  // fn(const ElementRange&, int thread); nt from threads_for_total(), computed once by the caller
+void for_each_range_parallel_tid(const StepBatch& b, int nt, F&& fn) {
   std::vector<int64_t> off = batch_offsets(b);
   int64_t total = off.back();
-  int nt = threads_for_total(total);
   if (nt <= 1) {
     for_each_range_in(off, 0, total, [&](const ElementRange& r) { fn(r, 0); });
     return;
@@ -49,7 +48,7 @@ void for_each_range_parallel_tid(const StepBatch& b, F&& fn) {
 
 template <class F>  // fn(const ElementRange&)
 void for_each_range_parallel(const StepBatch& b, F&& fn) {
-  for_each_range_parallel_tid(b, [&](const ElementRange& r, int) { fn(r); });
+  for_each_range_parallel_tid(b, max_threads_for(b), [&](const ElementRange& r, int) { fn(r); });
 }
 
 }  // namespace optkern

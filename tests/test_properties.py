@@ -1,0 +1,212 @@
+"""Property tests: one optkern step equals a float64 NumPy transcription of torch's formulas (torch 2.x
+single-tensor Adam / SGD / RMSprop), and invalid hyperparameters always raise ValueError with nothing changed."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import optkern
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                    database=None, print_blob=False)
+
+shapes = st.lists(st.integers(0, 70), min_size=0, max_size=3).map(tuple).filter(lambda s: math.prod(s) <= 4000)
+dtypes = st.sampled_from([np.float32, np.float64])
+seeds = st.integers(0, 2**32 - 1)
+steps = st.integers(1, 50)
+unit = st.floats(0.0, 0.999)
+small_pos = st.floats(0.0, 0.5)
+lrs = st.floats(0.0, 1.0)
+epss = st.floats(1e-8, 1e-2)
+
+
+# ---- float64 references (torch.optim's single-tensor code paths) -------------------------------------------
+def ref_adam(p, g, m, v, vmax, *, step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale):
+    p, g, m, v = (x.astype(np.float64) for x in (p, g, m, v))
+    g = g * grad_scale
+    if maximize:
+        g = -g
+    if weight_decay:
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+    b1, b2 = betas
+    m = m + (g - m) * (1 - b1)
+    v = v * b2 + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    if amsgrad:
+        vmax = np.maximum(vmax.astype(np.float64), v)
+        denom = np.sqrt(vmax) / math.sqrt(bc2) + eps
+    else:
+        denom = np.sqrt(v) / math.sqrt(bc2) + eps
+    p = p - (lr / bc1) * m / denom
+    return p, m, v, vmax
+
+
+def ref_sgd(p, g, buf, *, step, lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale):
+    p, g = p.astype(np.float64), g.astype(np.float64) * grad_scale
+    if maximize:
+        g = -g
+    if weight_decay:
+        g = g + weight_decay * p
+    if momentum:
+        buf = g.copy() if step == 1 else buf.astype(np.float64) * momentum + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+def ref_rmsprop(p, g, sq, ga, buf, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale):
+    p, g, sq = p.astype(np.float64), g.astype(np.float64) * grad_scale, sq.astype(np.float64)
+    if maximize:
+        g = -g
+    if weight_decay:
+        g = g + weight_decay * p
+    sq = alpha * sq + (1 - alpha) * g * g
+    if centered:
+        ga = ga.astype(np.float64) + (g - ga.astype(np.float64)) * (1 - alpha)
+        avg = np.sqrt(sq - ga * ga) + eps
+    else:
+        avg = np.sqrt(sq) + eps
+    if momentum > 0:
+        buf = momentum * buf.astype(np.float64) + g / avg
+        p = p - lr * buf
+    else:
+        p = p - lr * g / avg
+    return p, sq, ga, buf
+
+
+def close(actual, expected, dtype, scale=1.0):
+    rtol = 2e-4 if dtype == np.float32 else 1e-10
+    atol = rtol * scale
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def arrays(seed, shape, dtype, n):
+    r = np.random.default_rng(seed)
+    return [r.standard_normal(shape).astype(dtype) for _ in range(n)]
+
+
+# ---- steps vs reference ------------------------------------------------------------------------------------------
+@SETTINGS
+@given(shape=shapes, dtype=dtypes, seed=seeds, step=steps, lr=lrs, b1=unit, b2=unit, eps=epss, wd=small_pos,
+       amsgrad=st.booleans(), maximize=st.booleans(), decoupled=st.booleans(), gs=st.floats(0.1, 4.0))
+def test_adam_matches_reference(shape, dtype, seed, step, lr, b1, b2, eps, wd, amsgrad, maximize, decoupled, gs):
+    p, g, m, v0, vm0 = arrays(seed, shape, dtype, 5)
+    v, vmax = np.array(np.abs(v0)), np.array(np.abs(vm0))
+    args = (p.copy(), g.copy(), m.copy(), v.copy(), vmax.copy())
+    kw = dict(step=step, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    ref = ref_adam(*args, decoupled=decoupled, grad_scale=gs, **kw)
+    optkern.adam_step(p, g, m, v, vmax if amsgrad else None, decoupled_weight_decay=decoupled, grad_scale=gs, **kw)
+    # |update| <= lr * |m|/(sqrt(v)*...) can be large where v is tiny; scale the tolerance by the update size
+    scale = 1.0 + float(np.max(np.abs(ref[0] - args[0]), initial=0.0))
+    close(p, ref[0], dtype, scale)
+    close(m, ref[1], dtype)
+    close(v, ref[2], dtype)
+    if amsgrad:
+        close(vmax, ref[3], dtype)
+    else:
+        assert np.array_equal(vmax, args[4])
+
+
+@SETTINGS
+@given(shape=shapes, dtype=dtypes, seed=seeds, step=steps, lr=lrs, momentum=unit, dampening=st.floats(0.0, 1.0),
+       wd=small_pos, nesterov=st.booleans(), maximize=st.booleans(), gs=st.floats(0.1, 4.0))
+def test_sgd_matches_reference(shape, dtype, seed, step, lr, momentum, dampening, wd, nesterov, maximize, gs):
+    if nesterov:
+        momentum, dampening = max(momentum, 0.1), 0.0
+    p, g, buf = arrays(seed, shape, dtype, 3)
+    kw = dict(step=step, lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd, nesterov=nesterov,
+              maximize=maximize, grad_scale=gs)
+    rp, rbuf = ref_sgd(p.copy(), g.copy(), buf.copy(), **kw)
+    optkern.sgd_step(p, g, buf if momentum else None, **kw)
+    close(p, rp, dtype, 1.0 + float(np.max(np.abs(rp), initial=0.0)))
+    if momentum:
+        close(buf, rbuf, dtype, 1.0 + float(np.max(np.abs(rbuf), initial=0.0)))
+
+
+@SETTINGS
+@given(shape=shapes, dtype=dtypes, seed=seeds, step=steps, lr=st.floats(0.0, 0.1), alpha=st.floats(0.0, 1.0),
+       eps=epss, wd=small_pos, momentum=st.sampled_from([0.0, 0.5, 0.9]), centered=st.booleans(),
+       maximize=st.booleans(), gs=st.floats(0.1, 4.0))
+def test_rmsprop_matches_reference(shape, dtype, seed, step, lr, alpha, eps, wd, momentum, centered, maximize, gs):
+    if centered:  # sq - ga^2 cancels catastrophically in float32 as alpha -> 0 (in torch as well)
+        alpha = 0.5 + alpha / 2
+    p, g, sq0, ga0, buf = arrays(seed, shape, dtype, 5)
+    # keep the centered variance sq - ga^2 positive, as it is when both are running averages of the same grads
+    sq = np.array(np.abs(sq0) + ga0.astype(np.float64) ** 2 + 0.1, dtype=dtype)
+    ga = ga0
+    kw = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum, centered=centered, maximize=maximize,
+              grad_scale=gs)
+    ref = ref_rmsprop(p.copy(), g.copy(), sq.copy(), ga.copy(), buf.copy(), **kw)
+    optkern.rmsprop_step(p, g, sq, ga if centered else None, buf if momentum else None, step=step, **kw)
+    scale = 1.0 + float(np.max(np.abs(ref[0] - p.astype(np.float64)), initial=0.0)) + \
+        float(np.max(np.abs(ref[0]), initial=0.0))
+    close(p, ref[0], dtype, scale)
+    close(sq, ref[1], dtype, 1.0 + float(np.max(ref[1], initial=0.0)))
+    if centered:
+        close(ga, ref[2], dtype)
+    if momentum:
+        close(buf, ref[3], dtype, 1.0 + float(np.max(np.abs(ref[3]), initial=0.0)))
+
+
+# ---- invalid hyperparameters ----------------------------------------------------------------------------------
+neg = st.one_of(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=True), st.just(math.nan))
+nonfinite = st.sampled_from([math.nan, math.inf, -math.inf])
+out_of_unit_open = st.one_of(st.floats(min_value=1.0, allow_nan=False), st.floats(max_value=-1e-12, allow_nan=False),
+                             st.just(math.nan))
+out_of_unit_closed = st.one_of(st.floats(min_value=1.0 + 1e-9, allow_nan=False),
+                               st.floats(max_value=-1e-12, allow_nan=False), st.just(math.nan))
+
+BAD = st.one_of(
+    st.tuples(st.just("adam"), st.just("lr"), st.one_of(neg, nonfinite)),
+    st.tuples(st.just("adam"), st.just("eps"), st.one_of(neg, st.just(math.inf))),
+    st.tuples(st.just("adam"), st.just("weight_decay"), neg),
+    st.tuples(st.just("adam"), st.just("beta1"), out_of_unit_open),
+    st.tuples(st.just("adam"), st.just("beta2"), out_of_unit_open),
+    st.tuples(st.just("adam"), st.just("step"), st.integers(-1000, 0)),
+    st.tuples(st.just("adam"), st.just("grad_scale"), nonfinite),
+    st.tuples(st.just("sgd"), st.just("lr"), st.one_of(neg, nonfinite)),
+    st.tuples(st.just("sgd"), st.just("momentum"), st.one_of(neg, st.just(math.inf))),
+    st.tuples(st.just("sgd"), st.just("weight_decay"), neg),
+    st.tuples(st.just("sgd"), st.just("dampening"), nonfinite),
+    st.tuples(st.just("sgd"), st.just("step"), st.integers(-1000, 0)),
+    st.tuples(st.just("rmsprop"), st.just("lr"), st.one_of(neg, nonfinite)),
+    st.tuples(st.just("rmsprop"), st.just("alpha"), out_of_unit_closed),
+    st.tuples(st.just("rmsprop"), st.just("eps"), st.one_of(neg, st.just(math.inf))),
+    st.tuples(st.just("rmsprop"), st.just("momentum"), neg),
+    st.tuples(st.just("rmsprop"), st.just("weight_decay"), neg),
+    st.tuples(st.just("rmsprop"), st.just("grad_scale"), nonfinite),
+)
+
+
+@SETTINGS
+@given(shape=shapes.filter(lambda s: math.prod(s) > 0), dtype=dtypes, seed=seeds, bad=BAD)
+def test_invalid_hyperparameters_raise_and_change_nothing(shape, dtype, seed, bad):
+    algo, name, value = bad
+    p, g, a, b, c = arrays(seed, shape, dtype, 5)
+    b, c = np.array(np.abs(b)), np.array(np.abs(c))
+    everything = [p, g, a, b, c]
+    before = [x.copy() for x in everything]
+    kw = {"step": 2}
+    if name == "step":
+        kw["step"] = value
+    elif name == "grad_scale":
+        kw["grad_scale"] = value
+    elif name in ("beta1", "beta2"):
+        kw["betas"] = (value, 0.999) if name == "beta1" else (0.9, value)
+    else:
+        kw[name] = value
+    match = r"^[^:]*" + {"beta1": r"betas\[0\]", "beta2": r"betas\[1\]"}.get(name, name)
+    with pytest.raises(ValueError, match=match):
+        if algo == "adam":
+            optkern.adam_step(p, g, a, b, c, amsgrad=True, **kw)
+        elif algo == "sgd":
+            optkern.sgd_step(p, g, a, **{"momentum": 0.9, **kw})
+        else:
+            optkern.rmsprop_step(p, g, b, a, c, centered=True, **{"momentum": 0.5, **kw})
+    for x, y in zip(everything, before):
+        assert np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
