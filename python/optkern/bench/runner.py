@@ -104,21 +104,29 @@ def _calibrate(fn, target_s: float, cap: int = 100000) -> int:
     return int(max(1, min(cap, round(k * target_s / max(dt, 1e-9)))))
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int, inner: int | dict = 1) -> dict:
-    """Warm every fn up, then run the repetitions round-robin; -> {name: [seconds per call, ...]}."""
+def time_interleaved(fns: dict, reps: int, warmup: int, inner: int | dict = 1, rounds: int = 3) -> dict:
+    """Time every fn in alternating blocks; -> {name: [seconds per call, ...]}.
+
+    Each round runs, for every fn in turn, a warm-up and then a block of repetitions of that fn alone.
+    Blocks (rather than strict round-robin) matter on a 2-core machine: torch's OpenMP workers keep spinning
+    for a long while after each torch call, so a call timed right after one competes with them for a core;
+    the warm-up at the start of each block absorbs that tail for both libraries alike.  Several rounds still
+    spread slow background load over all fns.
+    """
     inners = inner if isinstance(inner, dict) else {k: inner for k in fns}
-    for _ in range(warmup):
-        for k, fn in fns.items():
-            for _ in range(inners[k]):
-                fn()
     out = {k: [] for k in fns}
-    for _ in range(reps):
+    per_round = [reps // rounds + (1 if r < reps % rounds else 0) for r in range(rounds)]
+    for n_r in per_round:
         for k, fn in fns.items():
             m = inners[k]
-            t0 = time.perf_counter()
-            for _ in range(m):
-                fn()
-            out[k].append((time.perf_counter() - t0) / m)
+            for _ in range(max(1, warmup)):
+                for _ in range(m):
+                    fn()
+            for _ in range(n_r):
+                t0 = time.perf_counter()
+                for _ in range(m):
+                    fn()
+                out[k].append((time.perf_counter() - t0) / m)
     return out
 
 
