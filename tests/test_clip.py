@@ -3,35 +3,20 @@ step as grad_scale against torch.nn.utils.clip_grad_norm_ + torch's step, and fo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
 import numpy as np
 import pytest
-import torch
 
 import optkern
 from optkern import optim as ok
+from reference import rel_err, torch_dtype
+
+torch = pytest.importorskip("torch", reason="torch==2.13.0 is the reference here: pip install torch==2.13.0")
 
 SIZES = [0, 1, 17, 4097, 3, 1000, 0, 64]
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
-
-
-@contextlib.contextmanager
-def torch_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def make_grads(rng, dtype, sizes=SIZES, scale=1.0):

@@ -8,16 +8,16 @@ start, which is far more sensitive to the step's math than the params themselves
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import pytest
-import torch
 
-import optkern
 from optkern import optim as ok
 from optkern import schedules
+from reference import rel_err, torch_dtype
+
+torch = pytest.importorskip("torch", reason="torch==2.13.0 is the reference here: pip install torch==2.13.0")
 
 SHAPES = [(1,), (7,), (64,), (1000,), (4099,), (33, 17)]
 STEPS = 40
@@ -39,34 +39,6 @@ STATE_NAMES = {
     "NAdam": ["exp_avg", "exp_avg_sq", "mu_product"], "Adadelta": ["square_avg", "acc_delta"],
     "Rprop": ["prev", "step_size"],
 }
-
-
-@contextlib.contextmanager
-def torch_dtype(dtype):
-    """float64 runs set torch's default dtype so that torch keeps its scalar state (step, mu_product) in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def rel_err(a, b, floor: float = 0.0) -> float:
-    """max|a - b| / max(max|b|, floor).
-
-    ``floor`` is a fraction of the same quantity's scale over all tensors of the model: a 1-element buffer such as
-    an exp_avg can sit near zero by cancellation, and its ulp-level noise divided by its own tiny value says
-    nothing about the kernel."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if b.size == 0:
-        return 0.0
-    diff = float(np.max(np.abs(a - b)))
-    if not np.isfinite(diff):
-        return math.inf
-    denom = max(float(np.max(np.abs(b))), floor)
-    return diff / denom if denom > 0 else diff
 
 
 def scale_floor(arrays, frac=0.1) -> float:
