@@ -165,7 +165,7 @@ class Optimizer:
             n = len(group["params"])
             gg = grads[offset:offset + n]
             cache = self._group_cache.get(gi)
-            if cache is not None and _all_present(gg):
+            if cache is not None and cache["version"] == getattr(group, "version", None) and _all_present(gg):
                 # Common case: every param of the group steps, all at the same count, state lists prebuilt.
                 t = cache["step"] + 1
                 self._call(group, t, cache["params"], [g if type(g) is _ndarray else plain(g) for g in gg],
@@ -188,7 +188,14 @@ class Optimizer:
             if st is None:
                 st = self.state[offset + j] = self._init_state(offset + j, group["params"][j], group)
             by_step.setdefault(st["step"] + 1, []).append(j)
-        keys = [k for k, _ in self._state_spec_for(group)]
+        spec = self._state_spec_for(group)
+        keys = [k for k, _ in spec]
+        for j, g in enumerate(gg):  # a buffer a changed hyperparameter now needs (e.g. amsgrad) starts as torch's does
+            st = self.state.get(offset + j)
+            if g is not None and st is not None:
+                for k, init in spec:
+                    if k not in st:
+                        st[k] = _arrays.full_like(group["params"][j], float(init(group) if callable(init) else init))
         for t, js in by_step.items():
             states = [self.state[offset + j] for j in js]
             ps = [plain(group["params"][j]) for j in js]
@@ -199,7 +206,7 @@ class Optimizer:
         # Build the fast-path cache once every param of the group has state at one common step count.
         sts = [self.state.get(offset + j) for j in range(len(gg))]
         if all(st is not None for st in sts) and len({st["step"] for st in sts}) == 1:
-            self._group_cache[gi] = {"step": sts[0]["step"], "states": sts,
+            self._group_cache[gi] = {"step": sts[0]["step"], "states": sts, "version": getattr(group, "version", None),
                                      "params": [plain(p) for p in group["params"]],
                                      "lists": [[st[k] for st in sts] for k in keys]}
         else:
@@ -224,12 +231,13 @@ class Optimizer:
     def _hyper_cached(self, group: dict, lr: float):
         # Rebuild (and re-validate) the hyperparameters only when the group was modified or the lr value changed.
         hit = self._hyper_cache.get(id(group))
-        if hit is not None and hit[0] == lr and hit[1] == group.version:
+        version = getattr(group, "version", None)
+        if hit is not None and hit[0] == lr and version is not None and hit[1] == version:
             return hit[2]
         lr = self._lr_value(group, 0) if not isinstance(lr, float) else lr
         h = self._hyper(group, lr)
         names = tuple(k for k, _ in self._state_spec_for(group))
-        self._hyper_cache[id(group)] = (lr, group.version, (h, names))
+        self._hyper_cache[id(group)] = (lr, version, (h, names))
         return h, names
 
     def _hyper(self, group: dict, lr: float):
