@@ -34,3 +34,19 @@ def test_adam_amsgrad_switched_on_allocates_its_buffer(rng):
         opt.step([rng.standard_normal(20)])
     assert opt.state[0]["step"] == 4
     assert np.all(opt.state[0]["max_exp_avg_sq"] >= opt.state[0]["exp_avg_sq"])
+
+
+def test_load_state_dict_with_same_shaped_groups(rng):
+    """Groups whose params have equal shapes (dict equality would compare arrays) round-trip bit for bit."""
+    a, b = rng.standard_normal((5, 5)), rng.standard_normal((5, 5))
+    opt = optkern.optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    grads = [[rng.standard_normal((5, 5)) for _ in range(2)] for _ in range(4)]
+    opt.step(grads[0])
+    sd = opt.state_dict()
+    a2, b2 = a.copy(), b.copy()
+    fresh = optkern.optim.Adam([{"params": [a2]}, {"params": [b2], "lr": 0.1}])
+    fresh.load_state_dict(sd)
+    for g in grads[1:]:
+        opt.step(g)
+        fresh.step(g)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2)

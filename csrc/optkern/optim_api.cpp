@@ -156,19 +156,10 @@ void sgd_step(const StepBatch& b, const SgdHyper& h, const StepInfo& s) {
   c.one_minus_dampening = 1.0 - h.dampening;
   c.nesterov = h.nesterov;
   c.first_step = s.step == 1;
-  if (h.momentum != 0.0) {
+  if (h.momentum != 0.0)
     run<SgdMomentum>(b, c, s);
-  } else {
-    CoefD<SgdPlain> p;
-    p.gscale = c.gscale;
-    p.wd = c.wd;
-    p.neg_lr = c.neg_lr;
-    p.momentum = 0.0;
-    p.one_minus_dampening = 1.0;
-    p.nesterov = false;
-    p.first_step = false;
-    run<SgdPlain>(b, p, s);
-  }
+  else
+    run<SgdPlain>(b, c, s);  // same coefficients; the plain rule reads no momentum field
 }
 
 void adam_step(const StepBatch& b, const AdamHyper& h, const StepInfo& s) {

@@ -287,10 +287,11 @@ class Optimizer:
                                  f"has {len(mine['params'])}")
         params = self._params()
         index_map = {}
+        start = 0
         for saved, mine in zip(groups, self.param_groups):
-            start = sum(len(g["params"]) for g in self.param_groups[: self.param_groups.index(mine)])
             for j, old in enumerate(saved["params"]):
                 index_map[old] = start + j
+            start += len(mine["params"])
         new_state = {}
         for old, st in state.items():
             i = index_map.get(int(old))
