@@ -18,6 +18,8 @@ using optkern_py::collect_read;
 using optkern_py::collect_step;
 using optkern_py::CollectedStep;
 
+void register_batch_norm(py::module_& m);  // batch_norm_bindings.cpp
+
 namespace {
 
 // Optional device scalar (CUDA float32, one element) for grad_scale / found_inf.
@@ -75,7 +77,8 @@ CpuIsa isa_from_name(const std::string& s) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "optkern compiled core: fused optimizer steps on CPU (AVX-512/AVX2/scalar) and CUDA";
+  m.doc() = "optkern compiled core: fused optimizer steps and batch norm on CPU (AVX-512/AVX2/scalar) and CUDA";
+  register_batch_norm(m);
 
   // ---- hyperparameter structs (validated by the core before any memory is touched) ----
   py::class_<SgdHyper>(m, "SgdHyper")

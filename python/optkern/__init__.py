@@ -22,7 +22,16 @@ if _isa:
     except ValueError as e:  # a forced path this CPU lacks, or a typo: fail loudly, never fall back
         raise ImportError(f"OPTKERN_CPU_ISA={_isa!r}: {e}") from None
 
-from . import functional, optim, schedules  # noqa: E402
+from . import batch_norm, functional, optim, schedules  # noqa: E402
+from .batch_norm import (  # noqa: E402
+    batch_norm_backward,
+    batch_norm_backward_dx,
+    batch_norm_backward_reduce,
+    batch_norm_combine,
+    batch_norm_forward,
+    batch_norm_normalize,
+    batch_norm_stats,
+)
 from .clip import ClipResult, clip_grad_norm, global_norm  # noqa: E402
 from .functional import (  # noqa: E402
     adadelta_step,

@@ -115,3 +115,75 @@ def current_stream(a) -> int:
 
         return int(torch.cuda.current_stream(a.device).cuda_stream)
     return 0
+
+
+def empty_like(a):
+    """An uninitialised array like `a`: same library, device, dtype, shape and memory layout (strides)."""
+    lib = _library(a)
+    if lib == "torch":
+        import torch
+
+        return torch.empty_like(plain(a), memory_format=torch.preserve_format)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.empty_like(a)
+    if isinstance(a, np.ndarray):
+        return np.empty_like(a)
+    if not is_cuda(a):  # another DLPack producer on the CPU: results come back as NumPy arrays
+        return np.empty_like(np.from_dlpack(a))
+    raise TypeError(f"cannot allocate an output like an array of type {type(a).__name__}; pass out=")
+
+
+def empty_vector(like, n: int, dtype="float64"):
+    """An uninitialised 1-D array of n elements in the library and on the device of `like`."""
+    lib = _library(like)
+    if lib == "torch":
+        import torch
+
+        return torch.empty((n,), dtype=getattr(torch, str(dtype)), device=like.device)
+    if lib == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty((n,), dtype=dtype)
+    if isinstance(like, np.ndarray) or not is_cuda(like):
+        return np.empty((n,), dtype=dtype)
+    raise TypeError(f"cannot allocate an output like an array of type {type(like).__name__}")
+
+
+def as_float64_vector(v, like):
+    """A per-channel vector as float64 in the library of `like` (a copy only when its dtype differs)."""
+    lib = _library(like)
+    if lib == "torch":
+        import torch
+
+        v = plain(v) if _library(v) == "torch" else torch.as_tensor(np.asarray(v), device=like.device)
+        return v if v.dtype == torch.float64 else v.to(torch.float64)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.asarray(v, dtype=cupy.float64)
+    if _library(v) not in ("numpy", "builtins") and not isinstance(v, np.ndarray) and hasattr(v, "__dlpack__"):
+        v = np.from_dlpack(v)
+    return np.asarray(v, dtype=np.float64)
+
+
+def stack_rows(vectors, like):
+    """Stack a sequence of 1-D arrays (or pass a 2-D array through) as a C-contiguous float64 2-D array."""
+    lib = _library(like)
+    if lib == "torch":
+        import torch
+
+        if _library(vectors) == "torch":
+            return plain(vectors).to(torch.float64).contiguous()
+        return torch.stack([as_float64_vector(v, like) for v in vectors]).contiguous()
+    if lib == "cupy":
+        import cupy
+
+        if _library(vectors) == "cupy":
+            return cupy.ascontiguousarray(vectors, dtype=cupy.float64)
+        return cupy.ascontiguousarray(cupy.stack([cupy.asarray(v, dtype=cupy.float64) for v in vectors]))
+    if isinstance(vectors, np.ndarray):
+        return np.ascontiguousarray(vectors, dtype=np.float64)
+    return np.ascontiguousarray(np.stack([as_float64_vector(v, like) for v in vectors]))

@@ -11,22 +11,8 @@
 #include "../executors.h"
 #include "thread_pool.h"
 #include "work_split.h"
+#include "isa_kernel.h"
 
-#ifndef OPTKERN_ISA_NS
-#error "OPTKERN_ISA_NS must name the instruction-set namespace"
-#endif
-
-// Only the kernels below carry the instruction set (as a function attribute); everything else in this file,
-// including the standard-library templates it instantiates, is baseline x86-64 code, so no AVX-512
-// instruction can leak into code shared with the other paths.
-#if defined(OPTKERN_ISA_AVX512)
-#define OK_KERNEL \
-  __attribute__((noinline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
-#elif defined(OPTKERN_ISA_AVX2)
-#define OK_KERNEL __attribute__((noinline, target("avx2,fma")))
-#else
-#define OK_KERNEL __attribute__((noinline))
-#endif
 
 namespace optkern {
 namespace OPTKERN_ISA_NS {

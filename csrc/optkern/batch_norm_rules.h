@@ -1,0 +1,123 @@
+// Batch norm's math, written once: the per-channel scalars (computed in double) and the per-element rules,
+// compiled into the CPU executor (three instruction sets) and the CUDA executor alike.
+//
+// Seed 000: y = beta_k + gamma_k (h_kn - mu_k) / sqrt(eps + sigma_k^2).  Per channel, over its M values:
+//   forward:  xhat = (x - mu) invstd, invstd = 1 / sqrt(var + eps), var = M2 / M (biased), y = gamma xhat + beta
+//   running:  rm = (1 - f) rm + f mu;  rv = (1 - f) rv + f M2 / (M - 1)   (unbiased, as torch)
+//   backward (training): dbeta = sum dy, dgamma = invstd sum dy (x - mu),
+//             dx = gamma invstd (dy - dbeta / M - xhat dgamma / M)
+//   backward (eval, statistics are constants): dx = gamma invstd dy, same dgamma and dbeta
+//
+// Exactness at large offsets (data at 1e4 with unit variance, float32): the centring x - mu uses mu split into
+// a float "hi" part and the remainder "lo" (x - hi is exact for x near mu, by Sterbenz's lemma), so y keeps
+// float32 precision relative to sigma, not to |mu|.  Statistics are shifted sums d = x - K with K a sample of
+// the channel (its first value), accumulated per lane in T over short blocks and in double across blocks.
+#pragma once
+
+#include "common.h"
+
+namespace optkern {
+
+// ---- per-channel statistics (double) ----------------------------------------------------------------------
+
+// Shifted sums (s1 = sum (x - K), s2 = sum (x - K)^2 over n values) -> mean and M2 = sum (x - mean)^2.
+OK_HD void bn_shifted_to_moments(double n, double shift, double s1, double s2, double* mean, double* m2) {
+  double d = s1 / n;
+  *mean = shift + d;
+  double v = s2 - s1 * d;
+  *m2 = v > 0.0 ? v : 0.0;
+}
+
+// Chan et al.'s pairwise combine: (n, mean, m2) += (nb, meanb, m2b).  Serves threads, CUDA blocks and shards.
+OK_HD void bn_chan_combine(double* n, double* mean, double* m2, double nb, double meanb, double m2b) {
+  if (nb <= 0.0) return;
+  double na = *n, nn = na + nb;
+  double delta = meanb - *mean;
+  *mean = *mean + delta * (nb / nn);
+  *m2 = *m2 + m2b + delta * delta * (na * nb / nn);
+  *n = nn;
+}
+
+OK_HD double bn_invstd(double m2, double count, double eps) {
+  return 1.0 / OK_SQRT(m2 / count + eps);
+}
+
+// Running statistics update with factor f (momentum, or 1/num_batches for the cumulative average).
+template <class T>
+OK_HD void bn_update_running(T* rm, T* rv, double mean, double m2, double count, double f) {
+  double unbiased = m2 / (count - 1.0);
+  *rm = static_cast<T>((1.0 - f) * static_cast<double>(*rm) + f * mean);
+  *rv = static_cast<T>((1.0 - f) * static_cast<double>(*rv) + f * unbiased);
+}
+
+// ---- elementwise forward ------------------------------------------------------------------------------------
+
+template <class T>
+struct BnNormCoef {
+  T mean_hi, mean_lo;  // mean = mean_hi + mean_lo (exactly, to double precision)
+  T scale, shift;      // gamma invstd, beta
+};
+
+template <class T>
+OK_HD BnNormCoef<T> bn_norm_coef(double mean, double invstd, double gamma, double beta) {
+  BnNormCoef<T> c;
+  c.mean_hi = static_cast<T>(mean);
+  c.mean_lo = static_cast<T>(mean - static_cast<double>(c.mean_hi));
+  c.scale = static_cast<T>(gamma * invstd);
+  c.shift = static_cast<T>(beta);
+  return c;
+}
+
+template <class T>
+OK_HD T bn_center(T x, T mean_hi, T mean_lo) {
+  return (x - mean_hi) - mean_lo;
+}
+
+template <class T>
+OK_HD T bn_normalize(const BnNormCoef<T>& c, T x) {
+  return bn_center(x, c.mean_hi, c.mean_lo) * c.scale + c.shift;
+}
+
+// ---- elementwise backward -----------------------------------------------------------------------------------
+
+template <class T>
+struct BnGradCoef {
+  T mean_hi, mean_lo;
+  T a, b, c;  // dx = a dy + b (x - mean) + c
+};
+
+// Training: the statistics depend on x.  count is the global number of values per channel (all shards).
+template <class T>
+OK_HD BnGradCoef<T> bn_grad_coef_train(double count, double mean, double invstd, double gamma, double sum_dy,
+                                       double sum_dy_xmu) {
+  BnGradCoef<T> k;
+  k.mean_hi = static_cast<T>(mean);
+  k.mean_lo = static_cast<T>(mean - static_cast<double>(k.mean_hi));
+  double gi = gamma * invstd;
+  k.a = static_cast<T>(gi);
+  k.b = static_cast<T>(-gi * invstd * invstd * sum_dy_xmu / count);
+  k.c = static_cast<T>(-gi * sum_dy / count);
+  return k;
+}
+
+// Eval: the statistics are constants, dx = gamma invstd dy.
+template <class T>
+OK_HD BnGradCoef<T> bn_grad_coef_eval(double mean, double invstd, double gamma) {
+  BnGradCoef<T> k;
+  k.mean_hi = static_cast<T>(mean);
+  k.mean_lo = static_cast<T>(mean - static_cast<double>(k.mean_hi));
+  k.a = static_cast<T>(gamma * invstd);
+  k.b = T(0);
+  k.c = T(0);
+  return k;
+}
+
+template <class T>
+OK_HD T bn_grad_input(const BnGradCoef<T>& k, T dy, T x) {
+  return k.a * dy + k.b * bn_center(x, k.mean_hi, k.mean_lo) + k.c;
+}
+
+// dgamma = invstd * sum dy (x - mean); dbeta = sum dy.
+OK_HD double bn_grad_weight(double invstd, double sum_dy_xmu) { return invstd * sum_dy_xmu; }
+
+}  // namespace optkern

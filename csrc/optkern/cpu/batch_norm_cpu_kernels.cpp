@@ -1,0 +1,667 @@
+// CPU executor for batch norm: the rules of batch_norm_rules.h over (outer, channels, inner) tensors.
+//
+// Compiled three times like the optimizer executor (isa_kernel.h).  Two layouts, each read with contiguous
+// vector loads (no gathers):
+//  - channels-first (inner >= kBnMinInner, e.g. NCHW): a channel is `outer` runs of `inner` contiguous values,
+//    cut into units of at most kBnChunk.  When there are at least as many channels as threads, each thread
+//    takes whole channels and does reduce -> per-channel scalars -> elementwise pass channel by channel, so the
+//    second read of a channel comes from L2 (a channel of (32, 64, 56, 56) float32 is 401 KB; L2 is 2 MB).
+//    Otherwise the units are reduced in parallel into a partial buffer, combined, then applied in parallel.
+//  - rows (small inner, e.g. (N, C) and channels-last NHWC): rows of width C * inner; each fixed block of rows
+//    reduces down its columns in vector registers, one partial per block, and the elementwise pass streams
+//    rows with per-column coefficients.
+// Reductions accumulate in T lanes over short blocks and in double across blocks, always in the same order,
+// so the result does not depend on the instruction set or the thread count.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../batch_norm_executors.h"
+#include "../batch_norm_rules.h"
+#include "../work_plan.h"
+#include "isa_kernel.h"
+#include "thread_pool.h"
+#include "work_split.h"
+
+namespace optkern {
+namespace OPTKERN_ISA_NS {
+namespace {
+
+constexpr int kLanes = 16;           // accumulator lanes of the channels-first reductions (any ISA)
+constexpr int64_t kLaneBlock = 1024; // values summed in T lanes before the block sum is added in double
+#if defined(OPTKERN_ISA_AVX512)
+constexpr int kTileBytes = 256;      // rows layout: columns kept in registers (4 zmm per accumulator)
+#else
+constexpr int kTileBytes = 128;
+#endif
+
+// ---- channels-first run kernels (one contiguous run of at most kBnChunk values) ----------------------------
+
+// Shifted sums of x - K: out[0] = sum d, out[1] = sum d^2.
+template <class T>
+OK_KERNEL void run_shifted_sums(const T* __restrict x, int64_t n, T K, double* out) {
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
+    const int64_t vec = blk / kLanes * kLanes;
+    T a1[kLanes] = {}, a2[kLanes] = {};
+    const T* p = x + i;
+    for (int64_t j = 0; j < vec; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        T d = p[j + l] - K;
+        a1[l] += d;
+        a2[l] += d * d;
+      }
+    double b1 = 0.0, b2 = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      b1 += static_cast<double>(a1[l]);
+      b2 += static_cast<double>(a2[l]);
+    }
+    for (int64_t j = vec; j < blk; ++j) {
+      double d = static_cast<double>(p[j] - K);
+      b1 += d;
+      b2 += d * d;
+    }
+    s1 += b1;
+    s2 += b2;
+    i += blk;
+  }
+  out[0] = s1;
+  out[1] = s2;
+}
+
+// Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean).
+template <class T>
+OK_KERNEL void run_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t n, T mh, T ml, double* out) {
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
+    const int64_t vec = blk / kLanes * kLanes;
+    T a1[kLanes] = {}, a2[kLanes] = {};
+    const T* g = dy + i;
+    const T* p = x + i;
+    for (int64_t j = 0; j < vec; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        T d = g[j + l];
+        a1[l] += d;
+        a2[l] += d * bn_center(p[j + l], mh, ml);
+      }
+    double b1 = 0.0, b2 = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      b1 += static_cast<double>(a1[l]);
+      b2 += static_cast<double>(a2[l]);
+    }
+    for (int64_t j = vec; j < blk; ++j) {
+      T d = g[j];
+      b1 += static_cast<double>(d);
+      b2 += static_cast<double>(d * bn_center(p[j], mh, ml));
+    }
+    s1 += b1;
+    s2 += b2;
+    i += blk;
+  }
+  out[0] = s1;
+  out[1] = s2;
+}
+
+// Eval backward in one pass: dx = a dy, and the gradient sums (when want_sums).
+template <class T>
+OK_KERNEL void run_eval_dx_sums(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n,
+                                BnGradCoef<T> k, bool want_sums, double* out) {
+  const T a = k.a;
+  if (!want_sums) {
+    for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i];
+    out[0] = out[1] = 0.0;
+    return;
+  }
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
+    const int64_t vec = blk / kLanes * kLanes;
+    T a1[kLanes] = {}, a2[kLanes] = {};
+    const T* g = dy + i;
+    const T* p = x + i;
+    T* o = dx + i;
+    for (int64_t j = 0; j < vec; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        T d = g[j + l];
+        o[j + l] = a * d;
+        a1[l] += d;
+        a2[l] += d * bn_center(p[j + l], k.mean_hi, k.mean_lo);
+      }
+    double b1 = 0.0, b2 = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      b1 += static_cast<double>(a1[l]);
+      b2 += static_cast<double>(a2[l]);
+    }
+    for (int64_t j = vec; j < blk; ++j) {
+      T d = g[j];
+      o[j] = a * d;
+      b1 += static_cast<double>(d);
+      b2 += static_cast<double>(d * bn_center(p[j], k.mean_hi, k.mean_lo));
+    }
+    s1 += b1;
+    s2 += b2;
+    i += blk;
+  }
+  out[0] = s1;
+  out[1] = s2;
+}
+
+template <class T>
+OK_KERNEL void run_normalize(const T* __restrict x, T* __restrict y, int64_t n, BnNormCoef<T> c) {
+  for (int64_t i = 0; i < n; ++i) y[i] = bn_normalize(c, x[i]);
+}
+
+template <class T>
+OK_KERNEL void run_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n,
+                              BnGradCoef<T> k) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = bn_grad_input(k, dy[i], x[i]);
+}
+
+// ---- rows kernels (a block of rows of `width` columns) --------------------------------------------------------
+
+// Column sums over the block's rows, a register tile of columns at a time.  Kind 0: shifted sums of x - K[j];
+// kind 1: gradient sums (dy, dy (x - mean[j])); kind 2: kind 1 and dx = a[j] dy (eval backward).
+struct RowCoefs {  // per-column arrays of T (as void to keep one signature); unused ones are null
+  const void *k0, *k1, *k2;
+};
+
+template <class T, int Kind, int W>
+inline __attribute__((always_inline)) void rows_tile(const T* __restrict x, const T* __restrict dy, T* __restrict dx,
+                                                      int64_t rows, int64_t width, int64_t j0, int w,
+                                                      const T* __restrict c0, const T* __restrict c1,
+                                                      const T* __restrict c2, double* __restrict p1,
+                                                      double* __restrict p2) {
+  T a1[W] = {}, a2[W] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * width + j0;
+    if constexpr (Kind == 0) {
+      for (int l = 0; l < (W ? W : w); ++l) {
+        T d = xr[l] - c0[j0 + l];
+        a1[l] += d;
+        a2[l] += d * d;
+      }
+    } else {
+      const T* gr = dy + r * width + j0;
+      T* orow = Kind == 2 ? dx + r * width + j0 : nullptr;
+      for (int l = 0; l < (W ? W : w); ++l) {
+        T d = gr[l];
+        if constexpr (Kind == 2) orow[l] = c2[j0 + l] * d;
+        a1[l] += d;
+        a2[l] += d * bn_center(xr[l], c0[j0 + l], c1[j0 + l]);
+      }
+    }
+  }
+  for (int l = 0; l < (W ? W : w); ++l) {
+    p1[j0 + l] = static_cast<double>(a1[l]);
+    p2[j0 + l] = static_cast<double>(a2[l]);
+  }
+}
+
+template <class T, int Kind>
+OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
+                         int64_t width, const T* c0, const T* c1, const T* c2, double* p1, double* p2) {
+  constexpr int W = kTileBytes / static_cast<int>(sizeof(T));
+  int64_t j0 = 0;
+  for (; j0 + W <= width; j0 += W) rows_tile<T, Kind, W>(x, dy, dx, rows, width, j0, W, c0, c1, c2, p1, p2);
+  if (j0 < width) {
+    // Remainder columns, with a runtime width (W = 0 selects it); a W-wide array still holds them.
+    T a1[W] = {}, a2[W] = {};
+    const int w = static_cast<int>(width - j0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * width + j0;
+      if constexpr (Kind == 0) {
+        for (int l = 0; l < w; ++l) {
+          T d = xr[l] - c0[j0 + l];
+          a1[l] += d;
+          a2[l] += d * d;
+        }
+      } else {
+        const T* gr = dy + r * width + j0;
+        for (int l = 0; l < w; ++l) {
+          T d = gr[l];
+          if constexpr (Kind == 2) dx[r * width + j0 + l] = c2[j0 + l] * d;
+          a1[l] += d;
+          a2[l] += d * bn_center(xr[l], c0[j0 + l], c1[j0 + l]);
+        }
+      }
+    }
+    for (int l = 0; l < w; ++l) {
+      p1[j0 + l] = static_cast<double>(a1[l]);
+      p2[j0 + l] = static_cast<double>(a2[l]);
+    }
+  }
+}
+
+// dx = a dy only (eval backward without weight gradients); and the two elementwise row passes.
+template <class T>
+OK_KERNEL void rows_scale(const T* __restrict dy, T* __restrict dx, int64_t rows, int64_t width,
+                          const T* __restrict a) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) dx[r * width + j] = a[j] * dy[r * width + j];
+}
+
+template <class T>
+OK_KERNEL void rows_normalize(const T* __restrict x, T* __restrict y, int64_t rows, int64_t width,
+                              const T* __restrict mh, const T* __restrict ml, const T* __restrict sc,
+                              const T* __restrict sh) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * width;
+    T* yr = y + r * width;
+    for (int64_t j = 0; j < width; ++j) yr[j] = bn_center(xr[j], mh[j], ml[j]) * sc[j] + sh[j];
+  }
+}
+
+template <class T>
+OK_KERNEL void rows_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t rows,
+                               int64_t width, const T* __restrict mh, const T* __restrict ml, const T* __restrict ka,
+                               const T* __restrict kb, const T* __restrict kc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * width;
+    const T* gr = dy + r * width;
+    T* orow = dx + r * width;
+    for (int64_t j = 0; j < width; ++j) orow[j] = ka[j] * gr[j] + kb[j] * bn_center(xr[j], mh[j], ml[j]) + kc[j];
+  }
+}
+
+// ---- drivers ----------------------------------------------------------------------------------------------
+
+int threads_for(const BnShape& s) { return threads_for_total(s.numel()); }
+
+int64_t chunks_per_run(const BnShape& s) { return (s.inner + kBnChunk - 1) / kBnChunk; }
+
+// Channels-first: unit u of channel c is (n, k): values [(n C + c) inner + k kBnChunk, + len).
+struct Unit {
+  int64_t offset, len;
+};
+Unit cf_unit(const BnShape& s, int64_t c, int64_t u) {
+  const int64_t kc = chunks_per_run(s);
+  const int64_t n = u / kc, k = u % kc;
+  const int64_t begin = k * kBnChunk;
+  return Unit{(n * s.channels + c) * s.inner + begin, std::min(kBnChunk, s.inner - begin)};
+}
+
+// reduce(c, Unit, double[2]); finish(c, const double[2]) computes the channel's scalars; apply(c, Unit) (may be
+// null) runs the elementwise pass.  Channel sums are the unit sums added in unit order.
+template <class Reduce, class Finish, class Apply>
+void cf_drive(const BnShape& s, Reduce&& reduce, Finish&& finish, Apply&& apply, bool has_apply) {
+  const int64_t C = s.channels;
+  const int64_t units = s.outer * chunks_per_run(s);
+  const int nt = threads_for(s);
+  auto whole_channel = [&](int64_t c) {
+    double tot[2] = {0.0, 0.0}, part[2];
+    for (int64_t u = 0; u < units; ++u) {
+      reduce(c, cf_unit(s, c, u), part);
+      tot[0] += part[0];
+      tot[1] += part[1];
+    }
+    finish(c, tot);
+    if (has_apply)
+      for (int64_t u = 0; u < units; ++u) apply(c, cf_unit(s, c, u));
+  };
+  if (nt <= 1) {
+    for (int64_t c = 0; c < C; ++c) whole_channel(c);
+    return;
+  }
+  if (C >= nt) {
+    parallel_run(nt, [&](int tid, int n) {
+      int64_t lo, hi;
+      part_bounds(C, tid, n, 1, &lo, &hi);
+      for (int64_t c = lo; c < hi; ++c) whole_channel(c);
+    });
+    return;
+  }
+  // Few channels: reduce every unit in parallel, combine in order, then apply in parallel.
+  const int64_t total = C * units;
+  std::vector<double> partial(static_cast<size_t>(2 * total));
+  parallel_run(nt, [&](int tid, int n) {
+    int64_t lo, hi;
+    part_bounds(total, tid, n, 1, &lo, &hi);
+    for (int64_t g = lo; g < hi; ++g) reduce(g / units, cf_unit(s, g / units, g % units), &partial[2 * g]);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double tot[2] = {0.0, 0.0};
+    for (int64_t u = 0; u < units; ++u) {
+      tot[0] += partial[2 * (c * units + u)];
+      tot[1] += partial[2 * (c * units + u) + 1];
+    }
+    finish(c, tot);
+  }
+  if (!has_apply) return;
+  parallel_run(nt, [&](int tid, int n) {
+    int64_t lo, hi;
+    part_bounds(total, tid, n, 1, &lo, &hi);
+    for (int64_t g = lo; g < hi; ++g) apply(g / units, cf_unit(s, g / units, g % units));
+  });
+}
+
+// Rows: block_sums(r0, r1, p1, p2) fills one partial per column for rows [r0, r1); channel c's sums are its
+// columns' partials added block by block, column by column.  Then finish(c, sums) per channel.
+template <class BlockSums, class Finish>
+void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, Finish&& finish) {
+  const int64_t W = plan.width, nb = plan.nblocks;
+  std::vector<double> partial(static_cast<size_t>(2 * nb * W));
+  auto run_blocks = [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t r0 = b * plan.row_block, r1 = std::min(plan.rows, r0 + plan.row_block);
+      block_sums(r0, r1, &partial[static_cast<size_t>(2 * b * W)], &partial[static_cast<size_t>((2 * b + 1) * W)]);
+    }
+  };
+  const int nt = std::min<int64_t>(threads_for(s), nb);
+  if (nt <= 1) {
+    run_blocks(0, nb);
+  } else {
+    parallel_run(nt, [&](int tid, int n) {
+      int64_t lo, hi;
+      part_bounds(nb, tid, n, 1, &lo, &hi);
+      run_blocks(lo, hi);
+    });
+  }
+  for (int64_t c = 0; c < s.channels; ++c) {
+    double tot[2] = {0.0, 0.0};
+    for (int64_t b = 0; b < nb; ++b) {
+      const double* p1 = &partial[static_cast<size_t>(2 * b * W + c * s.inner)];
+      const double* p2 = &partial[static_cast<size_t>((2 * b + 1) * W + c * s.inner)];
+      for (int64_t i = 0; i < s.inner; ++i) {
+        tot[0] += p1[i];
+        tot[1] += p2[i];
+      }
+    }
+    finish(c, tot);
+  }
+}
+
+template <class Apply>  // apply(r0, r1)
+void rows_apply(const BnShape& s, const BnPlan& plan, Apply&& apply) {
+  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), plan.rows));
+  if (nt <= 1) {
+    apply(int64_t(0), plan.rows);
+    return;
+  }
+  parallel_run(nt, [&](int tid, int n) {
+    int64_t lo, hi;
+    part_bounds(plan.rows, tid, n, 1, &lo, &hi);
+    if (lo < hi) apply(lo, hi);
+  });
+}
+
+// ---- typed implementations ----------------------------------------------------------------------------------
+
+template <class T>
+struct Typed {
+  const BnArgs& a;
+  const BnShape& s;
+  BnPlan plan;
+  const T* x;
+  const T* dy;
+  T* out;
+  const T* w;
+  const T* b;
+  explicit Typed(const BnArgs& args)
+      : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), x(static_cast<const T*>(args.x)),
+        dy(static_cast<const T*>(args.dy)), out(static_cast<T*>(args.out)), w(static_cast<const T*>(args.weight)),
+        b(static_cast<const T*>(args.bias)) {}
+
+  double gamma(int64_t c) const { return w ? static_cast<double>(w[c]) : 1.0; }
+  double beta(int64_t c) const { return b ? static_cast<double>(b[c]) : 0.0; }
+  T shift_of(int64_t c) const { return x[c * s.inner]; }  // the channel's first value
+  int64_t global_count() const { return a.count > 0 ? a.count : s.count(); }
+
+  // Expand per-channel values to per-column arrays (rows layout).
+  template <class F>
+  std::vector<T> per_column(F&& f) const {
+    std::vector<T> v(static_cast<size_t>(plan.width));
+    for (int64_t c = 0; c < s.channels; ++c)
+      for (int64_t i = 0; i < s.inner; ++i) v[static_cast<size_t>(c * s.inner + i)] = f(c);
+    return v;
+  }
+
+  // From a channel's shifted sums: mean and m2 (written to a.mean / a.m2 when present), and the forward
+  // finalisation when `finalize`: invstd, running stats.
+  void finish_stats(int64_t c, const double* sums, bool finalize) const {
+    const double n = static_cast<double>(s.count());
+    double mean, m2;
+    bn_shifted_to_moments(n, static_cast<double>(shift_of(c)), sums[0], sums[1], &mean, &m2);
+    a.mean[c] = mean;
+    if (a.m2) a.m2[c] = m2;
+    if (finalize) finalize_channel(c, mean, m2, n);
+  }
+  void finalize_channel(int64_t c, double mean, double m2, double n) const {
+    a.invstd[c] = bn_invstd(m2, n, a.eps);
+    if (a.running_mean)
+      bn_update_running(static_cast<T*>(a.running_mean) + c, static_cast<T*>(a.running_var) + c, mean, m2, n,
+                        a.factor);
+  }
+  BnNormCoef<T> norm_coef(int64_t c) const { return bn_norm_coef<T>(a.mean[c], a.invstd[c], gamma(c), beta(c)); }
+  BnGradCoef<T> grad_coef(int64_t c) const {
+    return bn_grad_coef_train<T>(static_cast<double>(global_count()), a.mean[c], a.invstd[c], gamma(c),
+                                 a.sum_dy[c], a.sum_dy_xmu[c]);
+  }
+  void finish_weight_grads(int64_t c) const {
+    if (a.dweight) static_cast<T*>(a.dweight)[c] = static_cast<T>(bn_grad_weight(a.invstd[c], a.sum_dy_xmu[c]));
+    if (a.dbias) static_cast<T*>(a.dbias)[c] = static_cast<T>(a.sum_dy[c]);
+  }
+
+  // ---- statistics (+ optional finalisation and normalisation) ----
+  void stats(bool finalize, bool normalize) {
+    if (plan.channels_first) {
+      auto reduce = [&](int64_t c, Unit u, double* o) { run_shifted_sums<T>(x + u.offset, u.len, shift_of(c), o); };
+      auto finish = [&](int64_t c, const double* t) { finish_stats(c, t, finalize); };
+      auto apply = [&](int64_t c, Unit u) { run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c)); };
+      cf_drive(s, reduce, finish, apply, normalize);
+      return;
+    }
+    std::vector<T> K = per_column([&](int64_t c) { return shift_of(c); });
+    rows_reduce(
+        s, plan,
+        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, K.data(), nullptr, nullptr,
+                          p1, p2);
+        },
+        [&](int64_t c, const double* t) { finish_stats(c, t, finalize); });
+    if (normalize) rows_normalize_all();
+  }
+
+  void rows_normalize_all() {
+    std::vector<BnNormCoef<T>> cc(static_cast<size_t>(s.channels));
+    for (int64_t c = 0; c < s.channels; ++c) cc[static_cast<size_t>(c)] = norm_coef(c);
+    auto mh = per_column([&](int64_t c) { return cc[c].mean_hi; });
+    auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
+    auto sc = per_column([&](int64_t c) { return cc[c].scale; });
+    auto sh = per_column([&](int64_t c) { return cc[c].shift; });
+    rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
+      rows_normalize<T>(x + r0 * plan.width, out + r0 * plan.width, r1 - r0, plan.width, mh.data(), ml.data(),
+                        sc.data(), sh.data());
+    });
+  }
+
+  void normalize_only() {  // mean and invstd are already in a.mean / a.invstd
+    if (plan.channels_first) {
+      const int64_t units = s.outer * chunks_per_run(s), total = s.channels * units;
+      auto body = [&](int64_t lo, int64_t hi) {
+        for (int64_t g = lo; g < hi; ++g) {
+          Unit u = cf_unit(s, g / units, g % units);
+          run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(g / units));
+        }
+      };
+      const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
+      if (nt <= 1) body(0, total);
+      else
+        parallel_run(nt, [&](int tid, int n) {
+          int64_t lo, hi;
+          part_bounds(total, tid, n, 1, &lo, &hi);
+          body(lo, hi);
+        });
+      return;
+    }
+    rows_normalize_all();
+  }
+
+  // ---- backward ----
+  void grad_sums(bool then_dx) {  // sum_dy, sum_dy_xmu; then (training) dx and weight grads
+    auto finish = [&](int64_t c, const double* t) {
+      a.sum_dy[c] = t[0];
+      a.sum_dy_xmu[c] = t[1];
+      if (then_dx) finish_weight_grads(c);
+    };
+    if (plan.channels_first) {
+      auto reduce = [&](int64_t c, Unit u, double* o) {
+        BnNormCoef<T> k = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
+        run_grad_sums<T>(dy + u.offset, x + u.offset, u.len, k.mean_hi, k.mean_lo, o);
+      };
+      auto apply = [&](int64_t c, Unit u) {
+        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c));
+      };
+      cf_drive(s, reduce, finish, apply, then_dx);
+      return;
+    }
+    std::vector<BnNormCoef<T>> cc(static_cast<size_t>(s.channels));
+    for (int64_t c = 0; c < s.channels; ++c) cc[static_cast<size_t>(c)] = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
+    auto mh = per_column([&](int64_t c) { return cc[c].mean_hi; });
+    auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
+    rows_reduce(
+        s, plan,
+        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+          const int64_t o = r0 * plan.width;
+          rows_sums<T, 1>(x + o, dy + o, nullptr, r1 - r0, plan.width, mh.data(), ml.data(), nullptr, p1, p2);
+        },
+        finish);
+    if (then_dx) rows_dx_all();
+  }
+
+  void rows_dx_all() {
+    std::vector<BnGradCoef<T>> kk(static_cast<size_t>(s.channels));
+    for (int64_t c = 0; c < s.channels; ++c) kk[static_cast<size_t>(c)] = grad_coef(c);
+    auto mh = per_column([&](int64_t c) { return kk[c].mean_hi; });
+    auto ml = per_column([&](int64_t c) { return kk[c].mean_lo; });
+    auto ka = per_column([&](int64_t c) { return kk[c].a; });
+    auto kb = per_column([&](int64_t c) { return kk[c].b; });
+    auto kc = per_column([&](int64_t c) { return kk[c].c; });
+    rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
+      const int64_t o = r0 * plan.width;
+      rows_grad_input<T>(dy + o, x + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), kb.data(),
+                         kc.data());
+    });
+  }
+
+  void dx_only() {  // training dx from the (global) sums already in a.sum_dy / a.sum_dy_xmu
+    for (int64_t c = 0; c < s.channels; ++c) finish_weight_grads(c);
+    if (plan.channels_first) {
+      const int64_t units = s.outer * chunks_per_run(s), total = s.channels * units;
+      auto body = [&](int64_t lo, int64_t hi) {
+        for (int64_t g = lo; g < hi; ++g) {
+          Unit u = cf_unit(s, g / units, g % units);
+          run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(g / units));
+        }
+      };
+      const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
+      if (nt <= 1) body(0, total);
+      else
+        parallel_run(nt, [&](int tid, int n) {
+          int64_t lo, hi;
+          part_bounds(total, tid, n, 1, &lo, &hi);
+          body(lo, hi);
+        });
+      return;
+    }
+    rows_dx_all();
+  }
+
+  void backward_eval() {
+    const bool want = a.dweight != nullptr || a.dbias != nullptr;
+    std::vector<double> sums(want ? static_cast<size_t>(2 * s.channels) : 0);
+    auto finish = [&](int64_t c, const double* t) {
+      if (a.dweight) static_cast<T*>(a.dweight)[c] = static_cast<T>(bn_grad_weight(a.invstd[c], t[1]));
+      if (a.dbias) static_cast<T*>(a.dbias)[c] = static_cast<T>(t[0]);
+    };
+    auto coef = [&](int64_t c) { return bn_grad_coef_eval<T>(a.mean[c], a.invstd[c], gamma(c)); };
+    if (plan.channels_first) {
+      auto reduce = [&](int64_t c, Unit u, double* o) {
+        run_eval_dx_sums<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, coef(c), want, o);
+      };
+      cf_drive(s, reduce, finish, [](int64_t, Unit) {}, false);
+      return;
+    }
+    std::vector<BnGradCoef<T>> kk(static_cast<size_t>(s.channels));
+    for (int64_t c = 0; c < s.channels; ++c) kk[static_cast<size_t>(c)] = coef(c);
+    auto ka = per_column([&](int64_t c) { return kk[c].a; });
+    if (!want) {
+      rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
+        const int64_t o = r0 * plan.width;
+        rows_scale<T>(dy + o, out + o, r1 - r0, plan.width, ka.data());
+      });
+      return;
+    }
+    auto mh = per_column([&](int64_t c) { return kk[c].mean_hi; });
+    auto ml = per_column([&](int64_t c) { return kk[c].mean_lo; });
+    rows_reduce(
+        s, plan,
+        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+          const int64_t o = r0 * plan.width;
+          rows_sums<T, 2>(x + o, dy + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), p1, p2);
+        },
+        finish);
+  }
+};
+
+template <template <class> class Op, class... A>
+void typed(const BnArgs& a, A&&... args) {
+  if (a.dtype == DType::f32) Op<float>::run(a, args...);
+  else Op<double>::run(a, args...);
+}
+
+template <class T> struct ForwardTrain { static void run(const BnArgs& a) { Typed<T>(a).stats(true, true); } };
+template <class T> struct Stats { static void run(const BnArgs& a) { Typed<T>(a).stats(false, false); } };
+template <class T> struct Normalize {
+  static void run(const BnArgs& a) {
+    Typed<T> t(a);
+    const double n = static_cast<double>(t.global_count());
+    for (int64_t c = 0; c < a.shape.channels; ++c) t.finalize_channel(c, a.mean[c], a.m2[c], n);
+    t.normalize_only();
+  }
+};
+template <class T> struct ForwardEval {
+  static void run(const BnArgs& a) {
+    Typed<T> t(a);
+    const T* rm = static_cast<const T*>(a.running_mean);
+    const T* rv = static_cast<const T*>(a.running_var);
+    for (int64_t c = 0; c < a.shape.channels; ++c) {
+      a.mean[c] = static_cast<double>(rm[c]);
+      a.invstd[c] = 1.0 / std::sqrt(static_cast<double>(rv[c]) + a.eps);
+    }
+    t.normalize_only();
+  }
+};
+template <class T> struct BackwardTrain { static void run(const BnArgs& a) { Typed<T>(a).grad_sums(true); } };
+template <class T> struct BackwardReduce { static void run(const BnArgs& a) { Typed<T>(a).grad_sums(false); } };
+template <class T> struct BackwardDx { static void run(const BnArgs& a) { Typed<T>(a).dx_only(); } };
+template <class T> struct BackwardEval { static void run(const BnArgs& a) { Typed<T>(a).backward_eval(); } };
+
+}  // namespace
+
+void bn_forward_train(const BnArgs& a) { typed<ForwardTrain>(a); }
+void bn_forward_eval(const BnArgs& a) { typed<ForwardEval>(a); }
+void bn_backward_train(const BnArgs& a) { typed<BackwardTrain>(a); }
+void bn_backward_eval(const BnArgs& a) { typed<BackwardEval>(a); }
+void bn_stats(const BnArgs& a) { typed<Stats>(a); }
+void bn_normalize(const BnArgs& a) { typed<Normalize>(a); }
+void bn_backward_reduce(const BnArgs& a) { typed<BackwardReduce>(a); }
+void bn_backward_dx(const BnArgs& a) { typed<BackwardDx>(a); }
+
+void bn_combine(const BnArgs& a, const std::vector<int64_t>& counts, const double* means, const double* m2s) {
+  const int64_t C = a.shape.channels;
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (size_t k = 0; k < counts.size(); ++k)
+      bn_chan_combine(&n, &mean, &m2, static_cast<double>(counts[k]), means[k * C + c], m2s[k * C + c]);
+    a.mean[c] = mean;
+    a.m2[c] = m2;
+  }
+}
+
+}  // namespace OPTKERN_ISA_NS
+}  // namespace optkern

@@ -1,0 +1,207 @@
+"""Batch norm forward and backward, fused, with torch.nn.functional.batch_norm's semantics.
+
+Seed 000's formula, per channel k over the batch (and spatial positions):
+``y = beta_k + gamma_k (h - mu_k) / sqrt(eps + sigma_k^2)``.
+
+    y, save_mean, save_invstd = optkern.batch_norm_forward(x, weight, bias, running_mean, running_var)
+    dx, dweight, dbias = optkern.batch_norm_backward(dy, x, weight, save_mean, save_invstd)
+
+- ``x`` has rank >= 2 with the channel on ``axis`` (default 1: (N, C), (N, C, L), NCHW, NCDHW); channels-last
+  arrays use ``axis=-1`` (NHWC), and a torch ``channels_last`` NCHW tensor works with ``axis=1``: any dense
+  layout whose memory is (outer, channels, inner) blocks is read in place, never transposed or copied.
+- Training normalizes with the batch's biased variance and updates the running statistics in place with the
+  unbiased one: ``running = (1 - momentum) running + momentum batch``; ``momentum=None`` is the cumulative
+  average, ``1 / num_batches_tracked`` (the count of batches including this one, as torch's module keeps it).
+- Eval (``training=False``) normalizes with the running statistics; its backward is the eval-mode gradient.
+- ``weight``/``bias`` may be None (then ``dweight``/``dbias`` are None); running statistics may be None in
+  training.
+- ``save_mean`` and ``save_invstd`` are float64 arrays of C values (statistics are kept in float64 so that data
+  far from zero stays exact); the backward also accepts float32 ones, such as torch's.
+- Outputs are new arrays in x's library and on its device, laid out like x, unless ``out=`` gives one.
+
+The staged entry points split the same kernels for data-parallel training (torch's SyncBatchNorm pattern):
+
+    count, mean, m2 = batch_norm_stats(x_local)                       # per shard
+    count, mean, m2 = batch_norm_combine(counts, means, m2s)          # gathered statistics, Chan's combine
+    y, save_mean, save_invstd = batch_norm_normalize(x_local, weight, bias, count, mean, m2, running_mean, ...)
+    sum_dy, sum_dy_xmu = batch_norm_backward_reduce(dy_local, x_local, save_mean)   # all-reduce these by summing
+    dx, dweight, dbias = batch_norm_backward_dx(dy_local, x_local, weight, save_mean, save_invstd, count,
+                                                sum_dy, sum_dy_xmu)
+
+Bad input raises ValueError or TypeError naming the argument before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import _C
+from ._arrays import as_float64_vector, current_stream, empty_like, empty_vector, plain, stack_rows
+
+__all__ = [
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_stats",
+    "batch_norm_combine",
+    "batch_norm_normalize",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_dx",
+]
+
+
+def _channels(x, axis: int) -> int:
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+        raise ValueError(f"x: expected at least 2 dimensions (batch, channels, ...), got shape {shape}")
+    if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis: expected an axis of x in [{-len(shape)}, {len(shape) - 1}], got {axis!r}")
+    return int(shape[axis])
+
+
+def _factor(momentum, num_batches_tracked, updates: bool) -> float:
+    """The running-statistics update factor."""
+    if momentum is not None:
+        m = float(momentum)
+        if not math.isfinite(m):
+            raise ValueError(f"momentum: expected a finite number or None, got {momentum!r}")
+        return m
+    if not updates:
+        return 0.0
+    if num_batches_tracked is None or int(num_batches_tracked) < 1:
+        raise ValueError("num_batches_tracked: momentum=None (cumulative average) needs the number of batches "
+                         f"seen including this one (>= 1), got {num_batches_tracked!r}")
+    return 1.0 / int(num_batches_tracked)
+
+
+def _eps(eps) -> float:
+    e = float(eps)
+    if not (math.isfinite(e) and e > 0):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return e
+
+
+def _opt(a):
+    return None if a is None else plain(a)
+
+
+def _run(op, x, arrays, *, axis=1, eps=1e-5, momentum=0.0, count=0, counts=()):
+    arrays = {k: plain(v) for k, v in arrays.items() if v is not None}
+    return _C.batch_norm(op, arrays, axis, eps, momentum, count, list(counts), current_stream(x))
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
+                       momentum=0.1, eps=1e-5, axis=1, out=None, num_batches_tracked=None):
+    """Normalize x per channel; returns (y, save_mean, save_invstd).  See the module docstring."""
+    x = plain(x)
+    C = _channels(x, axis)
+    eps = _eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean: running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean: running statistics are required when training=False")
+    factor = _factor(momentum, num_batches_tracked, training and running_mean is not None)
+    y = empty_like(x) if out is None else out
+    mean, invstd = empty_vector(x, C), empty_vector(x, C)
+    arrays = dict(x=x, out=y, weight=_opt(weight), bias=_opt(bias), running_mean=_opt(running_mean),
+                  running_var=_opt(running_var), mean=mean, invstd=invstd)
+    _run("forward_train" if training else "forward_eval", x, arrays, axis=axis, eps=eps, momentum=factor)
+    return y, mean, invstd
+
+
+def batch_norm_backward(dy, x, weight=None, save_mean=None, save_invstd=None, *, training=True, eps=1e-5, axis=1,
+                        out=None):
+    """Gradients of batch_norm_forward: returns (dx, dweight, dbias); dweight/dbias are None without weight.
+
+    ``save_mean``/``save_invstd`` are what the forward returned (in eval mode: the running mean and
+    1/sqrt(running_var + eps)).  ``eps`` is checked but not used: the saved invstd already holds it.
+    """
+    x, dy = plain(x), plain(dy)
+    C = _channels(x, axis)
+    eps = _eps(eps)
+    if save_mean is None or save_invstd is None:
+        raise ValueError("save_mean: the statistics returned by batch_norm_forward are required")
+    mean, invstd = as_float64_vector(save_mean, x), as_float64_vector(save_invstd, x)
+    for name, v in (("save_mean", mean), ("save_invstd", invstd)):
+        if tuple(v.shape) != (C,):
+            raise ValueError(f"{name}: expected shape ({C},) (one value per channel of x), got {tuple(v.shape)}")
+    dx = empty_like(x) if out is None else out
+    w = _opt(weight)
+    dweight = empty_like(w) if w is not None else None
+    dbias = empty_like(w) if w is not None else None
+    arrays = dict(dy=dy, x=x, out=dx, weight=w, mean=mean, invstd=invstd, dweight=dweight, dbias=dbias)
+    _run("backward_train" if training else "backward_eval", x, arrays, axis=axis, eps=eps)
+    return dx, dweight, dbias
+
+
+def batch_norm_stats(x, *, axis=1):
+    """Local statistics of each channel: (count, mean, m2), m2 the sum of squared deviations (float64)."""
+    x = plain(x)
+    C = _channels(x, axis)
+    mean, m2 = empty_vector(x, C), empty_vector(x, C)
+    count = _run("stats", x, dict(x=x, mean=mean, m2=m2), axis=axis)
+    return int(count), mean, m2
+
+
+def batch_norm_combine(counts, means, m2s):
+    """Combine per-shard statistics (Chan et al., in shard order): returns (count, mean, m2).
+
+    ``counts``: one int per shard; ``means``/``m2s``: a (shards, C) array or a sequence of (C,) arrays.
+    """
+    counts = [int(c) for c in counts]
+    if not counts:
+        raise ValueError("counts: expected statistics from at least one shard")
+    like = means if hasattr(means, "shape") else means[0]
+    means2, m2s2 = stack_rows(means, plain(like)), stack_rows(m2s, plain(like))
+    C = int(means2.shape[-1])
+    mean, m2 = empty_vector(means2, C), empty_vector(means2, C)
+    _run("combine", means2, dict(means=means2, m2s=m2s2, mean=mean, m2=m2), counts=counts)
+    return sum(counts), mean, m2
+
+
+def batch_norm_normalize(x, weight, bias, count, mean, m2, running_mean=None, running_var=None, *, momentum=0.1,
+                         eps=1e-5, axis=1, out=None, num_batches_tracked=None):
+    """Normalize with combined statistics (count values per channel over all shards) and update the running
+    statistics; returns (y, save_mean, save_invstd) like batch_norm_forward in training."""
+    x = plain(x)
+    C = _channels(x, axis)
+    eps = _eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean: running_mean and running_var must be given together (or both None)")
+    factor = _factor(momentum, num_batches_tracked, running_mean is not None)
+    mean, m2 = as_float64_vector(mean, x), as_float64_vector(m2, x)
+    y = empty_like(x) if out is None else out
+    invstd = empty_vector(x, C)
+    arrays = dict(x=x, out=y, weight=_opt(weight), bias=_opt(bias), running_mean=_opt(running_mean),
+                  running_var=_opt(running_var), mean=mean, m2=m2, invstd=invstd)
+    _run("normalize", x, arrays, axis=axis, eps=eps, momentum=factor, count=int(count))
+    return y, mean, invstd
+
+
+def batch_norm_backward_reduce(dy, x, save_mean, *, axis=1):
+    """Local gradient sums per channel: (sum_dy, sum_dy_xmu) = (sum dy, sum dy (x - mean)), float64.
+
+    Sum them over the shards (an all-reduce) before batch_norm_backward_dx.
+    """
+    x, dy = plain(x), plain(dy)
+    C = _channels(x, axis)
+    mean = as_float64_vector(save_mean, x)
+    sum_dy, sum_dy_xmu = empty_vector(x, C), empty_vector(x, C)
+    _run("backward_reduce", x, dict(dy=dy, x=x, mean=mean, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu), axis=axis)
+    return sum_dy, sum_dy_xmu
+
+
+def batch_norm_backward_dx(dy, x, weight, save_mean, save_invstd, count, sum_dy, sum_dy_xmu, *, axis=1, out=None):
+    """Training-mode dx from the gradient sums over all shards (count values per channel in all);
+    returns (dx, dweight, dbias), the weight gradients None without weight."""
+    x, dy = plain(x), plain(dy)
+    _channels(x, axis)
+    mean, invstd = as_float64_vector(save_mean, x), as_float64_vector(save_invstd, x)
+    sdy, sdyx = as_float64_vector(sum_dy, x), as_float64_vector(sum_dy_xmu, x)
+    dx = empty_like(x) if out is None else out
+    w = _opt(weight)
+    dweight = empty_like(w) if w is not None else None
+    dbias = empty_like(w) if w is not None else None
+    arrays = dict(dy=dy, x=x, out=dx, weight=w, mean=mean, invstd=invstd, sum_dy=sdy, sum_dy_xmu=sdyx,
+                  dweight=dweight, dbias=dbias)
+    _run("backward_dx", x, arrays, axis=axis, count=int(count))
+    return dx, dweight, dbias
