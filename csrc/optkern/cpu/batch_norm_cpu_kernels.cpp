@@ -14,7 +14,11 @@
 // so the result does not depend on the instruction set or the thread count.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
+
+// The 16-lane vector helpers are always inlined, so the vector-argument ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "../batch_norm_executors.h"
 #include "../batch_norm_rules.h"
@@ -27,37 +31,59 @@ namespace optkern {
 namespace OPTKERN_ISA_NS {
 namespace {
 
-constexpr int kLanes = 16;           // accumulator lanes of the channels-first reductions (any ISA)
-constexpr int64_t kLaneBlock = 1024; // values summed in T lanes before the block sum is added in double
+// Reductions use GCC vector types of 16 lanes (one zmm for float on AVX-512, two ymm on AVX2, SSE2 pieces on the
+// baseline build), so every path adds the same values in the same order and the sums agree bitwise.
+template <class T>
+struct Lanes16 {
+  typedef T type __attribute__((vector_size(16 * sizeof(T))));
+};
+template <class T>
+using V16 = typename Lanes16<T>::type;
+constexpr int kLanes = 16;
+constexpr int64_t kLaneBlock = 1024;  // values summed in T lanes before the block sum is added in double
+
+template <class T>
+inline __attribute__((always_inline)) V16<T> load16(const T* p) {
+  V16<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class T>
+inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <class T>
+inline __attribute__((always_inline)) double lane_sum(V16<T> v) {
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(v[l]);
+  return s;
+}
+
 #if defined(OPTKERN_ISA_AVX512)
-constexpr int kTileBytes = 256;      // rows layout: columns kept in registers (4 zmm per accumulator)
+constexpr int kTileBytes = 256;  // rows layout: columns whose accumulators stay in registers
 #else
 constexpr int kTileBytes = 128;
 #endif
 
 // ---- channels-first run kernels (one contiguous run of at most kBnChunk values) ----------------------------
+// Each walks blocks of kLaneBlock values: 16-lane sums in T, the lanes added in double, then the block's tail
+// (fewer than 16 values) in double.
 
 // Shifted sums of x - K: out[0] = sum d, out[1] = sum d^2.
 template <class T>
 OK_KERNEL void run_shifted_sums(const T* __restrict x, int64_t n, T K, double* out) {
   double s1 = 0.0, s2 = 0.0;
-  int64_t i = 0;
-  while (i < n) {
+  for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
     const int64_t vec = blk / kLanes * kLanes;
-    T a1[kLanes] = {}, a2[kLanes] = {};
     const T* p = x + i;
-    for (int64_t j = 0; j < vec; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        T d = p[j + l] - K;
-        a1[l] += d;
-        a2[l] += d * d;
-      }
-    double b1 = 0.0, b2 = 0.0;
-    for (int l = 0; l < kLanes; ++l) {
-      b1 += static_cast<double>(a1[l]);
-      b2 += static_cast<double>(a2[l]);
+    V16<T> a1 = {}, a2 = {};
+    for (int64_t j = 0; j < vec; j += kLanes) {
+      V16<T> d = load16(p + j) - K;
+      a1 += d;
+      a2 += d * d;
     }
+    double b1 = lane_sum<T>(a1), b2 = lane_sum<T>(a2);
     for (int64_t j = vec; j < blk; ++j) {
       double d = static_cast<double>(p[j] - K);
       b1 += d;
@@ -65,87 +91,38 @@ OK_KERNEL void run_shifted_sums(const T* __restrict x, int64_t n, T K, double* o
     }
     s1 += b1;
     s2 += b2;
-    i += blk;
   }
   out[0] = s1;
   out[1] = s2;
 }
 
-// Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean).
+// Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean); with dx = a dy written too when dx != null
+// (eval backward, one pass).
 template <class T>
-OK_KERNEL void run_grad_sums(const T* __restrict dy, const T* __restrict x, int64_t n, T mh, T ml, double* out) {
+OK_KERNEL void run_grad_sums(const T* __restrict dy, const T* __restrict x, T* __restrict dx, T a, int64_t n, T mh,
+                             T ml, double* out) {
   double s1 = 0.0, s2 = 0.0;
-  int64_t i = 0;
-  while (i < n) {
+  for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
     const int64_t vec = blk / kLanes * kLanes;
-    T a1[kLanes] = {}, a2[kLanes] = {};
     const T* g = dy + i;
     const T* p = x + i;
-    for (int64_t j = 0; j < vec; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        T d = g[j + l];
-        a1[l] += d;
-        a2[l] += d * bn_center(p[j + l], mh, ml);
-      }
-    double b1 = 0.0, b2 = 0.0;
-    for (int l = 0; l < kLanes; ++l) {
-      b1 += static_cast<double>(a1[l]);
-      b2 += static_cast<double>(a2[l]);
+    V16<T> a1 = {}, a2 = {};
+    for (int64_t j = 0; j < vec; j += kLanes) {
+      V16<T> d = load16(g + j);
+      if (dx) store16(dx + i + j, a * d);
+      a1 += d;
+      a2 += d * ((load16(p + j) - mh) - ml);
     }
+    double b1 = lane_sum<T>(a1), b2 = lane_sum<T>(a2);
     for (int64_t j = vec; j < blk; ++j) {
       T d = g[j];
+      if (dx) dx[i + j] = a * d;
       b1 += static_cast<double>(d);
       b2 += static_cast<double>(d * bn_center(p[j], mh, ml));
     }
     s1 += b1;
     s2 += b2;
-    i += blk;
-  }
-  out[0] = s1;
-  out[1] = s2;
-}
-
-// Eval backward in one pass: dx = a dy, and the gradient sums (when want_sums).
-template <class T>
-OK_KERNEL void run_eval_dx_sums(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n,
-                                BnGradCoef<T> k, bool want_sums, double* out) {
-  const T a = k.a;
-  if (!want_sums) {
-    for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i];
-    out[0] = out[1] = 0.0;
-    return;
-  }
-  double s1 = 0.0, s2 = 0.0;
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
-    const int64_t vec = blk / kLanes * kLanes;
-    T a1[kLanes] = {}, a2[kLanes] = {};
-    const T* g = dy + i;
-    const T* p = x + i;
-    T* o = dx + i;
-    for (int64_t j = 0; j < vec; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        T d = g[j + l];
-        o[j + l] = a * d;
-        a1[l] += d;
-        a2[l] += d * bn_center(p[j + l], k.mean_hi, k.mean_lo);
-      }
-    double b1 = 0.0, b2 = 0.0;
-    for (int l = 0; l < kLanes; ++l) {
-      b1 += static_cast<double>(a1[l]);
-      b2 += static_cast<double>(a2[l]);
-    }
-    for (int64_t j = vec; j < blk; ++j) {
-      T d = g[j];
-      o[j] = a * d;
-      b1 += static_cast<double>(d);
-      b2 += static_cast<double>(d * bn_center(p[j], k.mean_hi, k.mean_lo));
-    }
-    s1 += b1;
-    s2 += b2;
-    i += blk;
   }
   out[0] = s1;
   out[1] = s2;
@@ -164,77 +141,70 @@ OK_KERNEL void run_grad_input(const T* __restrict dy, const T* __restrict x, T* 
 
 // ---- rows kernels (a block of rows of `width` columns) --------------------------------------------------------
 
-// Column sums over the block's rows, a register tile of columns at a time.  Kind 0: shifted sums of x - K[j];
-// kind 1: gradient sums (dy, dy (x - mean[j])); kind 2: kind 1 and dx = a[j] dy (eval backward).
-struct RowCoefs {  // per-column arrays of T (as void to keep one signature); unused ones are null
-  const void *k0, *k1, *k2;
-};
-
-template <class T, int Kind, int W>
-inline __attribute__((always_inline)) void rows_tile(const T* __restrict x, const T* __restrict dy, T* __restrict dx,
-                                                      int64_t rows, int64_t width, int64_t j0, int w,
-                                                      const T* __restrict c0, const T* __restrict c1,
-                                                      const T* __restrict c2, double* __restrict p1,
-                                                      double* __restrict p2) {
-  T a1[W] = {}, a2[W] = {};
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * width + j0;
-    if constexpr (Kind == 0) {
-      for (int l = 0; l < (W ? W : w); ++l) {
-        T d = xr[l] - c0[j0 + l];
-        a1[l] += d;
-        a2[l] += d * d;
-      }
-    } else {
-      const T* gr = dy + r * width + j0;
-      T* orow = Kind == 2 ? dx + r * width + j0 : nullptr;
-      for (int l = 0; l < (W ? W : w); ++l) {
-        T d = gr[l];
-        if constexpr (Kind == 2) orow[l] = c2[j0 + l] * d;
-        a1[l] += d;
-        a2[l] += d * bn_center(xr[l], c0[j0 + l], c1[j0 + l]);
-      }
-    }
-  }
-  for (int l = 0; l < (W ? W : w); ++l) {
-    p1[j0 + l] = static_cast<double>(a1[l]);
-    p2[j0 + l] = static_cast<double>(a2[l]);
-  }
-}
-
+// Column sums over a block's rows, a register tile of columns at a time (16-lane vectors, no gathers: each row
+// of the tile is contiguous).  Kind 0: shifted sums of x - c0[j]; kind 1: gradient sums (dy, dy (x - mean[j]))
+// with the mean split in c0 (hi) and c1 (lo); kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).
+// Remainder columns take a scalar loop with the same per-column operations, so every column's sums are the same
+// whichever way it is computed.
 template <class T, int Kind>
 OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
                          int64_t width, const T* c0, const T* c1, const T* c2, double* p1, double* p2) {
-  constexpr int W = kTileBytes / static_cast<int>(sizeof(T));
+  constexpr int NV = kTileBytes / kLanes / static_cast<int>(sizeof(T)) > 0
+                         ? kTileBytes / kLanes / static_cast<int>(sizeof(T)) : 1;
+  constexpr int W = NV * kLanes;
   int64_t j0 = 0;
-  for (; j0 + W <= width; j0 += W) rows_tile<T, Kind, W>(x, dy, dx, rows, width, j0, W, c0, c1, c2, p1, p2);
-  if (j0 < width) {
-    // Remainder columns, with a runtime width (W = 0 selects it); a W-wide array still holds them.
-    T a1[W] = {}, a2[W] = {};
-    const int w = static_cast<int>(width - j0);
+  for (; j0 + W <= width; j0 += W) {
+    V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
+    for (int v = 0; v < NV; ++v) {
+      k0[v] = load16(c0 + j0 + v * kLanes);
+      if constexpr (Kind != 0) k1[v] = load16(c1 + j0 + v * kLanes);
+      if constexpr (Kind == 2) k2[v] = load16(c2 + j0 + v * kLanes);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * width + j0;
-      if constexpr (Kind == 0) {
-        for (int l = 0; l < w; ++l) {
-          T d = xr[l] - c0[j0 + l];
-          a1[l] += d;
-          a2[l] += d * d;
-        }
-      } else {
-        const T* gr = dy + r * width + j0;
-        for (int l = 0; l < w; ++l) {
-          T d = gr[l];
-          if constexpr (Kind == 2) dx[r * width + j0 + l] = c2[j0 + l] * d;
-          a1[l] += d;
-          a2[l] += d * bn_center(xr[l], c0[j0 + l], c1[j0 + l]);
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (Kind == 0) {
+          V16<T> d = load16(xr + v * kLanes) - k0[v];
+          a1[v] += d;
+          a2[v] += d * d;
+        } else {
+          const T* gr = dy + r * width + j0;
+          V16<T> d = load16(gr + v * kLanes);
+          if constexpr (Kind == 2) store16(dx + r * width + j0 + v * kLanes, k2[v] * d);
+          a1[v] += d;
+          a2[v] += d * ((load16(xr + v * kLanes) - k0[v]) - k1[v]);
         }
       }
     }
-    for (int l = 0; l < w; ++l) {
-      p1[j0 + l] = static_cast<double>(a1[l]);
-      p2[j0 + l] = static_cast<double>(a2[l]);
-    }
+    for (int v = 0; v < NV; ++v)
+      for (int l = 0; l < kLanes; ++l) {
+        p1[j0 + v * kLanes + l] = static_cast<double>(a1[v][l]);
+        p2[j0 + v * kLanes + l] = static_cast<double>(a2[v][l]);
+      }
   }
+  for (int64_t j = j0; j < width; ++j) {
+    T a1 = T(0), a2 = T(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T xv = x[r * width + j];
+      if constexpr (Kind == 0) {
+        T d = xv - c0[j];
+        a1 += d;
+        a2 += d * d;
+      } else {
+        T d = dy[r * width + j];
+        if constexpr (Kind == 2) dx[r * width + j] = c2[j] * d;
+        a1 += d;
+        a2 += d * bn_center(xv, c0[j], c1[j]);
+      }
+    }
+    p1[j] = static_cast<double>(a1);
+    p2[j] = static_cast<double>(a2);
+  }
+}
+
+template <class T>
+OK_KERNEL void run_scale(const T* __restrict dy, T* __restrict dx, int64_t n, T a) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i];
 }
 
 // dx = a dy only (eval backward without weight gradients); and the two elementwise row passes.
@@ -511,7 +481,7 @@ struct Typed {
     if (plan.channels_first) {
       auto reduce = [&](int64_t c, Unit u, double* o) {
         BnNormCoef<T> k = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
-        run_grad_sums<T>(dy + u.offset, x + u.offset, u.len, k.mean_hi, k.mean_lo, o);
+        run_grad_sums<T>(dy + u.offset, x + u.offset, nullptr, T(0), u.len, k.mean_hi, k.mean_lo, o);
       };
       auto apply = [&](int64_t c, Unit u) {
         run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c));
@@ -581,7 +551,13 @@ struct Typed {
     auto coef = [&](int64_t c) { return bn_grad_coef_eval<T>(a.mean[c], a.invstd[c], gamma(c)); };
     if (plan.channels_first) {
       auto reduce = [&](int64_t c, Unit u, double* o) {
-        run_eval_dx_sums<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, coef(c), want, o);
+        const BnGradCoef<T> k = coef(c);
+        if (want) {
+          run_grad_sums<T>(dy + u.offset, x + u.offset, out + u.offset, k.a, u.len, k.mean_hi, k.mean_lo, o);
+        } else {
+          run_scale<T>(dy + u.offset, out + u.offset, u.len, k.a);
+          o[0] = o[1] = 0.0;
+        }
       };
       cf_drive(s, reduce, finish, [](int64_t, Unit) {}, false);
       return;

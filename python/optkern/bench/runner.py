@@ -535,6 +535,11 @@ def run_cuda(args, results: dict, bar_disable: bool) -> bool:
         rows.append(row)
         del ps, gs, ms, vs
         cp.get_default_memory_pool().free_all_blocks()
+    if args.suite in ("all", "batch_norm"):
+        from . import batch_norm as bn_bench
+
+        rows.extend(bn_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
+                                      torch_time))
     results["cuda"] = {"device_name": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(errors="replace"),
                        "copy_gbs": copy_gbs, "torch_cuda": has_torch_cuda}
     results["rows"].extend(rows)
@@ -669,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 9; --quick 3)")
     ap.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset of " + ",".join(ALGOS))
+    ap.add_argument("--suite", choices=("all", "optim", "batch_norm"), default="all",
+                    help="which cases: optimizer steps, batch norm, or both (default)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -694,17 +701,24 @@ def run(args) -> dict:
     results["meta"]["sizes"] = sizes
     t_start = time.perf_counter()
 
+    results["meta"]["suite"] = args.suite
     if args.device == "cuda":
         ran = run_cuda(args, results, args.no_progress)
         results["meta"]["cuda_ran"] = ran
         results["meta"]["wall_s"] = time.perf_counter() - t_start
         return results
 
+    from . import batch_norm as bn_bench
+
     isa_n = (1 << 24) if (1 << 24) in sizes else min(sizes)
-    total = len(sizes) * (1 + len(algos)) + 1 + 3
+    do_optim = args.suite in ("all", "optim")
+    do_bn = args.suite in ("all", "batch_norm")
+    total = (len(sizes) * (1 + len(algos)) + 1 + 3 if do_optim else 0) + (bn_bench.num_cases(args.quick) if do_bn else 0)
     bar = _Bar(total, disable=args.no_progress)
     try:
-        for n in sizes:
+        if do_bn:
+            results["rows"].extend(bn_bench.run_cpu(torch, args.quick, args.reps, warmup, bar))
+        for n in (sizes if do_optim else []):
             bar.set(f"roofline n={_pow2(n)}")
             roof_fns = roofline_fns(torch, n)
             roof = roofline(torch, n, max(args.reps, 11 if not args.quick else 3), warmup, roof_fns)
@@ -726,12 +740,13 @@ def run(args) -> dict:
                 bar.update()
             del pbase, gbase, roof_fns
             gc.collect()
-        bar.set("Adam 1000 x 1024")
-        results["rows"].append(bench_many_small(torch, 1000, 1024, max(args.reps, 5), warmup))
-        bar.update()
-        bar.set("one small Adam step")
-        results["rows"].append(bench_small_step(torch, 1024, max(args.reps, 7)))
-        bar.update()
+        if do_optim:
+            bar.set("Adam 1000 x 1024")
+            results["rows"].append(bench_many_small(torch, 1000, 1024, max(args.reps, 5), warmup))
+            bar.update()
+            bar.set("one small Adam step")
+            results["rows"].append(bench_small_step(torch, 1024, max(args.reps, 7)))
+            bar.update()
     finally:
         bar.close()
     results["meta"]["wall_s"] = time.perf_counter() - t_start
