@@ -39,13 +39,13 @@ from . import _C
 from ._arrays import as_float64_vector, current_stream, empty_like, empty_vector, plain, stack_rows
 
 __all__ = [
-    "batch_norm_forward",
     "batch_norm_backward",
-    "batch_norm_stats",
-    "batch_norm_combine",
-    "batch_norm_normalize",
-    "batch_norm_backward_reduce",
     "batch_norm_backward_dx",
+    "batch_norm_backward_reduce",
+    "batch_norm_combine",
+    "batch_norm_forward",
+    "batch_norm_normalize",
+    "batch_norm_stats",
 ]
 
 

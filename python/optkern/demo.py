@@ -2,7 +2,9 @@
 
 A 64-64-10 MLP (ReLU, softmax cross-entropy; forward and backward written out in NumPy, float32) on the 8x8 digits
 that ship with scikit-learn (no download), once per optimizer, plus one run with global-norm clipping folded into
-Adam's step and one with a learning-rate schedule.  Prints a table (final train loss, test accuracy, median
+Adam's step, one with a learning-rate schedule, and runs with a batch-norm layer after the hidden layer
+(``optkern.batch_norm_forward``/``batch_norm_backward``; eval mode with the running statistics for accuracy) next
+to the same optimizers without it.  Prints a table (final train loss, test accuracy, median
 ``opt.step`` time) and writes a PNG of the loss curves.
 
     pip install ".[demo]"          # scikit-learn, matplotlib, tqdm
@@ -24,27 +26,47 @@ DEMO_HINT = 'pip install ".[demo]"   (or: pip install scikit-learn matplotlib tq
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def init_params(rng: np.random.Generator, sizes=(64, 64, 10)) -> list[np.ndarray]:
-    """[W1, b1, W2, b2], He-initialised, float32, C-contiguous."""
+def init_params(rng: np.random.Generator, sizes=(64, 64, 10), bn: bool = False) -> list[np.ndarray]:
+    """[W1, b1, W2, b2] (or with batch norm [W1, gamma, beta, W2, b2]: the BN shift replaces b1), He-initialised,
+    float32, C-contiguous."""
     params = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         params.append((rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32))
         params.append(np.zeros(fan_out, np.float32))
+    if bn:
+        w1, _, w2, b2 = params
+        params = [w1, np.ones(sizes[1], np.float32), np.zeros(sizes[1], np.float32), w2, b2]
     return params
 
 
-def forward(params, x):
-    w1, b1, w2, b2 = params
-    h_pre = x @ w1 + b1
+class BatchNormState:
+    """Running statistics of the hidden batch-norm layer (updated in place by batch_norm_forward)."""
+
+    def __init__(self, n: int):
+        self.running_mean = np.zeros(n, np.float32)
+        self.running_var = np.ones(n, np.float32)
+
+
+def forward(params, x, bn: BatchNormState | None = None, training: bool = False):
+    if bn is None:
+        w1, b1, w2, b2 = params
+        h_pre = x @ w1 + b1
+        saved = None
+    else:
+        w1, gamma, beta, w2, b2 = params
+        a = x @ w1
+        h_pre, save_mean, save_invstd = optkern.batch_norm_forward(
+            a, gamma, beta, bn.running_mean, bn.running_var, training=training, momentum=0.1)
+        saved = (a, save_mean, save_invstd)
     h = np.maximum(h_pre, 0.0)
     logits = h @ w2 + b2
-    return logits, (x, h_pre, h)
+    return logits, (x, h_pre, h, saved)
 
 
-def loss_and_grads(params, x, y):
-    """Mean softmax cross-entropy and its gradients [dW1, db1, dW2, db2]."""
-    w1, b1, w2, b2 = params
-    logits, (x, h_pre, h) = forward(params, x)
+def loss_and_grads(params, x, y, bn: BatchNormState | None = None):
+    """Mean softmax cross-entropy and its gradients, one per param (training mode)."""
+    logits, (x, h_pre, h, saved) = forward(params, x, bn, training=True)
+    w2 = params[-2]
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     s = e.sum(axis=1, keepdims=True)
@@ -57,23 +79,36 @@ def loss_and_grads(params, x, y):
     db2 = d_logits.sum(axis=0)
     dh = d_logits @ w2.T
     dh[h_pre <= 0] = 0.0
-    dw1 = x.T @ dh
-    db1 = dh.sum(axis=0)
-    return loss, [np.ascontiguousarray(a, dtype=np.float32) for a in (dw1, db1, dw2, db2)]
+    if bn is None:
+        grads = (x.T @ dh, dh.sum(axis=0), dw2, db2)
+    else:
+        a, save_mean, save_invstd = saved
+        da, dgamma, dbeta = optkern.batch_norm_backward(np.ascontiguousarray(dh), a, params[1], save_mean,
+                                                        save_invstd)
+        grads = (x.T @ da, dgamma, dbeta, dw2, db2)
+    return loss, [np.ascontiguousarray(g, dtype=np.float32) for g in grads]
 
 
-def accuracy(params, x, y) -> float:
-    logits, _ = forward(params, x)
+def eval_loss(params, x, y, bn=None) -> float:
+    logits, _ = forward(params, x, bn, training=False)
+    z = logits - logits.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(x.shape[0]), y]))
+
+
+def accuracy(params, x, y, bn=None) -> float:
+    logits, _ = forward(params, x, bn, training=False)
     return float(np.mean(logits.argmax(axis=1) == y))
 
 
 # ---------------------------------------------------------------------------------------------- the runs
 def configs(steps_total: int):
-    """(label, optimizer factory, batch mode, clip max_norm or None)."""
+    """(label, optimizer factory, batch mode, clip max_norm or None, batch norm?)."""
     o = optkern.optim
     return [
         ("SGD momentum", lambda p: o.SGD(p, lr=0.05, momentum=0.9), "mini", None),
+        ("SGD momentum + batch norm", lambda p: o.SGD(p, lr=0.05, momentum=0.9), "mini", None, True),
         ("Adam", lambda p: o.Adam(p, lr=3e-3), "mini", None),
+        ("Adam + batch norm", lambda p: o.Adam(p, lr=3e-3), "mini", None, True),
         ("AdamW", lambda p: o.AdamW(p, lr=3e-3, weight_decay=1e-2), "mini", None),
         ("Adagrad", lambda p: o.Adagrad(p, lr=0.05), "mini", None),
         ("RMSprop", lambda p: o.RMSprop(p, lr=1e-3), "mini", None),
@@ -88,10 +123,11 @@ def configs(steps_total: int):
     ]
 
 
-def train_one(make_opt, mode, clip, data, epochs, batch, seed, tick):
+def train_one(make_opt, mode, clip, data, epochs, batch, seed, tick, use_bn=False):
     x_tr, y_tr, x_te, y_te = data
     rng = np.random.default_rng(seed)
-    params = init_params(rng)
+    params = init_params(rng, bn=use_bn)
+    bn = BatchNormState(params[1].shape[0]) if use_bn else None
     opt = make_opt(params)
     n = x_tr.shape[0]
     steps_per_epoch = (n + batch - 1) // batch
@@ -105,7 +141,7 @@ def train_one(make_opt, mode, clip, data, epochs, batch, seed, tick):
             perm = rng.permutation(n)
             batches = [perm[i:i + batch] for i in range(0, n, batch)]
         for idx in batches:
-            loss, grads = loss_and_grads(params, x_tr[idx], y_tr[idx])
+            loss, grads = loss_and_grads(params, x_tr[idx], y_tr[idx], bn)
             losses.append(loss)
             t0 = time.perf_counter()
             if clip is not None:
@@ -116,10 +152,9 @@ def train_one(make_opt, mode, clip, data, epochs, batch, seed, tick):
             step_times.append(time.perf_counter() - t0)
         curve.append(float(np.mean(losses)))
         tick()
-    final_loss, _ = loss_and_grads(params, x_tr, y_tr)
-    return {"curve": curve, "train_loss": final_loss, "test_acc": accuracy(params, x_te, y_te),
-            "train_acc": accuracy(params, x_tr, y_tr), "step_us": float(np.median(step_times)) * 1e6,
-            "steps": len(step_times)}
+    return {"curve": curve, "train_loss": eval_loss(params, x_tr, y_tr, bn), "test_acc": accuracy(params, x_te, y_te, bn),
+            "train_acc": accuracy(params, x_tr, y_tr, bn), "step_us": float(np.median(step_times)) * 1e6,
+            "steps": len(step_times), "batch_norm": use_bn, "nparams": int(sum(p.size for p in params))}
 
 
 class _Progress:
@@ -160,13 +195,20 @@ def plot(results, path, epochs) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(9, 5.5))
     ep = np.arange(1, epochs + 1)
-    styles = ["-", "--", "-.", ":"]
+    styles = ["-", "-.", ":"]
+    colors = {}
     for i, (label, r) in enumerate(results):
-        ax.plot(ep, r["curve"], styles[i // 10 % 4], lw=1.6, label=f"{label} ({100 * r['test_acc']:.1f}%)")
+        base = label.replace(" + batch norm", "")
+        if r["batch_norm"] and base in colors:  # with batch norm: its plain run's colour, dashed
+            color, style = colors[base], "--"
+        else:
+            color, style = f"C{len(colors) % 10}", styles[len(colors) // 10 % 3]
+            colors[base] = color
+        ax.plot(ep, r["curve"], style, color=color, lw=1.6, label=f"{label} ({100 * r['test_acc']:.1f}%)")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean train loss over the epoch (cross-entropy)")
-    ax.set_title("optkern optimizers: 64-64-10 MLP on scikit-learn digits (test accuracy in legend)")
+    ax.set_title("optkern: 64-64-10 MLP on scikit-learn digits (dashed: with batch norm; test accuracy in legend)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -209,9 +251,10 @@ def main(argv=None) -> int:
     results = []
     t0 = time.perf_counter()
     try:
-        for label, make, mode, clip in cfgs:
+        for label, make, mode, clip, *bn in cfgs:
             prog.label(label)
-            results.append((label, train_one(make, mode, clip, data, args.epochs, args.batch, args.seed, prog.tick)))
+            results.append((label, train_one(make, mode, clip, data, args.epochs, args.batch, args.seed, prog.tick,
+                                             use_bn=bool(bn and bn[0]))))
     finally:
         prog.close()
     wall = time.perf_counter() - t0
@@ -223,7 +266,8 @@ def main(argv=None) -> int:
     for label, r in results:
         print(f"| {label:<{w}} | {r['train_loss']:16.4f} | {100 * r['train_acc']:8.1f}% | {100 * r['test_acc']:7.1f}% | "
               f"{r['step_us']:16.1f} |")
-    print(f"\n{len(results)} runs in {wall:.1f} s (step time: opt.step on 4 arrays, 4810 parameters)")
+    print(f"\n{len(results)} runs in {wall:.1f} s (step time: opt.step on 4 arrays, 4810 parameters; with batch norm "
+          f"5 arrays, 4874; final loss in eval mode)")
     if plot(results, args.out, args.epochs):
         print(f"wrote {args.out}")
     return 0

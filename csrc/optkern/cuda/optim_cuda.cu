@@ -15,33 +15,14 @@
 
 #include "../executors.h"
 #include "../work_plan.h"
+#include "cuda_util.cuh"
 
 namespace optkern {
 namespace cuda_exec {
 namespace {
 
-#define OK_CUDA_CHECK(expr)                                                                              \
-  do {                                                                                                   \
-    cudaError_t err_ = (expr);                                                                           \
-    if (err_ != cudaSuccess)                                                                             \
-      throw std::runtime_error(std::string("optkern CUDA error: ") + cudaGetErrorString(err_) + " in " + \
-                               #expr + " (" __FILE__ ":" + std::to_string(__LINE__) + ")");              \
-  } while (0)
-
 constexpr int64_t kChunk = 16384;  // elements per work item (a multiple of every pack width)
 constexpr int kThreads = 256;
-
-struct DeviceGuard {  // select the arrays' device for the duration of a call
-  int previous = -1;
-  explicit DeviceGuard(int device) {
-    OK_CUDA_CHECK(cudaGetDevice(&previous));
-    if (previous != device) OK_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
-  }
-};
 
 template <class T>
 struct alignas(16) Pack {

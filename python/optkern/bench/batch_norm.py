@@ -62,11 +62,11 @@ def bench_case(torch, label, shape, layout, op, reps, warmup):
     _, sm, si = optkern.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), axis=axis)
     dx = np.empty_like(x)
     if op == "forward train":
-        fn = lambda: optkern.batch_norm_forward(x, w, b, rm, rv, momentum=0.1, axis=axis, out=y)  # noqa: E731
+        fn = lambda: optkern.batch_norm_forward(x, w, b, rm, rv, momentum=0.1, axis=axis, out=y)
     elif op == "forward eval":
-        fn = lambda: optkern.batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis, out=y)  # noqa: E731
+        fn = lambda: optkern.batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis, out=y)
     else:
-        fn = lambda: optkern.batch_norm_backward(dy, x, w, sm, si, axis=axis, out=dx)  # noqa: E731
+        fn = lambda: optkern.batch_norm_backward(dy, x, w, sm, si, axis=axis, out=dx)
     fns = {"optkern": fn}
     if torch is not None:
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
@@ -121,44 +121,47 @@ def num_cases(quick: bool) -> int:
     return len(QUICK_SHAPES if quick else SHAPES) * len(PASSES)
 
 
+def _cuda_case(cp, torch, label, shape, layout, reps, warmup, cp_time, torch_time) -> dict:
+    xh, dyh, wh, bh, axis = _case_arrays(shape, layout)
+    x, dy, w, b = (cp.asarray(a) for a in (xh, dyh, wh, bh))
+    C = shape[1]
+    rm, rv = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
+    y, dx = cp.empty_like(x), cp.empty_like(x)
+
+    def ok():
+        _, sm, si = optkern.batch_norm_forward(x, w, b, rm, rv, axis=axis, out=y)
+        optkern.batch_norm_backward(dy, x, w, sm, si, axis=axis, out=dx)
+
+    raw_ok = cp_time(ok, reps, warmup)
+    n = xh.size
+    nbytes = 8 * F32 * n  # forward 3 passes + backward 5
+    row = {"kind": "cuda", "case": f"CUDA batch norm fwd+bwd train, {label}", "n": n, "bytes": nbytes,
+           "raw_s": {"optkern": raw_ok}, "optkern_s": _median(raw_ok), "optkern_gbs": nbytes / _median(raw_ok) / 1e9}
+    if torch is not None:
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        tx = torch.as_tensor(np.moveaxis(xh, -1, 1) if layout == "nhwc" else xh, device="cuda")
+        tx = tx.contiguous(memory_format=fmt).requires_grad_(True)
+        tdy = torch.as_tensor(np.moveaxis(dyh, -1, 1) if layout == "nhwc" else dyh, device="cuda")
+        tdy = tdy.contiguous(memory_format=fmt)
+        tw = torch.as_tensor(wh, device="cuda").requires_grad_(True)
+        tb = torch.as_tensor(bh, device="cuda").requires_grad_(True)
+        trm, trv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+
+        def tt():
+            out = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True)
+            torch.autograd.grad(out, (tx, tw, tb), tdy)
+
+        raw_t = torch_time(tt, reps, warmup)
+        row.update(torch_s=_median(raw_t), torch_path="cuDNN/aten", ratio=_median(raw_t) / row["optkern_s"])
+        row["raw_s"]["torch"] = raw_t
+        row["targets"] = [{"what": ">= 1x torch (CUDA)", "value": row["ratio"], "met": row["ratio"] >= 1.0}]
+    return row
+
+
 def run_cuda(cp, torch, quick: bool, reps: int, warmup: int, cp_time, torch_time) -> list:
     """Forward + backward in training on the GPU, optkern (CuPy arrays) vs torch (cuDNN), CUDA events."""
     rows = []
     for label, shape, layout in (QUICK_SHAPES if quick else SHAPES):
-        xh, dyh, wh, bh, axis = _case_arrays(shape, layout)
-        x, dy, w, b = (cp.asarray(a) for a in (xh, dyh, wh, bh))
-        C = shape[1]
-        rm, rv = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
-        y, dx = cp.empty_like(x), cp.empty_like(x)
-
-        def ok():
-            _, sm, si = optkern.batch_norm_forward(x, w, b, rm, rv, axis=axis, out=y)
-            optkern.batch_norm_backward(dy, x, w, sm, si, axis=axis, out=dx)
-
-        raw_ok = cp_time(ok, reps, warmup)
-        n = xh.size
-        nbytes = 8 * F32 * n
-        row = {"kind": "cuda", "case": f"CUDA batch norm fwd+bwd train, {label}", "n": n, "bytes": nbytes,
-               "raw_s": {"optkern": raw_ok}, "optkern_s": _median(raw_ok), "optkern_gbs": nbytes / _median(raw_ok) / 1e9}
-        if torch is not None and torch.cuda.is_available():
-            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-            tx = torch.as_tensor(np.moveaxis(xh, -1, 1) if layout == "nhwc" else xh, device="cuda")
-            tx = tx.contiguous(memory_format=fmt).requires_grad_(True)
-            tdy = torch.as_tensor(np.moveaxis(dyh, -1, 1) if layout == "nhwc" else dyh, device="cuda")
-            tdy = tdy.contiguous(memory_format=fmt)
-            tw = torch.as_tensor(wh, device="cuda").requires_grad_(True)
-            tb = torch.as_tensor(bh, device="cuda").requires_grad_(True)
-            trm, trv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-
-            def tt():
-                out = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True)
-                torch.autograd.grad(out, (tx, tw, tb), tdy)
-
-            raw_t = torch_time(tt, reps, warmup)
-            row.update(torch_s=_median(raw_t), torch_path="cuDNN/aten", ratio=_median(raw_t) / row["optkern_s"])
-            row["raw_s"]["torch"] = raw_t
-            row["targets"] = [{"what": ">= 1x torch (CUDA)", "value": row["ratio"], "met": row["ratio"] >= 1.0}]
-        rows.append(row)
-        del x, dy, y, dx
+        rows.append(_cuda_case(cp, torch, label, shape, layout, reps, warmup, cp_time, torch_time))
         cp.get_default_memory_pool().free_all_blocks()
     return rows

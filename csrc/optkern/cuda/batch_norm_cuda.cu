@@ -1,0 +1,840 @@
+// CUDA executor for batch norm: the rules of batch_norm_rules.h over dense (outer, channels, inner) tensors.
+//
+// Every op is at most three stream-ordered launches, each thin:
+//  1. a reduction kernel that walks the host plan (bn_plan) and writes per-unit partial sums to scratch:
+//     - channels-first (inner >= kBnMinInner, e.g. NCHW): a unit is at most kBnChunk contiguous values of one
+//       run (n, c); its sum is the CPU executor's, in the CPU's order: 16 lanes accumulate in T over lane
+//       blocks of 1024 values, lanes and tails are added in double per lane block, lane blocks in order.
+//       A CUDA block of 256 threads holds 16 lane blocks: one unit of up to 16384 values, or several shorter
+//       units side by side.
+//     - rows (small inner, e.g. (N, C) and channels-last NHWC): one thread per (row block, column) sums its
+//       column down the block's rows in T, in row order (coalesced across columns), as the CPU does.
+//  2. a per-channel kernel (one warp per channel when it adds partials) that adds the channel's partials in
+//     the plan's fixed order and applies the per-channel rules: moments, invstd, the running-stat update,
+//     weight gradients, and the per-channel coefficients of the elementwise pass (written to scratch).
+//  3. a grid-stride elementwise kernel (normalize, grad input, or dx = a dy) that reads the coefficients;
+//     the channel of each element is tracked incrementally (no division per element), with 16-byte loads
+//     when every array is aligned.  Channels-last needs no transpose.
+// No floating-point atomics and no order that depends on the grid: results are the same run to run, and the
+// partial sums are added in the CPU executor's order (the GPU is built with --fmad=false).  Scratch is
+// stream-ordered (cudaMallocAsync / cudaFreeAsync), every CUDA call and launch is checked, a failure throws,
+// and nothing falls back to the CPU.  No call synchronizes the stream.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "../batch_norm_executors.h"
+#include "../batch_norm_rules.h"
+#include "cuda_util.cuh"
+
+namespace optkern {
+namespace cuda_exec {
+namespace {
+
+constexpr int kThreads = 256;            // reduction (channels-first) and elementwise blocks
+constexpr int kRowThreads = 128;         // rows reduction blocks (often few columns: spread them over SMs)
+constexpr int kChanThreads = 128;        // per-channel kernels (4 warps = 4 channels when adding partials)
+constexpr int kLanes = 16;               // accumulator lanes per lane block (as the CPU executor)
+constexpr int64_t kLaneBlock = 1024;     // values summed in T lanes before the lane sums are added in double
+constexpr int kSlots = kThreads / kLanes;  // lane blocks per CUDA block
+constexpr int kMaxShards = 256;          // shard counts passed per bn_combine launch (kernel parameters)
+static_assert(kBnChunk <= kSlots * kLaneBlock, "a channels-first unit must fit one CUDA block");
+static_assert(kThreads % 32 == 0 && kChanThreads % 32 == 0, "whole warps");
+
+__host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- host helpers ---------------------------------------------------------------------------------------------
+
+// One stream-ordered scratch allocation, freed (stream-ordered) when the call returns or throws.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes > 0) OK_CUDA_CHECK(cudaMallocAsync(&mem_, bytes, stream_));
+  }
+  ~DeviceBuffer() {
+    if (mem_ != nullptr) cudaFreeAsync(mem_, stream_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class P>
+  P* as() const {
+    return static_cast<P*>(mem_);
+  }
+
+ private:
+  void* mem_ = nullptr;
+  cudaStream_t stream_;
+};
+
+int sm_count(int device) {
+  int sms = 0;
+  OK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms > 0 ? sms : 1;
+}
+
+// Grid for a grid-stride kernel over `work` items of `per_block` each: enough blocks to fill the device.
+unsigned grid_for(int64_t work, int64_t per_block, int sms, int blocks_per_sm) {
+  const int64_t need = ceil_div(work, per_block);
+  return static_cast<unsigned>(imin(need, static_cast<int64_t>(sms) * blocks_per_sm));
+}
+
+// ---- per-channel arguments (device pointers; null = not wanted) ---------------------------------------------
+
+template <class T>
+struct ChanArgs {
+  int64_t C = 0;
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  T* running_mean = nullptr;
+  T* running_var = nullptr;
+  T* dweight = nullptr;
+  T* dbias = nullptr;
+  double* mean = nullptr;
+  double* invstd = nullptr;
+  double* m2 = nullptr;
+  double* sum_dy = nullptr;
+  double* sum_dy_xmu = nullptr;
+  double eps = 0.0, factor = 0.0;
+  double count = 0.0;              // values per channel for this op's rules
+  BnNormCoef<T>* norm = nullptr;   // out: forward coefficients
+  BnGradCoef<T>* grad = nullptr;   // out: backward coefficients
+  __device__ double gamma(int64_t c) const { return weight ? static_cast<double>(weight[c]) : 1.0; }
+  __device__ double beta(int64_t c) const { return bias ? static_cast<double>(bias[c]) : 0.0; }
+};
+
+template <class T>
+ChanArgs<T> chan_args(const BnArgs& a, double count) {
+  ChanArgs<T> A;
+  A.C = a.shape.channels;
+  A.weight = static_cast<const T*>(a.weight);
+  A.bias = static_cast<const T*>(a.bias);
+  A.running_mean = static_cast<T*>(a.running_mean);
+  A.running_var = static_cast<T*>(a.running_var);
+  A.dweight = static_cast<T*>(a.dweight);
+  A.dbias = static_cast<T*>(a.dbias);
+  A.mean = a.mean;
+  A.invstd = a.invstd;
+  A.m2 = a.m2;
+  A.sum_dy = a.sum_dy;
+  A.sum_dy_xmu = a.sum_dy_xmu;
+  A.eps = a.eps;
+  A.factor = a.factor;
+  A.count = count;
+  return A;
+}
+
+int64_t global_count(const BnArgs& a) { return a.count > 0 ? a.count : a.shape.count(); }
+
+// Forward finalisation of channel c from (mean, m2) over A.count values: invstd, running stats, coefficients.
+template <class T>
+__device__ void finish_forward(const ChanArgs<T>& A, int64_t c, double mean, double m2) {
+  const double invstd = bn_invstd(m2, A.count, A.eps);
+  if (A.invstd) A.invstd[c] = invstd;
+  if (A.running_mean) bn_update_running<T>(A.running_mean + c, A.running_var + c, mean, m2, A.count, A.factor);
+  A.norm[c] = bn_norm_coef<T>(mean, invstd, A.gamma(c), A.beta(c));
+}
+
+// Backward finalisation of channel c from its gradient sums: the sums (when wanted), weight gradients (when
+// wanted) and the training coefficients (when A.grad).
+template <class T>
+__device__ void finish_grad(const ChanArgs<T>& A, int64_t c, double sum_dy, double sum_dy_xmu) {
+  if (A.sum_dy) A.sum_dy[c] = sum_dy;
+  if (A.sum_dy_xmu) A.sum_dy_xmu[c] = sum_dy_xmu;
+  if (A.dweight) A.dweight[c] = static_cast<T>(bn_grad_weight(A.invstd[c], sum_dy_xmu));
+  if (A.dbias) A.dbias[c] = static_cast<T>(sum_dy);
+  if (A.grad)
+    A.grad[c] = bn_grad_coef_train<T>(A.count, A.mean[c], A.invstd[c], A.gamma(c), sum_dy, sum_dy_xmu);
+}
+
+// ---- reductions ---------------------------------------------------------------------------------------------
+// Kind 0: shifted sums (x - K, (x - K)^2), K = the channel's first value.
+// Kind 1: gradient sums (dy, dy (x - mean)); with dx non-null also dx = a dy (eval backward, a = gamma invstd).
+
+template <class T>
+struct ReduceIn {
+  const T* x = nullptr;
+  const T* dy = nullptr;
+  T* dx = nullptr;
+  const double* mean = nullptr;
+  const double* invstd = nullptr;
+  const T* weight = nullptr;
+  int64_t C = 0, inner = 0;
+};
+
+template <class T>
+struct RunCoef {
+  T k0, k1, a;  // kind 0: K; kind 1: mean_hi, mean_lo and (with dx) a
+};
+
+template <class T, int Kind>
+__device__ __forceinline__ RunCoef<T> run_coef(const ReduceIn<T>& in, int64_t c) {
+  RunCoef<T> r{T(0), T(0), T(0)};
+  if constexpr (Kind == 0) {
+    r.k0 = in.x[c * in.inner];
+  } else if (in.dx != nullptr) {
+    const double gamma = in.weight ? static_cast<double>(in.weight[c]) : 1.0;
+    const BnGradCoef<T> k = bn_grad_coef_eval<T>(in.mean[c], in.invstd[c], gamma);
+    r.k0 = k.mean_hi;
+    r.k1 = k.mean_lo;
+    r.a = k.a;
+  } else {
+    const BnNormCoef<T> k = bn_norm_coef<T>(in.mean[c], 1.0, 1.0, 0.0);
+    r.k0 = k.mean_hi;
+    r.k1 = k.mean_lo;
+  }
+  return r;
+}
+
+// Channels-first geometry.  Unit g (0 <= g < total) is (c, u) = (g / units, g % units), u = n kc + k: the
+// values [(n C + c) inner + k kBnChunk, + len).  A unit spans up to `lbp` lane blocks (a power of two); a CUDA
+// block holds `upb` = kSlots / lbp units, each served by tpu = kLanes lbp threads.
+struct CfGeom {
+  int64_t C = 0, inner = 0, kc = 0, units = 0, total = 0;
+  int lbp = 1, tpu = kLanes, upb = kSlots;
+};
+
+struct Unit {
+  int64_t c, offset, len;
+};
+
+__device__ __forceinline__ Unit cf_unit(const CfGeom& g, int64_t gu) {
+  const int64_t c = gu / g.units, u = gu - c * g.units;
+  const int64_t n = u / g.kc, k = u - n * g.kc;
+  const int64_t begin = k * kBnChunk;
+  return Unit{c, (n * g.C + c) * g.inner + begin, imin(kBnChunk, g.inner - begin)};
+}
+
+// One lane of a lane block: values lane, lane + 16, ... below vec, accumulated in T (as the CPU's lanes).
+template <class T, int Kind>
+__device__ __forceinline__ void lane_sums(const ReduceIn<T>& in, int64_t off, int lane, int64_t vec,
+                                          const RunCoef<T>& k, double* s1, double* s2) {
+  T a1 = T(0), a2 = T(0);
+  const T* p = in.x + off;
+  if constexpr (Kind == 0) {
+#pragma unroll 4
+    for (int64_t m = lane; m < vec; m += kLanes) {
+      const T d = p[m] - k.k0;
+      a1 += d;
+      a2 += d * d;
+    }
+  } else {
+    const T* g = in.dy + off;
+    T* o = in.dx != nullptr ? in.dx + off : nullptr;
+#pragma unroll 4
+    for (int64_t m = lane; m < vec; m += kLanes) {
+      const T d = g[m];
+      if (o) o[m] = k.a * d;
+      a1 += d;
+      a2 += d * bn_center(p[m], k.k0, k.k1);
+    }
+  }
+  *s1 = static_cast<double>(a1);
+  *s2 = static_cast<double>(a2);
+}
+
+// The values [vec, blk) of a lane block (fewer than kLanes), added in double after the lanes (as the CPU).
+template <class T, int Kind>
+__device__ __forceinline__ void tail_sums(const ReduceIn<T>& in, int64_t off, int64_t vec, int64_t blk,
+                                          const RunCoef<T>& k, double* b1, double* b2) {
+  const T* p = in.x + off;
+  for (int64_t m = vec; m < blk; ++m) {
+    if constexpr (Kind == 0) {
+      const double d = static_cast<double>(p[m] - k.k0);
+      *b1 += d;
+      *b2 += d * d;
+    } else {
+      const T d = in.dy[off + m];
+      if (in.dx != nullptr) in.dx[off + m] = k.a * d;
+      *b1 += static_cast<double>(d);
+      *b2 += static_cast<double>(d * bn_center(p[m], k.k0, k.k1));
+    }
+  }
+}
+
+// Channels-first: partial[2 gu + {0, 1}] = the sums of unit gu.  Grid-stride over groups of upb units.
+template <class T, int Kind>
+__global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<T> in, double* partial) {
+  __shared__ double lane1[kThreads], lane2[kThreads];
+  __shared__ double blk1[kSlots], blk2[kSlots];
+  const int t = static_cast<int>(threadIdx.x);
+  const int slot = t / g.tpu, lb = (t % g.tpu) / kLanes, lane = t % kLanes;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * g.upb; first < g.total;
+       first += static_cast<int64_t>(gridDim.x) * g.upb) {
+    // 1. Each thread: one lane of lane block lb of unit `slot`.
+    {
+      double s1 = 0.0, s2 = 0.0;
+      const int64_t gu = first + slot;
+      if (gu < g.total) {
+        const Unit u = cf_unit(g, gu);
+        const int64_t begin = lb * kLaneBlock;
+        if (begin < u.len) {
+          const int64_t vec = imin(kLaneBlock, u.len - begin) / kLanes * kLanes;
+          lane_sums<T, Kind>(in, u.offset + begin, lane, vec, run_coef<T, Kind>(in, u.c), &s1, &s2);
+        }
+      }
+      lane1[t] = s1;
+      lane2[t] = s2;
+    }
+    __syncthreads();
+    // 2. Thread q < kSlots: lane block q (threads 16 q .. 16 q + 15 above): its lanes in order, then its tail.
+    if (t < kSlots) {
+      double b1 = 0.0, b2 = 0.0;
+      const int64_t gu = first + t / g.lbp;
+      if (gu < g.total) {
+        const Unit u = cf_unit(g, gu);
+        const int64_t begin = (t % g.lbp) * kLaneBlock;
+        if (begin < u.len) {
+          const int64_t blk = imin(kLaneBlock, u.len - begin), vec = blk / kLanes * kLanes;
+          for (int l = 0; l < kLanes; ++l) {
+            b1 += lane1[t * kLanes + l];
+            b2 += lane2[t * kLanes + l];
+          }
+          if (vec < blk) tail_sums<T, Kind>(in, u.offset + begin, vec, blk, run_coef<T, Kind>(in, u.c), &b1, &b2);
+        }
+      }
+      blk1[t] = b1;
+      blk2[t] = b2;
+    }
+    __syncthreads();
+    // 3. Thread s < upb: unit s's lane blocks in order.
+    if (t < g.upb) {
+      const int64_t gu = first + t;
+      if (gu < g.total) {
+        const Unit u = cf_unit(g, gu);
+        const int64_t nlb = (u.len + kLaneBlock - 1) / kLaneBlock;
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t j = 0; j < nlb; ++j) {
+          s1 += blk1[t * g.lbp + j];
+          s2 += blk2[t * g.lbp + j];
+        }
+        partial[2 * gu] = s1;
+        partial[2 * gu + 1] = s2;
+      }
+    }
+    __syncthreads();  // the shared arrays are reused by the next group
+  }
+}
+
+// Rows: one thread per (row block b, column col): partial[2 b W + col], partial[(2 b + 1) W + col].
+template <class T, int Kind>
+__global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(ReduceIn<T> in, int64_t rows, int64_t width,
+                                                                  int64_t row_block, int64_t nblocks,
+                                                                  double* partial) {
+  const int64_t items = nblocks * width;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
+    const int64_t b = it / width, col = it - b * width;
+    const RunCoef<T> k = run_coef<T, Kind>(in, col / in.inner);
+    const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
+    T a1 = T(0), a2 = T(0);
+    const T* xp = in.x + r0 * width + col;
+    if constexpr (Kind == 0) {
+#pragma unroll 4
+      for (int64_t r = r0; r < r1; ++r, xp += width) {
+        const T d = *xp - k.k0;
+        a1 += d;
+        a2 += d * d;
+      }
+    } else {
+      const T* gp = in.dy + r0 * width + col;
+      T* op = in.dx != nullptr ? in.dx + r0 * width + col : nullptr;
+#pragma unroll 4
+      for (int64_t r = r0; r < r1; ++r, xp += width, gp += width) {
+        const T d = *gp;
+        if (op) {
+          *op = k.a * d;
+          op += width;
+        }
+        a1 += d;
+        a2 += d * bn_center(*xp, k.k0, k.k1);
+      }
+    }
+    partial[2 * b * width + col] = static_cast<double>(a1);
+    partial[(2 * b + 1) * width + col] = static_cast<double>(a2);
+  }
+}
+
+// Where channel c's partial sums are, in the order they are added (the plan's fixed order).
+struct Partials {
+  const double* p = nullptr;
+  int64_t per_channel = 0;         // partial pairs per channel
+  bool rows = false;
+  int64_t width = 0, inner = 0;    // rows: pair k = (block k / inner, column c inner + k % inner)
+  __device__ __forceinline__ void load(int64_t c, int64_t k, double* s1, double* s2) const {
+    if (rows) {
+      const int64_t b = k / inner, i = k - b * inner;
+      const double* q = p + 2 * b * width + c * inner + i;
+      *s1 = q[0];
+      *s2 = q[width];
+    } else {
+      const double* q = p + 2 * (c * per_channel + k);
+      *s1 = q[0];
+      *s2 = q[1];
+    }
+  }
+};
+
+// The whole warp adds channel c's partials strictly in order (every lane ends with the same sums): the lanes
+// load 32 partials at a time (coalesced, in flight together) and the sums take them by shuffle, one by one.
+__device__ __forceinline__ void ordered_channel_sums(const Partials& P, int64_t c, double* t1, double* t2) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t base = 0; base < P.per_channel; base += 32) {
+    double v1 = 0.0, v2 = 0.0;
+    if (base + lane < P.per_channel) P.load(c, base + lane, &v1, &v2);
+    const int m = static_cast<int>(imin(32, P.per_channel - base));
+    for (int k = 0; k < m; ++k) {
+      s1 += __shfl_sync(0xffffffffu, v1, k);
+      s2 += __shfl_sync(0xffffffffu, v2, k);
+    }
+  }
+  *t1 = s1;
+  *t2 = s2;
+}
+
+__device__ __forceinline__ int64_t warp_channel() {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+}
+__device__ __forceinline__ int64_t thread_channel() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// ---- per-channel kernels ------------------------------------------------------------------------------------
+
+// Shifted sums -> mean, m2 (over A.count = shape.count() values); with A.norm also the forward finalisation.
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) stats_finish_kernel(Partials P, const T* x, int64_t inner,
+                                                                    ChanArgs<T> A) {
+  const int64_t c = warp_channel();
+  if (c >= A.C) return;  // whole warps
+  double s1, s2;
+  ordered_channel_sums(P, c, &s1, &s2);
+  if (threadIdx.x % 32 != 0) return;
+  double mean, m2;
+  bn_shifted_to_moments(A.count, static_cast<double>(x[c * inner]), s1, s2, &mean, &m2);
+  if (A.mean) A.mean[c] = mean;
+  if (A.m2) A.m2[c] = m2;
+  if (A.norm) finish_forward(A, c, mean, m2);
+}
+
+// Gradient sums -> finish_grad (which outputs are written is set by the host through A's pointers).
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) grad_finish_kernel(Partials P, ChanArgs<T> A) {
+  const int64_t c = warp_channel();
+  if (c >= A.C) return;
+  double s1, s2;
+  ordered_channel_sums(P, c, &s1, &s2);
+  if (threadIdx.x % 32 == 0) finish_grad(A, c, s1, s2);
+}
+
+// Staged normalize: invstd from the combined (mean, m2) over A.count values, running stats, coefficients.
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) normalize_coef_kernel(ChanArgs<T> A) {
+  const int64_t c = thread_channel();
+  if (c < A.C) finish_forward(A, c, A.mean[c], A.m2[c]);
+}
+
+// Eval forward: mean = running_mean, invstd = 1 / sqrt(running_var + eps) (bn_invstd with count 1), coefficients.
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) eval_coef_kernel(ChanArgs<T> A) {
+  const int64_t c = thread_channel();
+  if (c >= A.C) return;
+  const double mean = static_cast<double>(A.running_mean[c]);
+  const double invstd = bn_invstd(static_cast<double>(A.running_var[c]), 1.0, A.eps);
+  if (A.mean) A.mean[c] = mean;
+  if (A.invstd) A.invstd[c] = invstd;
+  A.norm[c] = bn_norm_coef<T>(mean, invstd, A.gamma(c), A.beta(c));
+}
+
+// Staged backward dx: weight gradients and training coefficients from the (global) sums.
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) dx_coef_kernel(ChanArgs<T> A, const double* sum_dy,
+                                                               const double* sum_dy_xmu) {
+  const int64_t c = thread_channel();
+  if (c < A.C) finish_grad(A, c, sum_dy[c], sum_dy_xmu[c]);
+}
+
+// Eval backward without weight gradients: dx = a dy with a from bn_grad_coef_eval.
+template <class T>
+__global__ void __launch_bounds__(kChanThreads) eval_grad_coef_kernel(ChanArgs<T> A) {
+  const int64_t c = thread_channel();
+  if (c < A.C) A.grad[c] = bn_grad_coef_eval<T>(A.mean[c], A.invstd[c], A.gamma(c));
+}
+
+// bn_combine: fold shards [s0, s0 + n) into (mean, m2), starting from n0 values already folded (s0 > 0: the
+// state is in mean / m2 from the previous launch).  The fold of all shards is the CPU's, in shard order.
+struct ShardCounts {
+  int n;
+  double count[kMaxShards];
+};
+
+__global__ void __launch_bounds__(kChanThreads) combine_kernel(ShardCounts sc, int64_t s0, double n0,
+                                                               const double* means, const double* m2s, int64_t C,
+                                                               double* mean_out, double* m2_out) {
+  const int64_t c = thread_channel();
+  if (c >= C) return;
+  double n = n0, mean = 0.0, m2 = 0.0;
+  if (s0 > 0) {
+    mean = mean_out[c];
+    m2 = m2_out[c];
+  }
+  for (int k = 0; k < sc.n; ++k)
+    bn_chan_combine(&n, &mean, &m2, sc.count[k], means[(s0 + k) * C + c], m2s[(s0 + k) * C + c]);
+  mean_out[c] = mean;
+  m2_out[c] = m2;
+}
+
+// ---- elementwise kernels ------------------------------------------------------------------------------------
+
+template <class T, int P>
+struct alignas(sizeof(T) * P) Vec {
+  T v[P];
+};
+
+template <class T, int P>
+__device__ __forceinline__ Vec<T, P> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, P>*>(p);
+}
+template <class T, int P>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, P>& v) {
+  *reinterpret_cast<Vec<T, P>*>(p) = v;
+}
+
+// Each op applies the rule to the P values at i (16-byte aligned when P > 1), element l in channel ch[l].
+template <class T>
+struct NormOp {
+  const T* x;
+  T* y;
+  const BnNormCoef<T>* coef;
+  uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y); }
+  template <int P>
+  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+    const Vec<T, P> xv = load_vec<T, P>(x + i);
+    Vec<T, P> yv;
+#pragma unroll
+    for (int l = 0; l < P; ++l) yv.v[l] = bn_normalize(coef[ch[l]], xv.v[l]);
+    store_vec<T, P>(y + i, yv);
+  }
+};
+
+template <class T>
+struct GradOp {
+  const T* dy;
+  const T* x;
+  T* dx;
+  const BnGradCoef<T>* coef;
+  uintptr_t address_bits() const {
+    return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(dx);
+  }
+  template <int P>
+  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+    const Vec<T, P> gv = load_vec<T, P>(dy + i);
+    const Vec<T, P> xv = load_vec<T, P>(x + i);
+    Vec<T, P> ov;
+#pragma unroll
+    for (int l = 0; l < P; ++l) ov.v[l] = bn_grad_input(coef[ch[l]], gv.v[l], xv.v[l]);
+    store_vec<T, P>(dx + i, ov);
+  }
+};
+
+template <class T>
+struct ScaleOp {  // eval backward: dx = a dy
+  const T* dy;
+  T* dx;
+  const BnGradCoef<T>* coef;
+  uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(dx); }
+  template <int P>
+  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+    const Vec<T, P> gv = load_vec<T, P>(dy + i);
+    Vec<T, P> ov;
+#pragma unroll
+    for (int l = 0; l < P; ++l) ov.v[l] = coef[ch[l]].a * gv.v[l];
+    store_vec<T, P>(dx + i, ov);
+  }
+};
+
+// Grid-stride over packs of P values.  The cursor (r, c): flat element e = q inner + r, channel c = q mod C; it
+// is computed once per thread and then advanced by the stride with additions only.
+template <int P, class Op>
+__device__ __forceinline__ void walk(const Op& op, int64_t npacks, int64_t C, int64_t inner) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= npacks) return;
+  const int64_t e0 = p * P;
+  int64_t r = e0 % inner, c = (e0 / inner) % C;
+  const int64_t step = stride * P, dr = step % inner, dc = (step / inner) % C;
+  for (; p < npacks; p += stride) {
+    int64_t ch[P];
+    int64_t rr = r, cc = c;
+#pragma unroll
+    for (int l = 0; l < P; ++l) {
+      ch[l] = cc;
+      if (++rr == inner) {
+        rr = 0;
+        if (++cc == C) cc = 0;
+      }
+    }
+    op.template apply<P>(p * P, ch);
+    r += dr;
+    int64_t carry = 0;
+    if (r >= inner) {
+      r -= inner;
+      carry = 1;
+    }
+    c += dc + carry;  // < 2 C
+    if (c >= C) c -= C;
+  }
+}
+
+template <class T, class Op>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(Op op, int64_t numel, int64_t C, int64_t inner,
+                                                               bool packed) {
+  constexpr int W = 16 / static_cast<int>(sizeof(T));
+  if (!packed) {
+    walk<1>(op, numel, C, inner);
+    return;
+  }
+  const int64_t npacks = numel / W;
+  walk<W>(op, npacks, C, inner);
+  const int64_t i = npacks * W + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // the tail
+  if (i < numel) {
+    const int64_t ch = (i / inner) % C;
+    op.template apply<1>(i, &ch);
+  }
+}
+
+// ---- host drivers -------------------------------------------------------------------------------------------
+
+template <class T>
+struct Exec {
+  const BnArgs& a;
+  BnShape s;
+  BnPlan plan;
+  cudaStream_t stream;
+  int sms;
+
+  explicit Exec(const BnArgs& args)
+      : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), stream(static_cast<cudaStream_t>(args.stream)),
+        sms(sm_count(args.device.index)) {}
+
+  const T* x() const { return static_cast<const T*>(a.x); }
+  const T* dy() const { return static_cast<const T*>(a.dy); }
+  T* out() const { return static_cast<T*>(a.out); }
+
+  unsigned chan_grid(int64_t threads_per_channel) const {
+    return static_cast<unsigned>(ceil_div(s.channels * threads_per_channel, kChanThreads));
+  }
+
+  ReduceIn<T> reduce_in() const {
+    ReduceIn<T> in;
+    in.x = x();
+    in.C = s.channels;
+    in.inner = s.inner;
+    return in;
+  }
+
+  // Launch the plan's reduction into `buf` (allocated here) and say where each channel's partials are.
+  template <int Kind>
+  Partials reduce(const ReduceIn<T>& in, std::unique_ptr<DeviceBuffer>& buf) const {
+    Partials P;
+    if (plan.channels_first) {
+      CfGeom g;
+      g.C = s.channels;
+      g.inner = s.inner;
+      g.kc = ceil_div(s.inner, kBnChunk);
+      g.units = s.outer * g.kc;
+      g.total = g.C * g.units;
+      const int64_t nlb = ceil_div(imin(s.inner, kBnChunk), kLaneBlock);
+      while (g.lbp < nlb) g.lbp *= 2;
+      g.tpu = kLanes * g.lbp;
+      g.upb = kSlots / g.lbp;
+      P.per_channel = g.units;
+      if (g.total == 0) return P;
+      buf.reset(new DeviceBuffer(static_cast<size_t>(2 * g.total) * sizeof(double), stream));
+      P.p = buf->as<double>();
+      cf_reduce_kernel<T, Kind><<<grid_for(g.total, g.upb, sms, 8), kThreads, 0, stream>>>(g, in, buf->as<double>());
+      OK_CUDA_CHECK(cudaGetLastError());
+    } else {
+      P.rows = true;
+      P.width = plan.width;
+      P.inner = s.inner;
+      P.per_channel = plan.nblocks * s.inner;
+      const int64_t items = plan.nblocks * plan.width;
+      if (items == 0) return P;
+      buf.reset(new DeviceBuffer(static_cast<size_t>(2 * items) * sizeof(double), stream));
+      P.p = buf->as<double>();
+      rows_reduce_kernel<T, Kind><<<grid_for(items, kRowThreads, sms, 16), kRowThreads, 0, stream>>>(
+          in, plan.rows, plan.width, plan.row_block, plan.nblocks, buf->as<double>());
+      OK_CUDA_CHECK(cudaGetLastError());
+    }
+    return P;
+  }
+
+  template <class Op>
+  void elementwise(const Op& op) const {
+    const int64_t numel = s.numel();
+    if (numel == 0) return;
+    constexpr int W = 16 / static_cast<int>(sizeof(T));
+    const bool packed = (op.address_bits() & 15u) == 0 && numel >= W;
+    const unsigned grid = grid_for(packed ? numel / W : numel, kThreads, sms, 8);
+    elementwise_kernel<T, Op><<<grid, kThreads, 0, stream>>>(op, numel, s.channels, s.inner, packed);
+    OK_CUDA_CHECK(cudaGetLastError());
+  }
+
+  // ---- ops ----
+  void stats(bool forward) const {  // bn_stats, or (forward) bn_forward_train
+    ChanArgs<T> A = chan_args<T>(a, static_cast<double>(s.count()));
+    std::unique_ptr<DeviceBuffer> coef;
+    if (forward) {
+      coef.reset(new DeviceBuffer(static_cast<size_t>(s.channels) * sizeof(BnNormCoef<T>), stream));
+      A.norm = coef->as<BnNormCoef<T>>();
+    }
+    std::unique_ptr<DeviceBuffer> partial;
+    const Partials P = reduce<0>(reduce_in(), partial);
+    stats_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, x(), s.inner, A);
+    OK_CUDA_CHECK(cudaGetLastError());
+    if (forward) elementwise(NormOp<T>{x(), out(), A.norm});
+  }
+
+  void normalize() const {  // staged: from the combined (count, mean, m2)
+    ChanArgs<T> A = chan_args<T>(a, static_cast<double>(global_count(a)));
+    DeviceBuffer coef(static_cast<size_t>(s.channels) * sizeof(BnNormCoef<T>), stream);
+    A.norm = coef.as<BnNormCoef<T>>();
+    normalize_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
+    OK_CUDA_CHECK(cudaGetLastError());
+    elementwise(NormOp<T>{x(), out(), A.norm});
+  }
+
+  void forward_eval() const {
+    ChanArgs<T> A = chan_args<T>(a, 0.0);
+    DeviceBuffer coef(static_cast<size_t>(s.channels) * sizeof(BnNormCoef<T>), stream);
+    A.norm = coef.as<BnNormCoef<T>>();
+    eval_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
+    OK_CUDA_CHECK(cudaGetLastError());
+    elementwise(NormOp<T>{x(), out(), A.norm});
+  }
+
+  ReduceIn<T> grad_in(bool eval_dx) const {
+    ReduceIn<T> in = reduce_in();
+    in.dy = dy();
+    in.mean = a.mean;
+    if (eval_dx) {
+      in.dx = out();
+      in.invstd = a.invstd;
+      in.weight = static_cast<const T*>(a.weight);
+    }
+    return in;
+  }
+
+  void grad_sums(bool then_dx) const {  // bn_backward_train (then_dx) or bn_backward_reduce
+    ChanArgs<T> A = chan_args<T>(a, static_cast<double>(global_count(a)));
+    std::unique_ptr<DeviceBuffer> coef;
+    if (then_dx) {
+      coef.reset(new DeviceBuffer(static_cast<size_t>(s.channels) * sizeof(BnGradCoef<T>), stream));
+      A.grad = coef->as<BnGradCoef<T>>();
+    } else {
+      A.dweight = nullptr;  // bn_backward_reduce writes the sums only
+      A.dbias = nullptr;
+    }
+    std::unique_ptr<DeviceBuffer> partial;
+    const Partials P = reduce<1>(grad_in(false), partial);
+    grad_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
+    OK_CUDA_CHECK(cudaGetLastError());
+    if (then_dx) elementwise(GradOp<T>{dy(), x(), out(), A.grad});
+  }
+
+  void backward_dx() const {  // staged: from the global sums
+    ChanArgs<T> A = chan_args<T>(a, static_cast<double>(global_count(a)));
+    A.sum_dy = nullptr;  // inputs here, not outputs
+    A.sum_dy_xmu = nullptr;
+    DeviceBuffer coef(static_cast<size_t>(s.channels) * sizeof(BnGradCoef<T>), stream);
+    A.grad = coef.as<BnGradCoef<T>>();
+    dx_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A, a.sum_dy, a.sum_dy_xmu);
+    OK_CUDA_CHECK(cudaGetLastError());
+    elementwise(GradOp<T>{dy(), x(), out(), A.grad});
+  }
+
+  void backward_eval() const {
+    ChanArgs<T> A = chan_args<T>(a, 0.0);
+    A.sum_dy = nullptr;  // eval backward writes dx, dweight and dbias only
+    A.sum_dy_xmu = nullptr;
+    if (a.dweight == nullptr && a.dbias == nullptr) {
+      if (s.numel() == 0) return;
+      DeviceBuffer coef(static_cast<size_t>(s.channels) * sizeof(BnGradCoef<T>), stream);
+      A.grad = coef.as<BnGradCoef<T>>();
+      eval_grad_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
+      OK_CUDA_CHECK(cudaGetLastError());
+      elementwise(ScaleOp<T>{dy(), out(), A.grad});
+      return;
+    }
+    // One pass writes dx = a dy and reduces the gradient sums; then dweight = invstd sum_dy_xmu, dbias = sum_dy.
+    std::unique_ptr<DeviceBuffer> partial;
+    const Partials P = reduce<1>(grad_in(true), partial);
+    grad_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
+    OK_CUDA_CHECK(cudaGetLastError());
+  }
+};
+
+template <class F>
+void typed(const BnArgs& a, F&& f) {
+  DeviceGuard guard(a.device.index);
+  if (a.dtype == DType::f32) {
+    Exec<float> e(a);
+    f(e);
+  } else {
+    Exec<double> e(a);
+    f(e);
+  }
+}
+
+}  // namespace
+
+void bn_forward_train(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.stats(true); });
+}
+void bn_forward_eval(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.forward_eval(); });
+}
+void bn_backward_train(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.grad_sums(true); });
+}
+void bn_backward_eval(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.backward_eval(); });
+}
+void bn_stats(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.stats(false); });
+}
+void bn_normalize(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.normalize(); });
+}
+void bn_backward_reduce(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.grad_sums(false); });
+}
+void bn_backward_dx(const BnArgs& a) {
+  typed(a, [](const auto& e) { e.backward_dx(); });
+}
+
+void bn_combine(const BnArgs& a, const std::vector<int64_t>& counts, const double* means, const double* m2s) {
+  DeviceGuard guard(a.device.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const int64_t C = a.shape.channels;
+  const unsigned grid = static_cast<unsigned>(ceil_div(C, kChanThreads));
+  double n = 0.0;  // values folded so far, accumulated exactly as bn_chan_combine does
+  const int64_t S = static_cast<int64_t>(counts.size());
+  for (int64_t s0 = 0; s0 < S; s0 += kMaxShards) {
+    ShardCounts sc{};
+    sc.n = static_cast<int>(imin(kMaxShards, S - s0));
+    for (int k = 0; k < sc.n; ++k) sc.count[k] = static_cast<double>(counts[static_cast<size_t>(s0 + k)]);
+    combine_kernel<<<grid, kChanThreads, 0, stream>>>(sc, s0, n, means, m2s, C, a.mean, a.m2);
+    OK_CUDA_CHECK(cudaGetLastError());
+    for (int k = 0; k < sc.n; ++k)
+      if (sc.count[k] > 0.0) n = n + sc.count[k];
+  }
+}
+
+}  // namespace cuda_exec
+}  // namespace optkern
