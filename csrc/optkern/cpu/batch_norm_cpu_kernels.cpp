@@ -69,14 +69,22 @@ constexpr int kTileBytes = 128;
 // Each walks blocks of kLaneBlock values: 16-lane sums in T, the lanes added in double, then the block's tail
 // (fewer than 16 values) in double.
 
-// Shifted sums of x - K: out[0] = sum d, out[1] = sum d^2.
+// Moments of a run: out = (n, mean, m2), m2 the sum of squared deviations.  Each lane block is swept twice while
+// it sits in L1: first its rough mean K (a T-lane sum), then the sums of x - K and (x - K)^2, so the shift is
+// always near the block's own mean (no cancellation, whatever the data's offset or order); the blocks are then
+// combined in double with Chan's formula, in order.
 template <class T>
-OK_KERNEL void run_shifted_sums(const T* __restrict x, int64_t n, T K, double* out) {
-  double s1 = 0.0, s2 = 0.0;
+OK_KERNEL void run_moments(const T* __restrict x, int64_t n, double* out) {
+  double cn = 0.0, cmean = 0.0, cm2 = 0.0;
   for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
     const int64_t vec = blk / kLanes * kLanes;
     const T* p = x + i;
+    V16<T> s = {};
+    for (int64_t j = 0; j < vec; j += kLanes) s += load16(p + j);
+    double rough = lane_sum<T>(s);
+    for (int64_t j = vec; j < blk; ++j) rough += static_cast<double>(p[j]);
+    const T K = static_cast<T>(rough / static_cast<double>(blk));
     V16<T> a1 = {}, a2 = {};
     for (int64_t j = 0; j < vec; j += kLanes) {
       V16<T> d = load16(p + j) - K;
@@ -89,11 +97,13 @@ OK_KERNEL void run_shifted_sums(const T* __restrict x, int64_t n, T K, double* o
       b1 += d;
       b2 += d * d;
     }
-    s1 += b1;
-    s2 += b2;
+    double mean, m2;
+    bn_shifted_to_moments(static_cast<double>(blk), static_cast<double>(K), b1, b2, &mean, &m2);
+    bn_chan_combine(&cn, &cmean, &cm2, static_cast<double>(blk), mean, m2);
   }
-  out[0] = s1;
-  out[1] = s2;
+  out[0] = cn;
+  out[1] = cmean;
+  out[2] = cm2;
 }
 
 // Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean); with dx = a dy written too when dx != null
@@ -141,24 +151,34 @@ OK_KERNEL void run_grad_input(const T* __restrict dy, const T* __restrict x, T* 
 
 // ---- rows kernels (a block of rows of `width` columns) --------------------------------------------------------
 
-// Column sums over a block's rows, a register tile of columns at a time (16-lane vectors, no gathers: each row
-// of the tile is contiguous).  Kind 0: shifted sums of x - c0[j]; kind 1: gradient sums (dy, dy (x - mean[j]))
-// with the mean split in c0 (hi) and c1 (lo); kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).
-// Remainder columns take a scalar loop with the same per-column operations, so every column's sums are the same
-// whichever way it is computed.
+// Column reductions over a block's rows, a register tile of columns at a time (16-lane vectors, no gathers: each
+// row of the tile is contiguous).  Kind 0: moments of each column, p1 = mean and p2 = m2 over the block's rows,
+// from two sweeps (a rough mean K per column, then the sums of x - K and (x - K)^2; the tile stays in L1/L2);
+// kind 1: gradient sums p1 = sum dy, p2 = sum dy (x - mean[j]) with the mean split in c0 (hi) and c1 (lo);
+// kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).  Remainder columns take a scalar loop with the
+// same per-column operations, so every column's result is the same whichever way it is computed.
 template <class T, int Kind>
 OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
                          int64_t width, const T* c0, const T* c1, const T* c2, double* p1, double* p2) {
   constexpr int NV = kTileBytes / kLanes / static_cast<int>(sizeof(T)) > 0
                          ? kTileBytes / kLanes / static_cast<int>(sizeof(T)) : 1;
   constexpr int W = NV * kLanes;
+  const double nr = static_cast<double>(rows);
   int64_t j0 = 0;
   for (; j0 + W <= width; j0 += W) {
     V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
-    for (int v = 0; v < NV; ++v) {
-      k0[v] = load16(c0 + j0 + v * kLanes);
-      if constexpr (Kind != 0) k1[v] = load16(c1 + j0 + v * kLanes);
-      if constexpr (Kind == 2) k2[v] = load16(c2 + j0 + v * kLanes);
+    if constexpr (Kind == 0) {
+      V16<T> sum[NV] = {};
+      for (int64_t r = 0; r < rows; ++r)
+        for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * width + j0 + v * kLanes);
+      for (int v = 0; v < NV; ++v)
+        for (int l = 0; l < kLanes; ++l) k0[v][l] = static_cast<T>(static_cast<double>(sum[v][l]) / nr);
+    } else {
+      for (int v = 0; v < NV; ++v) {
+        k0[v] = load16(c0 + j0 + v * kLanes);
+        k1[v] = load16(c1 + j0 + v * kLanes);
+        if constexpr (Kind == 2) k2[v] = load16(c2 + j0 + v * kLanes);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * width + j0;
@@ -178,16 +198,27 @@ OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __res
     }
     for (int v = 0; v < NV; ++v)
       for (int l = 0; l < kLanes; ++l) {
-        p1[j0 + v * kLanes + l] = static_cast<double>(a1[v][l]);
-        p2[j0 + v * kLanes + l] = static_cast<double>(a2[v][l]);
+        const int64_t j = j0 + v * kLanes + l;
+        if constexpr (Kind == 0) {
+          bn_shifted_to_moments(nr, static_cast<double>(k0[v][l]), static_cast<double>(a1[v][l]),
+                                static_cast<double>(a2[v][l]), &p1[j], &p2[j]);
+        } else {
+          p1[j] = static_cast<double>(a1[v][l]);
+          p2[j] = static_cast<double>(a2[v][l]);
+        }
       }
   }
   for (int64_t j = j0; j < width; ++j) {
-    T a1 = T(0), a2 = T(0);
+    T a1 = T(0), a2 = T(0), K = T(0);
+    if constexpr (Kind == 0) {
+      T sum = T(0);
+      for (int64_t r = 0; r < rows; ++r) sum += x[r * width + j];
+      K = static_cast<T>(static_cast<double>(sum) / nr);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const T xv = x[r * width + j];
       if constexpr (Kind == 0) {
-        T d = xv - c0[j];
+        T d = xv - K;
         a1 += d;
         a2 += d * d;
       } else {
@@ -197,8 +228,13 @@ OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __res
         a2 += d * bn_center(xv, c0[j], c1[j]);
       }
     }
-    p1[j] = static_cast<double>(a1);
-    p2[j] = static_cast<double>(a2);
+    if constexpr (Kind == 0) {
+      bn_shifted_to_moments(nr, static_cast<double>(K), static_cast<double>(a1), static_cast<double>(a2), &p1[j],
+                            &p2[j]);
+    } else {
+      p1[j] = static_cast<double>(a1);
+      p2[j] = static_cast<double>(a2);
+    }
   }
 }
 
@@ -255,19 +291,35 @@ Unit cf_unit(const BnShape& s, int64_t c, int64_t u) {
   return Unit{(n * s.channels + c) * s.inner + begin, std::min(kBnChunk, s.inner - begin)};
 }
 
-// reduce(c, Unit, double[2]); finish(c, const double[2]) computes the channel's scalars; apply(c, Unit) (may be
-// null) runs the elementwise pass.  Channel sums are the unit sums added in unit order.
-template <class Reduce, class Finish, class Apply>
+// A reduction's running value: moments (n, mean, m2), combined with Chan's formula, or a pair of sums (n, sum_a,
+// sum_b), added.  Either way partials are combined in a fixed order, never in thread order.
+struct Acc {
+  double n = 0.0, a = 0.0, b = 0.0;
+};
+template <bool kMoments>
+inline void acc_add(Acc* t, double n, double a, double b) {
+  if constexpr (kMoments) {
+    bn_chan_combine(&t->n, &t->a, &t->b, n, a, b);
+  } else {
+    t->n += n;
+    t->a += a;
+    t->b += b;
+  }
+}
+
+// reduce(c, Unit, double[3]) writes a unit's (n, a, b); finish(c, const Acc&) computes the channel's scalars;
+// apply(c, Unit) (when has_apply) runs the elementwise pass.
+template <bool kMoments, class Reduce, class Finish, class Apply>
 void cf_drive(const BnShape& s, Reduce&& reduce, Finish&& finish, Apply&& apply, bool has_apply) {
   const int64_t C = s.channels;
   const int64_t units = s.outer * chunks_per_run(s);
   const int nt = threads_for(s);
   auto whole_channel = [&](int64_t c) {
-    double tot[2] = {0.0, 0.0}, part[2];
+    Acc tot;
+    double part[3];
     for (int64_t u = 0; u < units; ++u) {
       reduce(c, cf_unit(s, c, u), part);
-      tot[0] += part[0];
-      tot[1] += part[1];
+      acc_add<kMoments>(&tot, part[0], part[1], part[2]);
     }
     finish(c, tot);
     if (has_apply)
@@ -287,17 +339,17 @@ void cf_drive(const BnShape& s, Reduce&& reduce, Finish&& finish, Apply&& apply,
   }
   // Few channels: reduce every unit in parallel, combine in order, then apply in parallel.
   const int64_t total = C * units;
-  std::vector<double> partial(static_cast<size_t>(2 * total));
+  std::vector<double> partial(static_cast<size_t>(3 * total));
   parallel_run(nt, [&](int tid, int n) {
     int64_t lo, hi;
     part_bounds(total, tid, n, 1, &lo, &hi);
-    for (int64_t g = lo; g < hi; ++g) reduce(g / units, cf_unit(s, g / units, g % units), &partial[2 * g]);
+    for (int64_t g = lo; g < hi; ++g) reduce(g / units, cf_unit(s, g / units, g % units), &partial[3 * g]);
   });
   for (int64_t c = 0; c < C; ++c) {
-    double tot[2] = {0.0, 0.0};
+    Acc tot;
     for (int64_t u = 0; u < units; ++u) {
-      tot[0] += partial[2 * (c * units + u)];
-      tot[1] += partial[2 * (c * units + u) + 1];
+      const double* q = &partial[static_cast<size_t>(3 * (c * units + u))];
+      acc_add<kMoments>(&tot, q[0], q[1], q[2]);
     }
     finish(c, tot);
   }
@@ -309,9 +361,9 @@ void cf_drive(const BnShape& s, Reduce&& reduce, Finish&& finish, Apply&& apply,
   });
 }
 
-// Rows: block_sums(r0, r1, p1, p2) fills one partial per column for rows [r0, r1); channel c's sums are its
-// columns' partials added block by block, column by column.  Then finish(c, sums) per channel.
-template <class BlockSums, class Finish>
+// Rows: block_sums(r0, r1, p1, p2) fills one partial per column for rows [r0, r1); channel c's value combines its
+// columns' partials block by block, column by column.  Then finish(c, Acc) per channel.
+template <bool kMoments, class BlockSums, class Finish>
 void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, Finish&& finish) {
   const int64_t W = plan.width, nb = plan.nblocks;
   std::vector<double> partial(static_cast<size_t>(2 * nb * W));
@@ -321,7 +373,7 @@ void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, F
       block_sums(r0, r1, &partial[static_cast<size_t>(2 * b * W)], &partial[static_cast<size_t>((2 * b + 1) * W)]);
     }
   };
-  const int nt = std::min<int64_t>(threads_for(s), nb);
+  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), nb));
   if (nt <= 1) {
     run_blocks(0, nb);
   } else {
@@ -332,20 +384,18 @@ void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, F
     });
   }
   for (int64_t c = 0; c < s.channels; ++c) {
-    double tot[2] = {0.0, 0.0};
+    Acc tot;
     for (int64_t b = 0; b < nb; ++b) {
+      const double nr = static_cast<double>(std::min(plan.rows, (b + 1) * plan.row_block) - b * plan.row_block);
       const double* p1 = &partial[static_cast<size_t>(2 * b * W + c * s.inner)];
       const double* p2 = &partial[static_cast<size_t>((2 * b + 1) * W + c * s.inner)];
-      for (int64_t i = 0; i < s.inner; ++i) {
-        tot[0] += p1[i];
-        tot[1] += p2[i];
-      }
+      for (int64_t i = 0; i < s.inner; ++i) acc_add<kMoments>(&tot, nr, p1[i], p2[i]);
     }
     finish(c, tot);
   }
 }
 
-template <class Apply>  // apply(r0, r1)
+template <class Apply>  // apply(r0, r1) over all rows, split by threads
 void rows_apply(const BnShape& s, const BnPlan& plan, Apply&& apply) {
   const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), plan.rows));
   if (nt <= 1) {
@@ -378,7 +428,6 @@ struct Typed {
 
   double gamma(int64_t c) const { return w ? static_cast<double>(w[c]) : 1.0; }
   double beta(int64_t c) const { return b ? static_cast<double>(b[c]) : 0.0; }
-  T shift_of(int64_t c) const { return x[c * s.inner]; }  // the channel's first value
   int64_t global_count() const { return a.count > 0 ? a.count : s.count(); }
 
   // Expand per-channel values to per-column arrays (rows layout).
@@ -390,15 +439,12 @@ struct Typed {
     return v;
   }
 
-  // From a channel's shifted sums: mean and m2 (written to a.mean / a.m2 when present), and the forward
+  // From a channel's moments: mean and m2 (written to a.mean / a.m2 when present), and the forward
   // finalisation when `finalize`: invstd, running stats.
-  void finish_stats(int64_t c, const double* sums, bool finalize) const {
-    const double n = static_cast<double>(s.count());
-    double mean, m2;
-    bn_shifted_to_moments(n, static_cast<double>(shift_of(c)), sums[0], sums[1], &mean, &m2);
-    a.mean[c] = mean;
-    if (a.m2) a.m2[c] = m2;
-    if (finalize) finalize_channel(c, mean, m2, n);
+  void finish_stats(int64_t c, const Acc& t, bool finalize) const {
+    a.mean[c] = t.a;
+    if (a.m2) a.m2[c] = t.b;
+    if (finalize) finalize_channel(c, t.a, t.b, t.n);
   }
   void finalize_channel(int64_t c, double mean, double m2, double n) const {
     a.invstd[c] = bn_invstd(m2, n, a.eps);
@@ -419,20 +465,19 @@ struct Typed {
   // ---- statistics (+ optional finalisation and normalisation) ----
   void stats(bool finalize, bool normalize) {
     if (plan.channels_first) {
-      auto reduce = [&](int64_t c, Unit u, double* o) { run_shifted_sums<T>(x + u.offset, u.len, shift_of(c), o); };
-      auto finish = [&](int64_t c, const double* t) { finish_stats(c, t, finalize); };
+      auto reduce = [&](int64_t, Unit u, double* o) { run_moments<T>(x + u.offset, u.len, o); };
+      auto finish = [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); };
       auto apply = [&](int64_t c, Unit u) { run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c)); };
-      cf_drive(s, reduce, finish, apply, normalize);
+      cf_drive<true>(s, reduce, finish, apply, normalize);
       return;
     }
-    std::vector<T> K = per_column([&](int64_t c) { return shift_of(c); });
-    rows_reduce(
+    rows_reduce<true>(
         s, plan,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, K.data(), nullptr, nullptr,
+          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, nullptr, nullptr, nullptr,
                           p1, p2);
         },
-        [&](int64_t c, const double* t) { finish_stats(c, t, finalize); });
+        [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); });
     if (normalize) rows_normalize_all();
   }
 
@@ -473,27 +518,28 @@ struct Typed {
 
   // ---- backward ----
   void grad_sums(bool then_dx) {  // sum_dy, sum_dy_xmu; then (training) dx and weight grads
-    auto finish = [&](int64_t c, const double* t) {
-      a.sum_dy[c] = t[0];
-      a.sum_dy_xmu[c] = t[1];
+    auto finish = [&](int64_t c, const Acc& t) {
+      a.sum_dy[c] = t.a;
+      a.sum_dy_xmu[c] = t.b;
       if (then_dx) finish_weight_grads(c);
     };
     if (plan.channels_first) {
       auto reduce = [&](int64_t c, Unit u, double* o) {
         BnNormCoef<T> k = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
-        run_grad_sums<T>(dy + u.offset, x + u.offset, nullptr, T(0), u.len, k.mean_hi, k.mean_lo, o);
+        run_grad_sums<T>(dy + u.offset, x + u.offset, nullptr, T(0), u.len, k.mean_hi, k.mean_lo, o + 1);
+        o[0] = static_cast<double>(u.len);
       };
       auto apply = [&](int64_t c, Unit u) {
         run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c));
       };
-      cf_drive(s, reduce, finish, apply, then_dx);
+      cf_drive<false>(s, reduce, finish, apply, then_dx);
       return;
     }
     std::vector<BnNormCoef<T>> cc(static_cast<size_t>(s.channels));
     for (int64_t c = 0; c < s.channels; ++c) cc[static_cast<size_t>(c)] = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
     auto mh = per_column([&](int64_t c) { return cc[c].mean_hi; });
     auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
-    rows_reduce(
+    rows_reduce<false>(
         s, plan,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
           const int64_t o = r0 * plan.width;
@@ -544,22 +590,23 @@ struct Typed {
   void backward_eval() {
     const bool want = a.dweight != nullptr || a.dbias != nullptr;
     std::vector<double> sums(want ? static_cast<size_t>(2 * s.channels) : 0);
-    auto finish = [&](int64_t c, const double* t) {
-      if (a.dweight) static_cast<T*>(a.dweight)[c] = static_cast<T>(bn_grad_weight(a.invstd[c], t[1]));
-      if (a.dbias) static_cast<T*>(a.dbias)[c] = static_cast<T>(t[0]);
+    auto finish = [&](int64_t c, const Acc& t) {
+      if (a.dweight) static_cast<T*>(a.dweight)[c] = static_cast<T>(bn_grad_weight(a.invstd[c], t.b));
+      if (a.dbias) static_cast<T*>(a.dbias)[c] = static_cast<T>(t.a);
     };
     auto coef = [&](int64_t c) { return bn_grad_coef_eval<T>(a.mean[c], a.invstd[c], gamma(c)); };
     if (plan.channels_first) {
       auto reduce = [&](int64_t c, Unit u, double* o) {
         const BnGradCoef<T> k = coef(c);
+        o[0] = static_cast<double>(u.len);
         if (want) {
-          run_grad_sums<T>(dy + u.offset, x + u.offset, out + u.offset, k.a, u.len, k.mean_hi, k.mean_lo, o);
+          run_grad_sums<T>(dy + u.offset, x + u.offset, out + u.offset, k.a, u.len, k.mean_hi, k.mean_lo, o + 1);
         } else {
           run_scale<T>(dy + u.offset, out + u.offset, u.len, k.a);
-          o[0] = o[1] = 0.0;
+          o[1] = o[2] = 0.0;
         }
       };
-      cf_drive(s, reduce, finish, [](int64_t, Unit) {}, false);
+      cf_drive<false>(s, reduce, finish, [](int64_t, Unit) {}, false);
       return;
     }
     std::vector<BnGradCoef<T>> kk(static_cast<size_t>(s.channels));
@@ -574,7 +621,7 @@ struct Typed {
     }
     auto mh = per_column([&](int64_t c) { return kk[c].mean_hi; });
     auto ml = per_column([&](int64_t c) { return kk[c].mean_lo; });
-    rows_reduce(
+    rows_reduce<false>(
         s, plan,
         [&](int64_t r0, int64_t r1, double* p1, double* p2) {
           const int64_t o = r0 * plan.width;
