@@ -287,6 +287,11 @@ LAYOUTS = [
     ("NCDHW-cf-inner72", (2, 3, 3, 4, 6), 1, "np"),
     ("NHWC-axis-1", (3, 5, 7, 6), -1, "np"),
     ("NLC-axis-1", (4, 65, 3), -1, "np"),
+    # rows whose width is 16/32/48/64 values take the register-resident narrow reduction
+    ("NHWC-C16-narrow", (5, 3, 7, 16), -1, "np"),
+    ("NC-300x48-narrow", (300, 48), 1, "np"),
+    ("NHWC-C64-narrow", (3, 5, 6, 64), -1, "np"),
+    ("NCL-C2-inner16-narrow", (40, 2, 16), 1, "np"),
     ("NCL-offset1", (5, 3, 67), 1, "np_offset"),
     ("NC-offset1", (9, 5), 1, "np_offset"),
     ("NCHW-view-of-NHWC", (3, 4, 5, 6), 1, "np_nchw_view"),

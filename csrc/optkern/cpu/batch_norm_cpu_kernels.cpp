@@ -17,6 +17,8 @@
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 // The 16-lane vector helpers are always inlined, so the vector-argument ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -52,6 +54,36 @@ template <class T>
 inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// Non-temporal store of 16 values to a 64-byte-aligned address (large outputs: no read-for-ownership, no cache
+// pollution).  The baseline build stores normally.  Callers end with stream_fence().
+template <class T>
+OK_ISA_INLINE void stream16(T* p, V16<T> v) {
+#if defined(OPTKERN_ISA_AVX512)
+  if constexpr (sizeof(T) == 4) {
+    __m512 a;
+    std::memcpy(&a, &v, 64);
+    _mm512_stream_ps(reinterpret_cast<float*>(p), a);
+  } else {
+    __m512d a, b;
+    std::memcpy(&a, &v, 64);
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + 64, 64);
+    _mm512_stream_pd(reinterpret_cast<double*>(p), a);
+    _mm512_stream_pd(reinterpret_cast<double*>(p) + 8, b);
+  }
+#elif defined(OPTKERN_ISA_AVX2)
+  constexpr int kPieces = static_cast<int>(sizeof(V16<T>)) / 32;
+  for (int k = 0; k < kPieces; ++k) {
+    __m256i a;
+    std::memcpy(&a, reinterpret_cast<const char*>(&v) + 32 * k, 32);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(p) + 32 * k), a);
+  }
+#else
+  store16(p, v);
+#endif
+}
+inline void stream_fence() { _mm_sfence(); }
+inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
+
 template <class T>
 inline __attribute__((always_inline)) double lane_sum(V16<T> v) {
   double s = 0.0;
@@ -59,39 +91,55 @@ inline __attribute__((always_inline)) double lane_sum(V16<T> v) {
   return s;
 }
 
-#if defined(OPTKERN_ISA_AVX512)
-constexpr int kTileBytes = 256;  // rows layout: columns whose accumulators stay in registers
-#else
-constexpr int kTileBytes = 128;
-#endif
 
 // ---- channels-first run kernels (one contiguous run of at most kBnChunk values) ----------------------------
 // Each walks blocks of kLaneBlock values: 16-lane sums in T, the lanes added in double, then the block's tail
 // (fewer than 16 values) in double.
 
+// Channels-first reductions keep kAcc independent 16-lane accumulators (64 lanes: value j goes to lane j % 64), so
+// the adds do not wait on each other; the lanes are added in double in lane order, then the block's tail (fewer
+// than 64 values) in double.
+constexpr int kAcc = 4;
+constexpr int kWide = kAcc * kLanes;
+
+// The accumulators' total: the kAcc vectors added pairwise in T, the 16 lanes widened to double and added as a
+// fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1): a few vector adds instead of a 64-long dependent chain.
+template <class T>
+inline __attribute__((always_inline)) double lanes_sum(const V16<T>* v) {
+  static_assert(kAcc == 4, "pairwise sum of four accumulators");
+  const V16<T> t = (v[0] + v[1]) + (v[2] + v[3]);
+  double h[kLanes];
+  for (int l = 0; l < kLanes; ++l) h[l] = static_cast<double>(t[l]);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) h[l] += h[l + w];
+  return h[0];
+}
+
 // Moments of a run: out = (n, mean, m2), m2 the sum of squared deviations.  Each lane block is swept twice while
-// it sits in L1: first its rough mean K (a T-lane sum), then the sums of x - K and (x - K)^2, so the shift is
-// always near the block's own mean (no cancellation, whatever the data's offset or order); the blocks are then
-// combined in double with Chan's formula, in order.
+// it sits in L1: first its rough mean K (lane sums), then the sums of x - K and (x - K)^2, so the shift is always
+// near the block's own mean (no cancellation, whatever the data's offset or order); the blocks are then combined
+// in double as shifted sums around the first block's mean (see Acc).
 template <class T>
 OK_KERNEL void run_moments(const T* __restrict x, int64_t n, double* out) {
-  double cn = 0.0, cmean = 0.0, cm2 = 0.0;
+  double cn = 0.0, ca = 0.0, cb = 0.0, cK = 0.0;
   for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
-    const int64_t vec = blk / kLanes * kLanes;
+    const int64_t vec = blk / kWide * kWide;
     const T* p = x + i;
-    V16<T> s = {};
-    for (int64_t j = 0; j < vec; j += kLanes) s += load16(p + j);
-    double rough = lane_sum<T>(s);
+    V16<T> s[kAcc] = {};
+    for (int64_t j = 0; j < vec; j += kWide)
+      for (int k = 0; k < kAcc; ++k) s[k] += load16(p + j + k * kLanes);
+    double rough = lanes_sum<T>(s);
     for (int64_t j = vec; j < blk; ++j) rough += static_cast<double>(p[j]);
     const T K = static_cast<T>(rough / static_cast<double>(blk));
-    V16<T> a1 = {}, a2 = {};
-    for (int64_t j = 0; j < vec; j += kLanes) {
-      V16<T> d = load16(p + j) - K;
-      a1 += d;
-      a2 += d * d;
-    }
-    double b1 = lane_sum<T>(a1), b2 = lane_sum<T>(a2);
+    V16<T> a1[kAcc] = {}, a2[kAcc] = {};
+    for (int64_t j = 0; j < vec; j += kWide)
+      for (int k = 0; k < kAcc; ++k) {
+        V16<T> d = load16(p + j + k * kLanes) - K;
+        a1[k] += d;
+        a2[k] += d * d;
+      }
+    double b1 = lanes_sum<T>(a1), b2 = lanes_sum<T>(a2);
     for (int64_t j = vec; j < blk; ++j) {
       double d = static_cast<double>(p[j] - K);
       b1 += d;
@@ -99,11 +147,16 @@ OK_KERNEL void run_moments(const T* __restrict x, int64_t n, double* out) {
     }
     double mean, m2;
     bn_shifted_to_moments(static_cast<double>(blk), static_cast<double>(K), b1, b2, &mean, &m2);
-    bn_chan_combine(&cn, &cmean, &cm2, static_cast<double>(blk), mean, m2);
+    if (cn == 0.0) cK = mean;
+    const double d = mean - cK;
+    cn += static_cast<double>(blk);
+    ca += static_cast<double>(blk) * d;
+    cb += m2 + static_cast<double>(blk) * d * d;
   }
+  double mean = cn > 0.0 ? cK + ca / cn : 0.0, m2 = cn > 0.0 ? cb - ca * (ca / cn) : 0.0;
   out[0] = cn;
-  out[1] = cmean;
-  out[2] = cm2;
+  out[1] = mean;
+  out[2] = m2 > 0.0 ? m2 : 0.0;
 }
 
 // Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean); with dx = a dy written too when dx != null
@@ -114,17 +167,18 @@ OK_KERNEL void run_grad_sums(const T* __restrict dy, const T* __restrict x, T* _
   double s1 = 0.0, s2 = 0.0;
   for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
-    const int64_t vec = blk / kLanes * kLanes;
+    const int64_t vec = blk / kWide * kWide;
     const T* g = dy + i;
     const T* p = x + i;
-    V16<T> a1 = {}, a2 = {};
-    for (int64_t j = 0; j < vec; j += kLanes) {
-      V16<T> d = load16(g + j);
-      if (dx) store16(dx + i + j, a * d);
-      a1 += d;
-      a2 += d * ((load16(p + j) - mh) - ml);
-    }
-    double b1 = lane_sum<T>(a1), b2 = lane_sum<T>(a2);
+    V16<T> a1[kAcc] = {}, a2[kAcc] = {};
+    for (int64_t j = 0; j < vec; j += kWide)
+      for (int k = 0; k < kAcc; ++k) {
+        V16<T> d = load16(g + j + k * kLanes);
+        if (dx) store16(dx + i + j + k * kLanes, a * d);
+        a1[k] += d;
+        a2[k] += d * ((load16(p + j + k * kLanes) - mh) - ml);
+      }
+    double b1 = lanes_sum<T>(a1), b2 = lanes_sum<T>(a2);
     for (int64_t j = vec; j < blk; ++j) {
       T d = g[j];
       if (dx) dx[i + j] = a * d;
@@ -138,143 +192,220 @@ OK_KERNEL void run_grad_sums(const T* __restrict dy, const T* __restrict x, T* _
   out[1] = s2;
 }
 
+// Elementwise runs.  With nt (outputs too large to stay in cache) the body uses non-temporal 64-byte stores; the
+// head up to the first aligned output and the tail use the same formula with ordinary stores.
 template <class T>
-OK_KERNEL void run_normalize(const T* __restrict x, T* __restrict y, int64_t n, BnNormCoef<T> c) {
-  for (int64_t i = 0; i < n; ++i) y[i] = bn_normalize(c, x[i]);
+OK_KERNEL void run_normalize(const T* __restrict x, T* __restrict y, int64_t n, BnNormCoef<T> c, bool nt) {
+  int64_t i = 0;
+  if (nt) {
+    for (; i < n && !aligned64(y + i); ++i) y[i] = bn_normalize(c, x[i]);
+    for (; i + kLanes <= n; i += kLanes) stream16(y + i, ((load16(x + i) - c.mean_hi) - c.mean_lo) * c.scale + c.shift);
+    stream_fence();
+  }
+  for (; i < n; ++i) y[i] = bn_normalize(c, x[i]);
 }
 
 template <class T>
 OK_KERNEL void run_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n,
-                              BnGradCoef<T> k) {
-  for (int64_t i = 0; i < n; ++i) dx[i] = bn_grad_input(k, dy[i], x[i]);
+                              BnGradCoef<T> k, bool nt) {
+  int64_t i = 0;
+  if (nt) {
+    for (; i < n && !aligned64(dx + i); ++i) dx[i] = bn_grad_input(k, dy[i], x[i]);
+    for (; i + kLanes <= n; i += kLanes)
+      stream16(dx + i, k.a * load16(dy + i) + k.b * ((load16(x + i) - k.mean_hi) - k.mean_lo) + k.c);
+    stream_fence();
+  }
+  for (; i < n; ++i) dx[i] = bn_grad_input(k, dy[i], x[i]);
 }
 
 // ---- rows kernels (a block of rows of `width` columns) --------------------------------------------------------
 
-// Column reductions over a block's rows, a register tile of columns at a time (16-lane vectors, no gathers: each
-// row of the tile is contiguous).  Kind 0: moments of each column, p1 = mean and p2 = m2 over the block's rows,
-// from two sweeps (a rough mean K per column, then the sums of x - K and (x - K)^2; the tile stays in L1/L2);
-// kind 1: gradient sums p1 = sum dy, p2 = sum dy (x - mean[j]) with the mean split in c0 (hi) and c1 (lo);
-// kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).  Remainder columns take a scalar loop with the
-// same per-column operations, so every column's result is the same whichever way it is computed.
+// Column reductions over a block's rows, streaming whole rows (contiguous, prefetch-friendly) into per-column
+// accumulators kept in L1, a chunk of kColChunk columns at a time.  Kind 0: moments of each column, p1 = mean
+// and p2 = m2 over the block's rows, from two sweeps (a rough mean K per column, then the sums of x - K and
+// (x - K)^2; the block stays in L2); kind 1: gradient sums p1 = sum dy, p2 = sum dy (x - mean[j]) with the mean
+// split in c0 (hi) and c1 (lo); kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).  Each column is
+// accumulated in T in row order, whatever the instruction set.
+// Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the whole row's accumulators stay
+// in registers and the block is read strictly sequentially.  Same per-column operations and order as below.
+template <class T, int Kind, int NV>
+inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict x, const T* __restrict dy,
+                                                            T* __restrict dx, int64_t rows, const T* c0, const T* c1,
+                                                            const T* c2, double* p1, double* p2) {
+  constexpr int64_t W = NV * kLanes;
+  const double nr = static_cast<double>(rows);
+  V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
+  if constexpr (Kind == 0) {
+    V16<T> sum[NV] = {};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * W + v * kLanes);
+    for (int v = 0; v < NV; ++v)
+      for (int l = 0; l < kLanes; ++l) k0[v][l] = static_cast<T>(static_cast<double>(sum[v][l]) / nr);
+  } else {
+    for (int v = 0; v < NV; ++v) {
+      k0[v] = load16(c0 + v * kLanes);
+      k1[v] = load16(c1 + v * kLanes);
+      if constexpr (Kind == 2) k2[v] = load16(c2 + v * kLanes);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (Kind == 0) {
+        V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
+        a1[v] += d;
+        a2[v] += d * d;
+      } else {
+        V16<T> d = load16(dy + r * W + v * kLanes);
+        if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
+        a1[v] += d;
+        a2[v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+      }
+    }
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t j = v * kLanes + l;
+      if constexpr (Kind == 0) {
+        bn_shifted_to_moments(nr, static_cast<double>(k0[v][l]), static_cast<double>(a1[v][l]),
+                              static_cast<double>(a2[v][l]), &p1[j], &p2[j]);
+      } else {
+        p1[j] = static_cast<double>(a1[v][l]);
+        p2[j] = static_cast<double>(a2[v][l]);
+      }
+    }
+}
+
+constexpr int64_t kColChunk = 1024;
 template <class T, int Kind>
 OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
-                         int64_t width, const T* c0, const T* c1, const T* c2, double* p1, double* p2) {
-  constexpr int NV = kTileBytes / kLanes / static_cast<int>(sizeof(T)) > 0
-                         ? kTileBytes / kLanes / static_cast<int>(sizeof(T)) : 1;
-  constexpr int W = NV * kLanes;
+                         int64_t width, const T* __restrict c0, const T* __restrict c1, const T* __restrict c2,
+                         double* __restrict p1, double* __restrict p2) {
+  switch (width) {
+    case 16: return rows_sums_narrow<T, Kind, 1>(x, dy, dx, rows, c0, c1, c2, p1, p2);
+    case 32: return rows_sums_narrow<T, Kind, 2>(x, dy, dx, rows, c0, c1, c2, p1, p2);
+    case 48: return rows_sums_narrow<T, Kind, 3>(x, dy, dx, rows, c0, c1, c2, p1, p2);
+    case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, p1, p2);
+    default: break;
+  }
+  alignas(64) T s1[kColChunk], s2[kColChunk], kk[kColChunk];
   const double nr = static_cast<double>(rows);
-  int64_t j0 = 0;
-  for (; j0 + W <= width; j0 += W) {
-    V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
+  for (int64_t j0 = 0; j0 < width; j0 += kColChunk) {
+    const int64_t w = std::min(kColChunk, width - j0);
     if constexpr (Kind == 0) {
-      V16<T> sum[NV] = {};
-      for (int64_t r = 0; r < rows; ++r)
-        for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * width + j0 + v * kLanes);
-      for (int v = 0; v < NV; ++v)
-        for (int l = 0; l < kLanes; ++l) k0[v][l] = static_cast<T>(static_cast<double>(sum[v][l]) / nr);
-    } else {
-      for (int v = 0; v < NV; ++v) {
-        k0[v] = load16(c0 + j0 + v * kLanes);
-        k1[v] = load16(c1 + j0 + v * kLanes);
-        if constexpr (Kind == 2) k2[v] = load16(c2 + j0 + v * kLanes);
+      for (int64_t j = 0; j < w; ++j) s1[j] = T(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * width + j0;
+        for (int64_t j = 0; j < w; ++j) s1[j] += xr[j];
       }
+      for (int64_t j = 0; j < w; ++j) kk[j] = static_cast<T>(static_cast<double>(s1[j]) / nr);
     }
+    for (int64_t j = 0; j < w; ++j) s1[j] = s2[j] = T(0);
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * width + j0;
-      for (int v = 0; v < NV; ++v) {
-        if constexpr (Kind == 0) {
-          V16<T> d = load16(xr + v * kLanes) - k0[v];
-          a1[v] += d;
-          a2[v] += d * d;
-        } else {
-          const T* gr = dy + r * width + j0;
-          V16<T> d = load16(gr + v * kLanes);
-          if constexpr (Kind == 2) store16(dx + r * width + j0 + v * kLanes, k2[v] * d);
-          a1[v] += d;
-          a2[v] += d * ((load16(xr + v * kLanes) - k0[v]) - k1[v]);
-        }
-      }
-    }
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t j = j0 + v * kLanes + l;
-        if constexpr (Kind == 0) {
-          bn_shifted_to_moments(nr, static_cast<double>(k0[v][l]), static_cast<double>(a1[v][l]),
-                                static_cast<double>(a2[v][l]), &p1[j], &p2[j]);
-        } else {
-          p1[j] = static_cast<double>(a1[v][l]);
-          p2[j] = static_cast<double>(a2[v][l]);
-        }
-      }
-  }
-  for (int64_t j = j0; j < width; ++j) {
-    T a1 = T(0), a2 = T(0), K = T(0);
-    if constexpr (Kind == 0) {
-      T sum = T(0);
-      for (int64_t r = 0; r < rows; ++r) sum += x[r * width + j];
-      K = static_cast<T>(static_cast<double>(sum) / nr);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T xv = x[r * width + j];
       if constexpr (Kind == 0) {
-        T d = xv - K;
-        a1 += d;
-        a2 += d * d;
+        for (int64_t j = 0; j < w; ++j) {
+          T d = xr[j] - kk[j];
+          s1[j] += d;
+          s2[j] += d * d;
+        }
       } else {
-        T d = dy[r * width + j];
-        if constexpr (Kind == 2) dx[r * width + j] = c2[j] * d;
-        a1 += d;
-        a2 += d * bn_center(xv, c0[j], c1[j]);
+        const T* gr = dy + r * width + j0;
+        const T* m0 = c0 + j0;
+        const T* m1 = c1 + j0;
+        if constexpr (Kind == 2) {
+          T* orow = dx + r * width + j0;
+          const T* a = c2 + j0;
+          for (int64_t j = 0; j < w; ++j) orow[j] = a[j] * gr[j];
+        }
+        for (int64_t j = 0; j < w; ++j) {
+          T d = gr[j];
+          s1[j] += d;
+          s2[j] += d * bn_center(xr[j], m0[j], m1[j]);
+        }
       }
     }
-    if constexpr (Kind == 0) {
-      bn_shifted_to_moments(nr, static_cast<double>(K), static_cast<double>(a1), static_cast<double>(a2), &p1[j],
-                            &p2[j]);
-    } else {
-      p1[j] = static_cast<double>(a1);
-      p2[j] = static_cast<double>(a2);
+    for (int64_t j = 0; j < w; ++j) {
+      if constexpr (Kind == 0) {
+        bn_shifted_to_moments(nr, static_cast<double>(kk[j]), static_cast<double>(s1[j]),
+                              static_cast<double>(s2[j]), &p1[j0 + j], &p2[j0 + j]);
+      } else {
+        p1[j0 + j] = static_cast<double>(s1[j]);
+        p2[j0 + j] = static_cast<double>(s2[j]);
+      }
     }
   }
 }
 
 template <class T>
-OK_KERNEL void run_scale(const T* __restrict dy, T* __restrict dx, int64_t n, T a) {
-  for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i];
+OK_KERNEL void run_scale(const T* __restrict dy, T* __restrict dx, int64_t n, T a, bool nt) {
+  int64_t i = 0;
+  if (nt) {
+    for (; i < n && !aligned64(dx + i); ++i) dx[i] = a * dy[i];
+    for (; i + kLanes <= n; i += kLanes) stream16(dx + i, a * load16(dy + i));
+    stream_fence();
+  }
+  for (; i < n; ++i) dx[i] = a * dy[i];
 }
 
-// dx = a dy only (eval backward without weight gradients); and the two elementwise row passes.
+// Rows elementwise passes: per-column coefficient arrays, one row at a time.
 template <class T>
 OK_KERNEL void rows_scale(const T* __restrict dy, T* __restrict dx, int64_t rows, int64_t width,
-                          const T* __restrict a) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < width; ++j) dx[r * width + j] = a[j] * dy[r * width + j];
+                          const T* __restrict a, bool nt) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gr = dy + r * width;
+    T* orow = dx + r * width;
+    int64_t j = 0;
+    if (nt) {
+      for (; j < width && !aligned64(orow + j); ++j) orow[j] = a[j] * gr[j];
+      for (; j + kLanes <= width; j += kLanes) stream16(orow + j, load16(a + j) * load16(gr + j));
+    }
+    for (; j < width; ++j) orow[j] = a[j] * gr[j];
+  }
+  if (nt) stream_fence();
 }
 
 template <class T>
 OK_KERNEL void rows_normalize(const T* __restrict x, T* __restrict y, int64_t rows, int64_t width,
                               const T* __restrict mh, const T* __restrict ml, const T* __restrict sc,
-                              const T* __restrict sh) {
+                              const T* __restrict sh, bool nt) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * width;
     T* yr = y + r * width;
-    for (int64_t j = 0; j < width; ++j) yr[j] = bn_center(xr[j], mh[j], ml[j]) * sc[j] + sh[j];
+    int64_t j = 0;
+    if (nt) {
+      for (; j < width && !aligned64(yr + j); ++j) yr[j] = bn_center(xr[j], mh[j], ml[j]) * sc[j] + sh[j];
+      for (; j + kLanes <= width; j += kLanes)
+        stream16(yr + j, ((load16(xr + j) - load16(mh + j)) - load16(ml + j)) * load16(sc + j) + load16(sh + j));
+    }
+    for (; j < width; ++j) yr[j] = bn_center(xr[j], mh[j], ml[j]) * sc[j] + sh[j];
   }
+  if (nt) stream_fence();
 }
 
 template <class T>
 OK_KERNEL void rows_grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t rows,
                                int64_t width, const T* __restrict mh, const T* __restrict ml, const T* __restrict ka,
-                               const T* __restrict kb, const T* __restrict kc) {
+                               const T* __restrict kb, const T* __restrict kc, bool nt) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * width;
     const T* gr = dy + r * width;
     T* orow = dx + r * width;
-    for (int64_t j = 0; j < width; ++j) orow[j] = ka[j] * gr[j] + kb[j] * bn_center(xr[j], mh[j], ml[j]) + kc[j];
+    int64_t j = 0;
+    if (nt) {
+      for (; j < width && !aligned64(orow + j); ++j)
+        orow[j] = ka[j] * gr[j] + kb[j] * bn_center(xr[j], mh[j], ml[j]) + kc[j];
+      for (; j + kLanes <= width; j += kLanes)
+        stream16(orow + j, load16(ka + j) * load16(gr + j) +
+                               load16(kb + j) * ((load16(xr + j) - load16(mh + j)) - load16(ml + j)) + load16(kc + j));
+    }
+    for (; j < width; ++j) orow[j] = ka[j] * gr[j] + kb[j] * bn_center(xr[j], mh[j], ml[j]) + kc[j];
   }
+  if (nt) stream_fence();
 }
 
 // ---- drivers ----------------------------------------------------------------------------------------------
+
+// Outputs at least this large are written with non-temporal stores (they would not survive in L2 + L3 anyway).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 int threads_for(const BnShape& s) { return threads_for_total(s.numel()); }
 
@@ -291,15 +422,28 @@ Unit cf_unit(const BnShape& s, int64_t c, int64_t u) {
   return Unit{(n * s.channels + c) * s.inner + begin, std::min(kBnChunk, s.inner - begin)};
 }
 
-// A reduction's running value: moments (n, mean, m2), combined with Chan's formula, or a pair of sums (n, sum_a,
-// sum_b), added.  Either way partials are combined in a fixed order, never in thread order.
+// A reduction's running value.  Sums (kMoments false): (n, sum_a, sum_b), added.  Moments (kMoments true): the
+// partials (n_k, mean_k, m2_k) are accumulated in double as shifted sums around K, the first partial's mean:
+// a = sum n_k (mean_k - K), b = sum (m2_k + n_k (mean_k - K)^2); then mean = K + a / n and m2 = b - a^2 / n.  No
+// division per partial, and in double the cancellation of b - a^2/n costs at most eps64 (K - mean)^2 / var, far
+// below float32 resolution even when the first partial sits many standard deviations from the channel mean.
+// Partials are always taken in a fixed order, never in thread order.
 struct Acc {
-  double n = 0.0, a = 0.0, b = 0.0;
+  double n = 0.0, a = 0.0, b = 0.0, K = 0.0;
+  double mean() const { return n > 0.0 ? K + a / n : 0.0; }
+  double m2() const {
+    double v = n > 0.0 ? b - a * (a / n) : 0.0;
+    return v > 0.0 ? v : 0.0;
+  }
 };
 template <bool kMoments>
 inline void acc_add(Acc* t, double n, double a, double b) {
   if constexpr (kMoments) {
-    bn_chan_combine(&t->n, &t->a, &t->b, n, a, b);
+    if (t->n == 0.0) t->K = a;
+    const double d = a - t->K;
+    t->n += n;
+    t->a += n * d;
+    t->b += b + n * d * d;
   } else {
     t->n += n;
     t->a += a;
@@ -383,29 +527,41 @@ void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, F
       run_blocks(lo, hi);
     });
   }
-  for (int64_t c = 0; c < s.channels; ++c) {
-    Acc tot;
-    for (int64_t b = 0; b < nb; ++b) {
-      const double nr = static_cast<double>(std::min(plan.rows, (b + 1) * plan.row_block) - b * plan.row_block);
-      const double* p1 = &partial[static_cast<size_t>(2 * b * W + c * s.inner)];
-      const double* p2 = &partial[static_cast<size_t>((2 * b + 1) * W + c * s.inner)];
-      for (int64_t i = 0; i < s.inner; ++i) acc_add<kMoments>(&tot, nr, p1[i], p2[i]);
-    }
-    finish(c, tot);
+  // Each channel takes its partials block by block, column by column; the loops run block-major so the partial
+  // buffer is read sequentially.
+  std::vector<Acc> tot(static_cast<size_t>(s.channels));
+  for (int64_t b = 0; b < nb; ++b) {
+    const double nr = static_cast<double>(std::min(plan.rows, (b + 1) * plan.row_block) - b * plan.row_block);
+    const double* p1 = &partial[static_cast<size_t>(2 * b * W)];
+    const double* p2 = &partial[static_cast<size_t>((2 * b + 1) * W)];
+    for (int64_t c = 0; c < s.channels; ++c)
+      for (int64_t i = 0; i < s.inner; ++i)
+        acc_add<kMoments>(&tot[static_cast<size_t>(c)], nr, p1[c * s.inner + i], p2[c * s.inner + i]);
   }
+  for (int64_t c = 0; c < s.channels; ++c) finish(c, tot[static_cast<size_t>(c)]);
 }
 
-template <class Apply>  // apply(r0, r1) over all rows, split by threads
+// Rows elementwise passes run over "super-rows" of m consecutive rows (m * width >= 512 values), with per-column
+// coefficient arrays repeated m times, so narrow rows (channels-last with few channels) still get long vector
+// loops.  apply(row0, nrows, w) covers rows [row0, row0 + nrows * w / width) as nrows rows of w values.
+inline int64_t super_rows(int64_t width) { return width >= 512 || width < 1 ? 1 : (512 + width - 1) / width; }
+
+template <class Apply>
 void rows_apply(const BnShape& s, const BnPlan& plan, Apply&& apply) {
-  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), plan.rows));
+  const int64_t m = super_rows(plan.width), supers = plan.rows / m, rest = plan.rows - supers * m;
+  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), std::max<int64_t>(supers, 1)));
+  auto part = [&](int64_t lo, int64_t hi, bool last) {
+    if (lo < hi) apply(lo * m, hi - lo, m * plan.width);
+    if (last && rest > 0) apply(supers * m, rest, plan.width);
+  };
   if (nt <= 1) {
-    apply(int64_t(0), plan.rows);
+    part(0, supers, true);
     return;
   }
   parallel_run(nt, [&](int tid, int n) {
     int64_t lo, hi;
-    part_bounds(plan.rows, tid, n, 1, &lo, &hi);
-    if (lo < hi) apply(lo, hi);
+    part_bounds(supers, tid, n, 1, &lo, &hi);
+    part(lo, hi, tid == n - 1);
   });
 }
 
@@ -421,10 +577,12 @@ struct Typed {
   T* out;
   const T* w;
   const T* b;
+  bool nt;  // stream the output past the caches (it is too large to stay in them)
   explicit Typed(const BnArgs& args)
       : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), x(static_cast<const T*>(args.x)),
         dy(static_cast<const T*>(args.dy)), out(static_cast<T*>(args.out)), w(static_cast<const T*>(args.weight)),
-        b(static_cast<const T*>(args.bias)) {}
+        b(static_cast<const T*>(args.bias)),
+        nt(args.shape.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes) {}
 
   double gamma(int64_t c) const { return w ? static_cast<double>(w[c]) : 1.0; }
   double beta(int64_t c) const { return b ? static_cast<double>(b[c]) : 0.0; }
@@ -433,18 +591,22 @@ struct Typed {
   // Expand per-channel values to per-column arrays (rows layout).
   template <class F>
   std::vector<T> per_column(F&& f) const {
-    std::vector<T> v(static_cast<size_t>(plan.width));
+    const int64_t m = super_rows(plan.width);  // repeated for rows_apply's super-rows
+    std::vector<T> v(static_cast<size_t>(m * plan.width));
     for (int64_t c = 0; c < s.channels; ++c)
       for (int64_t i = 0; i < s.inner; ++i) v[static_cast<size_t>(c * s.inner + i)] = f(c);
+    for (int64_t k = 1; k < m; ++k)
+      std::copy(v.begin(), v.begin() + plan.width, v.begin() + k * plan.width);
     return v;
   }
 
   // From a channel's moments: mean and m2 (written to a.mean / a.m2 when present), and the forward
   // finalisation when `finalize`: invstd, running stats.
   void finish_stats(int64_t c, const Acc& t, bool finalize) const {
-    a.mean[c] = t.a;
-    if (a.m2) a.m2[c] = t.b;
-    if (finalize) finalize_channel(c, t.a, t.b, t.n);
+    const double mean = t.mean(), m2 = t.m2();
+    a.mean[c] = mean;
+    if (a.m2) a.m2[c] = m2;
+    if (finalize) finalize_channel(c, mean, m2, t.n);
   }
   void finalize_channel(int64_t c, double mean, double m2, double n) const {
     a.invstd[c] = bn_invstd(m2, n, a.eps);
@@ -467,7 +629,7 @@ struct Typed {
     if (plan.channels_first) {
       auto reduce = [&](int64_t, Unit u, double* o) { run_moments<T>(x + u.offset, u.len, o); };
       auto finish = [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); };
-      auto apply = [&](int64_t c, Unit u) { run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c)); };
+      auto apply = [&](int64_t c, Unit u) { run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c), nt); };
       cf_drive<true>(s, reduce, finish, apply, normalize);
       return;
     }
@@ -488,9 +650,9 @@ struct Typed {
     auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
     auto sc = per_column([&](int64_t c) { return cc[c].scale; });
     auto sh = per_column([&](int64_t c) { return cc[c].shift; });
-    rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
-      rows_normalize<T>(x + r0 * plan.width, out + r0 * plan.width, r1 - r0, plan.width, mh.data(), ml.data(),
-                        sc.data(), sh.data());
+    rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
+      rows_normalize<T>(x + r0 * plan.width, out + r0 * plan.width, nr, w, mh.data(), ml.data(), sc.data(),
+                        sh.data(), nt);
     });
   }
 
@@ -500,7 +662,7 @@ struct Typed {
       auto body = [&](int64_t lo, int64_t hi) {
         for (int64_t g = lo; g < hi; ++g) {
           Unit u = cf_unit(s, g / units, g % units);
-          run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(g / units));
+          run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(g / units), nt);
         }
       };
       const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
@@ -530,7 +692,7 @@ struct Typed {
         o[0] = static_cast<double>(u.len);
       };
       auto apply = [&](int64_t c, Unit u) {
-        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c));
+        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c), nt);
       };
       cf_drive<false>(s, reduce, finish, apply, then_dx);
       return;
@@ -557,10 +719,9 @@ struct Typed {
     auto ka = per_column([&](int64_t c) { return kk[c].a; });
     auto kb = per_column([&](int64_t c) { return kk[c].b; });
     auto kc = per_column([&](int64_t c) { return kk[c].c; });
-    rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
+    rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
       const int64_t o = r0 * plan.width;
-      rows_grad_input<T>(dy + o, x + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), kb.data(),
-                         kc.data());
+      rows_grad_input<T>(dy + o, x + o, out + o, nr, w, mh.data(), ml.data(), ka.data(), kb.data(), kc.data(), nt);
     });
   }
 
@@ -571,7 +732,7 @@ struct Typed {
       auto body = [&](int64_t lo, int64_t hi) {
         for (int64_t g = lo; g < hi; ++g) {
           Unit u = cf_unit(s, g / units, g % units);
-          run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(g / units));
+          run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(g / units), nt);
         }
       };
       const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
@@ -602,7 +763,7 @@ struct Typed {
         if (want) {
           run_grad_sums<T>(dy + u.offset, x + u.offset, out + u.offset, k.a, u.len, k.mean_hi, k.mean_lo, o + 1);
         } else {
-          run_scale<T>(dy + u.offset, out + u.offset, u.len, k.a);
+          run_scale<T>(dy + u.offset, out + u.offset, u.len, k.a, nt);
           o[1] = o[2] = 0.0;
         }
       };
@@ -613,9 +774,9 @@ struct Typed {
     for (int64_t c = 0; c < s.channels; ++c) kk[static_cast<size_t>(c)] = coef(c);
     auto ka = per_column([&](int64_t c) { return kk[c].a; });
     if (!want) {
-      rows_apply(s, plan, [&](int64_t r0, int64_t r1) {
+      rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
         const int64_t o = r0 * plan.width;
-        rows_scale<T>(dy + o, out + o, r1 - r0, plan.width, ka.data());
+        rows_scale<T>(dy + o, out + o, nr, w, ka.data(), nt);
       });
       return;
     }
