@@ -1,24 +1,39 @@
 // CUDA executor for batch norm: the rules of batch_norm_rules.h over dense (outer, channels, inner) tensors.
 //
 // Every op is at most three stream-ordered launches, each thin:
-//  1. a reduction kernel that walks the host plan (bn_plan) and writes per-unit partial sums to scratch:
+//  1. a reduction kernel that walks the host plan (bn_plan) and writes per-unit partials to scratch, each
+//     computed as the CPU executor computes it, in the CPU's order:
 //     - channels-first (inner >= kBnMinInner, e.g. NCHW): a unit is at most kBnChunk contiguous values of one
-//       run (n, c); its sum is the CPU executor's, in the CPU's order: 16 lanes accumulate in T over lane
-//       blocks of 1024 values, lanes and tails are added in double per lane block, lane blocks in order.
+//       run (n, c), cut into lane blocks of 1024 values (the last shorter: blk values, vec = blk / 64 * 64).
+//       A lane block is served by 16 threads with four T accumulators each: the CPU's 64 lanes (value j < vec
+//       to lane j % 64, thread j % 16, accumulator j % 64 / 16).  A lane block's total is the CPU's lanes_sum:
+//       the four accumulators added as (0 + 1) + (2 + 3) in T, widened to double, the 16 lanes added as the
+//       fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (shuffles), then the tail [vec, blk) in double, in order.
+//       Statistics (two sweeps per lane block): K = T(total of x / blk); then the totals b1, b2 of d = x - K
+//       and d^2 (tail: d = double(x - K)) give the block's (mean, m2) = bn_shifted_to_moments(blk, K, b1, b2);
+//       the unit's lane blocks are combined in order as shifted sums around the first block's mean (the
+//       CPU's run_moments), and the unit partial is (n, mean, m2).  Gradient sums (one sweep): the lane
+//       blocks' totals added in double in order; the unit partial is (n, sum dy, sum dy (x - mean)).
 //       A CUDA block of 256 threads holds 16 lane blocks: one unit of up to 16384 values, or several shorter
 //       units side by side.
-//     - rows (small inner, e.g. (N, C) and channels-last NHWC): one thread per (row block, column) sums its
-//       column down the block's rows in T, in row order (coalesced across columns), as the CPU does.
-//  2. a per-channel kernel (one warp per channel when it adds partials) that adds the channel's partials in
-//     the plan's fixed order and applies the per-channel rules: moments, invstd, the running-stat update,
-//     weight gradients, and the per-channel coefficients of the elementwise pass (written to scratch).
+//     - rows (small inner, e.g. (N, C) and channels-last NHWC): one thread per (row block, column) walks its
+//       column down the block's nr rows in T, in row order (coalesced across columns), as the CPU does.
+//       Statistics: sweep 1 sums the column, K = T(sum / nr); sweep 2 accumulates d = x - K and d^2; the
+//       partial is (mean, m2) = bn_shifted_to_moments(nr, K, sum d, sum d^2), its count nr implied by the
+//       block.  Gradient sums: the two sums.
+//  2. a per-channel kernel (one warp per channel when it folds partials) that folds the channel's partials in
+//     the plan's fixed order (channels-first: units u = n kc + k in order; rows: block by block, column by
+//     column) exactly as the CPU's Acc / acc_add does: moments as shifted sums around the first partial's
+//     mean (mean = K + a / n, m2 = max(b - a^2 / n, 0)), gradient sums added.  It then applies the
+//     per-channel rules: moments, invstd, the running-stat update (over the fold's count), weight gradients,
+//     and the per-channel coefficients of the elementwise pass (written to scratch).
 //  3. a grid-stride elementwise kernel (normalize, grad input, or dx = a dy) that reads the coefficients;
 //     the channel of each element is tracked incrementally (no division per element), with 16-byte loads
 //     when every array is aligned.  Channels-last needs no transpose.
-// No floating-point atomics and no order that depends on the grid: results are the same run to run, and the
-// partial sums are added in the CPU executor's order (the GPU is built with --fmad=false).  Scratch is
-// stream-ordered (cudaMallocAsync / cudaFreeAsync), every CUDA call and launch is checked, a failure throws,
-// and nothing falls back to the CPU.  No call synchronizes the stream.
+// No floating-point atomics and no order that depends on the grid: results are the same run to run, and every
+// value is computed with the CPU executor's operations in its order (the GPU is built with --fmad=false, the
+// CPU with -ffp-contract=off).  Scratch is stream-ordered (cudaMallocAsync / cudaFreeAsync), every CUDA call and
+// launch is checked, a failure throws, and nothing falls back to the CPU.  No call synchronizes the stream.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -37,7 +52,9 @@ namespace {
 constexpr int kThreads = 256;            // reduction (channels-first) and elementwise blocks
 constexpr int kRowThreads = 128;         // rows reduction blocks (often few columns: spread them over SMs)
 constexpr int kChanThreads = 128;        // per-channel kernels (4 warps = 4 channels when adding partials)
-constexpr int kLanes = 16;               // accumulator lanes per lane block (as the CPU executor)
+constexpr int kLanes = 16;               // threads per lane block (the CPU executor's 16-lane vectors)
+constexpr int kAcc = 4;                  // accumulators per thread (the CPU's four 16-lane accumulators)
+constexpr int kWide = kAcc * kLanes;     // accumulator lanes per lane block: value j < vec goes to lane j % 64
 constexpr int64_t kLaneBlock = 1024;     // values summed in T lanes before the lane sums are added in double
 constexpr int kSlots = kThreads / kLanes;  // lane blocks per CUDA block
 constexpr int kMaxShards = 256;          // shard counts passed per bn_combine launch (kernel parameters)
@@ -129,12 +146,12 @@ ChanArgs<T> chan_args(const BnArgs& a, double count) {
 
 int64_t global_count(const BnArgs& a) { return a.count > 0 ? a.count : a.shape.count(); }
 
-// Forward finalisation of channel c from (mean, m2) over A.count values: invstd, running stats, coefficients.
+// Forward finalisation of channel c from (mean, m2) over `count` values: invstd, running stats, coefficients.
 template <class T>
-__device__ void finish_forward(const ChanArgs<T>& A, int64_t c, double mean, double m2) {
-  const double invstd = bn_invstd(m2, A.count, A.eps);
+__device__ void finish_forward(const ChanArgs<T>& A, int64_t c, double mean, double m2, double count) {
+  const double invstd = bn_invstd(m2, count, A.eps);
   if (A.invstd) A.invstd[c] = invstd;
-  if (A.running_mean) bn_update_running<T>(A.running_mean + c, A.running_var + c, mean, m2, A.count, A.factor);
+  if (A.running_mean) bn_update_running<T>(A.running_mean + c, A.running_var + c, mean, m2, count, A.factor);
   A.norm[c] = bn_norm_coef<T>(mean, invstd, A.gamma(c), A.beta(c));
 }
 
@@ -150,8 +167,35 @@ __device__ void finish_grad(const ChanArgs<T>& A, int64_t c, double sum_dy, doub
     A.grad[c] = bn_grad_coef_train<T>(A.count, A.mean[c], A.invstd[c], A.gamma(c), sum_dy, sum_dy_xmu);
 }
 
+// A reduction's running value, as the CPU executor's Acc / acc_add.  Sums (kMoments false): (n, a, b) added.
+// Moments (kMoments true): partials (n_k, mean_k, m2_k) accumulated as shifted sums around K, the first
+// partial's mean: a = sum n_k (mean_k - K), b = sum (m2_k + n_k (mean_k - K)^2); mean = K + a / n and
+// m2 = max(b - a^2 / n, 0).  Partials are always taken in a fixed order.
+struct Acc {
+  double n = 0.0, a = 0.0, b = 0.0, K = 0.0;
+  __device__ double mean() const { return n > 0.0 ? K + a / n : 0.0; }
+  __device__ double m2() const {
+    double v = n > 0.0 ? b - a * (a / n) : 0.0;
+    return v > 0.0 ? v : 0.0;
+  }
+};
+template <bool kMoments>
+__device__ __forceinline__ void acc_add(Acc* t, double n, double a, double b) {
+  if constexpr (kMoments) {
+    if (t->n == 0.0) t->K = a;
+    const double d = a - t->K;
+    t->n += n;
+    t->a += n * d;
+    t->b += b + n * d * d;
+  } else {
+    t->n += n;
+    t->a += a;
+    t->b += b;
+  }
+}
+
 // ---- reductions ---------------------------------------------------------------------------------------------
-// Kind 0: shifted sums (x - K, (x - K)^2), K = the channel's first value.
+// Kind 0: moments (n, mean, m2) from per-lane-block two-sweep shifted sums.
 // Kind 1: gradient sums (dy, dy (x - mean)); with dx non-null also dx = a dy (eval backward, a = gamma invstd).
 
 template <class T>
@@ -166,16 +210,14 @@ struct ReduceIn {
 };
 
 template <class T>
-struct RunCoef {
-  T k0, k1, a;  // kind 0: K; kind 1: mean_hi, mean_lo and (with dx) a
+struct GradRunCoef {
+  T k0, k1, a;  // mean_hi, mean_lo and (with dx) a
 };
 
-template <class T, int Kind>
-__device__ __forceinline__ RunCoef<T> run_coef(const ReduceIn<T>& in, int64_t c) {
-  RunCoef<T> r{T(0), T(0), T(0)};
-  if constexpr (Kind == 0) {
-    r.k0 = in.x[c * in.inner];
-  } else if (in.dx != nullptr) {
+template <class T>
+__device__ __forceinline__ GradRunCoef<T> grad_run_coef(const ReduceIn<T>& in, int64_t c) {
+  GradRunCoef<T> r{T(0), T(0), T(0)};
+  if (in.dx != nullptr) {
     const double gamma = in.weight ? static_cast<double>(in.weight[c]) : 1.0;
     const BnGradCoef<T> k = bn_grad_coef_eval<T>(in.mean[c], in.invstd[c], gamma);
     r.k0 = k.mean_hi;
@@ -191,7 +233,7 @@ __device__ __forceinline__ RunCoef<T> run_coef(const ReduceIn<T>& in, int64_t c)
 
 // Channels-first geometry.  Unit g (0 <= g < total) is (c, u) = (g / units, g % units), u = n kc + k: the
 // values [(n C + c) inner + k kBnChunk, + len).  A unit spans up to `lbp` lane blocks (a power of two); a CUDA
-// block holds `upb` = kSlots / lbp units, each served by tpu = kLanes lbp threads.
+// block holds `upb` = kSlots / lbp units, each served by tpu = kLanes lbp threads (kLanes per lane block).
 struct CfGeom {
   int64_t C = 0, inner = 0, kc = 0, units = 0, total = 0;
   int lbp = 1, tpu = kLanes, upb = kSlots;
@@ -208,118 +250,176 @@ __device__ __forceinline__ Unit cf_unit(const CfGeom& g, int64_t gu) {
   return Unit{c, (n * g.C + c) * g.inner + begin, imin(kBnChunk, g.inner - begin)};
 }
 
-// One lane of a lane block: values lane, lane + 16, ... below vec, accumulated in T (as the CPU's lanes).
-template <class T, int Kind>
-__device__ __forceinline__ void lane_sums(const ReduceIn<T>& in, int64_t off, int lane, int64_t vec,
-                                          const RunCoef<T>& k, double* s1, double* s2) {
-  T a1 = T(0), a2 = T(0);
-  const T* p = in.x + off;
-  if constexpr (Kind == 0) {
-#pragma unroll 4
-    for (int64_t m = lane; m < vec; m += kLanes) {
-      const T d = p[m] - k.k0;
-      a1 += d;
-      a2 += d * d;
+// A lane block of blk values is served by the kLanes threads of one 16-thread group (lane = thread % 16).  The
+// CPU's 64 accumulator lanes (value j < vec to lane j % 64, vec = blk / 64 * 64) are split as its 16-lane
+// vectors are: thread `lane` holds accumulators k = 0..3 for the values j + 16 k + lane, j = 0, 64, ...
+// The CPU's lanes_sum: the four accumulators added pairwise in T, (v0 + v1) + (v2 + v3), widened to double, then
+// the 16 lanes added as the fixed tree h[l] += h[l + w], w = 8, 4, 2, 1 (shuffles inside the group; the whole
+// warp calls it).  Lane 0 of the group ends with the total.
+template <class T>
+__device__ __forceinline__ double lanes_sum(const T* v) {
+  double h = static_cast<double>((v[0] + v[1]) + (v[2] + v[3]));
+#pragma unroll
+  for (int w = kLanes / 2; w >= 1; w /= 2) h += __shfl_down_sync(0xffffffffu, h, w, kLanes);
+  return h;
+}
+
+// Kind 0, one lane block (blk may be 0 for an idle group: then nothing is read and the results are unused).
+// Sweep 1: rough = lanes_sum of the values, then the tail values [vec, blk) in double, in order (lane 0);
+// K = T(rough / blk), broadcast to the group.  Sweep 2: the lanes accumulate d = x - K, d^2 in T; b1, b2 =
+// lanes_sum, then the tail's d = double(x - K) and d^2 in order (lane 0); lane 0 ends with the block's
+// (mean, m2) = bn_shifted_to_moments(blk, K, b1, b2).
+template <class T>
+__device__ __forceinline__ void lane_block_moments(const T* __restrict p, int64_t blk, int lane, double* mean,
+                                                   double* m2) {
+  const int64_t vec = blk / kWide * kWide;
+  T s[kAcc] = {T(0), T(0), T(0), T(0)};
+  for (int64_t j = 0; j < vec; j += kWide) {
+#pragma unroll
+    for (int k = 0; k < kAcc; ++k) s[k] += p[j + k * kLanes + lane];
+  }
+  double rough = lanes_sum<T>(s);
+  T K = T(0);
+  if (lane == 0 && blk > 0) {
+    for (int64_t j = vec; j < blk; ++j) rough += static_cast<double>(p[j]);
+    K = static_cast<T>(rough / static_cast<double>(blk));
+  }
+  K = __shfl_sync(0xffffffffu, K, 0, kLanes);
+  T a1[kAcc] = {T(0), T(0), T(0), T(0)}, a2[kAcc] = {T(0), T(0), T(0), T(0)};
+  for (int64_t j = 0; j < vec; j += kWide) {
+#pragma unroll
+    for (int k = 0; k < kAcc; ++k) {
+      const T d = p[j + k * kLanes + lane] - K;
+      a1[k] += d;
+      a2[k] += d * d;
     }
-  } else {
-    const T* g = in.dy + off;
-    T* o = in.dx != nullptr ? in.dx + off : nullptr;
-#pragma unroll 4
-    for (int64_t m = lane; m < vec; m += kLanes) {
+  }
+  double b1 = lanes_sum<T>(a1), b2 = lanes_sum<T>(a2);
+  *mean = 0.0;
+  *m2 = 0.0;
+  if (lane == 0 && blk > 0) {
+    for (int64_t j = vec; j < blk; ++j) {
+      const double d = static_cast<double>(p[j] - K);
+      b1 += d;
+      b2 += d * d;
+    }
+    bn_shifted_to_moments(static_cast<double>(blk), static_cast<double>(K), b1, b2, mean, m2);
+  }
+}
+
+// Kind 1, one lane block (same lanes as above, one sweep): lane 0 ends with the block's (sum dy, sum dy (x -
+// mean)): the lanes_sum of the T lanes, then the tail's terms in double, in order.
+template <class T>
+__device__ __forceinline__ void lane_block_grad_sums(const ReduceIn<T>& in, int64_t off, int64_t blk, int lane,
+                                                     const GradRunCoef<T>& k, double* s1, double* s2) {
+  const int64_t vec = blk / kWide * kWide;
+  const T* p = in.x + off;
+  const T* g = in.dy + off;
+  T* o = in.dx != nullptr ? in.dx + off : nullptr;
+  T a1[kAcc] = {T(0), T(0), T(0), T(0)}, a2[kAcc] = {T(0), T(0), T(0), T(0)};
+  for (int64_t j = 0; j < vec; j += kWide) {
+#pragma unroll
+    for (int q = 0; q < kAcc; ++q) {
+      const int64_t m = j + q * kLanes + lane;
       const T d = g[m];
       if (o) o[m] = k.a * d;
-      a1 += d;
-      a2 += d * bn_center(p[m], k.k0, k.k1);
+      a1[q] += d;
+      a2[q] += d * bn_center(p[m], k.k0, k.k1);
     }
   }
-  *s1 = static_cast<double>(a1);
-  *s2 = static_cast<double>(a2);
-}
-
-// The values [vec, blk) of a lane block (fewer than kLanes), added in double after the lanes (as the CPU).
-template <class T, int Kind>
-__device__ __forceinline__ void tail_sums(const ReduceIn<T>& in, int64_t off, int64_t vec, int64_t blk,
-                                          const RunCoef<T>& k, double* b1, double* b2) {
-  const T* p = in.x + off;
-  for (int64_t m = vec; m < blk; ++m) {
-    if constexpr (Kind == 0) {
-      const double d = static_cast<double>(p[m] - k.k0);
-      *b1 += d;
-      *b2 += d * d;
-    } else {
-      const T d = in.dy[off + m];
-      if (in.dx != nullptr) in.dx[off + m] = k.a * d;
-      *b1 += static_cast<double>(d);
-      *b2 += static_cast<double>(d * bn_center(p[m], k.k0, k.k1));
+  double b1 = lanes_sum<T>(a1), b2 = lanes_sum<T>(a2);
+  if (lane == 0) {
+    for (int64_t m = vec; m < blk; ++m) {
+      const T d = g[m];
+      if (o) o[m] = k.a * d;
+      b1 += static_cast<double>(d);
+      b2 += static_cast<double>(d * bn_center(p[m], k.k0, k.k1));
     }
   }
+  *s1 = b1;
+  *s2 = b2;
 }
 
-// Channels-first: partial[2 gu + {0, 1}] = the sums of unit gu.  Grid-stride over groups of upb units.
+// Channels-first: partial[3 gu + {0, 1, 2}] = unit gu's (n, mean, m2) (Kind 0, its lane blocks combined in
+// order as the CPU's run_moments does) or (n, sum dy, sum dy (x - mean)) (Kind 1, lane-block sums added in
+// order).  Grid-stride over groups of upb units; every thread of the block runs every group (the lane sums
+// shuffle within whole warps).
 template <class T, int Kind>
 __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<T> in, double* partial) {
-  __shared__ double lane1[kThreads], lane2[kThreads];
   __shared__ double blk1[kSlots], blk2[kSlots];
   const int t = static_cast<int>(threadIdx.x);
-  const int slot = t / g.tpu, lb = (t % g.tpu) / kLanes, lane = t % kLanes;
+  const int slot = t / g.tpu, lb = (t % g.tpu) / kLanes, lane = t % kLanes, q = t / kLanes;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * g.upb; first < g.total;
        first += static_cast<int64_t>(gridDim.x) * g.upb) {
-    // 1. Each thread: one lane of lane block lb of unit `slot`.
+    // 1. Each 16-thread group: lane block lb of unit `slot` (blk = 0 past the unit's end or the last unit).
     {
-      double s1 = 0.0, s2 = 0.0;
       const int64_t gu = first + slot;
+      int64_t off = 0, blk = 0, c = 0;
       if (gu < g.total) {
         const Unit u = cf_unit(g, gu);
         const int64_t begin = lb * kLaneBlock;
+        c = u.c;
         if (begin < u.len) {
-          const int64_t vec = imin(kLaneBlock, u.len - begin) / kLanes * kLanes;
-          lane_sums<T, Kind>(in, u.offset + begin, lane, vec, run_coef<T, Kind>(in, u.c), &s1, &s2);
+          off = u.offset + begin;
+          blk = imin(kLaneBlock, u.len - begin);
         }
       }
-      lane1[t] = s1;
-      lane2[t] = s2;
-    }
-    __syncthreads();
-    // 2. Thread q < kSlots: lane block q (threads 16 q .. 16 q + 15 above): its lanes in order, then its tail.
-    if (t < kSlots) {
-      double b1 = 0.0, b2 = 0.0;
-      const int64_t gu = first + t / g.lbp;
-      if (gu < g.total) {
-        const Unit u = cf_unit(g, gu);
-        const int64_t begin = (t % g.lbp) * kLaneBlock;
-        if (begin < u.len) {
-          const int64_t blk = imin(kLaneBlock, u.len - begin), vec = blk / kLanes * kLanes;
-          for (int l = 0; l < kLanes; ++l) {
-            b1 += lane1[t * kLanes + l];
-            b2 += lane2[t * kLanes + l];
-          }
-          if (vec < blk) tail_sums<T, Kind>(in, u.offset + begin, vec, blk, run_coef<T, Kind>(in, u.c), &b1, &b2);
-        }
+      double b1, b2;
+      if constexpr (Kind == 0) {
+        lane_block_moments<T>(in.x + off, blk, lane, &b1, &b2);
+      } else {
+        GradRunCoef<T> k{T(0), T(0), T(0)};
+        if (blk > 0) k = grad_run_coef<T>(in, c);
+        lane_block_grad_sums<T>(in, off, blk, lane, k, &b1, &b2);
       }
-      blk1[t] = b1;
-      blk2[t] = b2;
+      if (lane == 0) {
+        blk1[q] = b1;
+        blk2[q] = b2;
+      }
     }
     __syncthreads();
-    // 3. Thread s < upb: unit s's lane blocks in order.
+    // 2. Thread s < upb: unit s's lane blocks, in order.
     if (t < g.upb) {
       const int64_t gu = first + t;
       if (gu < g.total) {
         const Unit u = cf_unit(g, gu);
         const int64_t nlb = (u.len + kLaneBlock - 1) / kLaneBlock;
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t j = 0; j < nlb; ++j) {
-          s1 += blk1[t * g.lbp + j];
-          s2 += blk2[t * g.lbp + j];
+        double* out = partial + 3 * gu;
+        if constexpr (Kind == 0) {
+          double cn = 0.0, ca = 0.0, cb = 0.0, cK = 0.0;
+          for (int64_t j = 0; j < nlb; ++j) {
+            const double nb = static_cast<double>(imin(kLaneBlock, u.len - j * kLaneBlock));
+            const double mean = blk1[t * g.lbp + j], m2 = blk2[t * g.lbp + j];
+            if (cn == 0.0) cK = mean;
+            const double d = mean - cK;
+            cn += nb;
+            ca += nb * d;
+            cb += m2 + nb * d * d;
+          }
+          const double mean = cn > 0.0 ? cK + ca / cn : 0.0, m2 = cn > 0.0 ? cb - ca * (ca / cn) : 0.0;
+          out[0] = cn;
+          out[1] = mean;
+          out[2] = m2 > 0.0 ? m2 : 0.0;
+        } else {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t j = 0; j < nlb; ++j) {
+            s1 += blk1[t * g.lbp + j];
+            s2 += blk2[t * g.lbp + j];
+          }
+          out[0] = static_cast<double>(u.len);
+          out[1] = s1;
+          out[2] = s2;
         }
-        partial[2 * gu] = s1;
-        partial[2 * gu + 1] = s2;
       }
     }
     __syncthreads();  // the shared arrays are reused by the next group
   }
 }
 
-// Rows: one thread per (row block b, column col): partial[2 b W + col], partial[(2 b + 1) W + col].
+// Rows: one thread per (row block b, column col): partial[2 b W + col], partial[(2 b + 1) W + col], each column
+// down the block's rows in row order (coalesced across columns), as the CPU's rows_sums.  Kind 0: sweep 1 sums
+// the column in T, K = T(sum / nr); sweep 2 accumulates d = x - K and d^2 in T; the partial is (mean, m2) =
+// bn_shifted_to_moments(nr, K, a1, a2), its count nr implied by the block.  Kind 1: the two gradient sums.
 template <class T, int Kind>
 __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(ReduceIn<T> in, int64_t rows, int64_t width,
                                                                   int64_t row_block, int64_t nblocks,
@@ -328,18 +428,32 @@ __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(ReduceIn<T> in
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
     const int64_t b = it / width, col = it - b * width;
-    const RunCoef<T> k = run_coef<T, Kind>(in, col / in.inner);
-    const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
-    T a1 = T(0), a2 = T(0);
-    const T* xp = in.x + r0 * width + col;
     if constexpr (Kind == 0) {
+      const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
+      T sum = T(0);
+      const T* xp = in.x + r0 * width + col;
+#pragma unroll 4
+      for (int64_t r = r0; r < r1; ++r, xp += width) sum += *xp;
+      const double nr = static_cast<double>(r1 - r0);
+      const T K = static_cast<T>(static_cast<double>(sum) / nr);
+      T a1 = T(0), a2 = T(0);
+      xp = in.x + r0 * width + col;
 #pragma unroll 4
       for (int64_t r = r0; r < r1; ++r, xp += width) {
-        const T d = *xp - k.k0;
+        const T d = *xp - K;
         a1 += d;
         a2 += d * d;
       }
+      double mean, m2;
+      bn_shifted_to_moments(nr, static_cast<double>(K), static_cast<double>(a1), static_cast<double>(a2), &mean,
+                            &m2);
+      partial[2 * b * width + col] = mean;
+      partial[(2 * b + 1) * width + col] = m2;
     } else {
+      const GradRunCoef<T> k = grad_run_coef<T>(in, col / in.inner);
+      const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
+      T a1 = T(0), a2 = T(0);
+      const T* xp = in.x + r0 * width + col;
       const T* gp = in.dy + r0 * width + col;
       T* op = in.dx != nullptr ? in.dx + r0 * width + col : nullptr;
 #pragma unroll 4
@@ -352,48 +466,54 @@ __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(ReduceIn<T> in
         a1 += d;
         a2 += d * bn_center(*xp, k.k0, k.k1);
       }
+      partial[2 * b * width + col] = static_cast<double>(a1);
+      partial[(2 * b + 1) * width + col] = static_cast<double>(a2);
     }
-    partial[2 * b * width + col] = static_cast<double>(a1);
-    partial[(2 * b + 1) * width + col] = static_cast<double>(a2);
   }
 }
 
-// Where channel c's partial sums are, in the order they are added (the plan's fixed order).
+// Where channel c's partials are, in the order they are combined (the plan's fixed order), each as (n, a, b).
 struct Partials {
   const double* p = nullptr;
-  int64_t per_channel = 0;         // partial pairs per channel
+  int64_t per_channel = 0;               // partials per channel
   bool rows = false;
-  int64_t width = 0, inner = 0;    // rows: pair k = (block k / inner, column c inner + k % inner)
-  __device__ __forceinline__ void load(int64_t c, int64_t k, double* s1, double* s2) const {
+  int64_t width = 0, inner = 0;          // rows: partial k = (block k / inner, column c inner + k % inner)
+  int64_t nrows = 0, row_block = 0;      // rows: block b covers rows [b row_block, min(nrows, (b + 1) row_block))
+  __device__ __forceinline__ void load(int64_t c, int64_t k, double* n, double* a, double* b) const {
     if (rows) {
-      const int64_t b = k / inner, i = k - b * inner;
-      const double* q = p + 2 * b * width + c * inner + i;
-      *s1 = q[0];
-      *s2 = q[width];
+      const int64_t blk = k / inner, i = k - blk * inner;
+      const double* q = p + 2 * blk * width + c * inner + i;
+      *n = static_cast<double>(imin(nrows, (blk + 1) * row_block) - blk * row_block);
+      *a = q[0];
+      *b = q[width];
     } else {
-      const double* q = p + 2 * (c * per_channel + k);
-      *s1 = q[0];
-      *s2 = q[1];
+      const double* q = p + 3 * (c * per_channel + k);
+      *n = q[0];
+      *a = q[1];
+      *b = q[2];
     }
   }
 };
 
-// The whole warp adds channel c's partials strictly in order (every lane ends with the same sums): the lanes
-// load 32 partials at a time (coalesced, in flight together) and the sums take them by shuffle, one by one.
-__device__ __forceinline__ void ordered_channel_sums(const Partials& P, int64_t c, double* t1, double* t2) {
+// The whole warp folds channel c's partials strictly in order (every lane ends with the same value): the lanes
+// load 32 partials at a time (coalesced, in flight together) and every lane takes them by shuffle, one by one,
+// into its Acc: the CPU's sequential acc_add, in the CPU's order.
+template <bool kMoments>
+__device__ __forceinline__ Acc ordered_channel_fold(const Partials& P, int64_t c) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  double s1 = 0.0, s2 = 0.0;
+  Acc t;
   for (int64_t base = 0; base < P.per_channel; base += 32) {
-    double v1 = 0.0, v2 = 0.0;
-    if (base + lane < P.per_channel) P.load(c, base + lane, &v1, &v2);
+    double vn = 0.0, va = 0.0, vb = 0.0;
+    if (base + lane < P.per_channel) P.load(c, base + lane, &vn, &va, &vb);
     const int m = static_cast<int>(imin(32, P.per_channel - base));
     for (int k = 0; k < m; ++k) {
-      s1 += __shfl_sync(0xffffffffu, v1, k);
-      s2 += __shfl_sync(0xffffffffu, v2, k);
+      const double n = __shfl_sync(0xffffffffu, vn, k);
+      const double a = __shfl_sync(0xffffffffu, va, k);
+      const double b = __shfl_sync(0xffffffffu, vb, k);
+      acc_add<kMoments>(&t, n, a, b);
     }
   }
-  *t1 = s1;
-  *t2 = s2;
+  return t;
 }
 
 __device__ __forceinline__ int64_t warp_channel() {
@@ -405,20 +525,18 @@ __device__ __forceinline__ int64_t thread_channel() {
 
 // ---- per-channel kernels ------------------------------------------------------------------------------------
 
-// Shifted sums -> mean, m2 (over A.count = shape.count() values); with A.norm also the forward finalisation.
+// Moments -> mean, m2; with A.norm also the forward finalisation over the channel's count (the fold's n, which
+// is shape.count()).
 template <class T>
-__global__ void __launch_bounds__(kChanThreads) stats_finish_kernel(Partials P, const T* x, int64_t inner,
-                                                                    ChanArgs<T> A) {
+__global__ void __launch_bounds__(kChanThreads) stats_finish_kernel(Partials P, ChanArgs<T> A) {
   const int64_t c = warp_channel();
   if (c >= A.C) return;  // whole warps
-  double s1, s2;
-  ordered_channel_sums(P, c, &s1, &s2);
+  const Acc t = ordered_channel_fold<true>(P, c);
   if (threadIdx.x % 32 != 0) return;
-  double mean, m2;
-  bn_shifted_to_moments(A.count, static_cast<double>(x[c * inner]), s1, s2, &mean, &m2);
+  const double mean = t.mean(), m2 = t.m2();
   if (A.mean) A.mean[c] = mean;
   if (A.m2) A.m2[c] = m2;
-  if (A.norm) finish_forward(A, c, mean, m2);
+  if (A.norm) finish_forward(A, c, mean, m2, t.n);
 }
 
 // Gradient sums -> finish_grad (which outputs are written is set by the host through A's pointers).
@@ -426,16 +544,15 @@ template <class T>
 __global__ void __launch_bounds__(kChanThreads) grad_finish_kernel(Partials P, ChanArgs<T> A) {
   const int64_t c = warp_channel();
   if (c >= A.C) return;
-  double s1, s2;
-  ordered_channel_sums(P, c, &s1, &s2);
-  if (threadIdx.x % 32 == 0) finish_grad(A, c, s1, s2);
+  const Acc t = ordered_channel_fold<false>(P, c);
+  if (threadIdx.x % 32 == 0) finish_grad(A, c, t.a, t.b);
 }
 
 // Staged normalize: invstd from the combined (mean, m2) over A.count values, running stats, coefficients.
 template <class T>
 __global__ void __launch_bounds__(kChanThreads) normalize_coef_kernel(ChanArgs<T> A) {
   const int64_t c = thread_channel();
-  if (c < A.C) finish_forward(A, c, A.mean[c], A.m2[c]);
+  if (c < A.C) finish_forward(A, c, A.mean[c], A.m2[c], A.count);
 }
 
 // Eval forward: mean = running_mean, invstd = 1 / sqrt(running_var + eps) (bn_invstd with count 1), coefficients.
@@ -654,7 +771,7 @@ struct Exec {
       g.upb = kSlots / g.lbp;
       P.per_channel = g.units;
       if (g.total == 0) return P;
-      buf.reset(new DeviceBuffer(static_cast<size_t>(2 * g.total) * sizeof(double), stream));
+      buf.reset(new DeviceBuffer(static_cast<size_t>(3 * g.total) * sizeof(double), stream));
       P.p = buf->as<double>();
       cf_reduce_kernel<T, Kind><<<grid_for(g.total, g.upb, sms, 8), kThreads, 0, stream>>>(g, in, buf->as<double>());
       OK_CUDA_CHECK(cudaGetLastError());
@@ -662,6 +779,8 @@ struct Exec {
       P.rows = true;
       P.width = plan.width;
       P.inner = s.inner;
+      P.nrows = plan.rows;
+      P.row_block = plan.row_block;
       P.per_channel = plan.nblocks * s.inner;
       const int64_t items = plan.nblocks * plan.width;
       if (items == 0) return P;
@@ -695,7 +814,7 @@ struct Exec {
     }
     std::unique_ptr<DeviceBuffer> partial;
     const Partials P = reduce<0>(reduce_in(), partial);
-    stats_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, x(), s.inner, A);
+    stats_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
     if (forward) elementwise(NormOp<T>{x(), out(), A.norm});
   }
