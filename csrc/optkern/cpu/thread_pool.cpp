@@ -65,7 +65,7 @@ class Pool {
     fn(0, nthreads);
     int spins = 0;
     while (pending_.load(std::memory_order_acquire) != 0)
-      if (++spins % 1024 == 0) std::this_thread::yield(); else OK_PAUSE();
+      if (++spins % 256 == 0) std::this_thread::yield(); else OK_PAUSE();
   }
 
  private:
@@ -84,12 +84,15 @@ class Pool {
   void worker(int index) {
     uint64_t seen = 0;  // the generation at construction: no job has been posted yet
     for (;;) {
-      // Spin for a short while: consecutive steps then start without a wake-up.
+      // Spin for a short while: consecutive steps then start without a wake-up.  The spin yields every few
+      // microseconds, so a worker sharing a core with the caller's thread (an oversubscribed or busy machine)
+      // lets it run its serial part instead of burning the time slice.
       auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         OK_PAUSE();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
+        if (++spins % 256 == 0) std::this_thread::yield();
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
           std::unique_lock<std::mutex> lk(mu_);
           cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
           break;
