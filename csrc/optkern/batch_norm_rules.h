@@ -38,6 +38,35 @@ OK_HD void bn_chan_combine(double* n, double* mean, double* m2, double nb, doubl
   *n = nn;
 }
 
+// A reduction's running value over partials taken in a fixed order (lane blocks, units, row blocks, columns).
+// Sums (kMoments false): (n, a, b) added.  Moments (kMoments true): partials (n_k, mean_k, m2_k) accumulated in
+// double as shifted sums around K, the first partial's mean: a = sum n_k (mean_k - K),
+// b = sum (m2_k + n_k (mean_k - K)^2); then mean = K + a / n and m2 = b - a^2 / n.  No division per partial; the
+// final cancellation costs at most eps64 (K - mean)^2 / var, far below float32 resolution even when the first
+// partial sits many standard deviations from the mean.
+struct BnAcc {
+  double n = 0.0, a = 0.0, b = 0.0, K = 0.0;
+  OK_HD double mean() const { return n > 0.0 ? K + a / n : 0.0; }
+  OK_HD double m2() const {
+    double v = n > 0.0 ? b - a * (a / n) : 0.0;
+    return v > 0.0 ? v : 0.0;
+  }
+  template <bool kMoments>
+  OK_HD void add(double pn, double pa, double pb) {
+    if (kMoments) {
+      if (n == 0.0) K = pa;
+      const double d = pa - K;
+      n += pn;
+      a += pn * d;
+      b += pb + pn * d * d;
+    } else {
+      n += pn;
+      a += pa;
+      b += pb;
+    }
+  }
+};
+
 OK_HD double bn_invstd(double m2, double count, double eps) {
   return 1.0 / OK_SQRT(m2 / count + eps);
 }

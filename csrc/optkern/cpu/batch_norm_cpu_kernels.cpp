@@ -118,10 +118,10 @@ inline __attribute__((always_inline)) double lanes_sum(const V16<T>* v) {
 // Moments of a run: out = (n, mean, m2), m2 the sum of squared deviations.  Each lane block is swept twice while
 // it sits in L1: first its rough mean K (lane sums), then the sums of x - K and (x - K)^2, so the shift is always
 // near the block's own mean (no cancellation, whatever the data's offset or order); the blocks are then combined
-// in double as shifted sums around the first block's mean (see Acc).
+// in double as shifted sums around the first block's mean (BnAcc).
 template <class T>
 OK_KERNEL void run_moments(const T* __restrict x, int64_t n, double* out) {
-  double cn = 0.0, ca = 0.0, cb = 0.0, cK = 0.0;
+  BnAcc acc;
   for (int64_t i = 0; i < n; i += kLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLaneBlock, n - i);
     const int64_t vec = blk / kWide * kWide;
@@ -147,16 +147,11 @@ OK_KERNEL void run_moments(const T* __restrict x, int64_t n, double* out) {
     }
     double mean, m2;
     bn_shifted_to_moments(static_cast<double>(blk), static_cast<double>(K), b1, b2, &mean, &m2);
-    if (cn == 0.0) cK = mean;
-    const double d = mean - cK;
-    cn += static_cast<double>(blk);
-    ca += static_cast<double>(blk) * d;
-    cb += m2 + static_cast<double>(blk) * d * d;
+    acc.add<true>(static_cast<double>(blk), mean, m2);
   }
-  double mean = cn > 0.0 ? cK + ca / cn : 0.0, m2 = cn > 0.0 ? cb - ca * (ca / cn) : 0.0;
-  out[0] = cn;
-  out[1] = mean;
-  out[2] = m2 > 0.0 ? m2 : 0.0;
+  out[0] = acc.n;
+  out[1] = acc.mean();
+  out[2] = acc.m2();
 }
 
 // Gradient sums: out[0] = sum dy, out[1] = sum dy (x - mean); with dx = a dy written too when dx != null
@@ -422,33 +417,11 @@ Unit cf_unit(const BnShape& s, int64_t c, int64_t u) {
   return Unit{(n * s.channels + c) * s.inner + begin, std::min(kBnChunk, s.inner - begin)};
 }
 
-// A reduction's running value.  Sums (kMoments false): (n, sum_a, sum_b), added.  Moments (kMoments true): the
-// partials (n_k, mean_k, m2_k) are accumulated in double as shifted sums around K, the first partial's mean:
-// a = sum n_k (mean_k - K), b = sum (m2_k + n_k (mean_k - K)^2); then mean = K + a / n and m2 = b - a^2 / n.  No
-// division per partial, and in double the cancellation of b - a^2/n costs at most eps64 (K - mean)^2 / var, far
-// below float32 resolution even when the first partial sits many standard deviations from the channel mean.
-// Partials are always taken in a fixed order, never in thread order.
-struct Acc {
-  double n = 0.0, a = 0.0, b = 0.0, K = 0.0;
-  double mean() const { return n > 0.0 ? K + a / n : 0.0; }
-  double m2() const {
-    double v = n > 0.0 ? b - a * (a / n) : 0.0;
-    return v > 0.0 ? v : 0.0;
-  }
-};
+// Partials are combined with BnAcc (batch_norm_rules.h), always in a fixed order, never in thread order.
+using Acc = BnAcc;
 template <bool kMoments>
 inline void acc_add(Acc* t, double n, double a, double b) {
-  if constexpr (kMoments) {
-    if (t->n == 0.0) t->K = a;
-    const double d = a - t->K;
-    t->n += n;
-    t->a += n * d;
-    t->b += b + n * d * d;
-  } else {
-    t->n += n;
-    t->a += a;
-    t->b += b;
-  }
+  t->add<kMoments>(n, a, b);
 }
 
 // reduce(c, Unit, double[3]) writes a unit's (n, a, b); finish(c, const Acc&) computes the channel's scalars;
@@ -502,6 +475,26 @@ void cf_drive(const BnShape& s, Reduce&& reduce, Finish&& finish, Apply&& apply,
     int64_t lo, hi;
     part_bounds(total, tid, n, 1, &lo, &hi);
     for (int64_t g = lo; g < hi; ++g) apply(g / units, cf_unit(s, g / units, g % units));
+  });
+}
+
+// Channels-first elementwise pass alone (the per-channel scalars are known): apply(c, Unit) over every unit, the
+// units split evenly across threads.
+template <class Apply>
+void cf_apply_all(const BnShape& s, Apply&& apply) {
+  const int64_t units = s.outer * chunks_per_run(s), total = s.channels * units;
+  auto body = [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) apply(g / units, cf_unit(s, g / units, g % units));
+  };
+  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
+  if (nt <= 1) {
+    body(0, total);
+    return;
+  }
+  parallel_run(nt, [&](int tid, int n) {
+    int64_t lo, hi;
+    part_bounds(total, tid, n, 1, &lo, &hi);
+    body(lo, hi);
   });
 }
 
@@ -658,21 +651,9 @@ struct Typed {
 
   void normalize_only() {  // mean and invstd are already in a.mean / a.invstd
     if (plan.channels_first) {
-      const int64_t units = s.outer * chunks_per_run(s), total = s.channels * units;
-      auto body = [&](int64_t lo, int64_t hi) {
-        for (int64_t g = lo; g < hi; ++g) {
-          Unit u = cf_unit(s, g / units, g % units);
-          run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(g / units), nt);
-        }
-      };
-      const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
-      if (nt <= 1) body(0, total);
-      else
-        parallel_run(nt, [&](int tid, int n) {
-          int64_t lo, hi;
-          part_bounds(total, tid, n, 1, &lo, &hi);
-          body(lo, hi);
-        });
+      cf_apply_all(s, [&](int64_t c, Unit u) {
+        run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c), nt);
+      });
       return;
     }
     rows_normalize_all();
@@ -728,21 +709,9 @@ struct Typed {
   void dx_only() {  // training dx from the (global) sums already in a.sum_dy / a.sum_dy_xmu
     for (int64_t c = 0; c < s.channels; ++c) finish_weight_grads(c);
     if (plan.channels_first) {
-      const int64_t units = s.outer * chunks_per_run(s), total = s.channels * units;
-      auto body = [&](int64_t lo, int64_t hi) {
-        for (int64_t g = lo; g < hi; ++g) {
-          Unit u = cf_unit(s, g / units, g % units);
-          run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(g / units), nt);
-        }
-      };
-      const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), total));
-      if (nt <= 1) body(0, total);
-      else
-        parallel_run(nt, [&](int tid, int n) {
-          int64_t lo, hi;
-          part_bounds(total, tid, n, 1, &lo, &hi);
-          body(lo, hi);
-        });
+      cf_apply_all(s, [&](int64_t c, Unit u) {
+        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c), nt);
+      });
       return;
     }
     rows_dx_all();

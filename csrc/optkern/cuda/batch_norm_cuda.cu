@@ -167,31 +167,11 @@ __device__ void finish_grad(const ChanArgs<T>& A, int64_t c, double sum_dy, doub
     A.grad[c] = bn_grad_coef_train<T>(A.count, A.mean[c], A.invstd[c], A.gamma(c), sum_dy, sum_dy_xmu);
 }
 
-// A reduction's running value, as the CPU executor's Acc / acc_add.  Sums (kMoments false): (n, a, b) added.
-// Moments (kMoments true): partials (n_k, mean_k, m2_k) accumulated as shifted sums around K, the first
-// partial's mean: a = sum n_k (mean_k - K), b = sum (m2_k + n_k (mean_k - K)^2); mean = K + a / n and
-// m2 = max(b - a^2 / n, 0).  Partials are always taken in a fixed order.
-struct Acc {
-  double n = 0.0, a = 0.0, b = 0.0, K = 0.0;
-  __device__ double mean() const { return n > 0.0 ? K + a / n : 0.0; }
-  __device__ double m2() const {
-    double v = n > 0.0 ? b - a * (a / n) : 0.0;
-    return v > 0.0 ? v : 0.0;
-  }
-};
+// Partials are combined with BnAcc (batch_norm_rules.h), the same code as the CPU's, in the CPU's order.
+using Acc = BnAcc;
 template <bool kMoments>
 __device__ __forceinline__ void acc_add(Acc* t, double n, double a, double b) {
-  if constexpr (kMoments) {
-    if (t->n == 0.0) t->K = a;
-    const double d = a - t->K;
-    t->n += n;
-    t->a += n * d;
-    t->b += b + n * d * d;
-  } else {
-    t->n += n;
-    t->a += a;
-    t->b += b;
-  }
+  t->add<kMoments>(n, a, b);
 }
 
 // ---- reductions ---------------------------------------------------------------------------------------------
