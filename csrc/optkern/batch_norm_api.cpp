@@ -8,15 +8,12 @@
 
 #include "batch_norm_executors.h"
 
+#include "arg_error.h"
+
 namespace optkern {
 namespace {
 
-[[noreturn]] void bad(const char* name, const char* expected, double got) {
-  std::ostringstream os;
-  os.precision(17);
-  os << name << ": expected " << expected << ", got " << got;
-  throw std::invalid_argument(os.str());
-}
+[[noreturn]] void bad(const char* name, const char* expected, double got) { bad_arg(name, expected, got); }
 
 void check_shape(const BnShape& s) {
   if (s.outer < 0 || s.channels < 1 || s.inner < 0)

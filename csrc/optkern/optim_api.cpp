@@ -9,15 +9,12 @@
 #include "cpu/thread_pool.h"
 #include "executors.h"
 
+#include "arg_error.h"
+
 namespace optkern {
 namespace {
 
-[[noreturn]] void bad(const char* name, const char* expected, double got) {
-  std::ostringstream os;
-  os.precision(17);
-  os << name << ": expected " << expected << ", got " << got;
-  throw std::invalid_argument(os.str());
-}
+[[noreturn]] void bad(const char* name, const char* expected, double got) { bad_arg(name, expected, got); }
 void finite_ge0(const char* name, double v) {
   if (!(std::isfinite(v) && v >= 0.0)) bad(name, "a finite number >= 0", v);
 }
