@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import optkern
+
 from optkern import _C
 
 
@@ -118,3 +120,39 @@ def test_cuda_chunk_plan_known():
 def test_cuda_chunk_plan_bad_chunk(chunk):
     with pytest.raises(ValueError):
         _C._cuda_chunk_plan([10, 20], chunk)
+
+
+# ---- batch norm: the reduction plan and the channel layout (host code shared with the CUDA executor) -----------
+@pytest.mark.parametrize("outer,channels,inner", [(1024, 512, 1), (100352, 64, 1), (32, 64, 3136), (5, 3, 63),
+                                                  (5, 3, 64), (1, 1, 1), (3, 7, 20), (100000, 2, 1)])
+def test_bn_plan_covers_rows_in_fixed_blocks(outer, channels, inner):
+    from optkern import _C
+
+    cf, rows, width, row_block, nblocks = _C._bn_plan(outer, channels, inner)
+    assert cf == (inner >= 64)
+    assert (rows, width) == (outer, channels * inner)
+    if not cf:
+        assert 16 <= row_block <= 256
+        assert nblocks * row_block >= rows > (nblocks - 1) * row_block
+    # the plan depends on the shape only, never on the thread count (results are thread-count independent)
+    saved = optkern.get_num_threads()
+    try:
+        optkern.set_num_threads(1)
+        assert _C._bn_plan(outer, channels, inner) == (cf, rows, width, row_block, nblocks)
+    finally:
+        optkern.set_num_threads(saved)
+
+
+def test_bn_layout_of_common_memory_formats():
+    from optkern import _C
+
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    assert _C.batch_norm_layout(x, 1) == (2, 3, 20)                                  # NCHW
+    assert _C.batch_norm_layout(np.zeros((2, 4, 5, 3), np.float32), -1) == (40, 3, 1)  # NHWC, channel last
+    nchw_view_of_nhwc = np.zeros((2, 4, 5, 3), np.float32).transpose(0, 3, 1, 2)
+    assert _C.batch_norm_layout(nchw_view_of_nhwc, 1) == (40, 3, 1)                 # torch channels_last-like
+    assert _C.batch_norm_layout(np.zeros((7, 1, 9), np.float32), 1) == (1, 1, 63)   # one channel: one block
+    # any permutation of a dense array is (outer, C, inner) blocks: here (H, C, N, W) memory seen as NCHW
+    assert _C.batch_norm_layout(np.zeros((4, 3, 2, 5), np.float32).transpose(2, 1, 0, 3), 1) == (4, 3, 10)
+    with pytest.raises(ValueError, match="^x: the channel axis 1"):
+        _C.batch_norm_layout(np.zeros((2, 3, 4, 10), np.float32)[..., ::2], 1)  # gaps: not one block
