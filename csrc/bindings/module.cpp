@@ -19,6 +19,7 @@ using optkern_py::collect_step;
 using optkern_py::CollectedStep;
 
 void register_batch_norm(py::module_& m);  // batch_norm_bindings.cpp
+void register_lbfgs(py::module_& m);       // lbfgs_bindings.cpp
 
 namespace {
 
@@ -79,6 +80,7 @@ CpuIsa isa_from_name(const std::string& s) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "optkern compiled core: fused optimizer steps and batch norm on CPU (AVX-512/AVX2/scalar) and CUDA";
   register_batch_norm(m);
+  register_lbfgs(m);
 
   // ---- hyperparameter structs (validated by the core before any memory is touched) ----
   py::class_<SgdHyper>(m, "SgdHyper")

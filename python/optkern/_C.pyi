@@ -2,6 +2,8 @@
 
 from typing import Any, Sequence
 
+import numpy as np
+
 class SgdHyper:
     lr: float; momentum: float; dampening: float; weight_decay: float; nesterov: bool; velocity: bool
 class AdamHyper:
@@ -71,3 +73,8 @@ def batch_norm(op: str, arrays: dict[str, Any], axis: int = ..., eps: float = ..
                count: int = ..., counts: Sequence[int] = ..., stream: int = ...) -> int: ...
 def batch_norm_layout(x: Any, axis: int) -> tuple[int, int, int]: ...
 def _bn_plan(outer: int, channels: int, inner: int) -> tuple[bool, int, int, int, int]: ...
+
+# L-BFGS kernels (csrc/bindings/lbfgs_bindings.cpp): arrays of one dtype (float32/float64), element count and
+# device, C-contiguous; at most 64 per list.
+def lbfgs_dots(stored: Sequence[Any], queries: Sequence[Any], stream: int = ...) -> np.ndarray: ...
+def lbfgs_lincomb(vecs: Sequence[Any], coefs: Sequence[float], out: Any, stream: int = ...) -> None: ...

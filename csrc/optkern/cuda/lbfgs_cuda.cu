@@ -1,0 +1,260 @@
+// CUDA executor for the L-BFGS kernels: the rules and the reduction order of lbfgs_rules.h.
+//
+// dots: two stream-ordered launches and one copy back.
+//  1. dots_partials_kernel: one block per chunk of kLbChunk (4096) values.  The block's 256 threads are 16 slots
+//     of 16 lanes: slot s serves the chunk's lane block s (values [256 s, 256 s + 256)), lane l accumulates values
+//     j = l, l + 16, ... < vec in T (lb_dot_step), the 16 lanes are widened to double and added with shuffles as
+//     the tree 8 + 8, 4 + 4, 2 + 2, 1 + 1, and lane 0 adds the tail [vec, blk) in order: the CPU's lane-block
+//     total, bit for bit.  The block totals of up to 32 (query, stored) pairs wait in shared memory; one thread
+//     per pair adds them in block order from 0.0 and writes the chunk's partial to scratch (nchunks x nq*k).
+//     Pairs are walked stored-major, so a stored vector's chunk is read once from DRAM and reused (L1) for
+//     every query.
+//  2. dots_sum_kernel: one thread per (q, i) adds the chunk partials in chunk order from 0.0.
+//  The nq * k doubles are then copied to the host and the call synchronizes the stream once (the result is
+//  host memory); this is the only synchronization in the file.
+// lincomb: one grid-stride launch, the vector pointers and the coefficients (already cast to T) passed by value
+// as a kernel parameter (at most 64 of each, about 1 KB); 16-byte loads and stores when every array is 16-byte
+// aligned, one element at a time otherwise.  No synchronization.
+// No floating-point atomics and no order that depends on the grid: the results equal the CPU executor's bitwise
+// (the GPU is built with --fmad=false, the CPU with -ffp-contract=off).  Scratch is stream-ordered
+// (cudaMallocAsync / cudaFreeAsync), every CUDA call and launch is checked, a failure throws, and nothing falls
+// back to the CPU.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "../lbfgs_executors.h"
+#include "../lbfgs_rules.h"
+#include "cuda_util.cuh"
+
+namespace optkern {
+namespace cuda_exec {
+namespace {
+
+constexpr int kThreads = 256;                                   // both dots kernels and lincomb
+constexpr int kSlots = static_cast<int>(kLbChunk / kLbLaneBlock);  // lane blocks per chunk = 16
+constexpr int kPairBatch = 32;                                  // pair totals held in shared memory at once
+static_assert(kSlots * kLbLanes == kThreads, "one thread per lane of every lane block of a chunk");
+static_assert(kPairBatch <= kThreads, "one thread per pair folds the block totals");
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One stream-ordered scratch allocation, freed (stream-ordered) when the call returns or throws.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes > 0) OK_CUDA_CHECK(cudaMallocAsync(&mem_, bytes, stream_));
+  }
+  ~DeviceBuffer() {
+    if (mem_ != nullptr) cudaFreeAsync(mem_, stream_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class P>
+  P* as() const {
+    return static_cast<P*>(mem_);
+  }
+
+ private:
+  void* mem_ = nullptr;
+  cudaStream_t stream_;
+};
+
+int sm_count(int device) {
+  int sms = 0;
+  OK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms > 0 ? sms : 1;
+}
+
+// ---- dots -------------------------------------------------------------------------------------------------
+
+template <class T>
+struct DotPtrs {
+  const T* stored[kLbMaxVecs];
+  const T* queries[kLbMaxVecs];
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) dots_partials_kernel(DotPtrs<T> ptrs, int k, int nq, int64_t n,
+                                                                 double* __restrict__ part) {
+  __shared__ double red[kPairBatch][kSlots + 1];
+  const int64_t c = blockIdx.x;
+  const int64_t off = c * kLbChunk;
+  const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
+  const int slot = threadIdx.x / kLbLanes, lane = threadIdx.x % kLbLanes;
+  const int64_t b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
+  const int64_t rest = len - b0;
+  const int64_t blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
+  const int64_t vec = blk / kLbLanes * kLbLanes;
+  const int nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  const int P = k * nq;
+  for (int pb = 0; pb < P; pb += kPairBatch) {
+    const int pe = P - pb < kPairBatch ? P : pb + kPairBatch;
+    for (int idx = pb; idx < pe; ++idx) {  // stored-major: idx = i * nq + q
+      const int i = idx / nq, q = idx % nq;
+      T acc = T(0);
+      double h = 0.0;
+      if (blk > 0) {
+        const T* a = ptrs.stored[i] + off + b0;
+        const T* b = ptrs.queries[q] + off + b0;
+#pragma unroll 4
+        for (int64_t j = lane; j < vec; j += kLbLanes) acc = lb_dot_step(acc, a[j], b[j]);
+        h = static_cast<double>(acc);
+      }
+      // All 32 lanes of the warp take part (both of its slots reach here together).
+#pragma unroll
+      for (int w = kLbLanes / 2; w >= 1; w /= 2) h += __shfl_down_sync(0xffffffffu, h, w, kLbLanes);
+      if (lane == 0 && blk > 0) {
+        const T* a = ptrs.stored[i] + off + b0;
+        const T* b = ptrs.queries[q] + off + b0;
+        for (int64_t j = vec; j < blk; ++j) h += static_cast<double>(lb_prod(a[j], b[j]));
+        red[idx - pb][slot] = h;
+      }
+    }
+    __syncthreads();
+    const int t = static_cast<int>(threadIdx.x);
+    if (t < pe - pb) {
+      const int idx = pb + t;
+      const int i = idx / nq, q = idx % nq;
+      double s = 0.0;
+      for (int s_ = 0; s_ < nblocks; ++s_) s += red[t][s_];
+      part[c * P + static_cast<int64_t>(q) * k + i] = s;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void dots_sum_kernel(const double* __restrict__ part, int64_t nchunks, int P, double* __restrict__ out) {
+  const int p = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (p >= P) return;
+  double s = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) s += part[c * P + p];
+  out[p] = s;
+}
+
+template <class T>
+void dots_typed(const VecBatch& stored, const VecBatch& queries, double* out) {
+  DeviceGuard guard(stored.device.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(stored.stream);
+  const int k = static_cast<int>(stored.vecs.size());
+  const int nq = static_cast<int>(queries.vecs.size());
+  const int P = k * nq;
+  DotPtrs<T> ptrs{};
+  for (int i = 0; i < k; ++i) ptrs.stored[i] = static_cast<const T*>(stored.vecs[static_cast<size_t>(i)]);
+  for (int q = 0; q < nq; ++q) ptrs.queries[q] = static_cast<const T*>(queries.vecs[static_cast<size_t>(q)]);
+  const int64_t nchunks = lb_num_chunks(stored.n);
+  if (nchunks > 0x7fffffff) throw std::invalid_argument("stored: too many elements for one CUDA launch");
+  DeviceBuffer buf(static_cast<size_t>(nchunks * P + P) * sizeof(double), stream);
+  double* part = buf.as<double>();
+  double* dev_out = part + nchunks * P;
+  dots_partials_kernel<T><<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(ptrs, k, nq, stored.n, part);
+  OK_CUDA_CHECK(cudaGetLastError());
+  dots_sum_kernel<<<static_cast<unsigned>(ceil_div(P, kThreads)), kThreads, 0, stream>>>(part, nchunks, P, dev_out);
+  OK_CUDA_CHECK(cudaGetLastError());
+  OK_CUDA_CHECK(cudaMemcpyAsync(out, dev_out, static_cast<size_t>(P) * sizeof(double), cudaMemcpyDeviceToHost,
+                                stream));
+  OK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the dots are returned in host memory
+}
+
+// ---- lincomb ----------------------------------------------------------------------------------------------
+
+template <class T>
+struct CombArgs {
+  const T* v[kLbMaxVecs];
+  T c[kLbMaxVecs];
+  int m;
+};
+
+template <class T>
+struct Pack16;  // 16 bytes of T
+template <>
+struct Pack16<float> {
+  using type = float4;
+  static constexpr int kCount = 4;
+};
+template <>
+struct Pack16<double> {
+  using type = double2;
+  static constexpr int kCount = 2;
+};
+
+template <class T>
+__device__ __forceinline__ T comb_at(const CombArgs<T>& A, int64_t j) {
+  T acc = lb_comb_first(A.c[0], A.v[0][j]);
+  for (int i = 1; i < A.m; ++i) acc = lb_comb_step(acc, A.c[i], A.v[i][j]);
+  return acc;
+}
+
+template <class T, bool kPacked>
+__global__ void __launch_bounds__(kThreads) lincomb_kernel(CombArgs<T> A, T* __restrict__ out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (kPacked) {
+    using P = typename Pack16<T>::type;
+    constexpr int W = Pack16<T>::kCount;
+    const int64_t npacks = n / W;
+    for (int64_t p = tid; p < npacks; p += stride) {
+      T acc[W];
+      {
+        const P x = reinterpret_cast<const P*>(A.v[0])[p];
+        const T* xs = reinterpret_cast<const T*>(&x);
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] = lb_comb_first(A.c[0], xs[e]);
+      }
+      for (int i = 1; i < A.m; ++i) {
+        const P x = reinterpret_cast<const P*>(A.v[i])[p];
+        const T* xs = reinterpret_cast<const T*>(&x);
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] = lb_comb_step(acc[e], A.c[i], xs[e]);
+      }
+      P o;
+      T* os = reinterpret_cast<T*>(&o);
+#pragma unroll
+      for (int e = 0; e < W; ++e) os[e] = acc[e];
+      reinterpret_cast<P*>(out)[p] = o;
+    }
+    done = npacks * W;
+  }
+  for (int64_t j = done + tid; j < n; j += stride) out[j] = comb_at(A, j);
+}
+
+template <class T>
+void lincomb_typed(const VecBatch& vecs, const std::vector<double>& coef, void* out_) {
+  DeviceGuard guard(vecs.device.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(vecs.stream);
+  CombArgs<T> A{};
+  A.m = static_cast<int>(vecs.vecs.size());
+  bool aligned = (reinterpret_cast<uintptr_t>(out_) & 15) == 0;
+  for (int i = 0; i < A.m; ++i) {
+    A.v[i] = static_cast<const T*>(vecs.vecs[static_cast<size_t>(i)]);
+    A.c[i] = static_cast<T>(coef[static_cast<size_t>(i)]);
+    aligned = aligned && (reinterpret_cast<uintptr_t>(A.v[i]) & 15) == 0;
+  }
+  T* out = static_cast<T*>(out_);
+  const int64_t n = vecs.n;
+  const int64_t items = aligned ? ceil_div(n, Pack16<T>::kCount) : n;
+  const int64_t need = ceil_div(items, kThreads);
+  const int64_t cap = static_cast<int64_t>(sm_count(vecs.device.index)) * 8;
+  const unsigned grid = static_cast<unsigned>(need < cap ? need : cap);
+  if (aligned) lincomb_kernel<T, true><<<grid, kThreads, 0, stream>>>(A, out, n);
+  else lincomb_kernel<T, false><<<grid, kThreads, 0, stream>>>(A, out, n);
+  OK_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
+  if (stored.dtype == DType::f32) dots_typed<float>(stored, queries, out);
+  else dots_typed<double>(stored, queries, out);
+}
+
+void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out) {
+  if (vecs.dtype == DType::f32) lincomb_typed<float>(vecs, coef, out);
+  else lincomb_typed<double>(vecs, coef, out);
+}
+
+}  // namespace cuda_exec
+}  // namespace optkern
