@@ -58,28 +58,49 @@ inline __attribute__((always_inline)) double lane_tree(V16<T> v) {
   return h[0];
 }
 
+// The dots of one stored vector's chunk with QN queries at once: each query keeps its own accumulator and adds
+// in exactly the documented order, but the QN chains run side by side (independent adds, one load of the stored
+// vector for all of them).
+template <class T, int QN>
+inline __attribute__((always_inline)) void chunk_dots_q(const T* a, const T* const* qs, int64_t off, int64_t len,
+                                                        double* s) {
+  for (int q = 0; q < QN; ++q) s[q] = 0.0;
+  for (int64_t b0 = 0; b0 < len; b0 += kLbLaneBlock) {
+    const int64_t blk = std::min<int64_t>(kLbLaneBlock, len - b0);
+    const int64_t vec = blk / kLbLanes * kLbLanes;
+    const T* pa = a + b0;
+    const T* pb[QN];
+    for (int q = 0; q < QN; ++q) pb[q] = qs[q] + off + b0;
+    V16<T> acc[QN] = {};
+    for (int64_t j = 0; j < vec; j += kLbLanes) {
+      const V16<T> va = load16(pa + j);
+      for (int q = 0; q < QN; ++q) acc[q] = lb_dot_step(acc[q], va, load16(pb[q] + j));
+    }
+    for (int q = 0; q < QN; ++q) {
+      double t = lane_tree<T>(acc[q]);
+      for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(pa[j], pb[q][j]));
+      s[q] += t;
+    }
+  }
+}
+
 // The nq * k partials of one chunk [off, off + len): part[q * k + i].
 template <class T>
 OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t off, int64_t len,
                           double* part) {
-  double s[kLbMaxVecs];
+  double s[4];
   for (int i = 0; i < k; ++i) {
     const T* a = stored[i] + off;
-    for (int q = 0; q < nq; ++q) s[q] = 0.0;
-    for (int64_t b0 = 0; b0 < len; b0 += kLbLaneBlock) {
-      const int64_t blk = std::min<int64_t>(kLbLaneBlock, len - b0);
-      const int64_t vec = blk / kLbLanes * kLbLanes;
-      const T* pa = a + b0;
-      for (int q = 0; q < nq; ++q) {
-        const T* pb = queries[q] + off + b0;
-        V16<T> acc = {};
-        for (int64_t j = 0; j < vec; j += kLbLanes) acc = lb_dot_step(acc, load16(pa + j), load16(pb + j));
-        double t = lane_tree<T>(acc);
-        for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(pa[j], pb[j]));
-        s[q] += t;
+    for (int q0 = 0; q0 < nq; q0 += 4) {
+      const int qn = std::min(4, nq - q0);
+      switch (qn) {
+        case 1: chunk_dots_q<T, 1>(a, queries + q0, off, len, s); break;
+        case 2: chunk_dots_q<T, 2>(a, queries + q0, off, len, s); break;
+        case 3: chunk_dots_q<T, 3>(a, queries + q0, off, len, s); break;
+        default: chunk_dots_q<T, 4>(a, queries + q0, off, len, s); break;
       }
+      for (int q = 0; q < qn; ++q) part[(q0 + q) * k + i] = s[q];
     }
-    for (int q = 0; q < nq; ++q) part[q * k + i] = s[q];
   }
 }
 
