@@ -22,7 +22,7 @@ if _isa:
     except ValueError as e:  # a forced path this CPU lacks, or a typo: fail loudly, never fall back
         raise ImportError(f"OPTKERN_CPU_ISA={_isa!r}: {e}") from None
 
-from . import batch_norm, functional, optim, schedules  # noqa: E402
+from . import batch_norm, functional, lbfgs, optim, schedules  # noqa: E402
 from .batch_norm import (  # noqa: E402
     batch_norm_backward,
     batch_norm_backward_dx,
@@ -32,6 +32,7 @@ from .batch_norm import (  # noqa: E402
     batch_norm_normalize,
     batch_norm_stats,
 )
+from .lbfgs import LBFGSHistory, LBFGSResult, lbfgs_minimize  # noqa: E402
 from .clip import ClipResult, clip_grad_norm, global_norm  # noqa: E402
 from .functional import (  # noqa: E402
     adadelta_step,
@@ -81,4 +82,7 @@ __all__ = [
     "optim", "functional", "schedules", "clip_grad_norm", "global_norm", "ClipResult", "cpu_isa", "cpu_best_isa",
     "set_cpu_isa", "set_num_threads", "get_num_threads", "cuda_available", "sgd_step", "adam_step", "adamw_step",
     "adagrad_step", "rmsprop_step", "adamax_step", "nadam_step", "adadelta_step", "rprop_step",
+    "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_combine",
+    "batch_norm_normalize", "batch_norm_backward_reduce", "batch_norm_backward_dx",
+    "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize",
 ]

@@ -1,0 +1,550 @@
+"""L-BFGS: a limited-memory history with a two-pass direction, and a minimizer with Wolfe line searches.
+
+    h = optkern.LBFGSHistory(n, history_size=10, like=x)   # ring buffer of (s, y) pairs on x's device
+    h.push(s, y)                  # False (and h.num_skipped += 1) for a pair with s.y <= eps * y.y: not stored
+    d = h.direction(g)            # d = -H g, H the L-BFGS inverse-Hessian approximation, H0 = (s.y / y.y) I
+    res = optkern.lbfgs_minimize(fun_and_grad, x0)          # res.x, res.fun, res.grad, res.nit, res.nfev, ...
+
+The direction is the compact form of Byrd, Nocedal & Schnabel (1994) in two passes over memory (design note
+``lbfgs-two-pass.md``), with S = [s_0 .. s_{k-1}], Y = [y_0 .. y_{k-1}] oldest first:
+
+- pass 1, ONE ``_dots`` call: a = S^T g and b = Y^T g, plus the new rows/columns of the small Gram matrices
+  SY = S^T Y and YY = Y^T Y for the pairs pushed since the last pass (their dot products with every stored
+  vector are taken in the same read);
+- on the host, in float64 (NumPy): R = triu(SY), D = diag(SY), gamma = s.y / y.y of the newest pair,
+  ``R u = a``, ``R^T c = (D + gamma YY) u - gamma b``;
+- pass 2, ONE ``_lincomb`` call: d = -(gamma g + S c - gamma Y u).
+
+``direction(g, allreduce=fn)`` serves vectors sharded across processes: every process holds its shard of the
+same history; ``fn`` receives pass 1's float64 partial dot products (a flat NumPy array) and must return their
+sum over the shards (e.g. an MPI/NCCL all-reduce); every process then runs the same small solves and its own
+pass 2.  ``push(s, y, allreduce=fn)`` needs the same ``fn`` (the curvature test uses the global s.y and y.y).
+
+``direction_two_loop`` is the classic recursion (Nocedal & Wright, Alg. 7.4) built from the same kernels
+(dot = a one-query ``_dots`` call, axpy = a two-vector ``_lincomb``): 4k + 2 passes, kept as the reference.
+
+Vectors are 1-D, C-contiguous, of the history's dtype (float32 or float64) in NumPy or CuPy; dot products are
+returned in float64 and all the small-matrix work is float64 on the host, even for float32 vectors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _C
+from ._arrays import _library, current_stream
+
+__all__ = ["LBFGSHistory", "LBFGSResult", "lbfgs_minimize"]
+
+_MAX_VECS = 64  # the kernels take at most 64 vectors per batch (kLbMaxVecs in csrc/optkern/lbfgs_rules.h)
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two kernels.  Everything below calls them only through these two functions.
+
+def _xp(a):
+    if _library(a) == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _dots_impl(stored, queries):
+    if hasattr(_C, "lbfgs_dots"):
+        return np.asarray(_C.lbfgs_dots(stored, queries, current_stream(stored[0])), dtype=np.float64)
+    # Fallback while the compiled kernel is absent: the same dot products with the array library (float64
+    # accumulation, several passes over memory).  Used automatically only when _C lacks lbfgs_dots.
+    xp = _xp(stored[0])
+    out = xp.stack(queries).astype(xp.float64) @ xp.stack(stored).astype(xp.float64).T
+    return out.get() if xp is not np else out
+
+
+def _lincomb_impl(vecs, coefs, out):
+    if hasattr(_C, "lbfgs_lincomb"):
+        _C.lbfgs_lincomb(vecs, coefs, out, current_stream(out))
+        return
+    # Fallback while the compiled kernel is absent: the kernel's arithmetic (coefficients cast to the vectors'
+    # dtype, terms added in order in that dtype) with the array library, one pass per term.
+    dt = out.dtype.type
+    acc = dt(coefs[0]) * vecs[0]
+    for c, v in zip(coefs[1:], vecs[1:]):
+        acc += dt(c) * v
+    out[...] = acc
+
+
+def _dots(stored, queries):
+    """(len(queries), len(stored)) float64 NumPy array: out[q, i] = dot(queries[q], stored[i])."""
+    if len(stored) <= _MAX_VECS and len(queries) <= _MAX_VECS:
+        return _dots_impl(stored, queries)
+    # More vectors than one kernel call takes (history_size > 31): one pass per block of 64.
+    return np.block([[_dots_impl(stored[i:i + _MAX_VECS], queries[q:q + _MAX_VECS])
+                      for i in range(0, len(stored), _MAX_VECS)] for q in range(0, len(queries), _MAX_VECS)])
+
+
+def _lincomb(vecs, coefs, out):
+    """out = sum_i coefs[i] * vecs[i] (out must not overlap any of vecs)."""
+    coefs = [float(c) for c in coefs]
+    if len(vecs) <= _MAX_VECS:
+        _lincomb_impl(vecs, coefs, out)
+        return out
+    # More than 64 vectors: accumulate block by block, alternating between out and a scratch vector so that the
+    # output never overlaps an input.
+    scratch = _xp(out).empty_like(out)
+    first = _MAX_VECS
+    # Start in the buffer that makes the last block land in out.
+    nblocks = 1 + -(-(len(vecs) - first) // (_MAX_VECS - 1))
+    cur, other = (out, scratch) if nblocks % 2 == 1 else (scratch, out)
+    _lincomb_impl(vecs[:first], coefs[:first], cur)
+    i = first
+    while i < len(vecs):
+        j = min(len(vecs), i + _MAX_VECS - 1)
+        _lincomb_impl([cur] + list(vecs[i:j]), [1.0] + coefs[i:j], other)
+        cur, other = other, cur
+        i = j
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def _solve_upper(R, b):
+    x = np.empty_like(b)
+    for i in range(len(b) - 1, -1, -1):
+        x[i] = (b[i] - R[i, i + 1:] @ x[i + 1:]) / R[i, i]
+    return x
+
+
+def _solve_lower(L, b):
+    x = np.empty_like(b)
+    for i in range(len(b)):
+        x[i] = (b[i] - L[i, :i] @ x[:i]) / L[i, i]
+    return x
+
+
+def _reduce(values, allreduce):
+    if allreduce is None:
+        return values
+    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    total = np.asarray(allreduce(flat), dtype=np.float64)
+    if total.size != flat.size:
+        raise ValueError(f"allreduce: expected {flat.size} summed values back, got {total.size}")
+    return total.reshape(values.shape)
+
+
+class LBFGSHistory:
+    """The last ``history_size`` curvature pairs (s, y) in a ring buffer on the device of ``like``.
+
+    ``n``: elements per vector; ``dtype``: float32 or float64 (default: like's dtype, else float64);
+    ``like``: a NumPy or CuPy array whose library and device hold the history (default: NumPy);
+    ``curvature_eps``: push skips a pair with s.y <= curvature_eps * y.y (default: the dtype's machine epsilon).
+
+    Memory: 2 (history_size + 1) vectors (one spare pair receives a push before its curvature test, so a rejected
+    pair never evicts a stored one), and two (history_size + 1)^2 float64 Gram matrices on the host.
+    """
+
+    def __init__(self, n, history_size=10, dtype=None, like=None, *, curvature_eps=None):
+        if isinstance(history_size, bool) or not isinstance(history_size, (int, np.integer)) or history_size < 1:
+            raise ValueError(f"history_size: expected an integer >= 1, got {history_size!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+        if like is not None and _library(like) not in ("numpy", "cupy") and not isinstance(like, np.ndarray):
+            raise TypeError(f"like: expected a NumPy or CuPy array, got {type(like).__name__}")
+        if dtype is None:
+            dtype = like.dtype if like is not None else np.float64
+        dtype = np.dtype(dtype)
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        eps = float(np.finfo(dtype).eps) if curvature_eps is None else float(curvature_eps)
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"curvature_eps: expected a finite number >= 0, got {curvature_eps!r}")
+        self.n, self.history_size, self.dtype, self.curvature_eps = int(n), int(history_size), dtype, eps
+        self._xp = np if like is None else _xp(like)
+        if self._xp is np:
+            self._S = np.empty((self.history_size + 1, self.n), dtype)
+            self._Y = np.empty((self.history_size + 1, self.n), dtype)
+        else:
+            with self._xp.cuda.Device(like.device.id):
+                self._S = self._xp.empty((self.history_size + 1, self.n), dtype)
+                self._Y = self._xp.empty((self.history_size + 1, self.n), dtype)
+        self._work = None
+        self.num_skipped = 0  #: pushes rejected by the curvature test
+        self.reset()
+
+    def reset(self):
+        """Forget every stored pair (the next direction is -g)."""
+        m1 = self.history_size + 1
+        self._order = []  # slots of the stored pairs, oldest first
+        self._free = 0  # the spare slot a push writes into
+        self._pending = []  # stored slots whose Gram rows/columns the next pass 1 fills
+        self._SY = np.zeros((m1, m1))  # SY[i, j] = s_i . y_j by slot
+        self._YY = np.zeros((m1, m1))
+        self._sy = np.zeros(m1)  # s.y and y.y of each slot at push time (for the two-loop reference)
+        self._yy = np.zeros(m1)
+
+    def __len__(self):
+        return len(self._order)
+
+    # -- push --------------------------------------------------------------------------------------------------
+
+    def _check(self, v, name):
+        if _xp(v) is not self._xp:
+            raise TypeError(f"{name}: expected a {self._xp.__name__} array like the history, got {type(v).__name__}")
+        if tuple(v.shape) != (self.n,):
+            raise ValueError(f"{name}: expected shape ({self.n},), got {tuple(v.shape)}")
+        if v.dtype != self.dtype:
+            raise TypeError(f"{name}: expected {self.dtype} like the history, got {v.dtype}")
+        if not v.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a contiguous vector")
+        return v
+
+    def _staged(self):
+        """The spare slot's (s, y) vectors, to be written in place and then given to _commit."""
+        return self._S[self._free], self._Y[self._free]
+
+    def _commit(self, allreduce=None):
+        p = self._free
+        s, y = self._S[p], self._Y[p]
+        sy, yy = _reduce(_dots([y], [s, y]), allreduce)[:, 0]
+        if not (math.isfinite(sy) and math.isfinite(yy) and sy > self.curvature_eps * yy and sy > 0):
+            self.num_skipped += 1
+            return False
+        self._sy[p], self._yy[p] = sy, yy
+        if len(self._order) == self.history_size:
+            old = self._order.pop(0)
+            if old in self._pending:
+                self._pending.remove(old)
+            self._free = old
+        else:
+            self._free = len(self._order) + 1
+        self._order.append(p)
+        self._pending.append(p)
+        return True
+
+    def push(self, s, y, allreduce=None):
+        """Store the pair (s, y) = (x_new - x, g_new - g), evicting the oldest when full.
+
+        Returns False, stores nothing and counts ``num_skipped`` when the curvature condition fails
+        (s.y <= curvature_eps * y.y, or non-finite).  s and y are copied.  With sharded vectors pass the
+        ``allreduce`` given to ``direction``.
+        """
+        self._check(s, "s")
+        self._check(y, "y")
+        ss, ys = self._staged()
+        ss[...] = s
+        ys[...] = y
+        return self._commit(allreduce)
+
+    # -- the two-pass direction ----------------------------------------------------------------------------------
+
+    def _out(self, g, out):
+        if out is None:
+            return self._xp.empty_like(g)
+        self._check(out, "out")
+        if out is g:
+            raise ValueError("out: must not be g")
+        return out
+
+    def direction(self, g, out=None, allreduce=None):
+        """d = -H g in two passes over memory (see the module docstring); returns out (a new vector by default)."""
+        self._check(g, "g")
+        out = self._out(g, out)
+        k = len(self._order)
+        if k == 0:
+            return _lincomb([g], [-1.0], out)
+        order = self._order
+        S = [self._S[i] for i in order]
+        Y = [self._Y[i] for i in order]
+        pend = list(self._pending)
+        queries = [g]
+        for p in pend:
+            queries += [self._S[p], self._Y[p]]
+        P = _reduce(_dots(S + Y, queries), allreduce)  # pass 1
+        for j, p in enumerate(pend):
+            rs, ry = P[1 + 2 * j], P[2 + 2 * j]
+            self._SY[p, order] = rs[k:]  # s_p . y_j
+            self._SY[order, p] = ry[:k]  # s_i . y_p
+            self._YY[p, order] = ry[k:]
+            self._YY[order, p] = ry[k:]
+        self._pending = []
+        a, b = P[0, :k], P[0, k:]
+        ix = np.ix_(order, order)
+        SY, YY = self._SY[ix], self._YY[ix]
+        newest = order[-1]
+        gamma = self._SY[newest, newest] / self._YY[newest, newest]
+        R = np.triu(SY)
+        u = _solve_upper(R, a)
+        c = _solve_lower(R.T, np.diag(SY) * u + gamma * (YY @ u) - gamma * b)
+        coefs = [-gamma] + list(-c) + list(gamma * u)
+        return _lincomb([g] + S + Y, coefs, out)  # pass 2
+
+    # -- the two-loop reference ----------------------------------------------------------------------------------
+
+    def direction_two_loop(self, g, out=None, allreduce=None):
+        """d = -H g by the two-loop recursion (Nocedal & Wright Alg. 7.4), one kernel call per dot or axpy."""
+        self._check(g, "g")
+        out = self._out(g, out)
+        k = len(self._order)
+        if k == 0:
+            return _lincomb([g], [-1.0], out)
+        if self._work is None:
+            self._work = (self._xp.empty_like(g), self._xp.empty_like(g))
+        q, q2 = self._work
+
+        def dot(a, b):
+            return float(_reduce(_dots([a], [b]), allreduce)[0, 0])
+
+        order = self._order
+        rho = [1.0 / self._sy[i] for i in order]
+        alpha = [0.0] * k
+        _lincomb([g], [1.0], q)
+        for j in range(k - 1, -1, -1):
+            i = order[j]
+            alpha[j] = rho[j] * dot(self._S[i], q)
+            _lincomb([q, self._Y[i]], [1.0, -alpha[j]], q2)
+            q, q2 = q2, q
+        newest = order[-1]
+        gamma = self._sy[newest] / self._yy[newest]
+        _lincomb([q], [gamma], q2)  # r = H0 q
+        q, q2 = q2, q
+        for j in range(k):
+            i = order[j]
+            beta = rho[j] * dot(self._Y[i], q)
+            if j == k - 1:
+                _lincomb([q, self._S[i]], [-1.0, -(alpha[j] - beta)], out)  # d = -r
+            else:
+                _lincomb([q, self._S[i]], [1.0, alpha[j] - beta], q2)
+                q, q2 = q2, q
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The minimizer
+
+class LBFGSResult(dict):
+    """scipy.optimize.OptimizeResult-like: a dict with attribute access.
+
+    x, fun, grad (x's shape, x0's library), nit (iterations = accepted line-search steps), nfev (calls of
+    fun_and_grad), success, status (0 converged, 1 max_iter, 2 failure), message, nskipped (pairs rejected by
+    the curvature test).
+    """
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    __setattr__ = dict.__setitem__
+
+    def __repr__(self):
+        keys = ("success", "status", "message", "fun", "nit", "nfev", "nskipped")
+        return "LBFGSResult(" + ", ".join(f"{k}={self[k]!r}" for k in keys if k in self) + ")"
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _cubic_min(t1, f1, g1, t2, f2, g2, lo, hi):
+    """Minimizer of the cubic through (t1, f1, g1), (t2, f2, g2), clamped to [lo, hi]; the midpoint if none."""
+    d1 = g1 + g2 - 3 * (f1 - f2) / (t1 - t2)
+    disc = d1 * d1 - g1 * g2
+    if disc >= 0 and math.isfinite(disc):
+        d2 = math.sqrt(disc)
+        if t1 <= t2:
+            den = g2 - g1 + 2 * d2
+            t = t2 - (t2 - t1) * ((g2 + d2 - d1) / den) if den != 0 else math.nan
+        else:
+            den = g1 - g2 + 2 * d2
+            t = t1 - (t1 - t2) * ((g1 + d2 - d1) / den) if den != 0 else math.nan
+        if math.isfinite(t):
+            return min(max(t, lo), hi)
+    return 0.5 * (lo + hi)
+
+
+def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol):
+    """Nocedal & Wright Alg. 3.5 (bracketing) and 3.6 (zoom), trial steps by safeguarded cubic interpolation.
+
+    ``ev(t)`` evaluates x + t d and returns (f, g.d, point).  Returns ((t, f, g.d, point), satisfied): the point
+    meeting both strong Wolfe conditions, or, when the search gives up after ``max_ls`` evaluations or an interval
+    narrower than ``xtol`` (relative), the lowest point with sufficient decrease (the start, point None, if none).
+    """
+    start = (0.0, f0, gtd0, None)
+    prev = start
+    cur = (t,) + ev(t)
+    nls = 1
+    while True:
+        tc, fc, gc, _ = cur
+        if fc > f0 + c1 * tc * gtd0 or (nls > 1 and fc >= prev[1]):
+            lo, hi = prev, cur
+            break
+        if abs(gc) <= -c2 * gtd0:
+            return cur, True
+        if gc >= 0:
+            lo, hi = cur, prev
+            break
+        if nls >= max_ls:
+            return cur, False
+        # Extrapolate: a cubic step in [t + 0.01 (t - t_prev), 10 t].
+        tn = _cubic_min(prev[0], prev[1], prev[2], tc, fc, gc, tc + 0.01 * (tc - prev[0]), 10 * tc)
+        prev = cur
+        cur = (tn,) + ev(tn)
+        nls += 1
+    # Zoom (Alg. 3.6): lo is the lowest point with sufficient decrease so far, and [lo, hi] holds a Wolfe point.
+    insuf = False
+    while nls < max_ls:
+        tmin, tmax = min(lo[0], hi[0]), max(lo[0], hi[0])
+        if (tmax - tmin) <= xtol * tmax:
+            break
+        tn = _cubic_min(lo[0], lo[1], lo[2], hi[0], hi[1], hi[2], tmin, tmax)
+        eps = 0.1 * (tmax - tmin)
+        if min(tmax - tn, tn - tmin) < eps:  # too close to an end: move into the interval (torch's safeguard)
+            if insuf or tn >= tmax or tn <= tmin:
+                tn = tmax - eps if abs(tn - tmax) < abs(tn - tmin) else tmin + eps
+                insuf = False
+            else:
+                insuf = True
+        else:
+            insuf = False
+        cur = (tn,) + ev(tn)
+        nls += 1
+        tc, fc, gc, _ = cur
+        if fc > f0 + c1 * tc * gtd0 or fc >= lo[1]:
+            hi = cur
+        else:
+            if abs(gc) <= -c2 * gtd0:
+                return cur, True
+            if gc * (hi[0] - lo[0]) >= 0:
+                hi = lo
+            lo = cur
+    return lo, False
+
+
+def _armijo(ev, f0, gtd0, t, c1, max_ls):
+    """Backtracking with sufficient decrease, each step from a safeguarded quadratic fit (in [0.1 t, 0.5 t])."""
+    for _ in range(max_ls):
+        cur = (t,) + ev(t)
+        ft = cur[1]
+        if ft <= f0 + c1 * t * gtd0:
+            return cur, True
+        denom = 2 * (ft - f0 - gtd0 * t)
+        tq = -gtd0 * t * t / denom if denom > 0 else 0.5 * t
+        t = min(max(tq, 0.1 * t), 0.5 * t)
+    return (0.0, f0, gtd0, None), False
+
+
+def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-6, ftol=2.220446049250313e-09,
+                   line_search="strong_wolfe", callback=None, c1=1e-4, c2=0.9, max_ls=20):
+    """Minimize f with L-BFGS; ``fun_and_grad(x) -> (f, g)`` with g an array like x (NumPy or CuPy).
+
+    Stops with success when ||g||_inf <= gtol (checked at x0 too), or when the relative reduction
+    (f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol (scipy L-BFGS-B's two tests; ftol's default is scipy's
+    factr=1e7 times the float64 epsilon); without success after ``max_iter`` iterations, when the line search
+    finds no acceptable step even from steepest descent, or when fun_and_grad returns a non-finite value
+    (then x, fun and grad are the last finite iterate).
+
+    ``line_search``: "strong_wolfe" (Nocedal & Wright Alg. 3.5/3.6, c1, c2) or "armijo" (backtracking, c1); at
+    most ``max_ls`` evaluations each.  The first trial step is 1, except min(1, 1/||g||_2) on a steepest-descent
+    direction (the first iteration, and after a reset).  ``callback(x)`` runs after each iteration; returning
+    True stops (success).  ``x`` passed to fun_and_grad and callback is a fresh array the caller may keep.
+    """
+    if _library(x0) not in ("numpy", "cupy") and not isinstance(x0, np.ndarray):
+        raise TypeError(f"x0: expected a NumPy or CuPy array, got {type(x0).__name__}")
+    if x0.dtype not in _DTYPES:
+        raise TypeError(f"x0: expected float32 or float64, got {x0.dtype}")
+    if line_search not in ("strong_wolfe", "armijo"):
+        raise ValueError(f"line_search: expected 'strong_wolfe' or 'armijo', got {line_search!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise ValueError(f"max_iter: expected an integer >= 0, got {max_iter!r}")
+    for name, v in (("gtol", gtol), ("ftol", ftol)):
+        if not (math.isfinite(float(v)) and float(v) >= 0):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    if not 0 < c1 < c2 < 1:
+        raise ValueError(f"c1: expected 0 < c1 < c2 < 1, got c1={c1!r}, c2={c2!r}")
+    if isinstance(max_ls, bool) or not isinstance(max_ls, (int, np.integer)) or max_ls < 1:
+        raise ValueError(f"max_ls: expected an integer >= 1, got {max_ls!r}")
+    xp = _xp(x0)
+    shape, dtype = tuple(x0.shape), x0.dtype
+    n = int(np.prod(shape))
+    if n < 1:
+        raise ValueError("x0: expected at least one element")
+    hist = LBFGSHistory(n, history_size, dtype, like=x0)  # validates history_size
+    gtol, ftol = float(gtol), float(ftol)
+    state = {"nfev": 0}
+
+    def evaluate(x):
+        f, g = fun_and_grad(x.reshape(shape))
+        state["nfev"] += 1
+        f = float(f)
+        g = xp.ascontiguousarray(xp.asarray(g, dtype=dtype)).reshape(-1)
+        if g.size != n:
+            raise ValueError(f"fun_and_grad: expected a gradient of {n} elements like x0, got {g.size}")
+        gmax = float(xp.abs(g).max())
+        if not (math.isfinite(f) and math.isfinite(gmax)):
+            raise _NonFinite(f"fun_and_grad returned a non-finite {'value' if not math.isfinite(f) else 'gradient'}")
+        return f, g, gmax
+
+    def result(x, f, g, nit, status, message):
+        return LBFGSResult(x=x.reshape(shape), fun=f, grad=g.reshape(shape), nit=nit, nfev=state["nfev"],
+                           success=status == 0, status=status, message=message, nskipped=hist.num_skipped)
+
+    x = xp.array(x0, dtype=dtype, copy=True).reshape(-1)
+    try:
+        f, g, gmax = evaluate(x)
+    except _NonFinite as e:
+        return result(x, math.nan, xp.full_like(x, math.nan), 0, 2, f"{e} at x0")
+    if gmax <= gtol:
+        return result(x, f, g, 0, 0, "CONVERGENCE: NORM OF GRADIENT <= GTOL")
+    d = xp.empty_like(x)
+    nit = 0
+    while True:
+        if nit >= max_iter:
+            return result(x, f, g, nit, 1, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT")
+        for _ in range(2):
+            hist.direction(g, out=d)
+            gtd = float(_dots([d], [g])[0, 0])
+            steepest = len(hist) == 0
+            if steepest and not (gtd < 0 and math.isfinite(gtd)):
+                return result(x, f, g, nit, 2, f"ABNORMAL: THE SQUARED GRADIENT NORM IS {-gtd} (OVERFLOW)")
+            if not (gtd < 0 and math.isfinite(gtd)) and not steepest:
+                hist.reset()  # not a descent direction: restart from steepest descent
+                continue
+            t0 = min(1.0, 1.0 / math.sqrt(-gtd)) if steepest else 1.0  # -gtd = ||g||^2 here
+
+            def ev(t, x=x):
+                xt = xp.empty_like(x)
+                _lincomb([x, d], [1.0, t], xt)
+                ft, gt, gm = evaluate(xt)
+                return ft, float(_dots([d], [gt])[0, 0]), (xt, gt, gm)
+
+            try:
+                if line_search == "strong_wolfe":
+                    (_, ft, _, pt), _ = _strong_wolfe(ev, f, gtd, t0, c1, c2, max_ls,
+                                                      1e-9 if dtype == _DTYPES[1] else 1e-5)
+                else:
+                    (_, ft, _, pt), _ = _armijo(ev, f, gtd, t0, c1, max_ls)
+            except _NonFinite as e:
+                return result(x, f, g, nit, 2, f"{e} in the line search of iteration {nit + 1}")
+            if pt is not None and ft < f:
+                break  # progress (with or without the Wolfe conditions: the curvature guard protects the history)
+            if steepest:
+                return result(x, f, g, nit, 2, "ABNORMAL: THE LINE SEARCH FOUND NO DECREASE")
+            hist.reset()  # scipy's remedy: drop the history and retry once from steepest descent
+        else:
+            return result(x, f, g, nit, 2, "ABNORMAL: NO DESCENT DIRECTION")
+        x_new, g_new, gmax = pt
+        s, y = hist._staged()
+        _lincomb([x_new, x], [1.0, -1.0], s)
+        _lincomb([g_new, g], [1.0, -1.0], y)
+        hist._commit()
+        f_old, x, f, g = f, x_new, ft, g_new
+        nit += 1
+        if callback is not None and callback(x.reshape(shape)) is True:
+            return result(x, f, g, nit, 0, "STOP: CALLBACK REQUESTED STOP")
+        if gmax <= gtol:
+            return result(x, f, g, nit, 0, "CONVERGENCE: NORM OF GRADIENT <= GTOL")
+        if (f_old - f) <= ftol * max(abs(f_old), abs(f), 1.0):
+            return result(x, f, g, nit, 0, "CONVERGENCE: REL_REDUCTION_OF_F <= FTOL")
