@@ -674,8 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 9; --quick 3)")
     ap.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset of " + ",".join(ALGOS))
-    ap.add_argument("--suite", choices=("all", "optim", "batch_norm"), default="all",
-                    help="which cases: optimizer steps, batch norm, or both (default)")
+    ap.add_argument("--suite", choices=("all", "optim", "batch_norm", "lbfgs"), default="all",
+                    help="which cases: optimizer steps, batch norm, the L-BFGS direction, or all (default)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -709,15 +709,20 @@ def run(args) -> dict:
         return results
 
     from . import batch_norm as bn_bench
+    from . import lbfgs as lbfgs_bench
 
     isa_n = (1 << 24) if (1 << 24) in sizes else min(sizes)
     do_optim = args.suite in ("all", "optim")
     do_bn = args.suite in ("all", "batch_norm")
-    total = (len(sizes) * (1 + len(algos)) + 1 + 3 if do_optim else 0) + (bn_bench.num_cases(args.quick) if do_bn else 0)
+    do_lbfgs = args.suite in ("all", "lbfgs")
+    total = ((len(sizes) * (1 + len(algos)) + 1 + 3 if do_optim else 0) + (bn_bench.num_cases(args.quick) if do_bn else 0)
+             + (lbfgs_bench.num_cases(args.quick) if do_lbfgs else 0))
     bar = _Bar(total, disable=args.no_progress)
     try:
         if do_bn:
             results["rows"].extend(bn_bench.run_cpu(torch, args.quick, args.reps, warmup, bar))
+        if do_lbfgs:
+            results["rows"].extend(lbfgs_bench.run_cpu(torch, args.quick, args.reps, warmup, bar))
         for n in (sizes if do_optim else []):
             bar.set(f"roofline n={_pow2(n)}")
             roof_fns = roofline_fns(torch, n)
