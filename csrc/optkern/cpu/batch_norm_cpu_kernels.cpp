@@ -17,10 +17,6 @@
 #include <cstring>
 #include <vector>
 
-#include <immintrin.h>
-
-// The 16-lane vector helpers are always inlined, so the vector-argument ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "../batch_norm_executors.h"
 #include "../batch_norm_rules.h"
@@ -33,56 +29,11 @@ namespace optkern {
 namespace OPTKERN_ISA_NS {
 namespace {
 
-// Reductions use GCC vector types of 16 lanes (one zmm for float on AVX-512, two ymm on AVX2, SSE2 pieces on the
-// baseline build), so every path adds the same values in the same order and the sums agree bitwise.
-template <class T>
-struct Lanes16 {
-  typedef T type __attribute__((vector_size(16 * sizeof(T))));
-};
-template <class T>
-using V16 = typename Lanes16<T>::type;
+// Reductions use the 16-lane vector types of simd16.h, so every path adds the same values in the same order and
+// the sums agree bitwise.
+#include "simd16.h"
 constexpr int kLanes = 16;
 constexpr int64_t kLaneBlock = 1024;  // values summed in T lanes before the block sum is added in double
-
-template <class T>
-inline __attribute__((always_inline)) V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <class T>
-inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// Non-temporal store of 16 values to a 64-byte-aligned address (large outputs: no read-for-ownership, no cache
-// pollution).  The baseline build stores normally.  Callers end with stream_fence().
-template <class T>
-OK_ISA_INLINE void stream16(T* p, V16<T> v) {
-#if defined(OPTKERN_ISA_AVX512)
-  if constexpr (sizeof(T) == 4) {
-    __m512 a;
-    std::memcpy(&a, &v, 64);
-    _mm512_stream_ps(reinterpret_cast<float*>(p), a);
-  } else {
-    __m512d a, b;
-    std::memcpy(&a, &v, 64);
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + 64, 64);
-    _mm512_stream_pd(reinterpret_cast<double*>(p), a);
-    _mm512_stream_pd(reinterpret_cast<double*>(p) + 8, b);
-  }
-#elif defined(OPTKERN_ISA_AVX2)
-  constexpr int kPieces = static_cast<int>(sizeof(V16<T>)) / 32;
-  for (int k = 0; k < kPieces; ++k) {
-    __m256i a;
-    std::memcpy(&a, reinterpret_cast<const char*>(&v) + 32 * k, 32);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(p) + 32 * k), a);
-  }
-#else
-  store16(p, v);
-#endif
-}
-inline void stream_fence() { _mm_sfence(); }
-inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
 
 template <class T>
 inline __attribute__((always_inline)) double lane_sum(V16<T> v) {

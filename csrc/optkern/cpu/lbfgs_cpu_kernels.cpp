@@ -11,12 +11,13 @@
 //    order: the result does not depend on the thread count.
 //  - lincomb: the element range is split across threads; each thread walks blocks of 1024 values, adding the
 //    terms one vector at a time into an L1 buffer (one input stream at a time), the last term written to out.
+// lbfgs_rules.h and simd16.h pass 16-lane vectors between always-inlined helpers: the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-// The 16-lane vector helpers are always inlined, so the vector-argument ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "../lbfgs_executors.h"
 #include "../lbfgs_rules.h"
@@ -29,24 +30,8 @@ namespace optkern {
 namespace OPTKERN_ISA_NS {
 namespace {
 
-template <class T>
-struct Lanes16 {
-  typedef T type __attribute__((vector_size(16 * sizeof(T))));
-};
-template <class T>
-using V16 = typename Lanes16<T>::type;
+#include "simd16.h"
 static_assert(kLbLanes == 16, "16-lane vectors");
-
-template <class T>
-inline __attribute__((always_inline)) V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <class T>
-inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // The lanes widened to double and added as the fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (lbfgs_rules.h).
 template <class T>
@@ -58,29 +43,48 @@ inline __attribute__((always_inline)) double lane_tree(V16<T> v) {
   return h[0];
 }
 
-// The dots of one stored vector's chunk with QN queries at once: each query keeps its own accumulator and adds
-// in exactly the documented order, but the QN chains run side by side (independent adds, one load of the stored
-// vector for all of them).
-template <class T, int QN>
-inline __attribute__((always_inline)) void chunk_dots_q(const T* a, const T* const* qs, int64_t off, int64_t len,
-                                                        double* s) {
-  for (int q = 0; q < QN; ++q) s[q] = 0.0;
+// The dots of GI stored vectors' chunks with QN queries at once: every (stored, query) pair keeps its own
+// accumulator and adds in exactly the documented order, but the GI * QN chains run side by side (independent adds)
+// and GI stored streams advance together (the prefetchers follow a few streams better than one short run at a
+// time).
+template <class T, int GI, int QN>
+inline __attribute__((always_inline)) void chunk_dots_g(const T* const* a, const T* const* qs, int64_t off,
+                                                        int64_t len, double (*s)[4]) {
+  for (int g = 0; g < GI; ++g)
+    for (int q = 0; q < QN; ++q) s[g][q] = 0.0;
   for (int64_t b0 = 0; b0 < len; b0 += kLbLaneBlock) {
     const int64_t blk = std::min<int64_t>(kLbLaneBlock, len - b0);
     const int64_t vec = blk / kLbLanes * kLbLanes;
-    const T* pa = a + b0;
+    const T* pa[GI];
     const T* pb[QN];
+    for (int g = 0; g < GI; ++g) pa[g] = a[g] + off + b0;
     for (int q = 0; q < QN; ++q) pb[q] = qs[q] + off + b0;
-    V16<T> acc[QN] = {};
+    V16<T> acc[GI][QN] = {};
     for (int64_t j = 0; j < vec; j += kLbLanes) {
-      const V16<T> va = load16(pa + j);
-      for (int q = 0; q < QN; ++q) acc[q] = lb_dot_step(acc[q], va, load16(pb[q] + j));
+      V16<T> vb[QN];
+      for (int q = 0; q < QN; ++q) vb[q] = load16(pb[q] + j);
+      for (int g = 0; g < GI; ++g) {
+        const V16<T> va = load16(pa[g] + j);
+        for (int q = 0; q < QN; ++q) acc[g][q] = lb_dot_step(acc[g][q], va, vb[q]);
+      }
     }
-    for (int q = 0; q < QN; ++q) {
-      double t = lane_tree<T>(acc[q]);
-      for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(pa[j], pb[q][j]));
-      s[q] += t;
-    }
+    for (int g = 0; g < GI; ++g)
+      for (int q = 0; q < QN; ++q) {
+        double t = lane_tree<T>(acc[g][q]);
+        for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(pa[g][j], pb[q][j]));
+        s[g][q] += t;
+      }
+  }
+}
+
+template <class T, int GI>
+inline __attribute__((always_inline)) void chunk_dots_gq(const T* const* a, const T* const* qs, int qn, int64_t off,
+                                                         int64_t len, double (*s)[4]) {
+  switch (qn) {
+    case 1: chunk_dots_g<T, GI, 1>(a, qs, off, len, s); break;
+    case 2: chunk_dots_g<T, GI, 2>(a, qs, off, len, s); break;
+    case 3: chunk_dots_g<T, GI, 3>(a, qs, off, len, s); break;
+    default: chunk_dots_g<T, GI, 4>(a, qs, off, len, s); break;
   }
 }
 
@@ -88,44 +92,63 @@ inline __attribute__((always_inline)) void chunk_dots_q(const T* a, const T* con
 template <class T>
 OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t off, int64_t len,
                           double* part) {
-  double s[4];
-  for (int i = 0; i < k; ++i) {
-    const T* a = stored[i] + off;
+  double s[4][4];
+  for (int i0 = 0; i0 < k; i0 += 4) {
+    const int gi = std::min(4, k - i0);
     for (int q0 = 0; q0 < nq; q0 += 4) {
       const int qn = std::min(4, nq - q0);
-      switch (qn) {
-        case 1: chunk_dots_q<T, 1>(a, queries + q0, off, len, s); break;
-        case 2: chunk_dots_q<T, 2>(a, queries + q0, off, len, s); break;
-        case 3: chunk_dots_q<T, 3>(a, queries + q0, off, len, s); break;
-        default: chunk_dots_q<T, 4>(a, queries + q0, off, len, s); break;
+      switch (gi) {
+        case 1: chunk_dots_gq<T, 1>(stored + i0, queries + q0, qn, off, len, s); break;
+        case 2: chunk_dots_gq<T, 2>(stored + i0, queries + q0, qn, off, len, s); break;
+        case 3: chunk_dots_gq<T, 3>(stored + i0, queries + q0, qn, off, len, s); break;
+        default: chunk_dots_gq<T, 4>(stored + i0, queries + q0, qn, off, len, s); break;
       }
-      for (int q = 0; q < qn; ++q) part[(q0 + q) * k + i] = s[q];
+      for (int g = 0; g < gi; ++g)
+        for (int q = 0; q < qn; ++q) part[(q0 + q) * k + i0 + g] = s[g][q];
     }
   }
 }
 
-// out[lo, hi) = sum_i c[i] v[i][lo, hi), in blocks of kBlock values.
+// Outputs at least this large are written with non-temporal stores (they would not survive in L2 + L3 anyway).
+constexpr int64_t kLbStreamBytes = int64_t(16) << 20;
+
+// out[lo, hi) = sum_i c[i] v[i][lo, hi), each element's terms added in order.  The range is walked in blocks of
+// kBlock values; within a block the terms are taken kGroup vectors at a time (a few input streams at once, which
+// the prefetchers follow), the running sum kept in an L1 buffer between groups.  With nt (an output too large to
+// stay in cache) the last group writes the aligned body with non-temporal stores: no read-for-ownership of out.
 template <class T>
-OK_KERNEL void lincomb_range(const T* const* v, const T* c, int m, T* __restrict out, int64_t lo, int64_t hi) {
-  constexpr int64_t kBlock = 1024;
+OK_KERNEL void lincomb_range(const T* const* v, const T* c, int m, T* __restrict out, int64_t lo, int64_t hi,
+                             bool nt) {
+  constexpr int64_t kBlock = 2048;
+  constexpr int kGroup = 4;
   alignas(64) T tmp[kBlock];
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t len = std::min<int64_t>(kBlock, hi - b0);
-    const int64_t vec = len / kLbLanes * kLbLanes;
-    for (int i = 0; i < m; ++i) {
-      const T* x = v[i] + b0;
-      const T ci = c[i];
-      T* dst = i == m - 1 ? out + b0 : tmp;  // the last term goes straight to out
-      if (i == 0) {
-        for (int64_t j = 0; j < vec; j += kLbLanes) store16(dst + j, lb_comb_first(ci, load16(x + j)));
-        for (int64_t j = vec; j < len; ++j) dst[j] = lb_comb_first(ci, x[j]);
+    for (int g0 = 0; g0 < m; g0 += kGroup) {
+      const int g1 = std::min(m, g0 + kGroup);
+      const bool last = g1 == m;
+      T* dst = last ? out + b0 : tmp;
+      auto one = [&](int64_t j) {
+        T acc = g0 == 0 ? lb_comb_first(c[0], v[0][b0 + j]) : tmp[j];
+        for (int i = g0 == 0 ? 1 : g0; i < g1; ++i) acc = lb_comb_step(acc, c[i], v[i][b0 + j]);
+        dst[j] = acc;
+      };
+      auto sixteen = [&](int64_t j) {
+        V16<T> acc = g0 == 0 ? lb_comb_first(c[0], load16(v[0] + b0 + j)) : load16(tmp + j);
+        for (int i = g0 == 0 ? 1 : g0; i < g1; ++i) acc = lb_comb_step(acc, c[i], load16(v[i] + b0 + j));
+        return acc;
+      };
+      int64_t j = 0;
+      if (last && nt) {
+        for (; j < len && !aligned64(dst + j); ++j) one(j);
+        for (; j + kLbLanes <= len; j += kLbLanes) stream16(dst + j, sixteen(j));
       } else {
-        for (int64_t j = 0; j < vec; j += kLbLanes)
-          store16(dst + j, lb_comb_step(load16(tmp + j), ci, load16(x + j)));
-        for (int64_t j = vec; j < len; ++j) dst[j] = lb_comb_step(tmp[j], ci, x[j]);
+        for (; j + kLbLanes <= len; j += kLbLanes) store16(dst + j, sixteen(j));
       }
+      for (; j < len; ++j) one(j);
     }
   }
+  if (nt) stream_fence();
 }
 
 template <class T>
@@ -176,14 +199,15 @@ void lincomb_typed(const VecBatch& vecs, const std::vector<double>& coef, void* 
   T* out = static_cast<T*>(out_);
   const int64_t n = vecs.n;
   const int nt = threads_for_total(n * (m + 1));
+  const bool stream = n * static_cast<int64_t>(sizeof(T)) >= kLbStreamBytes;
   if (nt <= 1) {
-    lincomb_range<T>(vp.data(), c.data(), m, out, 0, n);
+    lincomb_range<T>(vp.data(), c.data(), m, out, 0, n, stream);
     return;
   }
   parallel_run(nt, [&](int tid, int nth) {
     int64_t lo, hi;
     part_bounds(n, tid, nth, kSplitAlign, &lo, &hi);
-    if (lo < hi) lincomb_range<T>(vp.data(), c.data(), m, out, lo, hi);
+    if (lo < hi) lincomb_range<T>(vp.data(), c.data(), m, out, lo, hi, stream);
   });
 }
 
