@@ -10,6 +10,8 @@
 
 #include "arg_error.h"
 
+#include "dispatch.h"
+
 namespace optkern {
 namespace {
 
@@ -20,19 +22,6 @@ void check_shape(const BnShape& s) {
     throw std::invalid_argument("x: expected a layout with at least one channel");
 }
 
-// Run op on the executor for a's device and the CPU path in use.
-#define OPTKERN_BN_DISPATCH(a, call)                    \
-  do {                                                  \
-    if ((a).device.kind == DeviceKind::cuda) {          \
-      cuda_exec::call;                                  \
-    } else {                                            \
-      switch (cpu_isa()) {                              \
-        case CpuIsa::avx512: cpu_avx512::call; break;   \
-        case CpuIsa::avx2: cpu_avx2::call; break;       \
-        default: cpu_scalar::call; break;               \
-      }                                                 \
-    }                                                   \
-  } while (0)
 
 // CPU callers of the C++ API may leave per-channel outputs they do not want null: give them host scratch.
 struct HostScratch {
@@ -95,7 +84,7 @@ void bn_forward_train(const BnArgs& a) {
   bn_check_factor(a.factor);
   bn_check_training_count(a.shape.count(), a.shape.channels);
   HostScratch h(a, true, true, false, false);
-  OPTKERN_BN_DISPATCH(a, bn_forward_train(h.args));
+  OPTKERN_DISPATCH(a.device, bn_forward_train(h.args));
 }
 
 void bn_forward_eval(const BnArgs& a) {
@@ -104,7 +93,7 @@ void bn_forward_eval(const BnArgs& a) {
   if (!a.running_mean || !a.running_var)
     throw std::invalid_argument("running_mean: running statistics are required when training=False");
   HostScratch h(a, true, true, false, false);
-  OPTKERN_BN_DISPATCH(a, bn_forward_eval(h.args));
+  OPTKERN_DISPATCH(a.device, bn_forward_eval(h.args));
 }
 
 void bn_backward_train(const BnArgs& a) {
@@ -112,20 +101,20 @@ void bn_backward_train(const BnArgs& a) {
   bn_check_training_count(a.count > 0 ? a.count : a.shape.count(), a.shape.channels);
   if (!a.mean || !a.invstd) throw std::invalid_argument("save_mean: the saved statistics are required");
   HostScratch h(a, false, false, false, true);
-  OPTKERN_BN_DISPATCH(a, bn_backward_train(h.args));
+  OPTKERN_DISPATCH(a.device, bn_backward_train(h.args));
 }
 
 void bn_backward_eval(const BnArgs& a) {
   check_shape(a.shape);
   if (!a.mean || !a.invstd) throw std::invalid_argument("save_mean: the saved statistics are required");
-  OPTKERN_BN_DISPATCH(a, bn_backward_eval(a));
+  OPTKERN_DISPATCH(a.device, bn_backward_eval(a));
 }
 
 void bn_stats(const BnArgs& a) {
   check_shape(a.shape);
   if (a.shape.count() < 1) throw std::invalid_argument("x: expected at least one value per channel");
   HostScratch h(a, true, false, true, false);
-  OPTKERN_BN_DISPATCH(a, bn_stats(h.args));
+  OPTKERN_DISPATCH(a.device, bn_stats(h.args));
 }
 
 void bn_combine(const BnArgs& a, const std::vector<int64_t>& counts, const double* means, const double* m2s) {
@@ -134,7 +123,7 @@ void bn_combine(const BnArgs& a, const std::vector<int64_t>& counts, const doubl
   for (int64_t n : counts)
     if (n < 0) bad("counts", "counts >= 0", double(n));
   if (!a.mean || !a.m2) throw std::invalid_argument("mean: output buffers are required");
-  OPTKERN_BN_DISPATCH(a, bn_combine(a, counts, means, m2s));
+  OPTKERN_DISPATCH(a.device, bn_combine(a, counts, means, m2s));
 }
 
 void bn_normalize(const BnArgs& a) {
@@ -144,14 +133,14 @@ void bn_normalize(const BnArgs& a) {
   bn_check_training_count(a.count, a.shape.channels);
   if (!a.mean || !a.m2) throw std::invalid_argument("mean: the combined statistics are required");
   HostScratch h(a, false, true, false, false);
-  OPTKERN_BN_DISPATCH(a, bn_normalize(h.args));
+  OPTKERN_DISPATCH(a.device, bn_normalize(h.args));
 }
 
 void bn_backward_reduce(const BnArgs& a) {
   check_shape(a.shape);
   if (!a.mean) throw std::invalid_argument("mean: the saved mean is required");
   if (!a.sum_dy || !a.sum_dy_xmu) throw std::invalid_argument("sum_dy: output buffers are required");
-  OPTKERN_BN_DISPATCH(a, bn_backward_reduce(a));
+  OPTKERN_DISPATCH(a.device, bn_backward_reduce(a));
 }
 
 void bn_backward_dx(const BnArgs& a) {
@@ -159,7 +148,7 @@ void bn_backward_dx(const BnArgs& a) {
   bn_check_training_count(a.count, a.shape.channels);
   if (!a.mean || !a.invstd || !a.sum_dy || !a.sum_dy_xmu)
     throw std::invalid_argument("sum_dy: the saved statistics and the reduced sums are required");
-  OPTKERN_BN_DISPATCH(a, bn_backward_dx(a));
+  OPTKERN_DISPATCH(a.device, bn_backward_dx(a));
 }
 
 }  // namespace optkern

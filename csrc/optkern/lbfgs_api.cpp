@@ -7,21 +7,11 @@
 #include "lbfgs_executors.h"
 #include "lbfgs_rules.h"
 
+#include "dispatch.h"
+
 namespace optkern {
 namespace {
 
-#define OPTKERN_LB_DISPATCH(dev, call)                  \
-  do {                                                  \
-    if ((dev).kind == DeviceKind::cuda) {               \
-      cuda_exec::call;                                  \
-    } else {                                            \
-      switch (cpu_isa()) {                              \
-        case CpuIsa::avx512: cpu_avx512::call; break;   \
-        case CpuIsa::avx2: cpu_avx2::call; break;       \
-        default: cpu_scalar::call; break;               \
-      }                                                 \
-    }                                                   \
-  } while (0)
 
 void check_batch(const VecBatch& b, const char* name) {
   const size_t m = b.vecs.size();
@@ -54,7 +44,7 @@ void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
     for (size_t p = 0; p < total; ++p) out[p] = 0.0;
     return;
   }
-  OPTKERN_LB_DISPATCH(stored.device, lbfgs_dots(stored, queries, out));
+  OPTKERN_DISPATCH(stored.device, lbfgs_dots(stored, queries, out));
 }
 
 void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out) {
@@ -64,7 +54,7 @@ void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* 
                                 " coefficients (one per vector), got " + std::to_string(coef.size()));
   if (vecs.n == 0) return;
   if (out == nullptr) throw std::invalid_argument("out: null pointer");
-  OPTKERN_LB_DISPATCH(vecs.device, lbfgs_lincomb(vecs, coef, out));
+  OPTKERN_DISPATCH(vecs.device, lbfgs_lincomb(vecs, coef, out));
 }
 
 }  // namespace optkern

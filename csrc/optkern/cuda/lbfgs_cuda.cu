@@ -41,32 +41,6 @@ static_assert(kPairBatch <= kThreads, "one thread per pair folds the block total
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One stream-ordered scratch allocation, freed (stream-ordered) when the call returns or throws.
-class DeviceBuffer {
- public:
-  DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes > 0) OK_CUDA_CHECK(cudaMallocAsync(&mem_, bytes, stream_));
-  }
-  ~DeviceBuffer() {
-    if (mem_ != nullptr) cudaFreeAsync(mem_, stream_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <class P>
-  P* as() const {
-    return static_cast<P*>(mem_);
-  }
-
- private:
-  void* mem_ = nullptr;
-  cudaStream_t stream_;
-};
-
-int sm_count(int device) {
-  int sms = 0;
-  OK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms > 0 ? sms : 1;
-}
 
 // ---- dots -------------------------------------------------------------------------------------------------
 
