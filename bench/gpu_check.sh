@@ -25,7 +25,7 @@ if not optkern.cuda_available():
 PY
 
 echo "== GPU tests"
-python -m pytest -q -p no:cacheprovider tests/test_cupy.py tests/test_cupy_batch_norm.py
+python -m pytest -q -p no:cacheprovider tests/test_cupy.py tests/test_cupy_batch_norm.py tests/test_cupy_lbfgs.py
 
 echo "== full test suite"
 python -m pytest -q -x -p no:cacheprovider tests
