@@ -793,3 +793,17 @@ def test_numpy_reference_sanity():
     y, mu, _, _, _ = ref_forward(x, None, None, None, None, eps=1e-300)
     assert np.allclose(y.mean(axis=(0, 2)), 0, atol=1e-14) and np.allclose(y.var(axis=(0, 2)), 1, rtol=1e-13)
     assert math.isclose(mu[0], x[:, 0].mean(), rel_tol=1e-14)
+
+
+def test_empty_shard_contributes_nothing(rng):
+    """A data-parallel rank with no local values (torch's SyncBatchNorm allows it): count 0, and the combine of
+    its statistics with the others' equals the others' alone."""
+    x = (rng.standard_normal((9, 4)) + 2.0).astype(np.float64)
+    empty = np.empty((0, 4), np.float64)
+    n0, m0, q0 = optkern.batch_norm_stats(empty)
+    assert n0 == 0 and np.all(m0 == 0) and np.all(q0 == 0)
+    n1, m1, q1 = optkern.batch_norm_stats(x)
+    n, mean, m2 = optkern.batch_norm_combine([n0, n1], [m0, m1], [q0, q1])
+    assert n == 9
+    np.testing.assert_array_equal(mean, m1)
+    np.testing.assert_array_equal(m2, q1)

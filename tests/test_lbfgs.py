@@ -560,3 +560,21 @@ def test_cupy_direction_and_minimize(cpu_isa, rng, dtype, tol):
     assert res.success, res.message
     assert isinstance(res.x, cp.ndarray) and res.x.dtype == dtype
     assert float(cp.abs(res.grad).max()) <= gtol
+
+
+def test_gradient_buffer_reused_by_the_callback(cpu_isa):
+    """fun_and_grad may refill and return the same gradient array every call: the minimizer keeps its own copy."""
+    if cpu_isa != AVAILABLE_ISAS[-1]:
+        pytest.skip("ISA-independent: runs once under the best path")
+    buf = np.empty(20)
+
+    def fg(x):
+        f = float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
+        buf[:] = 0.0
+        buf[:-1] += -400.0 * x[:-1] * (x[1:] - x[:-1] ** 2) - 2.0 * (1.0 - x[:-1])
+        buf[1:] += 200.0 * (x[1:] - x[:-1] ** 2)
+        return f, buf
+
+    res = optkern.lbfgs_minimize(fg, np.full(20, -1.2), max_iter=1000)
+    assert res.success, res.message
+    assert res.nit < 300 and res.nskipped == 0

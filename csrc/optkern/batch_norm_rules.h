@@ -10,8 +10,10 @@
 //
 // Exactness at large offsets (data at 1e4 with unit variance, float32): the centring x - mu uses mu split into
 // a float "hi" part and the remainder "lo" (x - hi is exact for x near mu, by Sterbenz's lemma), so y keeps
-// float32 precision relative to sigma, not to |mu|.  Statistics are shifted sums d = x - K with K a sample of
-// the channel (its first value), accumulated per lane in T over short blocks and in double across blocks.
+// float32 precision relative to sigma, not to |mu|.  Statistics: each block of values (1024 of a run, or a block of
+// rows of one column) is swept twice while in cache, first for a rough mean K, then for the shifted sums of x - K
+// and (x - K)^2 in T lanes; the blocks' (n, mean, m2) are combined in double (BnAcc), so neither the data's offset
+// nor its order costs precision.
 #pragma once
 
 #include "common.h"

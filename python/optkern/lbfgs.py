@@ -479,7 +479,9 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         f, g = fun_and_grad(x.reshape(shape))
         state["nfev"] += 1
         f = float(f)
-        g = xp.ascontiguousarray(xp.asarray(g, dtype=dtype)).reshape(-1)
+        # A copy: fun_and_grad may return the same buffer every call (refilled in place), and the previous
+        # gradient must survive the next evaluation (y = g_new - g).
+        g = xp.array(g, dtype=dtype, copy=True).reshape(-1)
         if g.size != n:
             raise ValueError(f"fun_and_grad: expected a gradient of {n} elements like x0, got {g.size}")
         gmax = float(xp.abs(g).max())
