@@ -13,10 +13,13 @@
 
 namespace optkern_py {
 
-namespace {
+void type_error(const std::string& msg) { throw py::type_error(msg); }
+void value_error(const std::string& msg) { throw py::value_error(msg); }
+std::string device_str(const Device& d) {
+  return d.kind == optkern::DeviceKind::cpu ? "cpu" : "cuda:" + std::to_string(d.index);
+}
 
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+namespace {
 
 bool parse_format(const char* f, int itemsize, DType* out) {
   if (!f) return false;
@@ -304,10 +307,6 @@ ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64
 }
 
 namespace {
-
-std::string device_str(const Device& d) {
-  return d.kind == optkern::DeviceKind::cpu ? "cpu" : "cuda:" + std::to_string(d.index);
-}
 
 py::sequence as_sequence(py::handle h, const char* name) {
   if (!PyList_Check(h.ptr()) && !PyTuple_Check(h.ptr()))

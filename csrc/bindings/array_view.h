@@ -59,6 +59,11 @@ class ArrayView {
 
 std::string shape_str(const ArrayView& a);
 
+// The binding's errors: TypeError / ValueError with the message as given (it names the argument).
+[[noreturn]] void type_error(const std::string& msg);
+[[noreturn]] void value_error(const std::string& msg);
+std::string device_str(const Device& d);  // "cpu" or "cuda:<index>"
+
 // One step's arrays, validated and turned into a StepBatch.
 struct CollectedStep {
   std::vector<ArrayView> views;  // keep the memory alive while the kernel runs

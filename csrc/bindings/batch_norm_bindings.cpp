@@ -18,15 +18,12 @@
 namespace py = pybind11;
 using namespace optkern;
 using optkern_py::ArrayView;
+using optkern_py::device_str;
+using optkern_py::type_error;
+using optkern_py::value_error;
 
 namespace {
 
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-
-std::string device_str(const Device& d) {
-  return d.kind == DeviceKind::cpu ? "cpu" : "cuda:" + std::to_string(d.index);
-}
 
 std::string strides_str(const ArrayView& a) {
   std::string s = "(";

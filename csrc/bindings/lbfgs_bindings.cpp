@@ -19,15 +19,12 @@
 namespace py = pybind11;
 using namespace optkern;
 using optkern_py::ArrayView;
+using optkern_py::device_str;
+using optkern_py::type_error;
+using optkern_py::value_error;
 
 namespace {
 
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-
-std::string device_str(const Device& d) {
-  return d.kind == DeviceKind::cpu ? "cpu" : "cuda:" + std::to_string(d.index);
-}
 std::string item_name(const char* kind, size_t i) { return std::string(kind) + "[" + std::to_string(i) + "]"; }
 
 bool c_contiguous(const ArrayView& v) {
