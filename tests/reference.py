@@ -36,3 +36,20 @@ def rel_err(a, b, floor: float = 0.0) -> float:
         return math.inf
     denom = max(float(np.max(np.abs(b))), floor)
     return diff / denom if denom > 0 else diff
+
+
+def require_cupy_gpu(what: str):
+    """CuPy, or skip the calling test module (with a reason) when CuPy, a CUDA device or optkern's CUDA kernels are
+    missing.  Call at module level: ``cupy = require_cupy_gpu("batch-norm")``."""
+    import optkern
+    import pytest
+
+    cupy = pytest.importorskip("cupy", reason=f"CuPy is not installed; the CUDA {what} checks need CuPy and a GPU")
+    try:
+        ngpu = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - no driver, no device
+        ngpu = 0
+    if not optkern.cuda_available() or ngpu < 1:
+        pytest.skip(f"no CUDA device (or this optkern build has no CUDA kernels): CUDA {what} checks skipped",
+                    allow_module_level=True)
+    return cupy

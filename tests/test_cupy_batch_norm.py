@@ -8,24 +8,13 @@ the same code on the GPU, and float32 statistics are held to the same float32-le
 import os
 
 import numpy as np
-import pytest
-
 import optkern
+import pytest
+from reference import require_cupy_gpu
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed; the CUDA batch-norm checks need CuPy and a GPU")
+cupy = require_cupy_gpu("batch-norm")
 
-
-def _gpu_count():
-    try:
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # noqa: BLE001 - no driver, no device
-        return 0
-
-
-if not optkern.cuda_available() or _gpu_count() < 1:
-    pytest.skip("no CUDA device (or this optkern build has no CUDA kernels): CUDA batch-norm checks skipped",
-                allow_module_level=True)
-
+from reference import rel_err
 from test_batch_norm import (
     F32,
     F64,
@@ -39,7 +28,6 @@ from test_batch_norm import (
     ref_forward,
     stats_err,
 )
-from reference import rel_err
 
 
 @pytest.fixture(autouse=True)

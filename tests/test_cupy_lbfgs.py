@@ -7,23 +7,11 @@ tolerance.  Skipped without CuPy and a CUDA device.
 """
 
 import numpy as np
-import optkern
 import pytest
 from optkern import _C
+from reference import require_cupy_gpu
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed; the CUDA L-BFGS kernel checks need CuPy and a GPU")
-
-
-def _gpu_count():
-    try:
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # noqa: BLE001 - no driver, no device
-        return 0
-
-
-if not optkern.cuda_available() or _gpu_count() < 1:
-    pytest.skip("no CUDA device (or this optkern build has no CUDA kernels): CUDA L-BFGS checks skipped",
-                allow_module_level=True)
+cupy = require_cupy_gpu("L-BFGS kernel")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
