@@ -4,20 +4,23 @@
 // vector loads (GCC vector types: one zmm of float on AVX-512, two ymm on AVX2, SSE2 pieces on the baseline
 // build), and every lane does the same IEEE operations in the same order on every path, so the three builds
 // agree bitwise.
-//  - dots: the chunk range [0, nchunks) is split across threads (part_bounds); for each chunk and each stored
-//    vector, the stored lane block (256 values, in L1) is dotted with every query's block (the query chunks,
-//    nq * 4096 values, stay in L1/L2 across the stored vectors), so every stored vector is read once from memory.
-//    Each chunk writes its nq * k partials to a per-chunk buffer, which is summed on the calling thread in chunk
-//    order: the result does not depend on the thread count.
-//  - lincomb: the element range is split across threads; each thread walks blocks of 1024 values, adding the
-//    terms one vector at a time into an L1 buffer (one input stream at a time), the last term written to out.
+//  - dots: the chunk range [0, nchunks) is split across threads (part_bounds).  For each chunk, the stored
+//    chunks are dotted with the query chunks (which stay in L1/L2 across the stored vectors), so every stored
+//    vector is read once from memory: with one query, 4 stored streams at a time; with more, one stored chunk
+//    against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane accumulator, so the chains of
+//    a step are independent.  Each chunk writes its nq * k partials to a per-chunk buffer, which is summed on
+//    the calling thread in chunk order: the result does not depend on the thread count.
+//  - lincomb: the element range is split across threads; each thread walks blocks of 16 KB per vector, adding
+//    the terms 4 vectors at a time into an L1 buffer (4 input streams at once), the last group written to out
+//    (non-temporal for outputs too large for the caches).
+// Helpers are OK_ISA_INLINE functions, never lambdas: a lambda does not inherit the kernel's target attribute,
+// and GCC then moved its 16-lane values through the stack (3-4x slower).
 // lbfgs_rules.h and simd16.h pass 16-lane vectors between always-inlined helpers: the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
 
 #include "../lbfgs_executors.h"
 #include "../lbfgs_rules.h"
@@ -33,78 +36,121 @@ namespace {
 #include "simd16.h"
 static_assert(kLbLanes == 16, "16-lane vectors");
 
-// The lanes widened to double and added as the fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (lbfgs_rules.h).
+// The lanes widened to double and added as the fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (lbfgs_rules.h), as vector
+// halves (h[l] + h[l + w] for l < w), so it stays in registers.
+typedef double D16 __attribute__((vector_size(128)));
+typedef double D8 __attribute__((vector_size(64)));
+typedef double D4 __attribute__((vector_size(32)));
+typedef double D2 __attribute__((vector_size(16)));
 template <class T>
-inline __attribute__((always_inline)) double lane_tree(V16<T> v) {
-  double h[kLbLanes];
-  for (int l = 0; l < kLbLanes; ++l) h[l] = static_cast<double>(v[l]);
-  for (int w = kLbLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) h[l] += h[l + w];
-  return h[0];
+OK_ISA_INLINE double lane_tree(V16<T> v) {
+  const D16 h = __builtin_convertvector(v, D16);
+  const D8 h8 = __builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15);
+  const D4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  const D2 h2 = __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
+  return h2[0] + h2[1];
 }
 
-// The dots of GI stored vectors' chunks with QN queries at once: every (stored, query) pair keeps its own
-// accumulator and adds in exactly the documented order, but the GI * QN chains run side by side (independent adds)
-// and GI stored streams advance together (the prefetchers follow a few streams better than one short run at a
-// time).
-template <class T, int GI, int QN>
-inline __attribute__((always_inline)) void chunk_dots_g(const T* const* a, const T* const* qs, int64_t off,
-                                                        int64_t len, double (*s)[4]) {
+// Stored vectors dotted side by side with a single query (the steady-state direction's pass 1): a few streams at
+// once keep more DRAM reads in flight than one.  Measured on 2 Zen 3 cores (AVX2), against the lincomb's read
+// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 2 streams (4 spill registers).
+template <class T>
+constexpr int kDotGroup = sizeof(T) == 4 ? 4 : 2;
+// float64: prefetch each stored stream this many bytes ahead.  GCC runs each 4-double piece's chain to the end of
+// the lane block before the next, so the loads of a float64 stream touch every other cache line first, which the
+// hardware prefetchers follow poorly (measured 0.55-0.65x the lincomb's rate without, ~0.73x with).  float32
+// loads are in line order and gain nothing.
+constexpr int kDotPrefetch64 = 1024;
+
+// The lane-block totals of GI stored vectors' chunks with QN query chunks, for NB consecutive full lane blocks
+// starting at offset o.  Every (stored, query) pair keeps its own 16-lane accumulator per block and adds in
+// exactly the documented order; the GI * NB * QN chains are independent, so they run side by side.
+template <class T, int GI, int NB, int QN>
+OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o, double (*s)[4]) {
+  V16<T> acc[GI][NB][QN] = {};
+  for (int64_t j = 0; j < kLbLaneBlock; j += kLbLanes) {
+    V16<T> vq[NB][QN];
+    for (int b = 0; b < NB; ++b)
+      for (int q = 0; q < QN; ++q) vq[b][q] = load16(qs[q] + o + b * kLbLaneBlock + j);
+    for (int g = 0; g < GI; ++g)
+      for (int b = 0; b < NB; ++b) {
+        const T* p = a[g] + o + b * kLbLaneBlock + j;
+        const V16<T> va = load16(p);
+        for (int q = 0; q < QN; ++q) acc[g][b][q] = lb_dot_step(acc[g][b][q], va, vq[b][q]);
+        if constexpr (sizeof(T) == 8)
+          for (int l = 0; l < static_cast<int>(sizeof(V16<T>)); l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(p) + kDotPrefetch64 + l);
+      }
+  }
+  for (int g = 0; g < GI; ++g)
+    for (int b = 0; b < NB; ++b)  // block totals added in block order
+      for (int q = 0; q < QN; ++q) s[g][q] += lane_tree<T>(acc[g][b][q]);
+}
+
+// One lane block of blk <= kLbLaneBlock values (a short last block): the lanes, then the tail in order.
+template <class T>
+OK_ISA_INLINE double short_block(const T* a, const T* b, int64_t blk) {
+  const int64_t vec = blk / kLbLanes * kLbLanes;
+  V16<T> acc = {};
+  for (int64_t j = 0; j < vec; j += kLbLanes) acc = lb_dot_step(acc, load16(a + j), load16(b + j));
+  double t = lane_tree<T>(acc);
+  for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(a[j], b[j]));
+  return t;
+}
+
+// The chunk partials s[g][q] of GI stored chunks a[g][0, len) with QN query chunks (chunk order of
+// lbfgs_rules.h): the full blocks NB at a time, the remaining full blocks one at a time, then the short block.
+template <class T, int GI, int NB, int QN>
+OK_ISA_INLINE void group_chunk(const T* const* a, const T* const* qs, int64_t len, double (*s)[4]) {
   for (int g = 0; g < GI; ++g)
     for (int q = 0; q < QN; ++q) s[g][q] = 0.0;
-  for (int64_t b0 = 0; b0 < len; b0 += kLbLaneBlock) {
-    const int64_t blk = std::min<int64_t>(kLbLaneBlock, len - b0);
-    const int64_t vec = blk / kLbLanes * kLbLanes;
-    const T* pa[GI];
-    const T* pb[QN];
-    for (int g = 0; g < GI; ++g) pa[g] = a[g] + off + b0;
-    for (int q = 0; q < QN; ++q) pb[q] = qs[q] + off + b0;
-    V16<T> acc[GI][QN] = {};
-    for (int64_t j = 0; j < vec; j += kLbLanes) {
-      V16<T> vb[QN];
-      for (int q = 0; q < QN; ++q) vb[q] = load16(pb[q] + j);
-      for (int g = 0; g < GI; ++g) {
-        const V16<T> va = load16(pa[g] + j);
-        for (int q = 0; q < QN; ++q) acc[g][q] = lb_dot_step(acc[g][q], va, vb[q]);
-      }
-    }
+  const int64_t full_end = len / kLbLaneBlock * kLbLaneBlock;
+  int64_t o = 0;
+  for (; o + NB * kLbLaneBlock <= full_end; o += NB * kLbLaneBlock) lane_blocks<T, GI, NB, QN>(a, qs, o, s);
+  for (; o < full_end; o += kLbLaneBlock) lane_blocks<T, GI, 1, QN>(a, qs, o, s);
+  if (full_end < len)
     for (int g = 0; g < GI; ++g)
-      for (int q = 0; q < QN; ++q) {
-        double t = lane_tree<T>(acc[g][q]);
-        for (int64_t j = vec; j < blk; ++j) t += static_cast<double>(lb_prod(pa[g][j], pb[q][j]));
-        s[g][q] += t;
-      }
-  }
+      for (int q = 0; q < QN; ++q) s[g][q] += short_block(a[g] + o, qs[q] + o, len - full_end);
 }
 
-template <class T, int GI>
-inline __attribute__((always_inline)) void chunk_dots_gq(const T* const* a, const T* const* qs, int qn, int64_t off,
-                                                         int64_t len, double (*s)[4]) {
-  switch (qn) {
-    case 1: chunk_dots_g<T, GI, 1>(a, qs, off, len, s); break;
-    case 2: chunk_dots_g<T, GI, 2>(a, qs, off, len, s); break;
-    case 3: chunk_dots_g<T, GI, 3>(a, qs, off, len, s); break;
-    default: chunk_dots_g<T, GI, 4>(a, qs, off, len, s); break;
-  }
-}
-
-// The nq * k partials of one chunk [off, off + len): part[q * k + i].
+// The partials of chunks [c0, c1): part[c * nq * k + q * k + i].  Chunk by chunk, every stored chunk is read
+// once from memory: with one query, kDotGroup stored streams advance together; with more, one stored chunk at a
+// time against groups of up to 4 queries (the query chunks, and the stored chunk after its first group, come
+// from L1/L2).
 template <class T>
-OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t off, int64_t len,
-                          double* part) {
-  double s[4][4];
-  for (int i0 = 0; i0 < k; i0 += 4) {
-    const int gi = std::min(4, k - i0);
-    for (int q0 = 0; q0 < nq; q0 += 4) {
-      const int qn = std::min(4, nq - q0);
-      switch (gi) {
-        case 1: chunk_dots_gq<T, 1>(stored + i0, queries + q0, qn, off, len, s); break;
-        case 2: chunk_dots_gq<T, 2>(stored + i0, queries + q0, qn, off, len, s); break;
-        case 3: chunk_dots_gq<T, 3>(stored + i0, queries + q0, qn, off, len, s); break;
-        default: chunk_dots_gq<T, 4>(stored + i0, queries + q0, qn, off, len, s); break;
+OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t n, int64_t c0,
+                          int64_t c1, double* part) {
+  constexpr int G = kDotGroup<T>;
+  double s[G][4];
+  const T* a[G];
+  const T* qs[4];
+  const int64_t P = static_cast<int64_t>(k) * nq;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = c * kLbChunk, len = std::min<int64_t>(kLbChunk, n - off);
+    double* pc = part + c * P;
+    for (int i0 = 0; i0 < k;) {
+      if (nq == 1 && k - i0 >= G) {
+        for (int g = 0; g < G; ++g) a[g] = stored[i0 + g] + off;
+        qs[0] = queries[0] + off;
+        group_chunk<T, G, 1, 1>(a, qs, len, s);
+        for (int g = 0; g < G; ++g) pc[i0 + g] = s[g][0];
+        i0 += G;
+        continue;
       }
-      for (int g = 0; g < gi; ++g)
-        for (int q = 0; q < qn; ++q) part[(q0 + q) * k + i0 + g] = s[g][q];
+      a[0] = stored[i0] + off;
+      for (int q0 = 0; q0 < nq; q0 += 4) {
+        const int qn = std::min(4, nq - q0);
+        for (int q = 0; q < qn; ++q) qs[q] = queries[q0 + q] + off;
+        switch (qn) {
+          case 1: group_chunk<T, 1, 2, 1>(a, qs, len, s); break;
+          case 2: group_chunk<T, 1, 1, 2>(a, qs, len, s); break;
+          case 3: group_chunk<T, 1, 1, 3>(a, qs, len, s); break;
+          default: group_chunk<T, 1, 1, 4>(a, qs, len, s); break;
+        }
+        for (int q = 0; q < qn; ++q) pc[(q0 + q) * k + i0] = s[0][q];
+      }
+      ++i0;
     }
   }
 }
@@ -112,40 +158,69 @@ OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries
 // Outputs at least this large are written with non-temporal stores (they would not survive in L2 + L3 anyway).
 constexpr int64_t kLbStreamBytes = int64_t(16) << 20;
 
+// The running sum of the terms of one group at j: 16 values (comb16) or one (comb1).  kFirst: the group starts
+// the sum (c[0] v[0], then the next terms); else it continues the partial sum src[j].  Each element's terms are
+// added in order (lbfgs_rules.h).
+template <class T, int G, bool kFirst>
+OK_ISA_INLINE V16<T> comb16(const T* const* v, const T* c, const T* src, int64_t j) {
+  V16<T> acc = kFirst ? lb_comb_first(c[0], load16(v[0] + j)) : load16(src + j);
+  for (int i = kFirst ? 1 : 0; i < G; ++i) acc = lb_comb_step(acc, c[i], load16(v[i] + j));
+  return acc;
+}
+template <class T, int G, bool kFirst>
+OK_ISA_INLINE T comb1(const T* const* v, const T* c, const T* src, int64_t j) {
+  T acc = kFirst ? lb_comb_first(c[0], v[0][j]) : src[j];
+  for (int i = kFirst ? 1 : 0; i < G; ++i) acc = lb_comb_step(acc, c[i], v[i][j]);
+  return acc;
+}
+
+// dst[0, len) = the group's running sums (comb16 / comb1); the group's pointers are already offset to the block.
+// With nt, dst's 64-byte-aligned body is written with non-temporal stores.
+template <class T, int G, bool kFirst>
+OK_ISA_INLINE void comb_group(const T* const* v, const T* c, const T* src, T* dst, int64_t len, bool nt) {
+  int64_t j = 0;
+  if (nt) {
+    for (; j < len && !aligned64(dst + j); ++j) dst[j] = comb1<T, G, kFirst>(v, c, src, j);
+    for (; j + kLbLanes <= len; j += kLbLanes) stream16(dst + j, comb16<T, G, kFirst>(v, c, src, j));
+  } else {
+    for (; j + kLbLanes <= len; j += kLbLanes) store16(dst + j, comb16<T, G, kFirst>(v, c, src, j));
+  }
+  for (; j < len; ++j) dst[j] = comb1<T, G, kFirst>(v, c, src, j);
+}
+
+template <class T, int G>
+OK_ISA_INLINE void comb_group_any(const T* const* v, const T* c, const T* src, T* dst, int64_t len, bool nt) {
+  if (src == nullptr) comb_group<T, G, true>(v, c, src, dst, len, nt);
+  else comb_group<T, G, false>(v, c, src, dst, len, nt);
+}
+
 // out[lo, hi) = sum_i c[i] v[i][lo, hi), each element's terms added in order.  The range is walked in blocks of
-// kBlock values; within a block the terms are taken kGroup vectors at a time (a few input streams at once, which
-// the prefetchers follow), the running sum kept in an L1 buffer between groups.  With nt (an output too large to
-// stay in cache) the last group writes the aligned body with non-temporal stores: no read-for-ownership of out.
+// kBlock values; within a block the terms are taken kGroup vectors at a time (a few input streams at once), the
+// running sum kept in an L1 buffer between groups (rounded in T, as in registers: the same order and results).
+// With nt (an output too large to stay in cache) the last group writes with non-temporal stores: no
+// read-for-ownership of out.
 template <class T>
 OK_KERNEL void lincomb_range(const T* const* v, const T* c, int m, T* __restrict out, int64_t lo, int64_t hi,
                              bool nt) {
-  constexpr int64_t kBlock = 2048;
+  constexpr int64_t kBlock = 16384 / sizeof(T);
   constexpr int kGroup = 4;
   alignas(64) T tmp[kBlock];
+  const T* vb[kGroup];
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t len = std::min<int64_t>(kBlock, hi - b0);
     for (int g0 = 0; g0 < m; g0 += kGroup) {
-      const int g1 = std::min(m, g0 + kGroup);
-      const bool last = g1 == m;
+      const int gn = std::min(m - g0, kGroup);
+      const bool last = g0 + gn == m;
       T* dst = last ? out + b0 : tmp;
-      auto one = [&](int64_t j) {
-        T acc = g0 == 0 ? lb_comb_first(c[0], v[0][b0 + j]) : tmp[j];
-        for (int i = g0 == 0 ? 1 : g0; i < g1; ++i) acc = lb_comb_step(acc, c[i], v[i][b0 + j]);
-        dst[j] = acc;
-      };
-      auto sixteen = [&](int64_t j) {
-        V16<T> acc = g0 == 0 ? lb_comb_first(c[0], load16(v[0] + b0 + j)) : load16(tmp + j);
-        for (int i = g0 == 0 ? 1 : g0; i < g1; ++i) acc = lb_comb_step(acc, c[i], load16(v[i] + b0 + j));
-        return acc;
-      };
-      int64_t j = 0;
-      if (last && nt) {
-        for (; j < len && !aligned64(dst + j); ++j) one(j);
-        for (; j + kLbLanes <= len; j += kLbLanes) stream16(dst + j, sixteen(j));
-      } else {
-        for (; j + kLbLanes <= len; j += kLbLanes) store16(dst + j, sixteen(j));
+      const T* src = g0 == 0 ? nullptr : tmp;
+      const bool s = last && nt;
+      for (int i = 0; i < gn; ++i) vb[i] = v[g0 + i] + b0;
+      switch (gn) {
+        case 1: comb_group_any<T, 1>(vb, c + g0, src, dst, len, s); break;
+        case 2: comb_group_any<T, 2>(vb, c + g0, src, dst, len, s); break;
+        case 3: comb_group_any<T, 3>(vb, c + g0, src, dst, len, s); break;
+        default: comb_group_any<T, 4>(vb, c + g0, src, dst, len, s); break;
       }
-      for (; j < len; ++j) one(j);
     }
   }
   if (nt) stream_fence();
@@ -162,12 +237,7 @@ void dots_typed(const VecBatch& stored, const VecBatch& queries, double* out) {
   const int64_t n = stored.n;
   const int64_t nchunks = lb_num_chunks(n);
   std::vector<double> part(static_cast<size_t>(nchunks * P));
-  auto run = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * kLbChunk;
-      chunk_dots<T>(sp.data(), k, qp.data(), nq, off, std::min<int64_t>(kLbChunk, n - off), part.data() + c * P);
-    }
-  };
+  auto run = [&](int64_t c0, int64_t c1) { chunk_dots<T>(sp.data(), k, qp.data(), nq, n, c0, c1, part.data()); };
   int nt = threads_for_total(n * (k + nq));
   if (nt > nchunks) nt = static_cast<int>(nchunks);
   if (nt <= 1) {

@@ -14,19 +14,20 @@
 template <class T>
 struct Lanes16 {
   typedef T type __attribute__((vector_size(16 * sizeof(T))));
+  // The same vector at T's alignment, allowed to alias T: the type of an unaligned load or store.  (A memcpy
+  // into a vector made GCC move some values through the stack in 16-byte pieces.)
+  typedef T unaligned __attribute__((vector_size(16 * sizeof(T)), aligned(alignof(T)), may_alias));
 };
 template <class T>
 using V16 = typename Lanes16<T>::type;
 
 template <class T>
 inline __attribute__((always_inline)) V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const typename Lanes16<T>::unaligned*>(p);
 }
 template <class T>
 inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
-  std::memcpy(p, &v, sizeof(v));
+  *reinterpret_cast<typename Lanes16<T>::unaligned*>(p) = v;
 }
 // Non-temporal store of 16 values to a 64-byte-aligned address (large outputs: no read-for-ownership, no cache
 // pollution).  The baseline build stores normally.  Callers end with stream_fence().
