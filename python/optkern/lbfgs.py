@@ -139,13 +139,14 @@ class LBFGSHistory:
 
     ``n``: elements per vector; ``dtype``: float32 or float64 (default: like's dtype, else float64);
     ``like``: a NumPy or CuPy array whose library and device hold the history (default: NumPy);
-    ``curvature_eps``: push skips a pair with s.y <= curvature_eps * y.y (default: the dtype's machine epsilon).
+    ``curvature_eps``: push skips a pair with s.y <= curvature_eps * y.y (default: the dtype's machine epsilon);
+    ``min_sy``: push also skips a pair with s.y <= min_sy (default 0; torch.optim.LBFGS's rule is s.y > 1e-10).
 
     Memory: 2 (history_size + 1) vectors (one spare pair receives a push before its curvature test, so a rejected
     pair never evicts a stored one), and two (history_size + 1)^2 float64 Gram matrices on the host.
     """
 
-    def __init__(self, n, history_size=10, dtype=None, like=None, *, curvature_eps=None):
+    def __init__(self, n, history_size=10, dtype=None, like=None, *, curvature_eps=None, min_sy=0.0):
         if isinstance(history_size, bool) or not isinstance(history_size, (int, np.integer)) or history_size < 1:
             raise ValueError(f"history_size: expected an integer >= 1, got {history_size!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -160,7 +161,11 @@ class LBFGSHistory:
         eps = float(np.finfo(dtype).eps) if curvature_eps is None else float(curvature_eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"curvature_eps: expected a finite number >= 0, got {curvature_eps!r}")
+        if isinstance(min_sy, bool) or not isinstance(min_sy, (int, float, np.floating, np.integer)) or not (
+                math.isfinite(float(min_sy)) and float(min_sy) >= 0):
+            raise ValueError(f"min_sy: expected a finite number >= 0, got {min_sy!r}")
         self.n, self.history_size, self.dtype, self.curvature_eps = int(n), int(history_size), dtype, eps
+        self.min_sy = float(min_sy)
         self._xp = np if like is None else _xp(like)
         if self._xp is np:
             self._S = np.empty((self.history_size + 1, self.n), dtype)
@@ -208,7 +213,8 @@ class LBFGSHistory:
         p = self._free
         s, y = self._S[p], self._Y[p]
         sy, yy = _reduce(_dots([y], [s, y]), allreduce)[:, 0]
-        if not (math.isfinite(sy) and math.isfinite(yy) and sy > self.curvature_eps * yy and sy > 0):
+        if not (math.isfinite(sy) and math.isfinite(yy) and sy > self.curvature_eps * yy and sy > 0
+                and sy > self.min_sy):
             self.num_skipped += 1
             return False
         self._sy[p], self._yy[p] = sy, yy
@@ -227,7 +233,7 @@ class LBFGSHistory:
         """Store the pair (s, y) = (x_new - x, g_new - g), evicting the oldest when full.
 
         Returns False, stores nothing and counts ``num_skipped`` when the curvature condition fails
-        (s.y <= curvature_eps * y.y, or non-finite).  s and y are copied.  With sharded vectors pass the
+        (s.y <= curvature_eps * y.y, s.y <= min_sy, or non-finite).  s and y are copied.  With sharded vectors pass the
         ``allreduce`` given to ``direction``.
         """
         self._check(s, "s")

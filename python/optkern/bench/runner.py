@@ -589,6 +589,9 @@ def markdown(results: dict) -> str:
         met = "; ".join("-" if t["met"] is None else ("met" if t["met"] else "**NOT met**") for t in targets)
         lines.append(f"| {r['case']} | {_pow2(r['n'])} | {ok_cell} | {torch_cell} | {ratio} | {gbs} | {pct} | "
                      f"{what} | {met} |")
+    from .lbfgs import markdown_details
+
+    lines.extend(markdown_details(results["rows"]))
     for r in results["rows"]:
         if r["kind"] != "isa":
             continue
