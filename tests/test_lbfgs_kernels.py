@@ -123,6 +123,33 @@ def test_dots_follow_documented_order_bitwise(rng, n, dtype):
         assert got[0, i] == exact_dot(S[i], Q[0]), i
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("n", [17, 257, 4097])
+def test_dots_every_grouping_follows_documented_order(rng, n, dtype):
+    # The executor takes 4 (float32) / 2 (float64) stored streams at once with one query, single streams against
+    # up to 4 queries otherwise: every such grouping and its remainders must give the documented sums bitwise.
+    S = _vecs(rng, 9, n, dtype)
+    Q = _vecs(rng, 5, n, dtype)
+    ref = np.array([[exact_dot(S[i], Q[q]) for i in range(9)] for q in range(5)])
+    for k in (1, 3, 4, 5, 9):
+        for nq in (1, 2, 4, 5):
+            np.testing.assert_array_equal(_C.lbfgs_dots(S[:k], Q[:nq]), ref[:nq, :k], err_msg=f"k={k} nq={nq}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_lincomb_streaming_output_misaligned(rng, dtype):
+    # Outputs >= 16 MB take the non-temporal path; out starts one element past a 64-byte boundary, so the path
+    # writes a scalar head before its aligned body, and a tail after it.  Neighbours stay untouched.
+    n = (16 << 20) // np.dtype(dtype).itemsize + 13
+    V = [rng.uniform(-1, 1, n).astype(dtype) for _ in range(5)]
+    coefs = list(rng.uniform(-2, 2, 5))
+    buf = np.full(n + 2, 7.0, dtype)
+    out = buf[1:1 + n]
+    _C.lbfgs_lincomb(V, coefs, out)
+    np.testing.assert_array_equal(out, exact_lincomb(V, coefs))
+    assert buf[0] == 7.0 and buf[-1] == 7.0
+
+
 def test_zero_length():
     S = [np.zeros(0), np.zeros(0)]
     np.testing.assert_array_equal(_C.lbfgs_dots(S, [np.zeros(0)]), np.zeros((1, 2)))

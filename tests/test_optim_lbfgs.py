@@ -185,7 +185,7 @@ def test_already_optimal_returns_without_iterating():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(lr=0.0), "lr: expected"), (dict(lr=float("nan")), "lr: expected"), (dict(max_iter=0), "max_iter"),
+    (dict(lr=-1.0), "lr: expected"), (dict(lr=float("nan")), "lr: expected"), (dict(max_iter=0), "max_iter"),
     (dict(max_eval=0), "max_eval"), (dict(history_size=0), "history_size"), (dict(tolerance_grad=-1.0),
                                                                              "tolerance_grad"),
     (dict(line_search_fn="armijo"), "line_search_fn")])
@@ -209,6 +209,98 @@ def test_bad_params():
         optkern.optim.LBFGS([{"params": [np.ones(2)]}, {"params": [np.ones(2)]}])
     with pytest.raises(ValueError, match="empty parameter list"):
         optkern.optim.LBFGS([])
+    with pytest.raises(TypeError, match="params: expected an iterable of arrays"):
+        optkern.optim.LBFGS(np.ones((3, 2)))  # a bare array, as torch refuses a bare tensor
+    with pytest.raises(TypeError, match=r"params\[1\]: expected a numpy array like params\[0\]"):
+        optkern.optim.LBFGS([np.ones(2), torch.ones(2, dtype=torch.float64)])
+    buf = np.ones(10)
+    with pytest.raises(ValueError, match=r"params\[1\]: shares memory with params\[0\]"):
+        optkern.optim.LBFGS([buf[:6], buf[4:]])
+    with pytest.raises(TypeError, match="unexpected param group keys"):
+        optkern.optim.LBFGS([{"params": [np.ones(2)], "momentum": 0.9}])
+
+
+def test_param_group_dict_and_generator():
+    # One group dict overrides the defaults (as torch); its params may be any iterable.
+    x = np.ones(3)
+    opt = optkern.optim.LBFGS([{"params": (a for a in [x]), "lr": 0.5, "history_size": 3}], max_iter=4)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["history_size"], g["max_iter"], g["max_eval"]) == (0.5, 3, 4, 5)
+    assert g["params"][0] is x
+    opt.step(lambda: (float(x @ x), [2 * x]))
+    assert float(np.abs(x).max()) < 1.0
+
+
+def test_torch_closure_with_zero_grad_under_no_grad(rng):
+    # torch's usual closure (opt.zero_grad(); loss.backward()), with step() called under torch.no_grad().
+    _, torch_loss, p = _logreg(rng)
+    w = torch.tensor(0.1 * rng.standard_normal(p), requires_grad=True)
+    c = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = optkern.optim.LBFGS([w, c], history_size=4, max_iter=5)
+    ref = torch.optim.LBFGS([wr := w.detach().clone().requires_grad_(), cr := c.detach().clone().requires_grad_()],
+                            history_size=4, max_iter=5)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch_loss(w, c)
+        loss.backward()
+        return loss
+
+    def ref_closure():
+        ref.zero_grad()
+        loss = torch_loss(wr, cr)
+        loss.backward()
+        return loss
+    with torch.no_grad():
+        opt.step(closure)
+        ref.step(ref_closure)
+    assert _rel(w.detach().numpy(), wr.detach().numpy()) <= 1e-10
+
+
+def test_state_dict_round_trip_continues_bitwise(rng):
+    opts = dict(lr=1, max_iter=6, history_size=4, line_search_fn="strong_wolfe")
+    np_fg, _, p = _logreg(rng)
+    w, c = 0.1 * rng.standard_normal(p), np.zeros(1)
+    opt = optkern.optim.LBFGS([w, c], **opts)
+    for _ in range(2):
+        opt.step(lambda: np_fg(w, c))
+    sd = opt.state_dict()
+    w2, c2 = w.copy(), c.copy()
+    opt2 = optkern.optim.LBFGS([w2, c2], lr=0.1)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["history_size"] == 4 and opt2.param_groups[0]["lr"] == 1
+    opt.step(lambda: np_fg(w, c))
+    opt2.step(lambda: np_fg(w2, c2))
+    np.testing.assert_array_equal(w2, w)
+    assert opt2.state == opt.state
+    with pytest.raises(ValueError, match="as many params"):
+        optkern.optim.LBFGS([np.ones(2)]).load_state_dict(sd)
+
+
+def test_history_size_change_keeps_newest_pairs(rng):
+    np_fg, _, p = _logreg(rng)
+    w, c = 0.1 * rng.standard_normal(p), np.zeros(1)
+    opt = optkern.optim.LBFGS([w, c], max_iter=8, history_size=5)
+    opt.step(lambda: np_fg(w, c))
+    newest = [s.copy() for s, _ in opt._pairs()][-3:]
+    assert len(opt._pairs()) == 5
+    opt.param_groups[0]["history_size"] = 3
+    opt.step(lambda: np_fg(w, c))
+    assert opt._hist.history_size == 3 and len(opt._pairs()) == 3
+    # the 3 newest pairs were carried over, then the new call pushed more, evicting them in order
+    opt2 = optkern.optim.LBFGS([np.zeros(p), np.zeros(1)], history_size=5)
+    opt2._hist = opt2._make_history(3, [(s, s) for s in newest])
+    np.testing.assert_array_equal(opt2._pairs()[0][0], newest[0])
+
+
+def test_failed_line_search_stops_early():
+    # The closure's gradient has the wrong sign: no step decreases f.  The search gives up once its bracket is
+    # narrower than tolerance_change / max|d| (as torch's does), well before max_eval, and x does not move.
+    x = np.array([1.75])
+    opt = optkern.optim.LBFGS([x], line_search_fn="strong_wolfe")
+    opt.step(lambda: (float(x[0] ** 2), [-2 * x]))
+    assert x[0] == 1.75
+    assert opt.state["func_evals"] <= 12, opt.state
 
 
 @pytest.mark.parametrize("bad,exc,msg", [

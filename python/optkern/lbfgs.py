@@ -371,12 +371,13 @@ def _cubic_min(t1, f1, g1, t2, f2, g2, lo, hi):
     return 0.5 * (lo + hi)
 
 
-def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol):
+def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol, width_tol=0.0):
     """Nocedal & Wright Alg. 3.5 (bracketing) and 3.6 (zoom), trial steps by safeguarded cubic interpolation.
 
     ``ev(t)`` evaluates x + t d and returns (f, g.d, point).  Returns ((t, f, g.d, point), satisfied): the point
     meeting both strong Wolfe conditions, or, when the search gives up after ``max_ls`` evaluations or an interval
-    narrower than ``xtol`` (relative), the lowest point with sufficient decrease (the start, point None, if none).
+    narrower than ``xtol`` (relative) or ``width_tol`` (absolute), the lowest point with sufficient decrease (the
+    start, point None, if none).
     """
     start = (0.0, f0, gtd0, None)
     prev = start
@@ -403,7 +404,7 @@ def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol):
     insuf = False
     while nls < max_ls:
         tmin, tmax = min(lo[0], hi[0]), max(lo[0], hi[0])
-        if (tmax - tmin) <= xtol * tmax:
+        if (tmax - tmin) <= xtol * tmax or (tmax - tmin) < width_tol:
             break
         tn = _cubic_min(lo[0], lo[1], lo[2], hi[0], hi[1], hi[2], tmin, tmax)
         eps = 0.1 * (tmax - tmin)

@@ -56,14 +56,9 @@ constexpr int kWide = kAcc * kLanes;
 // The accumulators' total: the kAcc vectors added pairwise in T, the 16 lanes widened to double and added as a
 // fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1): a few vector adds instead of a 64-long dependent chain.
 template <class T>
-inline __attribute__((always_inline)) double lanes_sum(const V16<T>* v) {
+OK_ISA_INLINE double lanes_sum(const V16<T>* v) {
   static_assert(kAcc == 4, "pairwise sum of four accumulators");
-  const V16<T> t = (v[0] + v[1]) + (v[2] + v[3]);
-  double h[kLanes];
-  for (int l = 0; l < kLanes; ++l) h[l] = static_cast<double>(t[l]);
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) h[l] += h[l + w];
-  return h[0];
+  return lane_tree<T>((v[0] + v[1]) + (v[2] + v[3]));
 }
 
 // Moments of a run: out = (n, mean, m2), m2 the sum of squared deviations.  Each lane block is swept twice while

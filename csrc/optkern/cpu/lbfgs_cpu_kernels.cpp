@@ -6,13 +6,14 @@
 // agree bitwise.
 //  - dots: the chunk range [0, nchunks) is split across threads (part_bounds).  For each chunk, the stored
 //    chunks are dotted with the query chunks (which stay in L1/L2 across the stored vectors), so every stored
-//    vector is read once from memory: with one query, 4 stored streams at a time; with more, one stored chunk
-//    against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane accumulator, so the chains of
+//    vector is read once from memory: with one query, 4 (float32) or 2 (float64) stored streams at a time; with
+//    more, one stored chunk against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane accumulator, so the chains of
 //    a step are independent.  Each chunk writes its nq * k partials to a per-chunk buffer, which is summed on
 //    the calling thread in chunk order: the result does not depend on the thread count.
 //  - lincomb: the element range is split across threads; each thread walks blocks of 16 KB per vector, adding
-//    the terms 4 vectors at a time into an L1 buffer (4 input streams at once), the last group written to out
-//    (non-temporal for outputs too large for the caches).
+//    the terms 4 vectors at a time into a 16 KB running-sum buffer (4 input streams at once; the block's working
+//    set, about 96 KB, stays in L2), the last group written to out (non-temporal for outputs too large for the
+//    caches).
 // Helpers are OK_ISA_INLINE functions, never lambdas: a lambda does not inherit the kernel's target attribute,
 // and GCC then moved its 16-lane values through the stack (3-4x slower).
 // lbfgs_rules.h and simd16.h pass 16-lane vectors between always-inlined helpers: the ABI note does not apply.
@@ -35,22 +36,6 @@ namespace {
 
 #include "simd16.h"
 static_assert(kLbLanes == 16, "16-lane vectors");
-
-// The lanes widened to double and added as the fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (lbfgs_rules.h), as vector
-// halves (h[l] + h[l + w] for l < w), so it stays in registers.
-typedef double D16 __attribute__((vector_size(128)));
-typedef double D8 __attribute__((vector_size(64)));
-typedef double D4 __attribute__((vector_size(32)));
-typedef double D2 __attribute__((vector_size(16)));
-template <class T>
-OK_ISA_INLINE double lane_tree(V16<T> v) {
-  const D16 h = __builtin_convertvector(v, D16);
-  const D8 h8 = __builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15);
-  const D4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  const D2 h2 = __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
-  return h2[0] + h2[1];
-}
 
 // Stored vectors dotted side by side with a single query (the steady-state direction's pass 1): a few streams at
 // once keep more DRAM reads in flight than one.  Measured on 2 Zen 3 cores (AVX2), against the lincomb's read
@@ -196,7 +181,7 @@ OK_ISA_INLINE void comb_group_any(const T* const* v, const T* c, const T* src, T
 
 // out[lo, hi) = sum_i c[i] v[i][lo, hi), each element's terms added in order.  The range is walked in blocks of
 // kBlock values; within a block the terms are taken kGroup vectors at a time (a few input streams at once), the
-// running sum kept in an L1 buffer between groups (rounded in T, as in registers: the same order and results).
+// running sum kept in a 16 KB buffer between groups (rounded in T, as in registers: the same order and results).
 // With nt (an output too large to stay in cache) the last group writes with non-temporal stores: no
 // read-for-ownership of out.
 template <class T>

@@ -29,6 +29,27 @@ template <class T>
 inline __attribute__((always_inline)) void store16(T* p, V16<T> v) {
   *reinterpret_cast<typename Lanes16<T>::unaligned*>(p) = v;
 }
+// The 16 lanes widened to double and added as the fixed tree 8 + 8, 4 + 4, 2 + 2, 1 + 1 (h[l] += h[l + w] for
+// l < w), on vector halves so it stays in registers (the L-BFGS dots and the batch-norm reductions).  The halves
+// are taken with memcpy, which GCC turns into register extracts (__builtin_convertvector needs GCC >= 9 or clang).
+typedef double D16 __attribute__((vector_size(128)));
+typedef double D8 __attribute__((vector_size(64)));
+typedef double D4 __attribute__((vector_size(32)));
+typedef double D2 __attribute__((vector_size(16)));
+template <class H, class V>
+inline __attribute__((always_inline)) H half_sum(const V& v) {
+  H lo, hi;
+  std::memcpy(&lo, &v, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+  return lo + hi;
+}
+template <class T>
+OK_ISA_INLINE double lane_tree(V16<T> v) {
+  const D16 h = __builtin_convertvector(v, D16);
+  const D2 h2 = half_sum<D2>(half_sum<D4>(half_sum<D8>(h)));
+  return h2[0] + h2[1];
+}
+
 // Non-temporal store of 16 values to a 64-byte-aligned address (large outputs: no read-for-ownership, no cache
 // pollution).  The baseline build stores normally.  Callers end with stream_fence().
 template <class T>

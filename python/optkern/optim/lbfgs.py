@@ -26,8 +26,17 @@ Each iteration, as ``torch.optim.LBFGS.step`` (torch 2.13) does it:
    ||t d||_inf <= tolerance_change or |f - f_prev| < tolerance_change.
 
 With fixed steps the iterates are torch's up to rounding (tested against torch.optim.LBFGS in float64).  The
-strong Wolfe search is optkern's own (the one ``lbfgs_minimize`` uses), not a transcription of torch's, so its
-trial steps, and hence the iterates, can differ from torch's; both converge to the same points (tested).
+strong Wolfe search is optkern's own (the one ``lbfgs_minimize`` uses), not a transcription of torch's
+``_strong_wolfe``; on smooth problems both accept the same steps (tested: logistic regression and Rosenbrock
+agree with torch to 1e-10 and 1e-8, with equal counts), but they differ in details that show on hard or budget-
+limited searches:
+
+* trials: at most max_eval minus the evaluations so far (at least 1); torch allows one more;
+* bracketing: a trial not lower than the previous one closes the bracket from the second trial on (Nocedal &
+  Wright); torch does so from the third;
+* giving up (budget spent, or a bracket narrower than tolerance_change / max|d|, torch's test): the lowest trial
+  with sufficient decrease, else no move (t = 0); torch keeps the lower end of its bracket either way;
+* a closure that raises during the search leaves the params at the search's start (torch: at the trial point).
 """
 
 from __future__ import annotations
@@ -45,18 +54,25 @@ __all__ = ["LBFGS"]
 _TORCH_MIN_SY = 1e-10  # torch.optim.LBFGS stores a pair only when y.s > 1e-10
 
 
+def _xp_array(a):
+    """a as a NumPy or CuPy array sharing its memory (torch tensors through DLPack; others as they are)."""
+    if _arrays._library(a) != "torch":
+        return a
+    t = _arrays.plain(a)
+    if t.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(t)
+    return np.from_dlpack(t)
+
+
 def _flat_view(p, name):
-    """A 1-D NumPy/CuPy view sharing p's memory (p: a C-contiguous NumPy, CuPy or torch array)."""
+    """A 1-D NumPy/CuPy view sharing p's memory (p: a C-contiguous, writable NumPy, CuPy or torch array)."""
     lib = _arrays._library(p)
     if lib == "torch":
-        t = _arrays.plain(p)
-        if not t.is_contiguous():
+        if not _arrays.plain(p).is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor (LBFGS updates params through flat views)")
-        if t.device.type == "cuda":
-            import cupy
-
-            return cupy.from_dlpack(t).reshape(-1)
-        return np.from_dlpack(t).reshape(-1)
+        return _xp_array(p).reshape(-1)
     if lib == "cupy" or isinstance(p, np.ndarray):
         if not p.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array (LBFGS updates params through flat views)")
@@ -64,6 +80,10 @@ def _flat_view(p, name):
             raise ValueError(f"{name}: is read-only; LBFGS updates params in place")
         return p.reshape(-1)
     raise TypeError(f"{name}: expected a NumPy, CuPy or torch array, got {type(p).__name__}")
+
+
+def _address(v) -> int:
+    return int(v.__array_interface__["data"][0]) if isinstance(v, np.ndarray) else int(v.data.ptr)
 
 
 def _to_float(loss) -> float:
@@ -79,66 +99,89 @@ def _check_number(name, v, lo, *, integer=False, lo_open=False):
         raise ValueError(f"{name}: expected {kind} {'>' if lo_open else '>='} {lo}, got {v!r}")
 
 
+def _check_group(group):
+    _check_number("lr", group["lr"], 0.0)
+    _check_number("max_iter", group["max_iter"], 1, integer=True)
+    _check_number("max_eval", group["max_eval"], 1, integer=True)
+    _check_number("tolerance_grad", group["tolerance_grad"], 0.0)
+    _check_number("tolerance_change", group["tolerance_change"], 0.0)
+    _check_number("history_size", group["history_size"], 1, integer=True)
+    if group["line_search_fn"] not in (None, "strong_wolfe"):
+        raise ValueError(f"line_search_fn: expected None or 'strong_wolfe', got {group['line_search_fn']!r}")
+
+
+_HYPER = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn")
+
+
 class LBFGS:
     """L-BFGS with torch.optim.LBFGS's keywords and defaults (see the module docstring for the iteration).
 
-    ``params``: the arrays to optimize (one dtype, float32 or float64; one device), or a list holding one param
-    group dict, as torch accepts (torch's LBFGS supports one group only).  ``lr``: the step scale (> 0);
-    ``max_iter``: iterations per ``step`` call; ``max_eval``: evaluations per call (default max_iter * 5 // 4);
-    ``tolerance_grad``, ``tolerance_change``: the stopping tests; ``history_size``: stored pairs;
-    ``line_search_fn``: None (fixed steps) or "strong_wolfe".
+    ``params``: an iterable of arrays to optimize (one dtype, float32 or float64; one library and device), or of
+    one param group dict (torch's LBFGS supports one group; its keys override the defaults).  ``lr``: the step
+    scale (>= 0); ``max_iter``: iterations per ``step`` call; ``max_eval``: evaluations per call (default
+    max_iter * 5 // 4); ``tolerance_grad``, ``tolerance_change``: the stopping tests; ``history_size``: stored
+    pairs (changing it between calls keeps the newest pairs); ``line_search_fn``: None (fixed steps) or
+    "strong_wolfe".
 
-    ``state`` holds torch's counters: ``func_evals`` and ``n_iter`` (over all calls).
+    ``state`` holds torch's counters: ``func_evals`` and ``n_iter`` (over all calls).  ``state_dict()`` /
+    ``load_state_dict()`` save and restore them with the stored pairs, the last direction and step.
     """
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
                  history_size=100, line_search_fn=None):
-        _check_number("lr", lr, 0.0, lo_open=True)
-        _check_number("max_iter", max_iter, 1, integer=True)
-        if max_eval is None:
-            max_eval = max_iter * 5 // 4
-        _check_number("max_eval", max_eval, 1, integer=True)
-        _check_number("tolerance_grad", tolerance_grad, 0.0)
-        _check_number("tolerance_change", tolerance_change, 0.0)
-        _check_number("history_size", history_size, 1, integer=True)
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise ValueError(f"line_search_fn: expected None or 'strong_wolfe', got {line_search_fn!r}")
-        params = list(params) if not isinstance(params, list) else params
+        if hasattr(params, "shape") or isinstance(params, dict):
+            raise TypeError(f"params: expected an iterable of arrays or of one dict, got {type(params).__name__}")
+        params = list(params)
         if len(params) == 0:
             raise ValueError("params: optimizer got an empty parameter list")
+        self.defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
+                             tolerance_change=tolerance_change, history_size=history_size,
+                             line_search_fn=line_search_fn)
         if isinstance(params[0], dict):
             if len(params) != 1:
                 raise ValueError(f"params: LBFGS supports one param group (as torch), got {len(params)}")
-            extra = set(params[0]) - {"params"}
-            if extra:
-                raise ValueError(f"params: per-group options are not supported by LBFGS, got {sorted(extra)}")
-            params = list(params[0]["params"]) if isinstance(params[0]["params"], (list, tuple)) else [
-                params[0]["params"]]
-        self.defaults = dict(lr=lr, max_iter=int(max_iter), max_eval=int(max_eval), tolerance_grad=tolerance_grad,
-                             tolerance_change=tolerance_change, history_size=int(history_size),
-                             line_search_fn=line_search_fn)
-        self.param_groups = [dict(self.defaults, params=params)]
+            unknown = set(params[0]) - set(_HYPER) - {"params"}
+            if unknown:
+                raise TypeError(f"params: unexpected param group keys {sorted(unknown)}")
+            group = dict(self.defaults, **params[0])
+            ps = group["params"]
+            group["params"] = [ps] if hasattr(ps, "shape") else list(ps)
+        else:
+            group = dict(self.defaults, params=params)
+        if group["max_eval"] is None:
+            group["max_eval"] = group["max_iter"] * 5 // 4 if isinstance(group["max_iter"], int) else None
+        _check_group(group)
+        self.defaults["max_eval"] = group["max_eval"] if max_eval is None else max_eval
+        self.param_groups = [group]
+        params = group["params"]
+        if len(params) == 0:
+            raise ValueError("params: optimizer got an empty parameter list")
         views = [_flat_view(p, f"params[{i}]") for i, p in enumerate(params)]
-        self._torch = [_arrays._library(p) == "torch" for p in params]
-        dtype = views[0].dtype
-        xp = _xp(views[0])
-        for i, v in enumerate(views):
+        lib = _arrays._library(params[0])
+        dtype, xp = views[0].dtype, _xp(views[0])
+        for i, (p, v) in enumerate(zip(params, views)):
+            if _arrays._library(p) != lib:
+                raise TypeError(f"params[{i}]: expected a {lib} array like params[0], got {type(p).__name__}")
             if v.dtype not in _DTYPES:
                 raise TypeError(f"params[{i}]: expected float32 or float64, got {v.dtype}")
             if v.dtype != dtype:
                 raise TypeError(f"params[{i}]: expected {dtype} like params[0], got {v.dtype}")
-            if _xp(v) is not xp or _arrays.is_cuda(params[i]) != _arrays.is_cuda(params[0]):
+            if _xp(v) is not xp or (xp is not np and v.device.id != views[0].device.id):
                 raise ValueError(f"params[{i}]: expected the device of params[0]")
+        spans = sorted((_address(v), _address(v) + v.nbytes, i) for i, v in enumerate(views) if v.size)
+        for (b0, e0, i0), (b1, _, i1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise ValueError(f"params[{max(i0, i1)}]: shares memory with params[{min(i0, i1)}]")
+        self._torch = lib == "torch"
         self._views, self._xp, self._dtype = views, xp, dtype
         self._offsets = np.cumsum([0] + [v.size for v in views]).tolist()
         self._n = self._offsets[-1]
         if self._n == 0:
             raise ValueError("params: expected at least one element in all")
         self.state = {"func_evals": 0, "n_iter": 0}
-        self._hist = None  # created on the first step (history_size may be changed before it, as in torch)
+        self._hist = None  # created by the first step (or load_state_dict), with the group's history_size
         self._g = xp.empty(self._n, dtype)  # the gradient at the current params
-        self._g_prev = None
-        self._d = None
+        self._g_prev = self._d = self._x0 = None  # allocated by the first step
         self._t = None
         self._prev_loss = None
 
@@ -153,7 +196,7 @@ class LBFGS:
         """Call the closure; gather its gradient into self._g (checked before anything is written).  -> loss."""
         params = self.param_groups[0]["params"]
         out = closure()
-        if any(self._torch):
+        if self._torch:
             loss, grads = out, [p.grad for p in params]
         else:
             if not (isinstance(out, tuple) and len(out) == 2):
@@ -164,23 +207,16 @@ class LBFGS:
                 raise ValueError(f"closure: expected {len(params)} gradients (one per param), got {len(grads)}")
         flat = []
         for i, (g, p) in enumerate(zip(grads, params)):
-            if g is None:
-                flat.append(None)
-                continue
-            gv = np.from_dlpack(_arrays.plain(g)) if _arrays._library(g) == "torch" and not _arrays.is_cuda(g) else g
-            if _arrays._library(g) == "torch" and _arrays.is_cuda(g):
-                import cupy
-
-                gv = cupy.from_dlpack(_arrays.plain(g))
-            if _xp(gv) is not self._xp:
+            gv = None if g is None else _xp_array(g)
+            if gv is not None and _xp(gv) is not self._xp:
                 raise TypeError(f"grads[{i}]: expected a {self._xp.__name__} array like the params, got "
                                 f"{type(g).__name__}")
-            if tuple(gv.shape) != tuple(p.shape):
+            if gv is not None and tuple(gv.shape) != tuple(p.shape):
                 raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)} like params[{i}], got {tuple(gv.shape)}")
             flat.append(gv)
         for s, gv in zip(self._slices(self._g), flat):
             if gv is None:
-                s[...] = 0
+                s[...] = 0  # a param without a gradient, as torch's zeros
             else:
                 s[...] = gv
         return loss
@@ -201,22 +237,82 @@ class LBFGS:
     def _max_abs(self, v):
         return float(self._xp.abs(v).max())
 
+    def _make_history(self, history_size, pairs=()):
+        """A new history holding the newest ``history_size`` of ``pairs`` ((s, y) oldest first), re-pushed."""
+        hist = LBFGSHistory(self._n, history_size, self._dtype, like=self._g, curvature_eps=0.0,
+                            min_sy=_TORCH_MIN_SY)
+        for s, y in list(pairs)[-history_size:]:
+            hist.push(s, y)
+        return hist
+
+    def _pairs(self):
+        h = self._hist
+        return [] if h is None else [(h._S[i], h._Y[i]) for i in h._order]
+
+    # -- torch's Optimizer methods -----------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none=True):
+        """torch params: clear ``p.grad`` (set it to None, or zero it).  NumPy/CuPy params: nothing to clear (their
+        gradients come back from the closure)."""
+        if not self._torch:
+            return
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+
+    def state_dict(self):
+        """The counters, the stored pairs (copies, oldest first), the last direction, step, gradient and loss, and
+        the group's hyperparameters (params as indices, as torch)."""
+        copy = (lambda a: None if a is None else a.copy())
+        state = dict(self.state, t=self._t, prev_loss=self._prev_loss, d=copy(self._d), g_prev=copy(self._g_prev),
+                     pairs=[(s.copy(), y.copy()) for s, y in self._pairs()],
+                     num_skipped=0 if self._hist is None else self._hist.num_skipped)
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self.param_groups[0]["params"])))
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict):
+        """Restore a ``state_dict()`` of an LBFGS over params of the same sizes (checked before anything changes)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
+            raise ValueError("state_dict: expected one param group with as many params as this optimizer's")
+        st = state_dict["state"]
+        for name in ("d", "g_prev"):
+            if st[name] is not None and tuple(st[name].shape) != (self._n,):
+                raise ValueError(f"state_dict: {name} has shape {tuple(st[name].shape)}, expected ({self._n},)")
+        group = dict(self.param_groups[0], **{k: v for k, v in groups[0].items() if k != "params"})
+        _check_group(group)
+        xp, dt = self._xp, self._dtype
+        self.param_groups[0].update({k: group[k] for k in _HYPER})
+        self.state = {"func_evals": int(st["func_evals"]), "n_iter": int(st["n_iter"])}
+        self._t, self._prev_loss = st["t"], st["prev_loss"]
+        self._d = None if st["d"] is None else xp.array(st["d"], dtype=dt)
+        self._g_prev = None if st["g_prev"] is None else xp.array(st["g_prev"], dtype=dt)
+        self._hist = self._make_history(int(group["history_size"]),
+                                        [(xp.asarray(s, dtype=dt), xp.asarray(y, dtype=dt)) for s, y in st["pairs"]])
+        self._hist.num_skipped = int(st["num_skipped"])
+
     # -- the step ----------------------------------------------------------------------------------------------
 
     def step(self, closure):
         """Up to max_iter L-BFGS iterations (see the module docstring); returns the closure's first loss."""
         group = self.param_groups[0]
+        _check_group(group)
         lr, max_iter, max_eval = float(group["lr"]), int(group["max_iter"]), int(group["max_eval"])
         tol_grad, tol_change = float(group["tolerance_grad"]), float(group["tolerance_change"])
         line_search_fn, history_size = group["line_search_fn"], int(group["history_size"])
-        _check_number("lr", lr, 0.0, lo_open=True)
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise ValueError(f"line_search_fn: expected None or 'strong_wolfe', got {line_search_fn!r}")
         state, xp = self.state, self._xp
         if self._hist is None or self._hist.history_size != history_size:
-            self._hist = LBFGSHistory(self._n, history_size, self._dtype, like=self._g, curvature_eps=0.0,
-                                      min_sy=_TORCH_MIN_SY)
+            self._hist = self._make_history(history_size, self._pairs())
         hist = self._hist
+        if self._torch:
+            import torch
+
+            closure = torch.enable_grad()(closure)  # as torch: the closure runs with grad enabled
 
         orig_loss = self._evaluate(closure)
         loss = _to_float(orig_loss)
@@ -226,8 +322,7 @@ class LBFGS:
         if self._max_abs(g) <= tol_grad:
             return orig_loss
         if self._d is None:
-            self._d = xp.empty_like(g)
-            self._g_prev = xp.empty_like(g)
+            self._d, self._g_prev = xp.empty_like(g), xp.empty_like(g)
         d, g_prev = self._d, self._g_prev
 
         n_iter = 0
@@ -257,10 +352,13 @@ class LBFGS:
                 break
             ls_evals = 0
             if line_search_fn == "strong_wolfe":
-                x0 = self._gather_params(xp.empty_like(g))
+                if self._x0 is None:
+                    self._x0 = xp.empty_like(g)
+                x0 = self._gather_params(self._x0)
                 count = [0]
 
                 def ev(tt, x0=x0, count=count):
+                    # params = x0 + tt d, evaluated, then put back to x0 (also when the closure raises)
                     self._add_step(tt, d)
                     try:
                         ft = _to_float(self._evaluate(closure))
@@ -270,8 +368,10 @@ class LBFGS:
                     gt = g.copy()
                     return ft, float(_dots([d], [gt])[0, 0]), gt
 
+                # The search gives up on a bracket narrower than tolerance_change / max|d| (torch's test).
                 (t_ls, f_ls, _, g_ls), _ = _strong_wolfe(ev, loss, gtd, t, 1e-4, 0.9, max(1, max_eval - current_evals),
-                                                         1e-9 if self._dtype == _DTYPES[1] else 1e-5)
+                                                         1e-9 if self._dtype == _DTYPES[1] else 1e-5,
+                                                         width_tol=tol_change / max(self._max_abs(d), 1e-300))
                 ls_evals = count[0]
                 if g_ls is None:  # no trial point with sufficient decrease: stay at the start of the search
                     t = 0.0
