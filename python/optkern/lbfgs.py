@@ -161,8 +161,7 @@ class LBFGSHistory:
         eps = float(np.finfo(dtype).eps) if curvature_eps is None else float(curvature_eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"curvature_eps: expected a finite number >= 0, got {curvature_eps!r}")
-        if isinstance(min_sy, bool) or not isinstance(min_sy, (int, float, np.floating, np.integer)) or not (
-                math.isfinite(float(min_sy)) and float(min_sy) >= 0):
+        if not (math.isfinite(float(min_sy)) and float(min_sy) >= 0):
             raise ValueError(f"min_sy: expected a finite number >= 0, got {min_sy!r}")
         self.n, self.history_size, self.dtype, self.curvature_eps = int(n), int(history_size), dtype, eps
         self.min_sy = float(min_sy)
@@ -213,8 +212,7 @@ class LBFGSHistory:
         p = self._free
         s, y = self._S[p], self._Y[p]
         sy, yy = _reduce(_dots([y], [s, y]), allreduce)[:, 0]
-        if not (math.isfinite(sy) and math.isfinite(yy) and sy > self.curvature_eps * yy and sy > 0
-                and sy > self.min_sy):
+        if not (math.isfinite(sy) and math.isfinite(yy) and sy > self.curvature_eps * yy and sy > self.min_sy):
             self.num_skipped += 1
             return False
         self._sy[p], self._yy[p] = sy, yy
@@ -233,8 +231,8 @@ class LBFGSHistory:
         """Store the pair (s, y) = (x_new - x, g_new - g), evicting the oldest when full.
 
         Returns False, stores nothing and counts ``num_skipped`` when the curvature condition fails
-        (s.y <= curvature_eps * y.y, s.y <= min_sy, or non-finite).  s and y are copied.  With sharded vectors pass the
-        ``allreduce`` given to ``direction``.
+        (s.y <= curvature_eps * y.y, s.y <= min_sy, or non-finite).  s and y are copied.  With sharded vectors
+        pass the ``allreduce`` given to ``direction``.
         """
         self._check(s, "s")
         self._check(y, "y")

@@ -7,9 +7,9 @@
 //  - dots: the chunk range [0, nchunks) is split across threads (part_bounds).  For each chunk, the stored
 //    chunks are dotted with the query chunks (which stay in L1/L2 across the stored vectors), so every stored
 //    vector is read once from memory: with one query, 4 (float32) or 2 (float64) stored streams at a time; with
-//    more, one stored chunk against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane accumulator, so the chains of
-//    a step are independent.  Each chunk writes its nq * k partials to a per-chunk buffer, which is summed on
-//    the calling thread in chunk order: the result does not depend on the thread count.
+//    more, one stored chunk against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane
+//    accumulator, so the chains of a step are independent.  Each chunk writes its nq * k partials to a per-chunk
+//    buffer, which is summed on the calling thread in chunk order: the result does not depend on the thread count.
 //  - lincomb: the element range is split across threads; each thread walks blocks of 16 KB per vector, adding
 //    the terms 4 vectors at a time into a 16 KB running-sum buffer (4 input streams at once; the block's working
 //    set, about 96 KB, stays in L2), the last group written to out (non-temporal for outputs too large for the
@@ -39,7 +39,8 @@ static_assert(kLbLanes == 16, "16-lane vectors");
 
 // Stored vectors dotted side by side with a single query (the steady-state direction's pass 1): a few streams at
 // once keep more DRAM reads in flight than one.  Measured on 2 Zen 3 cores (AVX2), against the lincomb's read
-// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 2 streams (4 spill registers).
+// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 takes 2 (the accumulators of 4 would
+// not fit AVX2's 16 registers).
 template <class T>
 constexpr int kDotGroup = sizeof(T) == 4 ? 4 : 2;
 // float64: prefetch each stored stream this many bytes ahead.  GCC runs each 4-double piece's chain to the end of
