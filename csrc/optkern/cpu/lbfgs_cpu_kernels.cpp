@@ -39,35 +39,39 @@ static_assert(kLbLanes == 16, "16-lane vectors");
 
 // Stored vectors dotted side by side with a single query (the steady-state direction's pass 1): a few streams at
 // once keep more DRAM reads in flight than one.  Measured on 2 Zen 3 cores (AVX2), against the lincomb's read
-// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 takes 2 (the accumulators of 4 would
-// not fit AVX2's 16 registers).
+// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 takes 2 (4 measured the same).
 template <class T>
 constexpr int kDotGroup = sizeof(T) == 4 ? 4 : 2;
-// float64: prefetch each stored stream this many bytes ahead.  GCC runs each 4-double piece's chain to the end of
-// the lane block before the next, so the loads of a float64 stream touch every other cache line first, which the
-// hardware prefetchers follow poorly (measured 0.55-0.65x the lincomb's rate without, ~0.73x with).  float32
-// loads are in line order and gain nothing.
-constexpr int kDotPrefetch64 = 1024;
+
+// One 16-lane step j of the lane blocks (stored chunks a[g] + o, query chunks qs[q] + o, o = block start + j).
+template <class T, int GI, int NB, int QN>
+OK_ISA_INLINE void lane_step(const T* const* a, const T* const* qs, int64_t o, V16<T> (&acc)[GI][NB][QN]) {
+  V16<T> vq[NB][QN];
+  for (int b = 0; b < NB; ++b)
+    for (int q = 0; q < QN; ++q) vq[b][q] = load16(qs[q] + o + b * kLbLaneBlock);
+  for (int g = 0; g < GI; ++g)
+    for (int b = 0; b < NB; ++b) {
+      const V16<T> va = load16(a[g] + o + b * kLbLaneBlock);
+      for (int q = 0; q < QN; ++q) acc[g][b][q] = lb_dot_step(acc[g][b][q], va, vq[b][q]);
+    }
+}
 
 // The lane-block totals of GI stored vectors' chunks with QN query chunks, for NB consecutive full lane blocks
 // starting at offset o.  Every (stored, query) pair keeps its own 16-lane accumulator per block and adds in
 // exactly the documented order; the GI * NB * QN chains are independent, so they run side by side.
+// The empty asm with a memory clobber after each step keeps the steps' loads in address order.  Without it GCC
+// ran each 4-double piece's chain (float64, or float32 with several queries) to the end of the block before the
+// next piece, so a stream's loads touched every other cache line first, which the hardware prefetchers follow
+// poorly.  The accumulators stay in registers (their address never escapes).  Measured on 2 Zen 3 cores (AVX2),
+// pass 1 of m = 10, n = 2^22, medians: float64 one query 16-19 -> 28-30 GB/s, three queries 14-18 -> 21-24;
+// float32 three queries 20-21 -> 21-22; float32 one query reads in line order already (with the barrier: -15%).
+// Software prefetch gains nothing on top.
 template <class T, int GI, int NB, int QN>
 OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o, double (*s)[4]) {
   V16<T> acc[GI][NB][QN] = {};
   for (int64_t j = 0; j < kLbLaneBlock; j += kLbLanes) {
-    V16<T> vq[NB][QN];
-    for (int b = 0; b < NB; ++b)
-      for (int q = 0; q < QN; ++q) vq[b][q] = load16(qs[q] + o + b * kLbLaneBlock + j);
-    for (int g = 0; g < GI; ++g)
-      for (int b = 0; b < NB; ++b) {
-        const T* p = a[g] + o + b * kLbLaneBlock + j;
-        const V16<T> va = load16(p);
-        for (int q = 0; q < QN; ++q) acc[g][b][q] = lb_dot_step(acc[g][b][q], va, vq[b][q]);
-        if constexpr (sizeof(T) == 8)
-          for (int l = 0; l < static_cast<int>(sizeof(V16<T>)); l += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(p) + kDotPrefetch64 + l);
-      }
+    lane_step<T, GI, NB, QN>(a, qs, o + j, acc);
+    if constexpr (sizeof(T) == 8 || QN > 1) asm volatile("" ::: "memory");
   }
   for (int g = 0; g < GI; ++g)
     for (int b = 0; b < NB; ++b)  // block totals added in block order
