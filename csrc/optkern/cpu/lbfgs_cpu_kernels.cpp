@@ -39,7 +39,7 @@ static_assert(kLbLanes == 16, "16-lane vectors");
 
 // Stored vectors dotted side by side with a single query (the steady-state direction's pass 1): a few streams at
 // once keep more DRAM reads in flight than one.  Measured on 2 Zen 3 cores (AVX2), against the lincomb's read
-// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 takes 2 (4 measured the same).
+// rate in the same run: float32 4 streams ~0.89x, 1 stream ~0.75x; float64 takes 2 (4 measured no faster).
 template <class T>
 constexpr int kDotGroup = sizeof(T) == 4 ? 4 : 2;
 
@@ -59,19 +59,21 @@ OK_ISA_INLINE void lane_step(const T* const* a, const T* const* qs, int64_t o, V
 // The lane-block totals of GI stored vectors' chunks with QN query chunks, for NB consecutive full lane blocks
 // starting at offset o.  Every (stored, query) pair keeps its own 16-lane accumulator per block and adds in
 // exactly the documented order; the GI * NB * QN chains are independent, so they run side by side.
-// The empty asm with a memory clobber after each step keeps the steps' loads in address order.  Without it GCC
-// ran each 4-double piece's chain (float64, or float32 with several queries) to the end of the block before the
-// next piece, so a stream's loads touched every other cache line first, which the hardware prefetchers follow
-// poorly.  The accumulators stay in registers (their address never escapes).  Measured on 2 Zen 3 cores (AVX2),
-// pass 1 of m = 10, n = 2^22, medians: float64 one query 16-19 -> 28-30 GB/s, three queries 14-18 -> 21-24;
-// float32 three queries 20-21 -> 21-22; float32 one query reads in line order already (with the barrier: -15%).
-// Software prefetch gains nothing on top.
+// An empty asm with a memory clobber after every 128 bytes of each stream (two float32 steps, one float64 step)
+// keeps the loads in address order.  Without it GCC ran each 32-byte piece's chain to the end of the block
+// before the next piece, so a stream's loads touched every other cache line first, which the hardware
+// prefetchers follow poorly.  The accumulators stay in registers (their address never escapes).  Measured on
+// 2 Zen 3 cores (AVX2), pass 1 of m = 10, n = 2^22, medians of interleaved runs: float64 one query 16-19 ->
+// 28-30 GB/s, three queries 14-18 -> 21-24 GB/s; float32 one query +4-10%, three queries +3-15%.  Software
+// prefetch gains nothing on top.
 template <class T, int GI, int NB, int QN>
 OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o, double (*s)[4]) {
+  constexpr int kSteps = sizeof(V16<T>) >= 128 ? 1 : static_cast<int>(128 / sizeof(V16<T>));
+  static_assert(kLbLaneBlock % (kSteps * kLbLanes) == 0, "whole step groups per lane block");
   V16<T> acc[GI][NB][QN] = {};
-  for (int64_t j = 0; j < kLbLaneBlock; j += kLbLanes) {
-    lane_step<T, GI, NB, QN>(a, qs, o + j, acc);
-    if constexpr (sizeof(T) == 8 || QN > 1) asm volatile("" ::: "memory");
+  for (int64_t j = 0; j < kLbLaneBlock; j += kSteps * kLbLanes) {
+    for (int u = 0; u < kSteps; ++u) lane_step<T, GI, NB, QN>(a, qs, o + j + u * kLbLanes, acc);
+    asm volatile("" ::: "memory");
   }
   for (int g = 0; g < GI; ++g)
     for (int b = 0; b < NB; ++b)  // block totals added in block order

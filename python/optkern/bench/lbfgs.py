@@ -8,6 +8,9 @@
 
 Minimal bytes for the two passes: (4m + 3) n elements (2m + 1 vectors read in each pass, d written once).
 
+The direction is also timed as ``lbfgs_minimize`` calls it, right after a push: then pass 1 also computes the new
+pair's Gram row and column (queries g, s_new, y_new), still one pass over the stored vectors.
+
 Two rooflines, both in-place adds (``a += b``, 3 n elements of traffic) timed round-robin with the directions:
 
 * "DRAM": the add over a rotating set of array pairs too large for the caches together (>= 256 MB), so each add
@@ -16,6 +19,10 @@ Two rooflines, both in-place adds (``a += b``, 3 n elements of traffic) timed ro
 * "cached": the add on one pair at the same n, repeated (the optimizer suite's definition).  At n = 2^22 the pair
   (32 MB in float32) largely stays in this machine's 32 MB L3, so it measures cache, not memory, bandwidth:
   reported for comparison with earlier tables.
+
+Pass 1 only reads, and on some machines a read-only stream runs well below an in-place add in GB/s
+(this VM: about 0.75x): ``torch.sum`` over the rotating arrays (all threads) is reported next to pass 1 as that
+read-only reference.
 
 The same caches favour the per-vector torch two-loop: its running vector q (one n-vector) stays in L3 between its
 4m steps, so from memory it moves about 4m n elements, not the 10 m n its steps touch.  The n = 2^24 float32 row
@@ -90,7 +97,16 @@ def _roofline_fns(torch, n, dtype):
         fns["roof_cached_torch_add_"] = lambda: ta.add_(tb)
         tpairs = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in pairs]
         fns["roof_dram_torch_add_"] = rotating([lambda x=x, y=y: x.add_(y) for x, y in tpairs])
+        # The read-only reference: torch.sum (all threads) of one rotating array, n elements of traffic.
+        fns["read_dram_torch_sum"] = rotating([lambda x=x: x.sum() for x, _ in tpairs])
     return fns
+
+
+def after_push(h, g, out):
+    """The direction as lbfgs_minimize computes it: right after a push, pass 1 also fills the new pair's Gram row
+    and column (queries g, s_new, y_new).  Re-marking the newest pair pending recomputes the same entries."""
+    h._pending.append(h._order[-1])
+    return h.direction(g, out=out)
 
 
 def bench_direction(torch, n, m, dtype, reps, warmup, torch_only_ratio=False):
@@ -105,7 +121,8 @@ def bench_direction(torch, n, m, dtype, reps, warmup, torch_only_ratio=False):
     if not torch_only_ratio:
         fns.update({"optkern_pass1": lambda: _dots(stored, [g]),
                     "optkern_pass2": lambda: _lincomb([g] + stored, coefs, out),
-                    "optkern_two_loop": lambda: h.direction_two_loop(g)})
+                    "optkern_two_loop": lambda: h.direction_two_loop(g),
+                    "optkern_after_push": lambda: after_push(h, g, out)})
     if torch is not None:
         S = [torch.from_numpy(s) for s, _ in pairs]
         Y = [torch.from_numpy(y) for _, y in pairs]
@@ -128,7 +145,10 @@ def bench_direction(torch, n, m, dtype, reps, warmup, torch_only_ratio=False):
         p1 = (2 * m + 1) * n * item
         row.update(pass1_s=med["optkern_pass1"], pass1_gbs=p1 / med["optkern_pass1"] / 1e9,
                    pass2_s=med["optkern_pass2"], pass2_gbs=(p1 + n * item) / med["optkern_pass2"] / 1e9,
-                   two_loop_s=med["optkern_two_loop"])
+                   two_loop_s=med["optkern_two_loop"], after_push_s=med["optkern_after_push"])
+        if "read_dram_torch_sum" in med:
+            row["read_gbs"] = n * item / med["read_dram_torch_sum"] / 1e9
+            row["pass1_pct_read"] = 100.0 * row["pass1_gbs"] / row["read_gbs"]
     row["targets"] = []
     if not torch_only_ratio:
         row["targets"].append({"what": f">= {ROOFLINE_TARGET:.0f}% of DRAM roofline ((4m+3)n elements)",
@@ -172,15 +192,19 @@ def markdown_details(rows: list) -> list:
         return f"{t * 1e3:.2f} ms" if t is not None else "-"
 
     title = ("L-BFGS direction details (pass 1 = the 2m + 1 dot products in one pass; pass 2 = the linear "
-             "combination; rooflines: in-place add, DRAM = rotating pairs >= 256 MB, cached = one pair repeated):")
-    header = ("| case | direction | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | % DRAM | "
-              "cached add | % cached |")
-    lines = ["", title, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
+             "combination; after a push = the direction as lbfgs_minimize calls it, pass 1 also filling the new pair's "
+             "Gram row and column; rooflines: in-place add, DRAM = rotating pairs >= 256 MB, cached = one pair "
+             "repeated; DRAM read = torch.sum of the rotating arrays, read-only traffic like pass 1's):")
+    header = ("| case | direction | after a push | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | "
+              "% DRAM | cached add | % cached | DRAM read | pass 1 % of read |")
+    lines = ["", title, "", header, "|---" * 13 + "|"]
     for r in rows:
         p1 = f"{ms(r['pass1_s'])}, {r['pass1_gbs']:.1f} GB/s" if r.get("pass1_s") else "-"
         p2 = f"{ms(r['pass2_s'])}, {r['pass2_gbs']:.1f} GB/s" if r.get("pass2_s") else "-"
-        lines.append(f"| {r['case']} | {ms(r['optkern_s'])}, {r['optkern_gbs']:.1f} GB/s | {p1} | {p2} | "
+        ap = f"{ms(r['after_push_s'])}, {r['bytes'] / r['after_push_s'] / 1e9:.1f} GB/s" if r.get("after_push_s") else "-"
+        rd = f"{r['read_gbs']:.1f} GB/s | {r['pass1_pct_read']:.0f}%" if r.get("read_gbs") else "- | -"
+        lines.append(f"| {r['case']} | {ms(r['optkern_s'])}, {r['optkern_gbs']:.1f} GB/s | {ap} | {p1} | {p2} | "
                      f"{ms(r.get('two_loop_s'))} | {ms(r.get('torch_s'))} | {r['roofline_gbs']:.1f} GB/s | "
                      f"{r['optkern_pct_roofline']:.0f}% | {r['roofline_cached_gbs']:.1f} GB/s | "
-                     f"{r['optkern_pct_roofline_cached']:.0f}% |")
+                     f"{r['optkern_pct_roofline_cached']:.0f}% | {rd} |")
     return lines
