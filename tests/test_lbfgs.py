@@ -121,6 +121,92 @@ def test_direction_out_and_interleaved_pushes(rng):
     np.testing.assert_array_equal(h.direction(g), -g)
 
 
+# ---- the slope g.d from pass 1 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
+@pytest.mark.parametrize("m,npush", [(1, 1), (5, 3), (10, 10), (10, 23), (40, 45)])
+def test_direction_and_slope(rng, dtype, tol, m, npush):
+    """d is bitwise the direction's; g.d (from the coefficients) matches float64 dot(d, g) to tol * |g| |d|, with
+    and without pending pairs, in the ring after it wraps, and beyond one kernel call (m = 40: 81 stored)."""
+    n = 67
+    A = spd(rng, n, 1e3)
+    h1 = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
+    h2 = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
+    for s, y in random_history(rng, h1, A, npush, dtype):  # the pairs h1 kept
+        assert h2.push(s, y)
+    for _ in range(2):  # pending Gram entries, then none
+        g = rng.standard_normal(n).astype(dtype)
+        d1 = h1.direction(g)
+        d2, gtd = h2.direction_and_slope(g)
+        np.testing.assert_array_equal(d2, d1)
+        exact = float(d1.astype(F64) @ g.astype(F64))
+        assert gtd < 0
+        assert abs(gtd - exact) <= tol * np.linalg.norm(g.astype(F64)) * np.linalg.norm(d1.astype(F64))
+
+
+def test_direction_and_slope_empty_history_and_out(rng):
+    h = optkern.LBFGSHistory(9, history_size=3)
+    g = rng.standard_normal(9)
+    out = np.empty(9)
+    d, gtd = h.direction_and_slope(g, out=out)
+    assert d is out
+    np.testing.assert_array_equal(d, -g)
+    assert gtd == -float(L._dots([g], [g])[0, 0])
+    assert abs(gtd + g @ g) <= 1e-14 * (g @ g)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
+def test_sharded_slope_matches_unsharded(rng, dtype, tol):
+    """The slope is part of pass 1's one all-reduced message: (1 + 3 pending) queries x (2k + 1) stored."""
+    n, m = 80, 4
+    A = spd(rng, n, 1e3)
+    pairs = [(s.astype(dtype), (A @ s).astype(dtype)) for s in rng.standard_normal((5, n))]
+    g = rng.standard_normal(n).astype(dtype)
+    full = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
+    for s, y in pairs:
+        full.push(s, y)
+    d_full, gtd_full = full.direction_and_slope(g)
+
+    def work(rank, lo, hi, allreduce):
+        h = optkern.LBFGSHistory(hi - lo, history_size=m, dtype=dtype)
+        for s, y in pairs:
+            h.push(s[lo:hi].copy(), y[lo:hi].copy(), allreduce=allreduce)
+        sizes = []
+
+        def counted(v):
+            sizes.append(v.size)
+            return allreduce(v)
+
+        d, gtd = h.direction_and_slope(g[lo:hi].copy(), allreduce=counted)
+        return d, gtd, sizes
+
+    results, _ = run_sharded([(0, 37), (37, 80)], work)
+    assert all(r[2] == [(1 + 2 * m) * (2 * m + 1)] for r in results)  # g and 4 pending pairs; 2m + 1 stored
+    assert _rel(np.concatenate([r[0] for r in results]), d_full) <= tol
+    for r in results:
+        assert abs(r[1] - gtd_full) <= tol * abs(gtd_full)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("n", [1, 67, 1000])
+def test_history_rows_and_new_vectors_are_64_byte_aligned(rng, dtype, n):
+    """The history's rows, a direction's new output and the minimizer's vectors start on 64-byte boundaries (NumPy
+    alone aligns to 16: the kernels' vector loads would straddle cache lines)."""
+    h = optkern.LBFGSHistory(n, history_size=3, dtype=dtype)
+    for rows in (h._S, h._Y):
+        for r in rows:
+            assert r.ctypes.data % 64 == 0 and r.flags.c_contiguous and r.shape == (n,)
+    g = rng.standard_normal(n).astype(dtype)
+    assert h.direction(g).ctypes.data % 64 == 0
+    seen = []
+
+    def fg(x):
+        seen.append(x.ctypes.data % 64)
+        return float(x @ x), 2 * x
+
+    res = optkern.lbfgs_minimize(fg, g, max_iter=3)
+    assert seen and set(seen) == {0} and res.x.ctypes.data % 64 == 0 and res.grad.ctypes.data % 64 == 0
+
+
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_curvature_guard_skips_and_reports(rng, dtype):
     n, m = 30, 3

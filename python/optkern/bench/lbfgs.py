@@ -201,7 +201,9 @@ def markdown_details(rows: list) -> list:
     for r in rows:
         p1 = f"{ms(r['pass1_s'])}, {r['pass1_gbs']:.1f} GB/s" if r.get("pass1_s") else "-"
         p2 = f"{ms(r['pass2_s'])}, {r['pass2_gbs']:.1f} GB/s" if r.get("pass2_s") else "-"
-        ap = f"{ms(r['after_push_s'])}, {r['bytes'] / r['after_push_s'] / 1e9:.1f} GB/s" if r.get("after_push_s") else "-"
+        ap = "-"
+        if r.get("after_push_s"):
+            ap = f"{ms(r['after_push_s'])}, {r['bytes'] / r['after_push_s'] / 1e9:.1f} GB/s"
         rd = f"{r['read_gbs']:.1f} GB/s | {r['pass1_pct_read']:.0f}%" if r.get("read_gbs") else "- | -"
         lines.append(f"| {r['case']} | {ms(r['optkern_s'])}, {r['optkern_gbs']:.1f} GB/s | {ap} | {p1} | {p2} | "
                      f"{ms(r.get('two_loop_s'))} | {ms(r.get('torch_s'))} | {r['roofline_gbs']:.1f} GB/s | "

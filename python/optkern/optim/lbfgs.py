@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import _arrays
 from ..functional import sgd_step
-from ..lbfgs import _DTYPES, LBFGSHistory, _dots, _lincomb, _strong_wolfe, _xp
+from ..lbfgs import _DTYPES, LBFGSHistory, _aligned_like, _aligned_rows, _dots, _lincomb, _max_abs, _strong_wolfe, _xp
 
 __all__ = ["LBFGS"]
 
@@ -180,7 +180,7 @@ class LBFGS:
             raise ValueError("params: expected at least one element in all")
         self.state = {"func_evals": 0, "n_iter": 0}
         self._hist = None  # created by the first step (or load_state_dict), with the group's history_size
-        self._g = xp.empty(self._n, dtype)  # the gradient at the current params
+        self._g = _aligned_rows(xp, 1, self._n, dtype)[0]  # the gradient at the current params (64-byte aligned)
         self._g_prev = self._d = self._x0 = None  # allocated by the first step
         self._t = None
         self._prev_loss = None
@@ -233,9 +233,6 @@ class LBFGS:
     def _add_step(self, t, d):
         """params += t d: one fused multi-tensor pass (SGD's kernel: p - t (-d))."""
         sgd_step(self.param_groups[0]["params"], self._slices(d), step=1, lr=float(t), maximize=True)
-
-    def _max_abs(self, v):
-        return float(self._xp.abs(v).max())
 
     def _make_history(self, history_size, pairs=()):
         """A new history holding the newest ``history_size`` of ``pairs`` ((s, y) oldest first), re-pushed."""
@@ -319,10 +316,10 @@ class LBFGS:
         current_evals = 1
         state["func_evals"] += 1
         g = self._g
-        if self._max_abs(g) <= tol_grad:
+        if _max_abs(g) <= tol_grad:
             return orig_loss
         if self._d is None:
-            self._d, self._g_prev = xp.empty_like(g), xp.empty_like(g)
+            self._d, self._g_prev = _aligned_like(g), _aligned_like(g)
         d, g_prev = self._d, self._g_prev
 
         n_iter = 0
@@ -353,7 +350,7 @@ class LBFGS:
             ls_evals = 0
             if line_search_fn == "strong_wolfe":
                 if self._x0 is None:
-                    self._x0 = xp.empty_like(g)
+                    self._x0 = _aligned_like(g)
                 x0 = self._gather_params(self._x0)
                 count = [0]
 
@@ -365,13 +362,14 @@ class LBFGS:
                     finally:
                         self._set_params(x0)
                     count[0] += 1
-                    gt = g.copy()
+                    gt = _aligned_like(g)
+                    gt[...] = g
                     return ft, float(_dots([d], [gt])[0, 0]), gt
 
                 # The search gives up on a bracket narrower than tolerance_change / max|d| (torch's test).
                 (t_ls, f_ls, _, g_ls), _ = _strong_wolfe(ev, loss, gtd, t, 1e-4, 0.9, max(1, max_eval - current_evals),
                                                          1e-9 if self._dtype == _DTYPES[1] else 1e-5,
-                                                         width_tol=tol_change / max(self._max_abs(d), 1e-300))
+                                                         width_tol=tol_change / max(_max_abs(d), 1e-300))
                 ls_evals = count[0]
                 if g_ls is None:  # no trial point with sufficient decrease: stay at the start of the search
                     t = 0.0
@@ -380,13 +378,13 @@ class LBFGS:
                     t, loss = t_ls, f_ls
                     g[...] = g_ls
                     self._add_step(t, d)
-                opt_cond = self._max_abs(g) <= tol_grad
+                opt_cond = _max_abs(g) <= tol_grad
             else:
                 self._add_step(t, d)
                 opt_cond = False
                 if n_iter != max_iter:
                     loss = _to_float(self._evaluate(closure))
-                    opt_cond = self._max_abs(g) <= tol_grad
+                    opt_cond = _max_abs(g) <= tol_grad
                     ls_evals = 1
             current_evals += ls_evals
             state["func_evals"] += ls_evals
@@ -394,7 +392,7 @@ class LBFGS:
             # the stopping tests
             if n_iter == max_iter or current_evals >= max_eval or opt_cond:
                 break
-            if abs(t) * self._max_abs(d) <= tol_change:
+            if abs(t) * _max_abs(d) <= tol_change:
                 break
             if abs(loss - self._prev_loss) < tol_change:
                 break
