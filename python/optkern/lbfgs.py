@@ -15,6 +15,10 @@ The direction is the compact form of Byrd, Nocedal & Schnabel (1994) in two pass
   ``R u = a``, ``R^T c = (D + gamma YY) u - gamma b``;
 - pass 2, ONE ``_lincomb`` call: d = -(gamma g + S c - gamma Y u).
 
+``direction_and_slope(g)`` also returns g.d, which a line search needs, without a pass of its own: g joins
+pass 1's stored vectors (its chunks are already in cache as the query's), and g.d = -gamma g.g - c.a + gamma u.b
+on the host.  ``lbfgs_minimize`` uses it.
+
 ``direction(g, allreduce=fn)`` serves vectors sharded across processes: every process holds its shard of the
 same history; ``fn`` receives pass 1's float64 partial dot products (a flat NumPy array) and must return their
 sum over the shards (e.g. an MPI/NCCL all-reduce); every process then runs the same small solves and its own
