@@ -122,13 +122,14 @@ def test_direction_out_and_interleaved_pushes(rng):
 
 
 # ---- the slope g.d from pass 1 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
-@pytest.mark.parametrize("m,npush", [(1, 1), (5, 3), (10, 10), (10, 23), (40, 45)])
-def test_direction_and_slope(rng, dtype, tol, m, npush):
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-14), (F32, 1e-6)])
+@pytest.mark.parametrize("m,npush,n", [(1, 1, 67), (5, 3, 67), (10, 10, 67), (10, 23, 67), (32, 33, 67), (40, 45, 67),
+                                       (10, 12, 8492)])
+def test_direction_and_slope(rng, dtype, tol, m, npush, n):
     """d is bitwise the direction's; g.d (from the coefficients) matches float64 dot(d, g) to tol * |g| |d|, with
-    and without pending pairs, in the ring after it wraps, and beyond one kernel call (m = 40: 81 stored)."""
-    n = 67
-    A = spd(rng, n, 1e3)
+    and without pending pairs, in the ring after it wraps, at 2k = 64 stored (g in a second kernel call), beyond
+    one kernel call (m = 40: 81 stored), and over several chunks and lane blocks (n = 8492)."""
+    A = spd(rng, n, 1e3) if n < 1000 else np.diag(rng.uniform(1.0, 1e3, n))
     h1 = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
     h2 = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
     for s, y in random_history(rng, h1, A, npush, dtype):  # the pairs h1 kept
@@ -150,8 +151,7 @@ def test_direction_and_slope_empty_history_and_out(rng):
     d, gtd = h.direction_and_slope(g, out=out)
     assert d is out
     np.testing.assert_array_equal(d, -g)
-    assert gtd == -float(L._dots([g], [g])[0, 0])
-    assert abs(gtd + g @ g) <= 1e-14 * (g @ g)
+    assert abs(gtd + math.fsum(g * g)) <= 1e-15 * (g @ g)
 
 
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
@@ -184,6 +184,21 @@ def test_sharded_slope_matches_unsharded(rng, dtype, tol):
     assert _rel(np.concatenate([r[0] for r in results]), d_full) <= tol
     for r in results:
         assert abs(r[1] - gtd_full) <= tol * abs(gtd_full)
+
+    def work_empty(rank, lo, hi, allreduce):  # no pairs: the slope is -g.g, one all-reduced value
+        h = optkern.LBFGSHistory(hi - lo, history_size=m, dtype=dtype)
+        sizes = []
+
+        def counted(v):
+            sizes.append(v.size)
+            return allreduce(v)
+
+        return h.direction_and_slope(g[lo:hi].copy(), allreduce=counted)[1], sizes
+
+    results, _ = run_sharded([(0, 37), (37, 80)], work_empty)
+    g64 = g.astype(F64)
+    for gtd, sizes in results:
+        assert sizes == [1] and abs(gtd + g64 @ g64) <= tol * (g64 @ g64)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])

@@ -275,6 +275,15 @@ def test_state_dict_round_trip_continues_bitwise(rng):
     assert opt2.state == opt.state
     with pytest.raises(ValueError, match="as many params"):
         optkern.optim.LBFGS([np.ones(2)]).load_state_dict(sd)
+    # the flat vectors and the history rows start on 64-byte boundaries, also after a restore (8 restores: NumPy's
+    # own 16-byte alignment would pass by chance with probability 4^-16)
+    restored = [optkern.optim.LBFGS([w.copy(), c.copy()]) for _ in range(8)]
+    for o in restored:
+        o.load_state_dict(sd)
+        assert all(v.ctypes.data % 64 == 0 for v in (o._d, o._g_prev))
+    for o in (opt, opt2):
+        vecs = [o._g, o._d, o._g_prev, o._x0] + [v for pair in o._pairs() for v in pair]
+        assert all(v.ctypes.data % 64 == 0 for v in vecs if v is not None) and opt._x0 is not None
 
 
 def test_history_size_change_keeps_newest_pairs(rng):

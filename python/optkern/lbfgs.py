@@ -145,7 +145,8 @@ def _aligned_rows(xp, rows, n, dtype):
 
 
 def _aligned_like(x):
-    """An uninitialized 1-D array like x (library, device, dtype, size), 64-byte aligned."""
+    """An uninitialized 1-D array like x (library, dtype, size), 64-byte aligned: NumPy through _aligned_rows, CuPy
+    by empty_like (its pool aligns; on the current device, as before)."""
     if _xp(x) is not np:
         return _xp(x).empty_like(x.reshape(-1))
     return _aligned_rows(np, 1, x.size, x.dtype)[0]
@@ -295,7 +296,8 @@ class LBFGSHistory:
         coefficients' combination of pass 1's products, in float64 on the host.  With ``allreduce`` the slope is
         the sharded total (it is part of the same message).  Computed from the coefficients, it differs from
         dot(d, g) by the rounding of d (relative ~1e-16 in float64, ~1e-7 in float32, more where d's terms
-        cancel)."""
+        cancel).  Exceptions: with an empty history g.g is one read of g; with 2k = 64 stored vectors exactly
+        (history_size 32, full) g spills into a second, short kernel call that reads g and the queries again."""
         return self._direction(g, out, allreduce, True)
 
     def _direction(self, g, out, allreduce, slope):
@@ -564,6 +566,9 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         if nit >= max_iter:
             return result(x, f, g, nit, 1, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT")
         for _ in range(2):
+            # g.d from pass 1's products: -g.H g up to rounding, so a non-descent sign flags a history that
+            # lost positive definiteness, not rounding in d (if it ever misleads, the search finds no decrease
+            # and the history is reset below).
             gtd = hist.direction_and_slope(g, out=d)[1]
             steepest = len(hist) == 0
             if steepest and not (gtd < 0 and math.isfinite(gtd)):

@@ -62,10 +62,10 @@ OK_ISA_INLINE void lane_step(const T* const* a, const T* const* qs, int64_t o, V
 // An empty asm with a memory clobber after every 128 bytes of each stream (two float32 steps, one float64 step)
 // keeps the loads in address order.  Without it GCC ran each 32-byte piece's chain to the end of the block
 // before the next piece, so a stream's loads touched every other cache line first, which the hardware
-// prefetchers follow poorly.  The accumulators stay in registers (their address never escapes).  Measured on
-// 2 Zen 3 cores (AVX2), pass 1 of m = 10, n = 2^22, medians of interleaved runs: float64 one query 16-19 ->
-// 28-30 GB/s, three queries 14-18 -> 21-24 GB/s; float32 one query +4-10%, three queries +3-15%.  Software
-// prefetch gains nothing on top.
+// prefetchers follow poorly.  The barrier does not force the accumulators to memory (their address never
+// escapes; AVX2 still spills some with several queries).  Measured on 2 Zen 3 cores (AVX2), pass 1 of m = 10,
+// n = 2^22, medians of interleaved runs: float64 one query 16-19 -> 28-30 GB/s, three queries 14-18 -> 21-24
+// GB/s; float32 one query +4-10%, three queries +3-15%.  Software prefetch gains nothing on top.
 template <class T, int GI, int NB, int QN>
 OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o, double (*s)[4]) {
   constexpr int kSteps = sizeof(V16<T>) >= 128 ? 1 : static_cast<int>(128 / sizeof(V16<T>));

@@ -105,8 +105,9 @@ def _roofline_fns(torch, n, dtype):
 
 
 def after_push(h, g, out):
-    """The direction as lbfgs_minimize computes it: right after a push, pass 1 also fills the new pair's Gram row
-    and column (queries g, s_new, y_new).  Re-marking the newest pair pending recomputes the same entries."""
+    """The direction right after a push, the case of every lbfgs_minimize iteration: pass 1 also fills the new
+    pair's Gram row and column (queries g, s_new, y_new).  Re-marking the newest pair pending recomputes the same
+    entries.  (lbfgs_minimize calls direction_and_slope, whose pass 1 also takes g as a stored vector, from cache.)"""
     h._pending.append(h._order[-1])
     return h.direction(g, out=out)
 
@@ -194,10 +195,10 @@ def markdown_details(rows: list) -> list:
         return f"{t * 1e3:.2f} ms" if t is not None else "-"
 
     title = ("L-BFGS direction details (pass 1 = the 2m + 1 dot products in one pass; pass 2 = the linear "
-             "combination; after a push = the direction as lbfgs_minimize calls it, pass 1 also filling the new pair's "
-             "Gram row and column; rooflines: in-place add, DRAM = rotating pairs >= 256 MB, cached = one pair "
-             "repeated; DRAM read = the fastest of torch.sum, torch.dot and NumPy's BLAS dot over the rotating arrays, "
-             "read-only traffic like pass 1's):")
+             "combination; after a push = the direction right after a push, as in every lbfgs_minimize iteration: "
+             "pass 1 also filling the new pair's Gram row and column; rooflines: in-place add, DRAM = rotating "
+             "pairs >= 256 MB, cached = one pair repeated; DRAM read = the fastest of torch.sum, torch.dot and "
+             "NumPy's BLAS dot over the rotating arrays, read-only traffic like pass 1's):")
     header = ("| case | direction | after a push | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | "
               "% DRAM | cached add | % cached | DRAM read | pass 1 % of read |")
     lines = ["", title, "", header, "|---" * 13 + "|"]

@@ -54,6 +54,12 @@ __all__ = ["LBFGS"]
 _TORCH_MIN_SY = 1e-10  # torch.optim.LBFGS stores a pair only when y.s > 1e-10
 
 
+def _aligned_copy(a):
+    out = _aligned_like(a)
+    out[...] = a.reshape(-1)
+    return out
+
+
 def _xp_array(a):
     """a as a NumPy or CuPy array sharing its memory (torch tensors through DLPack; others as they are)."""
     if _arrays._library(a) != "torch":
@@ -287,8 +293,8 @@ class LBFGS:
         self.param_groups[0].update({k: group[k] for k in _HYPER})
         self.state = {"func_evals": int(st["func_evals"]), "n_iter": int(st["n_iter"])}
         self._t, self._prev_loss = st["t"], st["prev_loss"]
-        self._d = None if st["d"] is None else xp.array(st["d"], dtype=dt)
-        self._g_prev = None if st["g_prev"] is None else xp.array(st["g_prev"], dtype=dt)
+        self._d = None if st["d"] is None else _aligned_copy(xp.asarray(st["d"], dtype=dt))
+        self._g_prev = None if st["g_prev"] is None else _aligned_copy(xp.asarray(st["g_prev"], dtype=dt))
         self._hist = self._make_history(int(group["history_size"]),
                                         [(xp.asarray(s, dtype=dt), xp.asarray(y, dtype=dt)) for s, y in st["pairs"]])
         self._hist.num_skipped = int(st["num_skipped"])
@@ -362,8 +368,7 @@ class LBFGS:
                     finally:
                         self._set_params(x0)
                     count[0] += 1
-                    gt = _aligned_like(g)
-                    gt[...] = g
+                    gt = _aligned_copy(g)
                     return ft, float(_dots([d], [gt])[0, 0]), gt
 
                 # The search gives up on a bracket narrower than tolerance_change / max|d| (torch's test).
