@@ -152,6 +152,13 @@ def _aligned_like(x):
     return _aligned_rows(np, 1, x.size, x.dtype)[0]
 
 
+def _aligned_copy(a):
+    """A 64-byte aligned 1-D copy of a (same library and dtype)."""
+    out = _aligned_like(a)
+    out[...] = a.reshape(-1)
+    return out
+
+
 def _max_abs(v):
     """max |v| from max and min: two reads, no |v| temporary (half the time of abs(v).max() on large vectors); NaN
     if v has one."""
@@ -540,9 +547,7 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         g = xp.asarray(g, dtype=dtype)
         if g.size != n:
             raise ValueError(f"fun_and_grad: expected a gradient of {n} elements like x0, got {g.size}")
-        gc = _aligned_like(x)
-        gc[...] = g.reshape(-1)
-        g = gc
+        g = _aligned_copy(g)
         gmax = _max_abs(g)
         if not (math.isfinite(f) and math.isfinite(gmax)):
             raise _NonFinite(f"fun_and_grad returned a non-finite {'value' if not math.isfinite(f) else 'gradient'}")
@@ -552,8 +557,7 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         return LBFGSResult(x=x.reshape(shape), fun=f, grad=g.reshape(shape), nit=nit, nfev=state["nfev"],
                            success=status == 0, status=status, message=message, nskipped=hist.num_skipped)
 
-    x = _aligned_like(x0)
-    x[...] = x0.reshape(-1)
+    x = _aligned_copy(x0)
     try:
         f, g, gmax = evaluate(x)
     except _NonFinite as e:

@@ -8,8 +8,8 @@
 
 Minimal bytes for the two passes: (4m + 3) n elements (2m + 1 vectors read in each pass, d written once).
 
-The direction is also timed as ``lbfgs_minimize`` calls it, right after a push: then pass 1 also computes the new
-pair's Gram row and column (queries g, s_new, y_new), still one pass over the stored vectors.
+The direction is also timed right after a push, the case of every ``lbfgs_minimize`` iteration: then pass 1 also
+computes the new pair's Gram row and column (queries g, s_new, y_new), still one pass over the stored vectors.
 
 Two rooflines, both in-place adds (``a += b``, 3 n elements of traffic) timed round-robin with the directions:
 

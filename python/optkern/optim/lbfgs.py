@@ -47,17 +47,22 @@ import numpy as np
 
 from .. import _arrays
 from ..functional import sgd_step
-from ..lbfgs import _DTYPES, LBFGSHistory, _aligned_like, _aligned_rows, _dots, _lincomb, _max_abs, _strong_wolfe, _xp
+from ..lbfgs import (
+    _DTYPES,
+    LBFGSHistory,
+    _aligned_copy,
+    _aligned_like,
+    _aligned_rows,
+    _dots,
+    _lincomb,
+    _max_abs,
+    _strong_wolfe,
+    _xp,
+)
 
 __all__ = ["LBFGS"]
 
 _TORCH_MIN_SY = 1e-10  # torch.optim.LBFGS stores a pair only when y.s > 1e-10
-
-
-def _aligned_copy(a):
-    out = _aligned_like(a)
-    out[...] = a.reshape(-1)
-    return out
 
 
 def _xp_array(a):
