@@ -679,3 +679,24 @@ def test_gradient_buffer_reused_by_the_callback(cpu_isa):
     res = optkern.lbfgs_minimize(fg, np.full(20, -1.2), max_iter=1000)
     assert res.success, res.message
     assert res.nit < 300 and res.nskipped == 0
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo"])
+def test_recycled_gradient_copies_never_leak(cpu_isa, line_search):
+    """The minimizer recycles its gradient copies of rejected trials and of old iterates: the gradient it returns is
+    still exactly the one fun_and_grad returned for res.x, and the run converges as usual.  (A copy recycled while
+    still in use corrupts y = g_new - g: the MGH and scipy comparisons above then fail, as checked by mutation.)"""
+    _once(cpu_isa)
+    seen = {}
+
+    def fg(x):
+        f = float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
+        g = np.zeros_like(x)
+        g[:-1] += -400.0 * x[:-1] * (x[1:] - x[:-1] ** 2) - 2.0 * (1.0 - x[:-1])
+        g[1:] += 200.0 * (x[1:] - x[:-1] ** 2)
+        seen[x.tobytes()] = g.copy()
+        return f, g
+
+    res = optkern.lbfgs_minimize(fg, np.full(30, -1.2), max_iter=500, line_search=line_search)
+    assert res.success and res.nfev > res.nit  # some trials were rejected, so copies were recycled
+    np.testing.assert_array_equal(res.grad, seen[res.x.tobytes()])

@@ -537,6 +537,10 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
     hist = LBFGSHistory(n, history_size, dtype, like=x0)  # validates history_size
     gtol, ftol = float(gtol), float(ftol)
     state = {"nfev": 0}
+    # Gradient copies no longer referenced, reused by the next evaluations instead of fresh (page-faulting)
+    # allocations.  Only these internal copies are recycled: the x given to fun_and_grad and callback is always new.
+    spare = []
+    keep_spare = 2
 
     def evaluate(x):
         f, g = fun_and_grad(x.reshape(shape))
@@ -547,7 +551,9 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         g = xp.asarray(g, dtype=dtype)
         if g.size != n:
             raise ValueError(f"fun_and_grad: expected a gradient of {n} elements like x0, got {g.size}")
-        g = _aligned_copy(g)
+        gc = spare.pop() if spare else _aligned_like(x)
+        gc[...] = g.reshape(-1)
+        g = gc
         gmax = _max_abs(g)
         if not (math.isfinite(f) and math.isfinite(gmax)):
             raise _NonFinite(f"fun_and_grad returned a non-finite {'value' if not math.isfinite(f) else 'gradient'}")
@@ -582,10 +588,13 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
                 continue
             t0 = min(1.0, 1.0 / math.sqrt(-gtd)) if steepest else 1.0  # -gtd = ||g||^2 here
 
-            def ev(t, x=x):
+            trials = []
+
+            def ev(t, x=x, trials=trials):
                 xt = _aligned_like(x)
                 _lincomb([x, d], [1.0, t], xt)
                 ft, gt, gm = evaluate(xt)
+                trials.append(gt)
                 return ft, float(_dots([d], [gt])[0, 0]), (xt, gt, gm)
 
             try:
@@ -596,7 +605,10 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
                     (_, ft, _, pt), _ = _armijo(ev, f, gtd, t0, c1, max_ls)
             except _NonFinite as e:
                 return result(x, f, g, nit, 2, f"{e} in the line search of iteration {nit + 1}")
-            if pt is not None and ft < f:
+            accepted = pt is not None and ft < f
+            spare.extend(b for b in trials if not (accepted and b is pt[1]))
+            del spare[keep_spare:]
+            if accepted:
                 break  # progress (with or without the Wolfe conditions: the curvature guard protects the history)
             if steepest:
                 return result(x, f, g, nit, 2, "ABNORMAL: THE LINE SEARCH FOUND NO DECREASE")
@@ -608,6 +620,8 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         _lincomb([x_new, x], [1.0, -1.0], s)
         _lincomb([g_new, g], [1.0, -1.0], y)
         hist._commit()
+        if len(spare) < keep_spare:
+            spare.append(g)  # the previous gradient: y is formed
         f_old, x, f, g = f, x_new, ft, g_new
         nit += 1
         if callback is not None and callback(x.reshape(shape)) is True:
