@@ -156,7 +156,7 @@ def test_direction_and_slope_empty_history_and_out(rng):
 
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
 def test_sharded_slope_matches_unsharded(rng, dtype, tol):
-    """The slope is part of pass 1's one all-reduced message: (1 + 3 pending) queries x (2k + 1) stored."""
+    """The slope is part of pass 1's one all-reduced message: (1 + 2 x 4 pending pairs) queries x (2k + 1) stored."""
     n, m = 80, 4
     A = spd(rng, n, 1e3)
     pairs = [(s.astype(dtype), (A @ s).astype(dtype)) for s in rng.standard_normal((5, n))]
