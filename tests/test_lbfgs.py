@@ -156,7 +156,7 @@ def test_direction_and_slope_empty_history_and_out(rng):
 
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
 def test_sharded_slope_matches_unsharded(rng, dtype, tol):
-    """The slope is part of pass 1's one all-reduced message: (1 + 2 x 4 pending pairs) queries x (2k + 1) stored."""
+    """The slope is part of pass 1's one all-reduced message: (g + the 4 pending pairs' y) queries x (2k + 1) stored."""
     n, m = 80, 4
     A = spd(rng, n, 1e3)
     pairs = [(s.astype(dtype), (A @ s).astype(dtype)) for s in rng.standard_normal((5, n))]
@@ -180,7 +180,7 @@ def test_sharded_slope_matches_unsharded(rng, dtype, tol):
         return d, gtd, sizes
 
     results, _ = run_sharded([(0, 37), (37, 80)], work)
-    assert all(r[2] == [(1 + 2 * m) * (2 * m + 1)] for r in results)  # g and 4 pending pairs; 2m + 1 stored
+    assert all(r[2] == [(1 + m) * (2 * m + 1)] for r in results)  # g and 4 pending y; 2m + 1 stored
     assert _rel(np.concatenate([r[0] for r in results]), d_full) <= tol
     for r in results:
         assert abs(r[1] - gtd_full) <= tol * abs(gtd_full)
@@ -386,8 +386,8 @@ def test_allreduce_identity_unsharded(rng):
         kept.append((s, A @ s))
     g = rng.standard_normal(n)
     assert _rel(h.direction(g, allreduce=ident), two_loop_ref(kept[-3:], g)) <= 1e-12
-    # 4 push checks of 2 values, then ONE pass-1 result: (1 + 2 pending pairs * 3) queries x 2k stored
-    assert seen == [2, 2, 2, 2, (1 + 2 * 3) * 6]
+    # 4 push checks of 2 values, then ONE pass-1 result: (g + 3 pending pairs' y) queries x 2k stored
+    assert seen == [2, 2, 2, 2, (1 + 3) * 6]
 
 
 # ---- the kernels' wrappers ---------------------------------------------------------------------------------------

@@ -124,12 +124,23 @@ def test_dots_follow_documented_order_bitwise(rng, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("n", [17, 257, 4097])
-def test_dots_every_grouping_follows_documented_order(rng, n, dtype):
-    # The executor takes 4 (float32) / 2 (float64) stored streams at once with one query, single streams against
-    # up to 4 queries otherwise: every such grouping and its remainders must give the documented sums bitwise.
-    S = _vecs(rng, 9, n, dtype)
-    Q = _vecs(rng, 5, n, dtype)
+@pytest.mark.parametrize("n,shift", [(17, 0), (257, 0), (4097, 0), (5000, 0), (5000, 3)])
+def test_dots_every_grouping_follows_documented_order(rng, n, shift, dtype):
+    # The executor takes 4 (float32) / 2 (float64) stored streams at once with one query, 4 float32 streams in
+    # two half walks per lane block with two queries on AVX2, single streams against up to 4 queries otherwise:
+    # every such grouping and its remainders must give the documented sums bitwise.  n = 5000: a second chunk of
+    # 3 full lane blocks and a short one; shift 3: every vector starts 3 elements past a 64-byte boundary.
+    item = np.dtype(dtype).itemsize
+
+    def placed(v):  # a copy of v starting `shift` elements past a 64-byte boundary
+        buf = np.full(n + shift + 64 // item, 7, dtype)
+        start = (-buf.ctypes.data // item) % (64 // item) + shift
+        buf[start:start + n] = v
+        return buf[start:start + n]
+
+    S = [placed(v) for v in _vecs(rng, 9, n, dtype)]
+    Q = [placed(v) for v in _vecs(rng, 5, n, dtype)]
+    assert all(v.ctypes.data % 64 == shift * item for v in S + Q)
     ref = np.array([[exact_dot(S[i], Q[q]) for i in range(9)] for q in range(5)])
     for k in (1, 3, 4, 5, 9):
         for nq in (1, 2, 4, 5):

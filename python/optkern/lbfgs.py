@@ -8,9 +8,10 @@
 The direction is the compact form of Byrd, Nocedal & Schnabel (1994) in two passes over memory (design note
 ``lbfgs-two-pass.md``), with S = [s_0 .. s_{k-1}], Y = [y_0 .. y_{k-1}] oldest first:
 
-- pass 1, ONE ``_dots`` call: a = S^T g and b = Y^T g, plus the new rows/columns of the small Gram matrices
-  SY = S^T Y and YY = Y^T Y for the pairs pushed since the last pass (their dot products with every stored
-  vector are taken in the same read);
+- pass 1, ONE ``_dots`` call: a = S^T g and b = Y^T g, plus, for each pair pushed since the last pass, its y's
+  dot products with every stored vector, taken in the same read: the new column of the upper triangle of
+  SY = S^T Y (the only part R uses) and the new row and column of YY = Y^T Y.  The design note also dots s_new,
+  for SY's lower triangle, which nothing reads: skipping it makes pass 1 after a push 2 queries, not 3;
 - on the host, in float64 (NumPy): R = triu(SY), D = diag(SY), gamma = s.y / y.y of the newest pair,
   ``R u = a``, ``R^T c = (D + gamma YY) u - gamma b``;
 - pass 2, ONE ``_lincomb`` call: d = -(gamma g + S c - gamma Y u).
@@ -225,7 +226,7 @@ class LBFGSHistory:
         self._order = []  # slots of the stored pairs, oldest first
         self._free = 0  # the spare slot a push writes into
         self._pending = []  # stored slots whose Gram rows/columns the next pass 1 fills
-        self._SY = np.zeros((m1, m1))  # SY[i, j] = s_i . y_j by slot
+        self._SY = np.zeros((m1, m1))  # SY[i, j] = s_i . y_j by slot, kept for i pushed no later than j only
         self._YY = np.zeros((m1, m1))
         self._sy = np.zeros(m1)  # s.y and y.y of each slot at push time (for the two-loop reference)
         self._yy = np.zeros(m1)
@@ -318,13 +319,13 @@ class LBFGSHistory:
         S = [self._S[i] for i in order]
         Y = [self._Y[i] for i in order]
         pend = list(self._pending)
-        queries = [g]
-        for p in pend:
-            queries += [self._S[p], self._Y[p]]
+        # A pending pair's y is the only extra query: its products with S fill column p of SY (s_i . y_p, which
+        # covers every upper-triangle entry R needs, as each pair's column is filled when it is new) and with Y
+        # the row and column p of YY.  s_p . y_j for older j is the lower triangle, which R never reads.
+        queries = [g] + [self._Y[p] for p in pend]
         P = _reduce(_dots(S + Y + ([g] if slope else []), queries), allreduce)  # pass 1
         for j, p in enumerate(pend):
-            rs, ry = P[1 + 2 * j], P[2 + 2 * j]
-            self._SY[p, order] = rs[k:2 * k]  # s_p . y_j
+            ry = P[1 + j]
             self._SY[order, p] = ry[:k]  # s_i . y_p
             self._YY[p, order] = ry[k:2 * k]
             self._YY[order, p] = ry[k:2 * k]

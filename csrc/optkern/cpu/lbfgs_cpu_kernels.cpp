@@ -7,7 +7,8 @@
 //  - dots: the chunk range [0, nchunks) is split across threads (part_bounds).  For each chunk, the stored
 //    chunks are dotted with the query chunks (which stay in L1/L2 across the stored vectors), so every stored
 //    vector is read once from memory: with one query, 4 (float32) or 2 (float64) stored streams at a time; with
-//    more, one stored chunk against up to 4 queries.  Each (stored, query, lane block) has its own 16-lane
+//    two on AVX2, 4 streams walked in two halves per lane block; otherwise one stored chunk against up to 4
+//    queries.  Each (stored, query, lane block) has its own 16-lane
 //    accumulator, so the chains of a step are independent.  Each chunk writes its nq * k partials to a per-chunk
 //    buffer, which is summed on the calling thread in chunk order: the result does not depend on the thread count.
 //  - lincomb: the element range is split across threads; each thread walks blocks of 16 KB per vector, adding
@@ -80,6 +81,65 @@ OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o,
       for (int q = 0; q < QN; ++q) s[g][q] += lane_tree<T>(acc[g][b][q]);
 }
 
+// Two queries on AVX2 (the direction right after a push: g and the new y): 4 stored streams at a time keep more
+// DRAM reads in flight than one, but 4 x 2 sixteen-lane accumulators would take all 16 ymm registers (float) or
+// twice that (double).  So each lane block is walked twice, in halves: half h takes the 32-byte pieces at bytes
+// 32h and 64 + 32h of every 128-byte group (both cache lines of the group, in address order; the second walk
+// reads from L1).  Each lane still adds its own values in increasing j, so the totals are bitwise those of
+// lane_blocks.  Measured on 2 Zen 3 cores, m = 10, n = 2^22, pass 1 with two queries against 21 stored vectors
+// (separate processes, 3 rounds, medians of 11): one stream at a time 17-20 ms (float32) and 34-37 ms (float64)
+// -> 12-15 ms and 24-32 ms, i.e. 1.1x the one-query pass instead of 1.3-1.4x.  Half walks for one query (4 or
+// 8 streams) measured no faster than lane_blocks.
+template <class T>
+struct Lanes8 {
+  typedef T type __attribute__((vector_size(32)));
+  typedef T unaligned __attribute__((vector_size(32), aligned(alignof(T)), may_alias));
+};
+template <class T>
+using V8 = typename Lanes8<T>::type;
+template <class T>
+OK_ISA_INLINE V8<T> load8(const T* p) {
+  return *reinterpret_cast<const typename Lanes8<T>::unaligned*>(p);
+}
+
+// Half h of the lane block at o, stored into lanes[g][q]: the pieces at bytes 32h and 64 + 32h of every 128-byte
+// group.  Float: lanes 8h .. 8h + 7 of two consecutive steps (one accumulator); double: lanes 4h .. 4h + 3 and
+// 8 + 4h .. 8 + 4h + 3 of one step (two accumulators).
+template <class T, int GI, int QN>
+OK_ISA_INLINE void half_lane_block(const T* const* a, const T* const* qs, int64_t o, int h, T (*lanes)[QN][kLbLanes]) {
+  constexpr int64_t kPiece = 32 / sizeof(T);  // values per 32-byte piece
+  constexpr int NA = sizeof(T) == 4 ? 1 : 2;  // accumulators per (stored, query) pair
+  V8<T> acc[GI][QN][NA] = {};
+  for (int64_t j = 0; j < kLbLaneBlock; j += 4 * kPiece) {  // 128-byte groups
+    for (int u = 0; u < 2; ++u) {
+      const int64_t off = o + j + (2 * u + h) * kPiece;
+      const int r = NA == 1 ? 0 : u;
+      V8<T> vq[QN];
+      for (int q = 0; q < QN; ++q) vq[q] = load8(qs[q] + off);
+      for (int g = 0; g < GI; ++g) {
+        const V8<T> va = load8(a[g] + off);
+        for (int q = 0; q < QN; ++q) acc[g][q][r] = lb_dot_step(acc[g][q][r], va, vq[q]);
+      }
+    }
+    asm volatile("" ::: "memory");  // loads in address order, as in lane_blocks
+  }
+  for (int g = 0; g < GI; ++g)
+    for (int q = 0; q < QN; ++q)
+      for (int r = 0; r < NA; ++r)  // accumulator r: the lanes of piece 2r + h (float: 8h .., double: 8r + 4h ..)
+        *reinterpret_cast<typename Lanes8<T>::unaligned*>(&lanes[g][q][(2 * r + h) * kPiece % kLbLanes]) =
+            acc[g][q][r];
+}
+
+// lane_blocks<T, GI, 1, QN> for one lane block at o, in two half walks.
+template <class T, int GI, int QN>
+OK_ISA_INLINE void lane_block_halves(const T* const* a, const T* const* qs, int64_t o, double (*s)[4]) {
+  alignas(64) T lanes[GI][QN][kLbLanes];
+  half_lane_block<T, GI, QN>(a, qs, o, 0, lanes);
+  half_lane_block<T, GI, QN>(a, qs, o, 1, lanes);
+  for (int g = 0; g < GI; ++g)
+    for (int q = 0; q < QN; ++q) s[g][q] += lane_tree<T>(load16(&lanes[g][q][0]));
+}
+
 // One lane block of blk <= kLbLaneBlock values (a short last block): the lanes, then the tail in order.
 template <class T>
 OK_ISA_INLINE double short_block(const T* a, const T* b, int64_t blk) {
@@ -93,29 +153,43 @@ OK_ISA_INLINE double short_block(const T* a, const T* b, int64_t blk) {
 
 // The chunk partials s[g][q] of GI stored chunks a[g][0, len) with QN query chunks (chunk order of
 // lbfgs_rules.h): the full blocks NB at a time, the remaining full blocks one at a time, then the short block.
-template <class T, int GI, int NB, int QN>
+// kHalves: the full blocks by lane_block_halves.
+template <class T, int GI, int NB, int QN, bool kHalves = false>
 OK_ISA_INLINE void group_chunk(const T* const* a, const T* const* qs, int64_t len, double (*s)[4]) {
   for (int g = 0; g < GI; ++g)
     for (int q = 0; q < QN; ++q) s[g][q] = 0.0;
   const int64_t full_end = len / kLbLaneBlock * kLbLaneBlock;
   int64_t o = 0;
-  for (; o + NB * kLbLaneBlock <= full_end; o += NB * kLbLaneBlock) lane_blocks<T, GI, NB, QN>(a, qs, o, s);
-  for (; o < full_end; o += kLbLaneBlock) lane_blocks<T, GI, 1, QN>(a, qs, o, s);
+  if constexpr (kHalves) {
+    for (; o < full_end; o += kLbLaneBlock) lane_block_halves<T, GI, QN>(a, qs, o, s);
+  } else {
+    for (; o + NB * kLbLaneBlock <= full_end; o += NB * kLbLaneBlock) lane_blocks<T, GI, NB, QN>(a, qs, o, s);
+    for (; o < full_end; o += kLbLaneBlock) lane_blocks<T, GI, 1, QN>(a, qs, o, s);
+  }
   if (full_end < len)
     for (int g = 0; g < GI; ++g)
       for (int q = 0; q < QN; ++q) s[g][q] += short_block(a[g] + o, qs[q] + o, len - full_end);
 }
 
 // The partials of chunks [c0, c1): part[c * nq * k + q * k + i].  Chunk by chunk, every stored chunk is read
-// once from memory: with one query, kDotGroup stored streams advance together; with more, one stored chunk at a
-// time against groups of up to 4 queries (the query chunks, and the stored chunk after its first group, come
-// from L1/L2).
+// once from memory: with one query, kDotGroup stored streams advance together; with two on AVX2,
+// kTwoQueryGroup streams in half walks; otherwise (and for the remainders) one stored chunk at a time against
+// groups of up to 4 queries (the query chunks, and the stored chunk after its first group, come from L1/L2).
+// The two-query path by lane_block_halves, kTwoQueryGroup stored streams at a time: AVX2 only, where it was
+// measured (AVX-512 has the registers for lane_blocks but was not measured; the baseline build is the fallback).
+#if defined(OPTKERN_ISA_AVX2)
+constexpr bool kTwoQueryHalves = true;
+#else
+constexpr bool kTwoQueryHalves = false;
+#endif
+constexpr int kTwoQueryGroup = 4;
+
 template <class T>
 OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t n, int64_t c0,
                           int64_t c1, double* part) {
-  constexpr int G = kDotGroup<T>;
-  double s[G][4];
-  const T* a[G];
+  constexpr int G = kDotGroup<T>, H = kTwoQueryGroup;
+  double s[4][4];
+  const T* a[4];
   const T* qs[4];
   const int64_t P = static_cast<int64_t>(k) * nq;
   for (int64_t c = c0; c < c1; ++c) {
@@ -128,6 +202,15 @@ OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries
         group_chunk<T, G, 1, 1>(a, qs, len, s);
         for (int g = 0; g < G; ++g) pc[i0 + g] = s[g][0];
         i0 += G;
+        continue;
+      }
+      if (kTwoQueryHalves && nq == 2 && k - i0 >= H) {
+        for (int g = 0; g < H; ++g) a[g] = stored[i0 + g] + off;
+        for (int q = 0; q < 2; ++q) qs[q] = queries[q] + off;
+        group_chunk<T, H, 1, 2, true>(a, qs, len, s);
+        for (int g = 0; g < H; ++g)
+          for (int q = 0; q < 2; ++q) pc[q * k + i0 + g] = s[g][q];
+        i0 += H;
         continue;
       }
       a[0] = stored[i0] + off;

@@ -8,8 +8,9 @@
 
 Minimal bytes for the two passes: (4m + 3) n elements (2m + 1 vectors read in each pass, d written once).
 
-The direction is also timed right after a push, the case of every ``lbfgs_minimize`` iteration: then pass 1 also
-computes the new pair's Gram row and column (queries g, s_new, y_new), still one pass over the stored vectors.
+The direction is also timed right after a push as ``lbfgs_minimize`` calls it in every iteration
+(``direction_and_slope``): pass 1 then also computes the new pair's Gram column (queries g and y_new) and g.g (g as
+one more stored vector, from cache), still one pass over the stored vectors.
 
 Two rooflines, both in-place adds (``a += b``, 3 n elements of traffic) timed round-robin with the directions:
 
@@ -105,11 +106,11 @@ def _roofline_fns(torch, n, dtype):
 
 
 def after_push(h, g, out):
-    """The direction right after a push, the case of every lbfgs_minimize iteration: pass 1 also fills the new
-    pair's Gram row and column (queries g, s_new, y_new).  Re-marking the newest pair pending recomputes the same
-    entries.  (lbfgs_minimize calls direction_and_slope, whose pass 1 also takes g as a stored vector, from cache.)"""
+    """The direction and slope right after a push, as every lbfgs_minimize iteration calls them: pass 1 also fills
+    the new pair's Gram column (queries g and y_new) and takes g as one more stored vector (for g.g).  Re-marking
+    the newest pair pending recomputes the same entries."""
     h._pending.append(h._order[-1])
-    return h.direction(g, out=out)
+    return h.direction_and_slope(g, out=out)
 
 
 def bench_direction(torch, n, m, dtype, reps, warmup, torch_only_ratio=False):
@@ -195,8 +196,8 @@ def markdown_details(rows: list) -> list:
         return f"{t * 1e3:.2f} ms" if t is not None else "-"
 
     title = ("L-BFGS direction details (pass 1 = the 2m + 1 dot products in one pass; pass 2 = the linear "
-             "combination; after a push = the direction right after a push, as in every lbfgs_minimize iteration: "
-             "pass 1 also filling the new pair's Gram row and column; rooflines: in-place add, DRAM = rotating "
+             "combination; after a push = direction_and_slope right after a push, as every lbfgs_minimize iteration "
+             "calls it: pass 1 with the queries g and y_new and g as one more stored vector; rooflines: in-place add, DRAM = rotating "
              "pairs >= 256 MB, cached = one pair repeated; DRAM read = the fastest of torch.sum, torch.dot and "
              "NumPy's BLAS dot over the rotating arrays, read-only traffic like pass 1's):")
     header = ("| case | direction | after a push | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | "
