@@ -225,7 +225,7 @@ class LBFGSHistory:
         m1 = self.history_size + 1
         self._order = []  # slots of the stored pairs, oldest first
         self._free = 0  # the spare slot a push writes into
-        self._pending = []  # stored slots whose Gram rows/columns the next pass 1 fills
+        self._pending = []  # stored slots whose Gram columns (SY) and rows/columns (YY) the next pass 1 fills
         self._SY = np.zeros((m1, m1))  # SY[i, j] = s_i . y_j by slot, kept for i pushed no later than j only
         self._YY = np.zeros((m1, m1))
         self._sy = np.zeros(m1)  # s.y and y.y of each slot at push time (for the two-loop reference)
