@@ -120,6 +120,25 @@ def test_direction_out_and_interleaved_pushes(rng):
     assert len(h) == 0
     np.testing.assert_array_equal(h.direction(g), -g)
 
+def test_direction_never_reads_the_lower_triangle_of_sy(rng):
+    """Pass 1 fills only the upper triangle of SY (s_i . y_j, i pushed no later than j: the new y's column), as R
+    needs: NaN in every lower-triangle entry, by age, must leave the direction equal to the two-loop's."""
+    n, m = 40, 4
+    A = spd(rng, n, 1e2)
+    h = optkern.LBFGSHistory(n, history_size=m)
+    kept = []
+    for step in range(9):  # the ring wraps; 1 or 2 pushes before each direction
+        kept = (kept + random_history(rng, h, A, 1 + step % 2, F64))[-m:]
+        g = rng.standard_normal(n)
+        h.direction(g)  # fills the pending columns
+        order = h._order
+        for i in range(len(order)):
+            for j in range(i):
+                h._SY[order[i], order[j]] = np.nan  # s_i . y_j with y_j older than s_i
+        assert _rel(h.direction(g), two_loop_ref(kept, g)) <= 1e-10
+        assert np.isfinite(h.direction_and_slope(g)[1])
+
+
 
 # ---- the slope g.d from pass 1 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-14), (F32, 1e-6)])
