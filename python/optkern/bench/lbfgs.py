@@ -197,9 +197,9 @@ def markdown_details(rows: list) -> list:
 
     title = ("L-BFGS direction details (pass 1 = the 2m + 1 dot products in one pass; pass 2 = the linear "
              "combination; after a push = direction_and_slope right after a push, as every lbfgs_minimize iteration "
-             "calls it: pass 1 with the queries g and y_new and g as one more stored vector; rooflines: in-place add, DRAM = rotating "
-             "pairs >= 256 MB, cached = one pair repeated; DRAM read = the fastest of torch.sum, torch.dot and "
-             "NumPy's BLAS dot over the rotating arrays, read-only traffic like pass 1's):")
+             "calls it: pass 1 with the queries g and y_new and g as one more stored vector; rooflines: in-place "
+             "add, DRAM = rotating pairs >= 256 MB, cached = one pair repeated; DRAM read = the fastest of "
+             "torch.sum, torch.dot and NumPy's BLAS dot over the rotating arrays, read-only traffic like pass 1's):")
     header = ("| case | direction | after a push | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | "
               "% DRAM | cached add | % cached | DRAM read | pass 1 % of read |")
     lines = ["", title, "", header, "|---" * 13 + "|"]
