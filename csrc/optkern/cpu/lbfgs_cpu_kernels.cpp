@@ -85,8 +85,9 @@ OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o,
 // DRAM reads in flight than one, but 4 x 2 sixteen-lane accumulators would take all 16 ymm registers (float) or
 // twice that (double).  So each lane block is walked twice, in halves: half h takes the 32-byte pieces at bytes
 // 32h and 64 + 32h of every 128-byte group (both cache lines of the group, in address order; the second walk
-// reads from L1).  Each lane still adds its own values in increasing j, so the totals are bitwise those of
-// lane_blocks.  Measured on 2 Zen 3 cores, m = 10, n = 2^22, pass 1 with two queries against 21 stored vectors
+// reads from L1).  A half then needs 8 ymm accumulators for float and still 16 for double (some spill to L1;
+// 4 streams still measured faster than 2 or 3).  Each lane still adds its own values in increasing j, so the
+// totals are bitwise those of lane_blocks.  Measured on 2 Zen 3 cores, m = 10, n = 2^22, pass 1 with two queries against 21 stored vectors
 // (separate processes, 3 rounds, medians of 11): one stream at a time 17-20 ms (float32) and 34-37 ms (float64)
 // -> 12-15 ms and 24-32 ms, i.e. 1.1x the one-query pass instead of 1.3-1.4x.  Half walks for one query (4 or
 // 8 streams) measured no faster than lane_blocks.
@@ -106,7 +107,8 @@ OK_ISA_INLINE V8<T> load8(const T* p) {
 // group.  Float: lanes 8h .. 8h + 7 of two consecutive steps (one accumulator); double: lanes 4h .. 4h + 3 and
 // 8 + 4h .. 8 + 4h + 3 of one step (two accumulators).
 template <class T, int GI, int QN>
-OK_ISA_INLINE void half_lane_block(const T* const* a, const T* const* qs, int64_t o, int h, T (*lanes)[QN][kLbLanes]) {
+OK_ISA_INLINE void half_lane_block(const T* const* a, const T* const* qs, int64_t o, int h,
+                                   T (*lanes)[QN][kLbLanes]) {
   constexpr int64_t kPiece = 32 / sizeof(T);  // values per 32-byte piece
   constexpr int NA = sizeof(T) == 4 ? 1 : 2;  // accumulators per (stored, query) pair
   V8<T> acc[GI][QN][NA] = {};
@@ -204,14 +206,16 @@ OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries
         i0 += G;
         continue;
       }
-      if (kTwoQueryHalves && nq == 2 && k - i0 >= H) {
-        for (int g = 0; g < H; ++g) a[g] = stored[i0 + g] + off;
-        for (int q = 0; q < 2; ++q) qs[q] = queries[q] + off;
-        group_chunk<T, H, 1, 2, true>(a, qs, len, s);
-        for (int g = 0; g < H; ++g)
-          for (int q = 0; q < 2; ++q) pc[q * k + i0 + g] = s[g][q];
-        i0 += H;
-        continue;
+      if constexpr (kTwoQueryHalves) {
+        if (nq == 2 && k - i0 >= H) {
+          for (int g = 0; g < H; ++g) a[g] = stored[i0 + g] + off;
+          for (int q = 0; q < 2; ++q) qs[q] = queries[q] + off;
+          group_chunk<T, H, 1, 2, true>(a, qs, len, s);
+          for (int g = 0; g < H; ++g)
+            for (int q = 0; q < 2; ++q) pc[q * k + i0 + g] = s[g][q];
+          i0 += H;
+          continue;
+        }
       }
       a[0] = stored[i0] + off;
       for (int q0 = 0; q0 < nq; q0 += 4) {
