@@ -89,8 +89,8 @@ OK_ISA_INLINE void lane_blocks(const T* const* a, const T* const* qs, int64_t o,
 // 4 streams still measured faster than 2 or 3).  Each lane still adds its own values in increasing j, so the
 // totals are bitwise those of lane_blocks.  Measured on 2 Zen 3 cores, m = 10, n = 2^22, pass 1 with two
 // queries against 21 stored vectors (separate processes, 3 rounds, medians of 11): one stream at a time 17-20 ms
-// (float32) and 34-37 ms (float64) -> 12-15 ms and 24-32 ms, i.e. 1.1x the one-query pass instead of 1.3-1.4x.  Half walks for one query (4 or
-// 8 streams) measured no faster than lane_blocks.
+// (float32) and 34-37 ms (float64) -> 12-15 ms and 24-32 ms, i.e. 1.1x the one-query pass instead of 1.3-1.4x.
+// Half walks for one query (4 or 8 streams) measured no faster than lane_blocks.
 template <class T>
 struct Lanes8 {
   typedef T type __attribute__((vector_size(32)));
