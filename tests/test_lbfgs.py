@@ -120,6 +120,7 @@ def test_direction_out_and_interleaved_pushes(rng):
     assert len(h) == 0
     np.testing.assert_array_equal(h.direction(g), -g)
 
+
 def test_direction_never_reads_the_lower_triangle_of_sy(rng):
     """Pass 1 fills only the upper triangle of SY (s_i . y_j, i pushed no later than j: the new y's column), as R
     needs: NaN in every lower-triangle entry, by age, must leave the direction equal to the two-loop's."""
@@ -137,7 +138,6 @@ def test_direction_never_reads_the_lower_triangle_of_sy(rng):
                 h._SY[order[i], order[j]] = np.nan  # s_i . y_j with y_j older than s_i
         assert _rel(h.direction(g), two_loop_ref(kept, g)) <= 1e-10
         assert np.isfinite(h.direction_and_slope(g)[1])
-
 
 
 # ---- the slope g.d from pass 1 -----------------------------------------------------------------------------------

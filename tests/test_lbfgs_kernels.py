@@ -126,7 +126,7 @@ def test_dots_follow_documented_order_bitwise(rng, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("n,shift", [(17, 0), (257, 0), (4097, 0), (5000, 0), (5000, 3)])
 def test_dots_every_grouping_follows_documented_order(rng, n, shift, dtype):
-    # The executor takes 4 (float32) / 2 (float64) stored streams at once with one query, 4 float32 streams in
+    # The executor takes 4 (float32) / 2 (float64) stored streams at once with one query, 4 stored streams in
     # two half walks per lane block with two queries on AVX2, single streams against up to 4 queries otherwise:
     # every such grouping and its remainders must give the documented sums bitwise.  n = 5000: a second chunk of
     # 3 full lane blocks and a short one; shift 3: every vector starts 3 elements past a 64-byte boundary.

@@ -8,8 +8,8 @@
 //    chunks are dotted with the query chunks (which stay in L1/L2 across the stored vectors), so every stored
 //    vector is read once from memory: with one query, 4 (float32) or 2 (float64) stored streams at a time; with
 //    two on AVX2, 4 streams walked in two halves per lane block; otherwise one stored chunk against up to 4
-//    queries.  Each (stored, query, lane block) has its own 16-lane
-//    accumulator, so the chains of a step are independent.  Each chunk writes its nq * k partials to a per-chunk
+//    queries.  Each (stored, query, lane block) has its own 16-lane accumulator, so the chains of a step are
+//    independent.  Each chunk writes its nq * k partials to a per-chunk
 //    buffer, which is summed on the calling thread in chunk order: the result does not depend on the thread count.
 //  - lincomb: the element range is split across threads; each thread walks blocks of 16 KB per vector, adding
 //    the terms 4 vectors at a time into a 16 KB running-sum buffer (4 input streams at once; the block's working
@@ -173,10 +173,6 @@ OK_ISA_INLINE void group_chunk(const T* const* a, const T* const* qs, int64_t le
       for (int q = 0; q < QN; ++q) s[g][q] += short_block(a[g] + o, qs[q] + o, len - full_end);
 }
 
-// The partials of chunks [c0, c1): part[c * nq * k + q * k + i].  Chunk by chunk, every stored chunk is read
-// once from memory: with one query, kDotGroup stored streams advance together; with two on AVX2,
-// kTwoQueryGroup streams in half walks; otherwise (and for the remainders) one stored chunk at a time against
-// groups of up to 4 queries (the query chunks, and the stored chunk after its first group, come from L1/L2).
 // The two-query path by lane_block_halves, kTwoQueryGroup stored streams at a time: AVX2 only, where it was
 // measured (AVX-512 has the registers for lane_blocks but was not measured; the baseline build is the fallback).
 #if defined(OPTKERN_ISA_AVX2)
@@ -186,6 +182,10 @@ constexpr bool kTwoQueryHalves = false;
 #endif
 constexpr int kTwoQueryGroup = 4;
 
+// The partials of chunks [c0, c1): part[c * nq * k + q * k + i].  Chunk by chunk, every stored chunk is read
+// once from memory: with one query, kDotGroup stored streams advance together; with two on AVX2,
+// kTwoQueryGroup streams in half walks; otherwise (and for the remainders) one stored chunk at a time against
+// groups of up to 4 queries (the query chunks, and the stored chunk after its first group, come from L1/L2).
 template <class T>
 OK_KERNEL void chunk_dots(const T* const* stored, int k, const T* const* queries, int nq, int64_t n, int64_t c0,
                           int64_t c1, double* part) {
