@@ -65,3 +65,41 @@ def test_optim_lbfgs_cupy_matches_numpy(rng, line_search_fn):
     got = cupy.asnumpy(w_cp)
     assert np.max(np.abs(got - w_np)) <= 1e-9 * np.max(np.abs(w_np))
     assert abs(opt_cp.state["n_iter"] - opt_np.state["n_iter"]) <= 1
+
+
+def test_bench_direction_device_cuda():
+    """What ``python -m optkern.bench --device cuda`` runs for L-BFGS, small: the CUDA direction agrees with the
+    torch two-loop on CUDA tensors (when torch has CUDA), and the row is complete."""
+    from optkern.bench import lbfgs as lbfgs_bench
+
+    try:
+        import torch
+
+        torch = torch if torch.cuda.is_available() else None
+    except ImportError:
+        torch = None
+
+    def timer(fn, reps, warmup):
+        for _ in range(warmup):
+            fn()
+        cupy.cuda.Device().synchronize()
+        out = []
+        for _ in range(reps):
+            s, e = cupy.cuda.Event(), cupy.cuda.Event()
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(cupy.cuda.get_elapsed_time(s, e) / 1e3)
+        return out
+
+    def torch_timer(fn, reps, warmup):
+        out = timer(fn, reps, warmup)
+        torch.cuda.synchronize()
+        return out
+
+    for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-10)):
+        row = lbfgs_bench.bench_direction_device(cupy, torch, "cuda", 100003, 10, dtype, 3, 1, timer, torch_timer)
+        assert row["optkern_s"] > 0 and row["roofline_gbs"] > 0
+        if torch is not None:
+            assert row["rel_diff_vs_torch"] <= tol and row["ratio"] > 0

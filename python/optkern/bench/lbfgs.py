@@ -6,6 +6,10 @@
 * optkern two-loop: ``LBFGSHistory.direction_two_loop`` (the classic recursion as a kernel sequence, the reference);
 * torch two-loop: the recursion written with per-vector torch ops, as ``torch.optim.LBFGS`` does it.
 
+``--device cuda`` runs the same cases with the history in CuPy arrays (the CUDA kernels) against the torch
+two-loop on CUDA tensors, CUDA events, and a device in-place add as the roofline (``bench_direction_device``;
+the tests run that code with NumPy and CPU torch).
+
 Minimal bytes for the two passes: (4m + 3) n elements (2m + 1 vectors read in each pass, d written once).
 
 The direction is also timed right after a push as ``lbfgs_minimize`` calls it in every iteration
@@ -77,21 +81,29 @@ def _torch_two_loop(torch, S, Y, g):
     return direction
 
 
+def _add_pairs(xp, n, dtype):
+    """Array pairs of xp (NumPy or CuPy) for the DRAM add, >= DRAM_ROOF_BYTES together."""
+    npairs = max(2, -(-DRAM_ROOF_BYTES // (2 * n * np.dtype(dtype).itemsize)))
+    return [(xp.ones(n, dtype), xp.full(n, 1e-7, dtype)) for _ in range(npairs)]
+
+
+def _rotating(fns):
+    """One function that calls the next of fns each time (round robin)."""
+    turn = {"i": 0}
+
+    def fn():
+        i = turn["i"] = (turn["i"] + 1) % len(fns)
+        fns[i]()
+    return fn
+
+
 def _roofline_fns(torch, n, dtype):
     """The cached add (one pair, repeated) and the DRAM add (rotating pairs): name -> fn."""
     fns = {}
     a, b = np.ones(n, dtype), np.full(n, 1e-7, dtype)
     fns["roof_cached_numpy_add"] = lambda: np.add(a, b, out=a)
-    npairs = max(2, -(-DRAM_ROOF_BYTES // (2 * n * np.dtype(dtype).itemsize)))
-    pairs = [(np.ones(n, dtype), np.full(n, 1e-7, dtype)) for _ in range(npairs)]
-    turn = {"i": 0}
-
-    def rotating(adds):
-        def fn():
-            i = turn["i"] = (turn["i"] + 1) % len(adds)
-            adds[i]()
-        return fn
-
+    pairs = _add_pairs(np, n, dtype)
+    rotating = _rotating
     fns["roof_dram_numpy_add"] = rotating([lambda x=x, y=y: np.add(x, y, out=x) for x, y in pairs])
     if torch is not None:
         ta, tb = torch.from_numpy(a.copy()), torch.from_numpy(b)
@@ -166,6 +178,74 @@ def bench_direction(torch, n, m, dtype, reps, warmup, torch_only_ratio=False):
     return row
 
 
+GPU_RATIO_TARGET = 3.0  # against the torch two-loop on the GPU (its 4m+ launches and syncs are the other half)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def bench_direction_device(xp, torch, device, n, m, dtype, reps, warmup, xp_time, torch_time,
+                           torch_only_ratio=False, ratio_target=GPU_RATIO_TARGET):
+    """The direction with the history on xp's device (CuPy: the CUDA kernels), against the per-vector torch
+    two-loop on torch's ``device``, timed by ``xp_time`` / ``torch_time(fn, reps, warmup)`` -> seconds per call
+    (CUDA events on the GPU).  The roofline is an in-place add ``x += y`` over rotating xp pairs (>= 256 MB).
+    The row also records |d - d_torch| / |d_torch|, a check that both computed the same direction.  The tests run
+    this same code with NumPy and torch on the CPU."""
+    _, pairs, g_host = _history(n, m, dtype)
+    g = xp.asarray(g_host)
+    h = optkern.LBFGSHistory(n, history_size=m, dtype=dtype, like=g)
+    for s, y in pairs:
+        h.push(xp.asarray(s), xp.asarray(y))
+    out = xp.empty_like(g)
+    d_ok = _host(h.direction(g, out=out)).astype(np.float64)  # also commits the pushes' pending Gram entries
+    raw = {"optkern": xp_time(lambda: h.direction(g, out=out), reps, warmup),
+           "optkern_after_push": xp_time(lambda: after_push(h, g, out), reps, warmup)}
+    add_pairs = _add_pairs(xp, n, dtype)
+    raw["roof_dram_add"] = xp_time(_rotating([lambda x=x, y=y: xp.add(x, y, out=x) for x, y in add_pairs]),
+                                   reps, warmup)
+    del add_pairs
+    rel = None
+    if torch is not None:
+        S = [torch.as_tensor(s, device=device) for s, _ in pairs]
+        Y = [torch.as_tensor(y, device=device) for _, y in pairs]
+        two_loop = _torch_two_loop(torch, S, Y, torch.as_tensor(g_host, device=device))
+        d_t = two_loop().cpu().numpy().astype(np.float64)
+        rel = float(np.linalg.norm(d_ok - d_t) / np.linalg.norm(d_t))
+        raw["torch"] = torch_time(two_loop, reps, warmup)
+    med = {k: _median(v) for k, v in raw.items()}
+    item = np.dtype(dtype).itemsize
+    nbytes = (4 * m + 3) * n * item
+    add_gbs = 3 * item * n / med["roof_dram_add"] / 1e9
+    gbs = nbytes / med["optkern"] / 1e9
+    row = {"kind": "lbfgs_device", "device": device, "n": n, "m": m, "dtype": np.dtype(dtype).name,
+           "case": f"L-BFGS direction ({device}), n={n:,}, m={m}, {np.dtype(dtype).name}", "bytes": nbytes,
+           "raw_s": raw, "median_s": med, "optkern_s": med["optkern"], "optkern_gbs": gbs,
+           "after_push_s": med["optkern_after_push"], "roofline_gbs": add_gbs,
+           "optkern_pct_roofline": 100.0 * gbs / add_gbs, "rel_diff_vs_torch": rel,
+           "torch_path": "per-vector two-loop" if torch is not None else None, "targets": []}
+    if not torch_only_ratio:
+        row["targets"].append({"what": f">= {ROOFLINE_TARGET:.0f}% of {device} DRAM add ((4m+3)n elements)",
+                               "value": row["optkern_pct_roofline"],
+                               "met": row["optkern_pct_roofline"] >= ROOFLINE_TARGET})
+    if torch is not None:
+        row.update(torch_s=med["torch"], ratio=med["torch"] / med["optkern"])
+        row["targets"].append({"what": f">= {ratio_target:g}x torch two-loop ({device})", "value": row["ratio"],
+                               "met": row["ratio"] >= ratio_target})
+    return row
+
+
+def run_cuda(cp, torch, quick: bool, reps: int, warmup: int, cp_time, torch_time) -> list:
+    """The L-BFGS direction on the GPU (CuPy arrays) against the torch two-loop on CUDA tensors (None: no
+    torch CUDA), the same cases as on the CPU."""
+    rows = []
+    for n, dtype, extra in _cases(quick):
+        rows.append(bench_direction_device(cp, torch, "cuda", n, 10, dtype, reps, warmup, cp_time, torch_time,
+                                           torch_only_ratio=extra))
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
 def _cases(quick: bool):
     if quick:
         return [(1 << 18, np.float32, False), (1 << 18, np.float64, False)]
@@ -188,10 +268,26 @@ def num_cases(quick: bool) -> int:
 
 
 def markdown_details(rows: list) -> list:
-    """Lines of the L-BFGS detail table (the passes alone, the kernel two-loop, both rooflines)."""
+    """Lines of the L-BFGS detail tables (CPU: the passes alone, the kernel two-loop, both rooflines; GPU: the
+    direction after a push and the agreement with torch's)."""
+    lines = []
+    dev = [r for r in rows if r.get("kind") == "lbfgs_device"]
+    if dev:
+        caption = ("L-BFGS direction on the device (after a push = direction_and_slope right after a push, as "
+                   "every lbfgs_minimize iteration calls it; DRAM add = x += y over rotating pairs >= 256 MB; "
+                   "diff vs torch = norm(d - d_torch) / norm(d_torch), optkern's direction against the torch "
+                   "two-loop's):")
+        header = "| case | direction | after a push | torch two-loop | DRAM add | % DRAM | diff vs torch |"
+        lines += ["", caption, "", header, "|---" * 7 + "|"]
+        for r in dev:
+            torch_t = f"{r['torch_s'] * 1e3:.3f} ms" if r.get("torch_s") else "-"
+            rel = f"{r['rel_diff_vs_torch']:.1e}" if r.get("rel_diff_vs_torch") is not None else "-"
+            lines.append(f"| {r['case']} | {r['optkern_s'] * 1e3:.3f} ms, {r['optkern_gbs']:.0f} GB/s | "
+                         f"{r['after_push_s'] * 1e3:.3f} ms | {torch_t} | {r['roofline_gbs']:.0f} GB/s | "
+                         f"{r['optkern_pct_roofline']:.0f}% | {rel} |")
     rows = [r for r in rows if r.get("kind") == "lbfgs"]
     if not rows:
-        return []
+        return lines
     def ms(t):
         return f"{t * 1e3:.2f} ms" if t is not None else "-"
 
@@ -202,7 +298,7 @@ def markdown_details(rows: list) -> list:
              "torch.sum, torch.dot and NumPy's BLAS dot over the rotating arrays, read-only traffic like pass 1's):")
     header = ("| case | direction | after a push | pass 1 | pass 2 | optkern two-loop | torch two-loop | DRAM add | "
               "% DRAM | cached add | % cached | DRAM read | pass 1 % of read |")
-    lines = ["", title, "", header, "|---" * 13 + "|"]
+    lines += ["", title, "", header, "|---" * 13 + "|"]
     for r in rows:
         p1 = f"{ms(r['pass1_s'])}, {r['pass1_gbs']:.1f} GB/s" if r.get("pass1_s") else "-"
         p2 = f"{ms(r['pass2_s'])}, {r['pass2_gbs']:.1f} GB/s" if r.get("pass2_s") else "-"

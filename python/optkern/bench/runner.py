@@ -468,78 +468,90 @@ def run_cuda(args, results: dict, bar_disable: bool) -> bool:
     raw_copy = cp_time(lambda: dst.__setitem__(Ellipsis, src), reps, warmup)
     copy_gbs = 8 * n / _median(raw_copy) / 1e9
     del dst
-    p, g = src, cp.random.standard_normal(n, dtype=cp.float32) * 1e-2
-    m, v = cp.zeros_like(p), cp.zeros_like(p)
-    ctr = [0]
-
-    def ok_big():
-        ctr[0] += 1
-        optkern.adam_step([p], [g], [m], [v], step=ctr[0], lr=1e-3)
-
-    raw_ok = cp_time(ok_big, reps, warmup)
-    t_ok = _median(raw_ok)
-    gbs = 28 * n / t_ok / 1e9
-    row = {"kind": "cuda", "case": "CUDA Adam, one tensor", "n": n, "raw_s": {"optkern": raw_ok, "copy": raw_copy},
-           "optkern_s": t_ok, "optkern_gbs": gbs, "roofline_gbs": copy_gbs, "optkern_pct_roofline": 100 * gbs / copy_gbs}
-    if has_torch_cuda:
-        tp = torch.as_tensor(p, device="cuda").clone()
-        tp.grad = torch.as_tensor(g, device="cuda").clone()
-        topt = torch.optim.Adam([tp], lr=1e-3, fused=True)
-        raw_t = torch_time(topt.step, reps, warmup)
-        row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / t_ok)
-        row["raw_s"]["torch"] = raw_t
-        del tp, topt
-    row["targets"] = [{"what": f">= {ROOFLINE_TARGET:.0f}% of copy bandwidth", "value": row["optkern_pct_roofline"],
-                       "met": row["optkern_pct_roofline"] >= ROOFLINE_TARGET}]
-    rows.append(row)
-    del p, g, m, v, src
-    cp.get_default_memory_pool().free_all_blocks()
-
-    # 2) lists: transformer-like (~200 tensors) and 1000 x 4096
-    def transformer_shapes(layers=16, d=768, vocab=50257, ctx=1024):
-        shapes = [(vocab, d), (ctx, d)]
-        for _ in range(layers):
-            shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-        return shapes + [(d,), (d,)]
-
-    cases = [("transformer-like", transformer_shapes(layers=2 if args.quick else 16)),
-             ("1000 x 4096", [(4096,)] * 1000)]
-    for label, shapes in cases:
-        ps = [cp.random.standard_normal(s, dtype=cp.float32) for s in shapes]
-        gs = [cp.random.standard_normal(s, dtype=cp.float32) * 1e-2 for s in shapes]
-        ms, vs = [cp.zeros_like(x) for x in ps], [cp.zeros_like(x) for x in ps]
-        c = [0]
-
-        def ok_list():
-            c[0] += 1
-            optkern.adam_step(ps, gs, ms, vs, step=c[0], lr=1e-3)
-
-        raw_ok = cp_time(ok_list, reps, warmup)
-        numel = int(sum(int(np.prod(s)) for s in shapes))
-        row = {"kind": "cuda", "case": f"CUDA Adam, {label} ({len(shapes)} tensors)", "n": numel,
-               "raw_s": {"optkern": raw_ok}, "optkern_s": _median(raw_ok),
-               "optkern_gbs": 28 * numel / _median(raw_ok) / 1e9, "roofline_gbs": copy_gbs}
-        row["optkern_pct_roofline"] = 100 * row["optkern_gbs"] / copy_gbs
-        if has_torch_cuda:
-            tps = []
-            for x, gx in zip(ps, gs):
-                t = torch.as_tensor(x, device="cuda").clone()
-                t.grad = torch.as_tensor(gx, device="cuda").clone()
-                tps.append(t)
-            topt = torch.optim.Adam(tps, lr=1e-3, fused=True)
-            raw_t = torch_time(topt.step, reps, warmup)
-            row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / row["optkern_s"])
-            row["raw_s"]["torch"] = raw_t
-            row["targets"] = [{"what": ">= 1x torch fused (CUDA)", "value": row["ratio"], "met": row["ratio"] >= 1.0}]
-            del tps, topt
-        rows.append(row)
-        del ps, gs, ms, vs
+    if args.suite not in ("all", "optim"):
+        del src
         cp.get_default_memory_pool().free_all_blocks()
+    else:  # Adam: one big tensor, then lists
+        p, g = src, cp.random.standard_normal(n, dtype=cp.float32) * 1e-2
+        m, v = cp.zeros_like(p), cp.zeros_like(p)
+        ctr = [0]
+
+        def ok_big():
+            ctr[0] += 1
+            optkern.adam_step([p], [g], [m], [v], step=ctr[0], lr=1e-3)
+
+        raw_ok = cp_time(ok_big, reps, warmup)
+        t_ok = _median(raw_ok)
+        gbs = 28 * n / t_ok / 1e9
+        row = {"kind": "cuda", "case": "CUDA Adam, one tensor", "n": n,
+               "raw_s": {"optkern": raw_ok, "copy": raw_copy}, "optkern_s": t_ok, "optkern_gbs": gbs,
+               "roofline_gbs": copy_gbs, "optkern_pct_roofline": 100 * gbs / copy_gbs}
+        if has_torch_cuda:
+            tp = torch.as_tensor(p, device="cuda").clone()
+            tp.grad = torch.as_tensor(g, device="cuda").clone()
+            topt = torch.optim.Adam([tp], lr=1e-3, fused=True)
+            raw_t = torch_time(topt.step, reps, warmup)
+            row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / t_ok)
+            row["raw_s"]["torch"] = raw_t
+            del tp, topt
+        row["targets"] = [{"what": f">= {ROOFLINE_TARGET:.0f}% of copy bandwidth",
+                           "value": row["optkern_pct_roofline"], "met": row["optkern_pct_roofline"] >= ROOFLINE_TARGET}]
+        rows.append(row)
+        del p, g, m, v, src
+        cp.get_default_memory_pool().free_all_blocks()
+
+        # 2) lists: transformer-like (~200 tensors) and 1000 x 4096
+        def transformer_shapes(layers=16, d=768, vocab=50257, ctx=1024):
+            shapes = [(vocab, d), (ctx, d)]
+            for _ in range(layers):
+                shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+                           (4 * d, d), (d,)]
+            return shapes + [(d,), (d,)]
+
+        cases = [("transformer-like", transformer_shapes(layers=2 if args.quick else 16)),
+                 ("1000 x 4096", [(4096,)] * 1000)]
+        for label, shapes in cases:
+            ps = [cp.random.standard_normal(s, dtype=cp.float32) for s in shapes]
+            gs = [cp.random.standard_normal(s, dtype=cp.float32) * 1e-2 for s in shapes]
+            ms, vs = [cp.zeros_like(x) for x in ps], [cp.zeros_like(x) for x in ps]
+            c = [0]
+
+            def ok_list():
+                c[0] += 1
+                optkern.adam_step(ps, gs, ms, vs, step=c[0], lr=1e-3)
+
+            raw_ok = cp_time(ok_list, reps, warmup)
+            numel = int(sum(int(np.prod(s)) for s in shapes))
+            row = {"kind": "cuda", "case": f"CUDA Adam, {label} ({len(shapes)} tensors)", "n": numel,
+                   "raw_s": {"optkern": raw_ok}, "optkern_s": _median(raw_ok),
+                   "optkern_gbs": 28 * numel / _median(raw_ok) / 1e9, "roofline_gbs": copy_gbs}
+            row["optkern_pct_roofline"] = 100 * row["optkern_gbs"] / copy_gbs
+            if has_torch_cuda:
+                tps = []
+                for x, gx in zip(ps, gs):
+                    t = torch.as_tensor(x, device="cuda").clone()
+                    t.grad = torch.as_tensor(gx, device="cuda").clone()
+                    tps.append(t)
+                topt = torch.optim.Adam(tps, lr=1e-3, fused=True)
+                raw_t = torch_time(topt.step, reps, warmup)
+                row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / row["optkern_s"])
+                row["raw_s"]["torch"] = raw_t
+                row["targets"] = [{"what": ">= 1x torch fused (CUDA)", "value": row["ratio"],
+                                   "met": row["ratio"] >= 1.0}]
+                del tps, topt
+            rows.append(row)
+            del ps, gs, ms, vs
+            cp.get_default_memory_pool().free_all_blocks()
     if args.suite in ("all", "batch_norm"):
         from . import batch_norm as bn_bench
 
         rows.extend(bn_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
                                       torch_time))
+    if args.suite in ("all", "lbfgs"):
+        from . import lbfgs as lbfgs_bench
+
+        rows.extend(lbfgs_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
+                                         torch_time))
     results["cuda"] = {"device_name": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(errors="replace"),
                        "copy_gbs": copy_gbs, "torch_cuda": has_torch_cuda}
     results["rows"].extend(rows)
@@ -566,6 +578,10 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     lines.append(f"optkern {meta['optkern_version']} ({meta['optkern_cpu_isa']}) vs torch {meta['torch_version']}, "
                  f"{meta['cpu_model']}, {meta['threads']} threads, float32, medians of {meta['reps']} reps")
+    if results.get("cuda"):
+        c = results["cuda"]
+        lines.append(f"CUDA device: {c['device_name']} (device-to-device copy {c['copy_gbs']:.0f} GB/s; torch CUDA: "
+                     f"{c['torch_cuda']}); CUDA-event medians")
     lines.append("")
     for r in results["roofline"]:
         gb = ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["gbs"].items())
