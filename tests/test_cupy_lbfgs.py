@@ -69,8 +69,9 @@ def test_optim_lbfgs_cupy_matches_numpy(rng, line_search_fn):
 
 def test_bench_direction_device_cuda():
     """What ``python -m optkern.bench --device cuda`` runs for L-BFGS, small: the CUDA direction agrees with the
-    torch two-loop on CUDA tensors (when torch has CUDA), and the row is complete."""
+    torch two-loop on CUDA tensors (when torch has CUDA), with its timings and roofline."""
     from optkern.bench import lbfgs as lbfgs_bench
+    from optkern.bench.runner import cupy_event_times, torch_event_times
 
     try:
         import torch
@@ -80,23 +81,10 @@ def test_bench_direction_device_cuda():
         torch = None
 
     def timer(fn, reps, warmup):
-        for _ in range(warmup):
-            fn()
-        cupy.cuda.Device().synchronize()
-        out = []
-        for _ in range(reps):
-            s, e = cupy.cuda.Event(), cupy.cuda.Event()
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(cupy.cuda.get_elapsed_time(s, e) / 1e3)
-        return out
+        return cupy_event_times(cupy, fn, reps, warmup)
 
     def torch_timer(fn, reps, warmup):
-        out = timer(fn, reps, warmup)
-        torch.cuda.synchronize()
-        return out
+        return torch_event_times(torch, fn, reps, warmup)
 
     for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-10)):
         row = lbfgs_bench.bench_direction_device(cupy, torch, "cuda", 100003, 10, dtype, 3, 1, timer, torch_timer)

@@ -414,6 +414,38 @@ def bench_small_step(torch, size: int, reps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
+def cupy_event_times(cp, fn, reps, warmup) -> list:
+    """Seconds per call of fn, from CUDA events on CuPy's current stream (after warmup calls)."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = cp.cuda.Event(), cp.cuda.Event()
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(s, e) / 1e3)
+    return ts
+
+
+def torch_event_times(torch, fn, reps, warmup) -> list:
+    """Seconds per call of fn, from CUDA events on torch's current stream (after warmup calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return ts
+
+
 def run_cuda(args, results: dict, bar_disable: bool) -> bool:
     """Adam at 2^28 vs a device-to-device copy, and optkern vs torch fused Adam on tensor lists (CUDA events)."""
     if not optkern.cuda_available():
@@ -434,32 +466,10 @@ def run_cuda(args, results: dict, bar_disable: bool) -> bool:
     rows = []
 
     def cp_time(fn, reps, warmup):
-        for _ in range(warmup):
-            fn()
-        cp.cuda.Device().synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(s, e) / 1e3)
-        return ts
+        return cupy_event_times(cp, fn, reps, warmup)
 
     def torch_time(fn, reps, warmup):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return ts
+        return torch_event_times(torch, fn, reps, warmup)
 
     # 1) one big tensor vs copy bandwidth
     n = (1 << 24) if args.quick else (1 << 28)
