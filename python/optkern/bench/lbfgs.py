@@ -48,16 +48,22 @@ RATIO_TARGET = 2.0  # against the torch two-loop
 DRAM_ROOF_BYTES = 256 << 20  # the rotating add pairs together
 
 
-def _history(n, m, dtype, seed=0):
+def _pairs(n, m, dtype, seed=0):
+    """m random (s, y) pairs with s.y > 0 and a gradient g, NumPy arrays."""
     rng = np.random.default_rng(seed)
-    h = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
     pairs = []
     for _ in range(m):
         s = rng.standard_normal(n).astype(dtype)
         y = (s * rng.uniform(0.5, 2.0, n) + 0.01 * rng.standard_normal(n)).astype(dtype)  # s.y > 0
-        h.push(s, y)
         pairs.append((s, y))
-    g = rng.standard_normal(n).astype(dtype)
+    return pairs, rng.standard_normal(n).astype(dtype)
+
+
+def _history(n, m, dtype, seed=0):
+    pairs, g = _pairs(n, m, dtype, seed)
+    h = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
+    for s, y in pairs:
+        h.push(s, y)
     return h, pairs, g
 
 
@@ -192,7 +198,7 @@ def bench_direction_device(xp, torch, device, n, m, dtype, reps, warmup, xp_time
     (CUDA events on the GPU).  The roofline is an in-place add ``x += y`` over rotating xp pairs (>= 256 MB).
     The row also records |d - d_torch| / |d_torch|, a check that both computed the same direction.  The tests run
     this same code with NumPy and torch on the CPU."""
-    _, pairs, g_host = _history(n, m, dtype)
+    pairs, g_host = _pairs(n, m, dtype)
     g = xp.asarray(g_host)
     h = optkern.LBFGSHistory(n, history_size=m, dtype=dtype, like=g)
     for s, y in pairs:

@@ -563,7 +563,7 @@ def run_cuda(args, results: dict, bar_disable: bool) -> bool:
         rows.extend(lbfgs_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
                                          torch_time))
     results["cuda"] = {"device_name": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(errors="replace"),
-                       "copy_gbs": copy_gbs, "torch_cuda": has_torch_cuda}
+                       "copy_gbs": copy_gbs, "torch_cuda": has_torch_cuda, "reps": reps, "warmup": warmup}
     results["rows"].extend(rows)
     return True
 
@@ -591,7 +591,8 @@ def markdown(results: dict) -> str:
     if results.get("cuda"):
         c = results["cuda"]
         lines.append(f"CUDA device: {c['device_name']} (device-to-device copy {c['copy_gbs']:.0f} GB/s; torch CUDA: "
-                     f"{c['torch_cuda']}); CUDA-event medians")
+                     f"{c['torch_cuda']}); the CUDA rows are CUDA-event medians of {c.get('reps')} reps after "
+                     f"{c.get('warmup')} warmup calls")
     lines.append("")
     for r in results["roofline"]:
         gb = ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["gbs"].items())
