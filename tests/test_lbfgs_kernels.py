@@ -20,7 +20,7 @@ import optkern
 from optkern import _C
 
 NS = [1, 15, 16, 17, 4095, 4096, 4097, 100003]
-KS = [1, 3, 10, 20]
+KS = [1, 3, 10, 11, 20]
 NQS = [1, 3]
 DTYPES = [np.float32, np.float64]
 U = {np.float32: 2.0 ** -24, np.float64: 2.0 ** -53}
