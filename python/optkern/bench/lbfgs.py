@@ -93,9 +93,11 @@ def _add_pairs(xp, n, dtype):
     return [(xp.ones(n, dtype), xp.full(n, 1e-7, dtype)) for _ in range(npairs)]
 
 
-def _rotating(fns):
-    """One function that calls the next of fns each time (round robin)."""
-    turn = {"i": 0}
+def _rotating(fns, turn=None):
+    """One function that calls the next of fns each time (round robin).  Functions given the same ``turn`` dict
+    share one counter, so called one after another they work on different pairs (none reads what the previous
+    one just wrote, from cache)."""
+    turn = {"i": 0} if turn is None else turn
 
     def fn():
         i = turn["i"] = (turn["i"] + 1) % len(fns)
@@ -109,17 +111,17 @@ def _roofline_fns(torch, n, dtype):
     a, b = np.ones(n, dtype), np.full(n, 1e-7, dtype)
     fns["roof_cached_numpy_add"] = lambda: np.add(a, b, out=a)
     pairs = _add_pairs(np, n, dtype)
-    rotating = _rotating
-    fns["roof_dram_numpy_add"] = rotating([lambda x=x, y=y: np.add(x, y, out=x) for x, y in pairs])
+    turn = {"i": 0}  # one counter for all the rotating functions
+    fns["roof_dram_numpy_add"] = _rotating([lambda x=x, y=y: np.add(x, y, out=x) for x, y in pairs], turn)
     if torch is not None:
         ta, tb = torch.from_numpy(a.copy()), torch.from_numpy(b)
         fns["roof_cached_torch_add_"] = lambda: ta.add_(tb)
         tpairs = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in pairs]
-        fns["roof_dram_torch_add_"] = rotating([lambda x=x, y=y: x.add_(y) for x, y in tpairs])
+        fns["roof_dram_torch_add_"] = _rotating([lambda x=x, y=y: x.add_(y) for x, y in tpairs], turn)
         # Read-only references over the rotating arrays: torch.sum of one (n elements), torch.dot of a pair (2n).
-        fns["read1_dram_torch_sum"] = rotating([lambda x=x: x.sum() for x, _ in tpairs])
-        fns["read2_dram_torch_dot"] = rotating([lambda x=x, y=y: x.dot(y) for x, y in tpairs])
-    fns["read2_dram_numpy_dot"] = rotating([lambda x=x, y=y: x @ y for x, y in pairs])  # BLAS (2n elements)
+        fns["read1_dram_torch_sum"] = _rotating([lambda x=x: x.sum() for x, _ in tpairs], turn)
+        fns["read2_dram_torch_dot"] = _rotating([lambda x=x, y=y: x.dot(y) for x, y in tpairs], turn)
+    fns["read2_dram_numpy_dot"] = _rotating([lambda x=x, y=y: x @ y for x, y in pairs], turn)  # BLAS (2n elements)
     return fns
 
 
