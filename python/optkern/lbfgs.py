@@ -237,7 +237,8 @@ class LBFGSHistory:
     # -- push --------------------------------------------------------------------------------------------------
 
     def _check(self, v, name):
-        if _xp(v) is not self._xp:
+        ok = isinstance(v, np.ndarray) if self._xp is np else _library(v) == "cupy"
+        if not ok:
             raise TypeError(f"{name}: expected a {self._xp.__name__} array like the history, got {type(v).__name__}")
         if tuple(v.shape) != (self.n,):
             raise ValueError(f"{name}: expected shape ({self.n},), got {tuple(v.shape)}")
@@ -290,8 +291,8 @@ class LBFGSHistory:
         if out is None:
             return _aligned_like(g)
         self._check(out, "out")
-        if out is g:
-            raise ValueError("out: must not be g")
+        if self._xp.may_share_memory(out, g):  # both contiguous: exact
+            raise ValueError("out: overlaps g (the direction cannot be written over its input)")
         return out
 
     def direction(self, g, out=None, allreduce=None):
@@ -500,9 +501,29 @@ def _armijo(ev, f0, gtd0, t, c1, max_ls):
     return (0.0, f0, gtd0, None), False
 
 
+def _check_gradient(g, x0):
+    """fun_and_grad's gradient must be an array of x0's library, device and shape, of a real dtype (an integer or
+    other float dtype is converted to x0's, as scipy converts to float64); anything else raises, naming it."""
+    lib = "numpy" if _xp(x0) is np else "cupy"
+    ok = isinstance(g, (np.ndarray, np.generic)) if lib == "numpy" else _library(g) == "cupy"
+    if not ok:
+        raise TypeError(f"fun_and_grad: expected the gradient as a {lib} array like x0, got {type(g).__name__}")
+    if tuple(g.shape) != tuple(x0.shape):
+        raise ValueError(f"fun_and_grad: expected a gradient of shape {tuple(x0.shape)} like x0, got "
+                         f"{tuple(g.shape)}")
+    if g.dtype.kind not in "fiu":
+        raise TypeError(f"fun_and_grad: expected a real gradient (x0 is {x0.dtype}), got {g.dtype}")
+    if lib == "cupy" and g.device.id != x0.device.id:
+        raise ValueError(f"fun_and_grad: the gradient is on device {g.device.id}, x0 on device {x0.device.id}")
+
+
 def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-6, ftol=2.220446049250313e-09,
                    line_search="strong_wolfe", callback=None, c1=1e-4, c2=0.9, max_ls=20):
     """Minimize f with L-BFGS; ``fun_and_grad(x) -> (f, g)`` with g an array like x (NumPy or CuPy).
+
+    g must have x0's library, device and shape (else TypeError/ValueError naming fun_and_grad); a real dtype
+    other than x0's (an integer, or the other float) is converted to x0's, as scipy converts to float64.  For a
+    CuPy x0 every work array is allocated on x0's device, whichever device is current.
 
     Stops with success when ||g||_inf <= gtol (checked at x0 too), or when the relative reduction
     (f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol (scipy L-BFGS-B's two tests; ftol's default is scipy's
@@ -533,11 +554,21 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         raise ValueError(f"c1: expected 0 < c1 < c2 < 1, got c1={c1!r}, c2={c2!r}")
     if isinstance(max_ls, bool) or not isinstance(max_ls, (int, np.integer)) or max_ls < 1:
         raise ValueError(f"max_ls: expected an integer >= 1, got {max_ls!r}")
+    if int(np.prod(x0.shape)) < 1:
+        raise ValueError("x0: expected at least one element")
+    if _xp(x0) is not np:
+        # Every work array is allocated on the current device (_aligned_like): make it x0's.
+        with _xp(x0).cuda.Device(x0.device.id):
+            return _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2,
+                             max_ls)
+    return _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls)
+
+
+def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls):
+    """lbfgs_minimize after its argument checks (on x0's device for CuPy)."""
     xp = _xp(x0)
     shape, dtype = tuple(x0.shape), x0.dtype
     n = int(np.prod(shape))
-    if n < 1:
-        raise ValueError("x0: expected at least one element")
     hist = LBFGSHistory(n, history_size, dtype, like=x0)  # validates history_size
     gtol, ftol = float(gtol), float(ftol)
     state = {"nfev": 0}
@@ -550,11 +581,9 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         f, g = fun_and_grad(x.reshape(shape))
         state["nfev"] += 1
         f = float(f)
-        # A copy: fun_and_grad may return the same buffer every call (refilled in place), and the previous
-        # gradient must survive the next evaluation (y = g_new - g).
-        g = xp.asarray(g, dtype=dtype)
-        if g.size != n:
-            raise ValueError(f"fun_and_grad: expected a gradient of {n} elements like x0, got {g.size}")
+        _check_gradient(g, x0)
+        # A copy (in x0's dtype): fun_and_grad may return the same buffer every call (refilled in place), and the
+        # previous gradient must survive the next evaluation (y = g_new - g).
         gc = spare.pop() if spare else _aligned_like(x)
         gc[...] = g.reshape(-1)
         g = gc
