@@ -91,3 +91,119 @@ def test_bench_direction_device_cuda():
         assert row["optkern_s"] > 0 and row["roofline_gbs"] > 0
         if torch is not None:
             assert row["rel_diff_vs_torch"] <= tol and row["ratio"] > 0
+
+
+def _pushes(rng, n, npush, dtype):
+    """npush SPD-curvature pairs (y = A s with A diagonal, entries in [1, 100]): never rejected."""
+    diag = rng.uniform(1.0, 100.0, n)
+    out = []
+    for _ in range(npush):
+        s = (rng.standard_normal(n) + 0.1).astype(dtype)
+        out.append((s, (diag * s.astype(np.float64)).astype(dtype)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,m,npush", [(17, 1, 3), (4097, 5, 3), (100003, 10, 23)])
+def test_history_direction_matches_cpu_bitwise(rng, dtype, n, m, npush):
+    """An LBFGSHistory on the GPU given the same pushes as one on the CPU returns the same direction and slope,
+    bitwise: both kernels match the CPU's bitwise (above) and the small solves are the same float64 host code.
+    Covers fewer pairs than m, a wrapped ring and pending Gram columns (a push right before the direction)."""
+    import optkern
+
+    hc = optkern.LBFGSHistory(n, history_size=m, dtype=dtype)
+    hg = optkern.LBFGSHistory(n, history_size=m, like=cupy.zeros(1, dtype))
+    for i, (s, y) in enumerate(_pushes(rng, n, npush, dtype)):
+        assert hc.push(s, y) and hg.push(cupy.asarray(s), cupy.asarray(y))
+        if i == npush // 2:  # a direction in between: the Gram columns filled so far
+            g = rng.standard_normal(n).astype(dtype)
+            np.testing.assert_array_equal(cupy.asnumpy(hg.direction(cupy.asarray(g))), hc.direction(g))
+    g = rng.standard_normal(n).astype(dtype)
+    dc, slope_c = hc.direction_and_slope(g)
+    out = cupy.full(n, 7.0, dtype)
+    dg, slope_g = hg.direction_and_slope(cupy.asarray(g), out=out)
+    assert dg is out
+    np.testing.assert_array_equal(cupy.asnumpy(dg), dc)
+    assert slope_g == slope_c
+    np.testing.assert_array_equal(cupy.asnumpy(hg.direction_two_loop(cupy.asarray(g))), hc.direction_two_loop(g))
+
+
+def test_history_refuses_mixed_libraries_and_touches_nothing(rng):
+    """NumPy vectors for a GPU history, and a CuPy out of the wrong dtype, raise naming the argument; the history
+    and out are unchanged (the next direction is bitwise the one before)."""
+    import optkern
+
+    n = 1000
+    h = optkern.LBFGSHistory(n, history_size=4, like=cupy.zeros(1))
+    for s, y in _pushes(rng, n, 3, np.float64):
+        assert h.push(cupy.asarray(s), cupy.asarray(y))
+    g = cupy.asarray(rng.standard_normal(n))
+    before = cupy.asnumpy(h.direction(g))
+    s_np, y_np = _pushes(rng, n, 1, np.float64)[0]
+    with pytest.raises(TypeError, match="^s:"):
+        h.push(s_np, cupy.asarray(y_np))
+    with pytest.raises(TypeError, match="^g:"):
+        h.direction(cupy.asnumpy(g))
+    bad_out = cupy.full(n, 7.0, np.float32)
+    with pytest.raises(TypeError, match="^out:"):
+        h.direction(g, out=bad_out)
+    assert bool(cupy.all(bad_out == 7.0))
+    assert len(h) == 3
+    np.testing.assert_array_equal(cupy.asnumpy(h.direction(g)), before)
+
+
+def test_minimize_refuses_numpy_gradient_for_cupy_x0():
+    import optkern
+
+    x0 = cupy.linspace(-1.0, 1.0, 50)
+    with pytest.raises(TypeError, match="^fun_and_grad: expected the gradient as a cupy array"):
+        optkern.lbfgs_minimize(lambda x: (float(cupy.sum(x * x)), cupy.asnumpy(2 * x)), x0)
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo"])
+def test_minimize_cupy_follows_numpy(rng, line_search):
+    """lbfgs_minimize on CuPy follows the NumPy run on a ridge-regularized logistic regression: the kernels agree
+    bitwise, the objective's sums are each library's own (rounding differs). Both run to ||g||_inf <= 1e-8 (ftol
+    off); the Hessian's eigenvalues are >= 1e-2 (the ridge), so each x is within 1e-6 of the minimizer per
+    component and the two within 2e-6; iteration counts within 20%."""
+    import optkern
+
+    X = rng.standard_normal((400, 30))
+    yl = (X @ rng.standard_normal(30) + 0.5 * rng.standard_normal(400) > 0).astype(np.float64)
+
+    def make(xp, X, yl):
+        def fg(w):
+            z = X @ w
+            p = 1.0 / (1.0 + xp.exp(-z))
+            f = float(xp.sum(xp.logaddexp(0.0, z) - yl * z)) / len(yl) + 0.5e-2 * float(w @ w)
+            return f, X.T @ (p - yl) / len(yl) + 1e-2 * w
+        return fg
+
+    w0 = 0.1 * rng.standard_normal(30)
+    r_np = optkern.lbfgs_minimize(make(np, X, yl), w0, line_search=line_search, gtol=1e-8, ftol=0.0)
+    r_cp = optkern.lbfgs_minimize(make(cupy, cupy.asarray(X), cupy.asarray(yl)), cupy.asarray(w0),
+                                  line_search=line_search, gtol=1e-8, ftol=0.0)
+    assert r_np.success and r_cp.success, (r_np.message, r_cp.message)
+    assert isinstance(r_cp.x, cupy.ndarray) and r_cp.x.device.id == cupy.cuda.Device().id
+    assert abs(r_cp.nit - r_np.nit) <= max(3, r_np.nit // 5)
+    assert np.max(np.abs(cupy.asnumpy(r_cp.x) - r_np.x)) <= 2e-6
+
+
+@pytest.mark.skipif(not (cupy.cuda.runtime.getDeviceCount() >= 2), reason="needs two CUDA devices")
+def test_minimize_on_a_non_current_device(rng):
+    """x0 on device 1 while device 0 is current: the run works on device 1 (history, work arrays and result)."""
+    import optkern
+
+    with cupy.cuda.Device(1):
+        x0 = cupy.asarray(rng.standard_normal(40))
+    assert cupy.cuda.Device().id == 0
+    seen = []
+
+    def fg(x):
+        seen.append(x.device.id)
+        return float(cupy.sum((x - 1.0) ** 2)), 2 * (x - 1.0)
+
+    res = optkern.lbfgs_minimize(fg, x0)
+    assert res.success, res.message
+    assert res.x.device.id == 1 and set(seen) == {1}
+    assert cupy.cuda.Device().id == 0
