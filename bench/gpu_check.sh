@@ -9,6 +9,7 @@
 # stage does not stop the later ones.  The exit status is that of the first failing stage (0 if none), and the
 # last lines name every stage with its status and time.
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # output reaches the logs even if the run is cut off
 
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/out}"
@@ -63,7 +64,11 @@ if stage build build && stage import check_import; then
     stage gpu_tests python -m pytest -q -rs -p no:cacheprovider tests/test_cupy.py tests/test_cupy_batch_norm.py \
         tests/test_cupy_lbfgs.py
     stage cuda_bench cuda_bench
-    stage full_suite python -m pytest -q -x -p no:cacheprovider tests
+    # the GPU tests ran above: a failure there must not stop the CPU tests before they start
+    stage full_suite python -m pytest -q -x -p no:cacheprovider tests --ignore=tests/test_cupy.py \
+        --ignore=tests/test_cupy_batch_norm.py --ignore=tests/test_cupy_lbfgs.py
+else
+    summary+=("gpu_tests, cuda_bench, full_suite: not run (build or import failed)")
 fi
 
 echo "== summary"

@@ -177,8 +177,7 @@ def _bad_push(case, n, rng):
     if case == "s_int":
         return (np.arange(1, n + 1), y), TypeError, r"^s: expected float64"
     if case == "s_torch":
-        import torch
-
+        torch = pytest.importorskip("torch", reason="the torch case needs torch")
         return (torch.from_numpy(s), y), TypeError, r"^s:"
     raise AssertionError(case)
 
@@ -300,8 +299,7 @@ def _grad_case(case, x):
     if case == "bool":
         return g.astype(bool), TypeError
     if case == "torch":
-        import torch
-
+        torch = pytest.importorskip("torch", reason="the torch case needs torch")
         return torch.ones(x.shape, dtype=torch.float64), TypeError
     if case == "scalar":
         return 1.0, TypeError
@@ -461,9 +459,10 @@ def test_nskipped_counts_rejected_pairs(cpu_isa, rng):
     _once(cpu_isa)
     res, skipped = _recount_skipped(ext_rosenbrock, np.tile([-1.2, 1.0], 50), line_search="armijo", gtol=1e-6)
     assert res.success and res.nskipped == skipped and res.nskipped >= 1, (res.nskipped, skipped)
-    res, skipped = _recount_skipped(_double_well, rng.uniform(0.05, 0.15, 8), line_search="armijo")
+    res, skipped = _recount_skipped(_double_well, rng.uniform(0.05, 0.15, 8), line_search="armijo", ftol=0.0)
     assert res.success and res.nskipped == skipped and res.nskipped >= 1, (res.nskipped, skipped)
-    assert np.abs(np.abs(res.x) - math.sqrt(2)).max() <= 1e-5  # the wells' minima at +-sqrt(2)
+    # the wells' minima at +-sqrt(2); ftol = 0, so gtol = 1e-6 stops it: |x - x*| <= 1e-6 / f''(x*) = 2.5e-7
+    assert np.abs(np.abs(res.x) - math.sqrt(2)).max() <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
@@ -691,8 +690,7 @@ def test_like_unsupported_type_raises(cpu_isa):
     """A list, a torch tensor (optkern.lbfgs supports NumPy and CuPy only) and a Python float raise TypeError
     naming like; a NumPy array is accepted and gives its dtype."""
     _once(cpu_isa)
-    import torch
-
+    torch = pytest.importorskip("torch", reason="the torch case needs torch")
     for like in ([1.0, 2.0], torch.ones(4, dtype=torch.float64), 3.0, (np.ones(4),)):
         with pytest.raises(TypeError, match="^like:"):
             optkern.LBFGSHistory(4, like=like)
@@ -724,7 +722,7 @@ def test_default_ftol_stops(cpu_isa, rng, line_search):
     ftol = 1e7 * float(np.finfo(F64).eps)
     stop = [(a - b) <= ftol * max(abs(a), abs(b), 1.0) for a, b in zip(fs[:-1], fs[1:])]
     assert stop[-1] and not any(stop[:-1])
-    assert res.fun - 5.0 <= 1e-5  # near the minimum, not stopped early by accident
+    assert res.fun - 5.0 <= 1e-4  # near the minimum (from f(x0) - 5 of order 10-100), not stopped by accident
     res0 = optkern.lbfgs_minimize(fg, x0, gtol=0.0, ftol=0.0, line_search=line_search, max_iter=3000)
     assert "REL_REDUCTION" not in res0.message
 
@@ -767,3 +765,38 @@ def test_kernels_bitwise_equal_to_scalar_path(cpu_isa, rng):
     for isa in ALL_ISAS[1:]:
         for j, (a, b) in enumerate(zip(results[isa], results["scalar"])):
             assert a == b, (isa, j)
+
+
+# ---- out against g: overlap by address, read-only refused before any pass ----------------------------------------
+@pytest.mark.parametrize("method", ["direction", "direction_and_slope", "direction_two_loop"])
+def test_out_overlap_by_address_and_readonly_refused_first(cpu_isa, rng, method):
+    """An out overlapping g by one element is refused; an out adjacent to g (sharing the buffer, not the bytes) is
+    accepted and g keeps its values; a read-only out is refused before pass 1 (no allreduce call) with the
+    history unchanged."""
+    _once(cpu_isa)
+    h, twin = _twins(rng)
+    n = h.n
+    buf = _vec(rng, 2 * n + 1)
+    g = buf[:n]
+    g_before = g.copy()
+    with pytest.raises(ValueError, match="^out: overlaps g"):
+        getattr(h, method)(g, out=buf[1:n + 1])
+    np.testing.assert_array_equal(g, g_before)
+    got = getattr(h, method)(g, out=buf[n:2 * n])
+    d = got[0] if method == "direction_and_slope" else got
+    assert np.shares_memory(d, buf)
+    np.testing.assert_array_equal(g, g_before)
+    np.testing.assert_array_equal(d, getattr(twin, method)(g_before.copy())[0] if method == "direction_and_slope"
+                                  else getattr(twin, method)(g_before.copy()))
+    calls = []
+
+    def allreduce(v):
+        calls.append(1)
+        return v
+
+    ro = np.full(n, SENTINEL)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="^out: is read-only"):
+        getattr(h, method)(g, out=ro, allreduce=allreduce)
+    assert not calls and np.all(ro == SENTINEL)
+    _assert_same_history(h, twin, _vec(rng, n))

@@ -146,11 +146,18 @@ def _aligned_rows(xp, rows, n, dtype):
 
 
 def _aligned_like(x):
-    """An uninitialized 1-D array like x (library, dtype, size), 64-byte aligned: NumPy through _aligned_rows, CuPy
-    by empty_like (its pool aligns; on the current device, as before)."""
+    """An uninitialized 1-D array like x (library, device, dtype, size), 64-byte aligned: NumPy through
+    _aligned_rows, CuPy by empty_like (its pool aligns) on x's device (empty_like alone takes the current one)."""
     if _xp(x) is not np:
-        return _xp(x).empty_like(x.reshape(-1))
+        with _xp(x).cuda.Device(x.device.id):
+            return _xp(x).empty_like(x.reshape(-1))
     return _aligned_rows(np, 1, x.size, x.dtype)[0]
+
+
+def _byte_range(a):
+    """[start, end) of a contiguous array's bytes (host or device addresses)."""
+    p = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+    return p, p + a.nbytes
 
 
 def _aligned_copy(a):
@@ -209,6 +216,7 @@ class LBFGSHistory:
         self.n, self.history_size, self.dtype, self.curvature_eps = int(n), int(history_size), dtype, eps
         self.min_sy = float(min_sy)
         self._xp = np if like is None else _xp(like)
+        self._device = None if self._xp is np else like.device.id
         if self._xp is np:
             self._S = _aligned_rows(np, self.history_size + 1, self.n, dtype)
             self._Y = _aligned_rows(np, self.history_size + 1, self.n, dtype)
@@ -246,6 +254,8 @@ class LBFGSHistory:
             raise TypeError(f"{name}: expected {self.dtype} like the history, got {v.dtype}")
         if not v.flags.c_contiguous:
             raise ValueError(f"{name}: expected a contiguous vector")
+        if self._device is not None and v.device.id != self._device:
+            raise ValueError(f"{name}: on device {v.device.id}, the history on device {self._device}")
         return v
 
     def _staged(self):
@@ -291,7 +301,10 @@ class LBFGSHistory:
         if out is None:
             return _aligned_like(g)
         self._check(out, "out")
-        if self._xp.may_share_memory(out, g):  # both contiguous: exact
+        if self._xp is np and not out.flags.writeable:
+            raise ValueError("out: is read-only")
+        (o0, o1), (g0, g1) = _byte_range(out), _byte_range(g)
+        if o0 < g1 and g0 < o1:  # raw addresses: also two arrays wrapping the same memory (DLPack views)
             raise ValueError("out: overlaps g (the direction cannot be written over its input)")
         return out
 
