@@ -570,7 +570,7 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
     if int(np.prod(x0.shape)) < 1:
         raise ValueError("x0: expected at least one element")
     if _xp(x0) is not np:
-        # Every work array is allocated on the current device (_aligned_like): make it x0's.
+        # With x0's device current: CuPy runs its operations (and fun_and_grad, callback) on the current device.
         with _xp(x0).cuda.Device(x0.device.id):
             return _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2,
                              max_ls)
