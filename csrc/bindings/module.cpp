@@ -6,6 +6,8 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "../optkern/optim_api.h"
 #include "../optkern/work_plan.h"
@@ -37,11 +39,40 @@ void parse_device_scalar(py::handle obj, const char* name, int64_t stream, Devic
   out->ptr = static_cast<const float*>(v.data);
 }
 
+// Host counters a front end advances in the same call as the kernel (torch's per-param `step` tensors; NAdam's
+// `mu_product`, see nadam_step below): addresses of float32/float64 host scalars, written right after the kernel
+// returns, before the GIL is taken back, so no Python code (a KeyboardInterrupt, another thread) sees the buffers
+// and the counts disagree.  The caller owns the memory and keeps it alive for the call.
+struct HostCounters {
+  std::vector<void*> steps;  // each += 1
+  bool steps_f64 = false;
+};
+std::vector<void*> parse_addresses(py::handle seq, const char* name) {
+  std::vector<void*> out;
+  if (seq.is_none()) return out;
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr()))
+    throw py::type_error(std::string(name) + ": expected a list of addresses (ints)");
+  for (py::handle a : seq) {
+    if (!PyLong_Check(a.ptr())) throw py::type_error(std::string(name) + ": expected a list of addresses (ints)");
+    const uintptr_t v = a.cast<uintptr_t>();
+    if (v == 0) throw py::value_error(std::string(name) + ": a null address");
+    out.push_back(reinterpret_cast<void*>(v));
+  }
+  return out;
+}
+void bump(const HostCounters& c) {
+  for (void* p : c.steps) {
+    if (c.steps_f64) *static_cast<double*>(p) += 1.0;
+    else *static_cast<float*>(p) += 1.0f;
+  }
+}
+
 template <class Hyper, class NumStates, class Step>
 auto bind_step(NumStates num_states, Step step_fn) {
   return [num_states, step_fn](py::handle params, py::handle grads, py::handle states, py::handle state_names,
                                const Hyper& h, int64_t step, double grad_scale, bool maximize, int64_t stream,
-                               py::handle grad_scale_device, py::handle found_inf_device) {
+                               py::handle grad_scale_device, py::handle found_inf_device, py::handle counters,
+                               bool counters_f64) {
     check(h);  // hyperparameters first: they decide how many state lists are expected
     StepInfo info;
     info.step = step;
@@ -58,15 +89,26 @@ auto bind_step(NumStates num_states, Step step_fn) {
                               ": must be on the same CUDA device as the params");
     info.grad_scale_device = gs.ptr;
     info.found_inf_device = fi.ptr;
+    HostCounters hc;
+    hc.steps = parse_addresses(counters, "counters");
+    hc.steps_f64 = counters_f64;
     py::gil_scoped_release nogil;
-    return step_fn(cs.batch, h, info);
+    if constexpr (std::is_void_v<decltype(step_fn(cs.batch, h, info))>) {
+      step_fn(cs.batch, h, info);
+      bump(hc);
+    } else {
+      auto r = step_fn(cs.batch, h, info);
+      bump(hc);
+      return r;
+    }
   };
 }
 
 #define STEP_ARGS                                                                                       \
   py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),     \
       py::arg("step"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false, py::arg("stream") = 0, \
-      py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none()
+      py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),             \
+      py::arg("counters") = py::none(), py::arg("counters_f64") = false
 
 CpuIsa isa_from_name(const std::string& s) {
   if (s == "avx512") return CpuIsa::avx512;
@@ -174,17 +216,30 @@ PYBIND11_MODULE(_C, m) {
       "nadam_step",
       [](py::handle params, py::handle grads, py::handle states, py::handle state_names, const NadamHyper& h,
          int64_t step, double mu_product, double grad_scale, bool maximize, int64_t stream, py::handle grad_scale_device,
-         py::handle found_inf_device) {
-        return bind_step<NadamHyper>([](const NadamHyper&) { return nadam_num_states(); },
-                                     [mu_product](const StepBatch& b, const NadamHyper& hh, const StepInfo& s) {
-                                       return nadam_step(b, hh, s, mu_product);
-                                     })(params, grads, states, state_names, h, step, grad_scale, maximize, stream,
-                                        grad_scale_device, found_inf_device);
+         py::handle found_inf_device, py::handle counters, bool counters_f64, bool mu_product_float32,
+         py::handle mu_products, bool mu_products_f64) {
+        std::vector<void*> products = parse_addresses(mu_products, "mu_products");
+        return bind_step<NadamHyper>(
+            [](const NadamHyper&) { return nadam_num_states(); },
+            [mu_product, mu_product_float32, products, mu_products_f64](const StepBatch& b, const NadamHyper& hh,
+                                                                        const StepInfo& s) {
+              const double r = nadam_step(b, hh, s, mu_product, mu_product_float32);
+              for (void* p : products) {  // written before the GIL is taken back, as the step counters are
+                if (mu_products_f64) *static_cast<double*>(p) = r;
+                else *static_cast<float*>(p) = static_cast<float>(r);
+              }
+              return r;
+            })(params, grads, states, state_names, h, step, grad_scale, maximize, stream, grad_scale_device,
+               found_inf_device, counters, counters_f64);
       },
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),
       py::arg("step"), py::arg("mu_product"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false,
       py::arg("stream") = 0, py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),
-      "Returns the updated product of NAdam's momentum coefficients.");
+      py::arg("counters") = py::none(), py::arg("counters_f64") = false, py::arg("mu_product_float32") = false,
+      py::arg("mu_products") = py::none(), py::arg("mu_products_f64") = false,
+      "Returns the updated product of NAdam's momentum coefficients.  counters: addresses of host float scalars "
+      "incremented after the kernel; mu_products: addresses the new product is written to (float32 unless "
+      "mu_products_f64); mu_product_float32: keep the product in float32 as torch's state tensor does.");
 
   m.def(
       "global_norm",

@@ -238,7 +238,8 @@ void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s) {
   run<AdamaxRule>(b, c, s);
 }
 
-double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product) {
+double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product,
+                  bool product_in_float32) {
   check(h);
   check(s);
   if (!(mu_product >= 0.0 && mu_product <= 1.0))  // may underflow to 0 after many steps with a small beta1
@@ -257,12 +258,12 @@ double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, do
   if (h.momentum_schedule) {  // torch / Dozat: mu_t = beta1 (1 - 0.5 * 0.96^(t psi))
     const double mu = h.beta1 * (1.0 - 0.5 * std::pow(0.96, t * h.momentum_decay));
     const double mu_next = h.beta1 * (1.0 - 0.5 * std::pow(0.96, (t + 1.0) * h.momentum_decay));
-    new_product = mu_product * mu;
+    new_product = product_in_float32 ? double(float(mu_product) * float(mu)) : mu_product * mu;
     c.coef_g = -h.lr * (1.0 - mu) / (1.0 - new_product);
     c.coef_m = (-h.lr * mu_next) / (1.0 - new_product * mu_next);
   } else {  // seed 002: (beta1 m + (1 - beta1) g) / (1 - beta1^t)
     const double bc1 = 1.0 - std::pow(h.beta1, t);
-    new_product = mu_product * h.beta1;
+    new_product = product_in_float32 ? double(float(mu_product) * float(h.beta1)) : mu_product * h.beta1;
     c.coef_g = -h.lr * (1.0 - h.beta1) / bc1;
     c.coef_m = -h.lr * h.beta1 / bc1;
   }

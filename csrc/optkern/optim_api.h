@@ -118,7 +118,10 @@ void adagrad_step(const StepBatch& b, const AdagradHyper& h, const StepInfo& s);
 void rmsprop_step(const StepBatch& b, const RmspropHyper& h, const StepInfo& s);
 void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s);
 // NAdam's momentum schedule needs the running product of mu_1..mu_{t-1}; returns the product through mu_t.
-double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product);
+// product_in_float32: the product is kept as a float32 number, as torch's float32 `mu_product` state tensor
+// keeps it (mu_product * mu_t computed and rounded in float32); the coefficients then use that rounded value.
+double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product,
+                  bool product_in_float32 = false);
 void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s);
 void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s);
 

@@ -78,6 +78,15 @@ def cuda_available() -> bool:
     return _C.cuda_available()
 
 
+def __getattr__(name: str):
+    # optkern.torch (the PyTorch front end) is imported on first use: `import optkern` never imports torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'optkern' has no attribute {name!r}")
+
+
 __all__ = [
     "optim", "functional", "schedules", "clip_grad_norm", "global_norm", "ClipResult", "cpu_isa", "cpu_best_isa",
     "set_cpu_isa", "set_num_threads", "get_num_threads", "cuda_available", "sgd_step", "adam_step", "adamw_step",

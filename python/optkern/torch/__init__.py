@@ -1,0 +1,19 @@
+"""optkern.torch: the PyTorch-native front end.
+
+* :mod:`optkern.torch.optim` (re-exported here): ``SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, Adadelta,
+  Rprop, LBFGS``, subclasses of the ``torch.optim`` classes of the same names whose step runs optkern's fused
+  kernel (one call per param group, dtype and device).
+* :mod:`optkern.torch.nn`: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``convert_batchnorm`` on optkern's
+  batch-norm kernels, with autograd.
+
+``import optkern`` never imports torch; ``import optkern.torch`` (or the attribute ``optkern.torch``) does.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the framework this front end is for)
+
+from . import optim  # noqa: E402
+from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop, Rprop  # noqa: E402
+
+__all__ = ["optim", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]

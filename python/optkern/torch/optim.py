@@ -1,0 +1,598 @@
+"""``optkern.torch`` optimizers: the ``torch.optim`` classes, with optkern's fused kernel as their step.
+
+    import optkern.torch
+    opt = optkern.torch.AdamW(model.parameters(), lr=1e-3)     # isinstance(opt, torch.optim.AdamW) is True
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Each class subclasses the ``torch.optim`` class of the same name and replaces only ``step``.  Construction,
+defaults, validation messages, param groups (named parameters and extra keys included), ``state`` and its
+``state_dict`` format, hooks, ``zero_grad``, ``add_param_group``, pickling and the schedulers are torch's own, so
+a ``torch.optim`` state dict loads into ``optkern.torch`` and the reverse.  ``step`` reads ``p.grad`` and runs
+one fused pass per (param group, dtype, device, step count): params and state are read and written once, in
+place, by the same kernels as :mod:`optkern.functional`.
+
+Implementation keywords: ``foreach``, ``fused`` and ``capturable`` are accepted and stored in the param groups as
+torch stores them (a state dict saved here loads into torch with the same meaning), but optkern always runs its
+own fused kernel.  ``differentiable=True`` is refused: the kernel writes memory autograd cannot see.
+
+Exactness (torch 2.13, CPU): the per-element math is torch's; per-step scalars are computed on the host in
+float64 as torch computes them from its float32 ``step`` tensors, and where torch keeps a scalar in a float32
+tensor (NAdam's ``mu_product`` when the default dtype is float32) the product is rounded to float32 as torch
+rounds it.  A tensor ``lr`` is read as the value it holds (torch's single-tensor path multiplies a float32 lr
+into Adagrad's ``lr_decay`` factor in float32; optkern uses float64 there).
+
+AMP: ``_step_supports_amp_scaling`` is True, so ``torch.amp.GradScaler.step(opt)`` hands ``grad_scale`` (the
+loss scale, a divisor) and ``found_inf`` to the step as it does for torch's fused optimizers: the unscale is
+folded into the step's single pass (multiplying by 1/scale, exact for GradScaler's power-of-two scales), and a
+step with ``found_inf`` non-zero changes nothing, step counts included.
+
+Every tensor a step writes (params and state) has its autograd version bumped, so a backward through a graph
+that saved the old values raises as it does after a torch step.  A step validates every group before it writes
+anything: a bad gradient in the last group leaves the first group untouched.  Steps of one optimizer are
+serialised by a lock.  The step counters (and NAdam's product) advance in the same compiled call as the kernel.
+
+dtypes: float32 and float64 params (one dtype per kernel call; a group may mix them).  Other dtypes raise
+TypeError naming the param.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import threading
+
+import torch
+
+from .. import _C
+from ..functional import build_hyper
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_COUNTER_DTYPES = {torch.float32: False, torch.float64: True}  # -> counters_f64
+_LOCK_GUARD = threading.Lock()
+
+
+def _number(v) -> float:
+    """A hyperparameter as torch holds it (float, int, bool or one-element tensor) -> float."""
+    if isinstance(v, torch.Tensor):
+        return float(v.item())
+    return float(v)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """The elements fill one contiguous block, in some axis order (no gaps, no repeats)."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    sa, sb = a.stride(), b.stride()
+    if sa == sb:
+        return True
+    return all(x == y for x, y, n in zip(sa, sb, b.shape) if n > 1)
+
+
+_NAME_RE = re.compile(r"^(\w+)\[(\d+)\]")
+
+
+class _FusedStep:
+    """The step shared by every optkern.torch optimizer (placed before the torch class in the MRO).
+
+    A subclass sets ``_algo`` (the functional name for ``build_hyper``), ``_c_step``, and implements
+    ``_hyper_kwargs(group, lr)``, ``_kernel_state_keys(group)`` (the state tensors in the kernel's order) and
+    ``_new_state(group, p)`` (torch's lazy state initialisation, key order included).
+    """
+
+    _step_supports_amp_scaling = True
+    _algo = ""
+    _c_step = None
+    _has_step_tensor = True  # state["step"] as torch keeps it (SGD keeps none)
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @staticmethod
+    def _refuse_differentiable(kwargs: dict) -> None:
+        if kwargs.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported by optkern.torch optimizers: the fused kernel "
+                             "updates memory in place outside autograd; use torch.optim with differentiable=True")
+
+    # ---- pickling: torch's Optimizer.__getstate__ keeps defaults, state and param_groups only ---------------
+    def _step_lock(self) -> threading.RLock:
+        lock = self.__dict__.get("_optkern_lock")
+        if lock is None:
+            with _LOCK_GUARD:
+                lock = self.__dict__.get("_optkern_lock")
+                if lock is None:
+                    lock = self.__dict__["_optkern_lock"] = threading.RLock()
+        return lock
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused optimizer step over every param with a ``.grad`` (see the module docstring).
+
+        closure: re-evaluates the model and returns the loss (run with grad enabled, first, as torch does).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with self._step_lock():
+            self._fused_step()
+        return loss
+
+    def _group_hyper(self, gi: int, group: dict):
+        if group.get("differentiable", False):
+            raise ValueError(f"param_groups[{gi}]['differentiable']: True is not supported by optkern.torch")
+        try:
+            lr = _number(group["lr"])
+            return build_hyper(self._algo, **self._hyper_kwargs(group, lr))
+        except (ValueError, TypeError, OverflowError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+
+    def _check_grad(self, name: str, p: torch.Tensor, g: torch.Tensor) -> None:
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name}.grad)")
+        if p.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name}: optkern.torch.{type(self).__name__} supports float32 and float64 params, got "
+                            f"{p.dtype}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{name}.grad: expected {p.dtype} like the param, got {g.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"{name}.grad: expected shape {tuple(p.shape)} like the param, got {tuple(g.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"{name}.grad: expected a tensor on {p.device} like the param, got {g.device}")
+        if not _dense(p):
+            raise ValueError(f"{name}: expected a dense param (no gaps or repeated elements in memory), got strides "
+                             f"{p.stride()}")
+        if not _same_layout(g, p):
+            raise ValueError(f"{name}.grad: has strides {g.stride()}, the param {p.stride()}; the fused step needs "
+                             f"the grad in the param's memory layout")
+
+    def _check_state(self, name: str, p: torch.Tensor, st: dict, keys) -> None:
+        for k in keys:
+            v = st.get(k)
+            if v is None:
+                continue  # created like torch's initial value in the write phase
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}: state[{k!r}] is a {type(v).__name__}, expected a tensor")
+            if v.shape != p.shape or v.dtype != p.dtype or v.device != p.device or not _same_layout(v, p):
+                raise ValueError(f"{name}: state[{k!r}] has shape {tuple(v.shape)}, {v.dtype} on {v.device}, strides "
+                                 f"{v.stride()}; expected the param's {tuple(p.shape)}, {p.dtype} on {p.device}, "
+                                 f"strides {p.stride()}")
+
+    def _steps_taken(self, name: str, st: dict | None) -> tuple[int, object]:
+        """(steps taken so far, the step tensor's dtype or None) from torch's state["step"]."""
+        if not st or "step" not in st:
+            return 0, None
+        s = st["step"]
+        v = _number(s)
+        if not (math.isfinite(v) and v >= 0 and v == int(v) and v < 2.0 ** 53):
+            raise ValueError(f"{name}: state['step'] = {v} is not a step count")
+        if isinstance(s, torch.Tensor):
+            if s.numel() != 1:
+                raise ValueError(f"{name}: state['step'] has {s.numel()} elements, expected one")
+            return int(v), (s.dtype, s.device)
+        return int(v), None
+
+    def _amp_args(self):
+        """-> (skip, grad multiplier, device multiplier or None, device found_inf or None) from GradScaler's
+        ``grad_scale`` (loss scale, a divisor) and ``found_inf`` attributes."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        skip, mult, mult_dev, fi_dev = False, 1.0, None, None
+        if found_inf is not None:
+            if isinstance(found_inf, torch.Tensor) and found_inf.device.type != "cpu":
+                # A device flag: the step counters are host numbers here, so read it (one sync, as torch's
+                # non-capturable paths do) to keep the counts exact.  A device-resident counter is issue 13.
+                skip = bool(found_inf.item())
+            else:
+                skip = bool(_number(found_inf))
+        if grad_scale is not None:
+            if isinstance(grad_scale, torch.Tensor) and grad_scale.device.type == "cuda":
+                mult_dev = torch.reciprocal(grad_scale.detach().to(torch.float32).reshape(1))
+            else:
+                s = _number(grad_scale)
+                if not (math.isfinite(s) and s > 0):
+                    raise ValueError(f"grad_scale: expected a finite loss scale > 0, got {s}")
+                mult = 1.0 / s
+        return skip, mult, mult_dev, fi_dev
+
+    def _fused_step(self) -> None:
+        # 1. Validate every group before anything is written.
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._group_hyper(gi, group)
+            keys = self._kernel_state_keys(group)
+            buckets: dict = {}
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                name = f"param_groups[{gi}]['params'][{pi}]"
+                self._check_grad(name, p, g)
+                st = self.state.get(p)
+                if st:
+                    self._check_state(name, p, st, keys)
+                taken, counter = self._steps_taken(name, st) if self._has_step_tensor else (self._sgd_taken(st), None)
+                key = (p.dtype, p.device, taken, counter, self._bucket_extra(st))
+                buckets.setdefault(key, []).append((name, p, g))
+            if buckets:
+                work.append((gi, group, hyper, keys, buckets))
+        skip, mult, mult_dev, fi_dev = self._amp_args()
+        if not work or skip:
+            return
+        calls = []
+        for gi, group, hyper, keys, buckets in work:
+            for (dtype, device, taken, counter, extra), items in buckets.items():
+                calls.append((group, hyper, keys, device, taken, counter, extra, items))
+        if len(calls) > 1:  # the C layer's checks (aliasing, alignment) for every call before the first runs
+            for group, hyper, keys, device, taken, counter, extra, items in calls:
+                self._c_check(keys, items, device)
+        # 2. Write: lazy state, then one kernel call per (group, dtype, device, step count).
+        for group, hyper, keys, device, taken, counter, extra, items in calls:
+            states = []
+            for name, p, g in items:
+                st = self.state[p]
+                if not st or (self._has_step_tensor and "step" not in st):
+                    st.update(self._new_state(group, p))
+                for k in keys:
+                    if st.get(k) is None:  # a buffer a changed hyperparameter now needs (e.g. amsgrad)
+                        st[k] = self._fill_like(group, k, p)
+                states.append(st)
+            self._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+
+    def _c_check(self, keys, items, device) -> None:
+        ps = [p.detach() for _, p, _ in items]
+        gs = [g.detach() for _, _, g in items]
+        lists = [[self.state[p][k] if self.state.get(p) and self.state[p].get(k) is not None else p.detach()
+                  for _, p, _ in items] for k in keys]
+        # A missing buffer is validated as the param itself would be (it is created like it).
+        lists = [[t.detach() for t in lst] for lst in lists]
+        stream = _stream(device)
+        self._translate(lambda: _C.check_arrays(ps, gs, lists, list(keys), len(keys), stream), keys, items)
+
+    @staticmethod
+    def _translate(fn, keys, items):
+        """Run fn; a C-layer ValueError/TypeError naming 'params[i]' / 'grads[i]' / '<state>[i]' of this call
+        is re-raised naming the caller's param."""
+        try:
+            return fn()
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            m = _NAME_RE.match(msg)
+            if m and int(m.group(2)) < len(items):
+                kind, i = m.group(1), int(m.group(2))
+                name = items[i][0]
+                who = name if kind == "params" else f"{name}.grad" if kind == "grads" else f"{name}: state[{kind!r}]"
+                msg = who + msg[m.end():]
+            raise type(e)(msg) from None
+
+    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
+        ps = [p.detach() for _, p, _ in items]
+        gs = [g.detach() for _, _, g in items]
+        lists = [[st[k].detach() for st in states] for k in keys]
+        counters, counters_f64, bump_after = self._counters(states)
+        args = (ps, gs, lists, list(keys), hyper, taken + 1)
+        kw = dict(grad_scale=mult, maximize=bool(group["maximize"]), stream=_stream(device),
+                  grad_scale_device=mult_dev, found_inf_device=fi_dev, counters=counters, counters_f64=counters_f64)
+        kw.update(self._extra_kwargs(states))
+        r = self._translate(lambda: self._c_step(*args, **kw), keys, items)
+        if bump_after:  # counters not in host memory (capturable/fused steps on a device)
+            torch._foreach_add_(bump_after, 1.0)
+        torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst])
+        return r
+
+    def _counters(self, states):
+        """Host addresses of the step tensors (advanced inside the kernel call), or the tensors to add 1 to."""
+        if not self._has_step_tensor:
+            return None, False, []
+        steps = [st["step"] for st in states]
+        if all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype in _COUNTER_DTYPES
+               for s in steps) and len({s.dtype for s in steps}) == 1:
+            return [s.data_ptr() for s in steps], _COUNTER_DTYPES[steps[0].dtype], []
+        tensors = [s for s in steps if isinstance(s, torch.Tensor)]
+        for st in states:
+            if not isinstance(st["step"], torch.Tensor):
+                st["step"] = torch.tensor(float(st["step"]) + 1.0, dtype=_scalar_dtype())
+        return None, False, tensors
+
+    def _extra_kwargs(self, states) -> dict:
+        return {}
+
+    def _bucket_extra(self, st):
+        return None
+
+    def _sgd_taken(self, st) -> int:  # pragma: no cover - SGD overrides
+        return 0
+
+    def _fill_like(self, group, key, p):
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _stream(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    return 0
+
+
+def _scalar_dtype():
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _step_tensor(group, p, fused_capable: bool = False):
+    """torch's initial state["step"]: a CPU scalar, or on the param's device with capturable (or fused)."""
+    if group.get("capturable") or (fused_capable and group.get("fused")):
+        dtype = torch.float32 if (fused_capable and group.get("fused")) else _scalar_dtype()
+        return torch.zeros((), dtype=dtype, device=p.device)
+    return torch.tensor(0.0, dtype=_scalar_dtype())
+
+
+def _zeros(p):
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _pick(group, keys, lr, **renamed):
+    kw = {k: group[k] for k in keys}
+    kw.update({new: group[old] for new, old in renamed.items()})
+    kw["lr"] = lr
+    return kw
+
+
+def _pair(v):
+    a, b = v
+    return _number(a), _number(b)
+
+
+def _torch_signature(cls, torch_cls):
+    """Give the class torch's constructor signature (for help() and inspect) and keep torch's docstring below
+    optkern's."""
+    cls.__init__.__signature__ = inspect.signature(torch_cls.__init__)
+    cls.__doc__ = (cls.__doc__ or "") + "\n\ntorch's documentation:\n" + (torch_cls.__doc__ or "")
+    return cls
+
+
+# ---- the optimizers ---------------------------------------------------------------------------------------------
+class SGD(_FusedStep, torch.optim.SGD):
+    """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) on optkern's fused SGD kernel."""
+
+    _algo, _c_step, _has_step_tensor = "sgd", _C.sgd_step, False
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("momentum", "dampening", "weight_decay", "nesterov"), lr)
+
+    def _kernel_state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _sgd_taken(self, st) -> int:
+        # torch keeps no step count: a momentum buffer exists from the first step on (which copies the grad)
+        return 1 if st and st.get("momentum_buffer") is not None else 0
+
+    def _new_state(self, group, p):
+        return {}
+
+
+class Adam(_FusedStep, torch.optim.Adam):
+    """torch.optim.Adam (amsgrad, weight decay, decoupled_weight_decay, maximize) on optkern's fused Adam."""
+
+    _algo, _c_step = "adam", _C.adam_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        kw = _pick(group, ("eps", "weight_decay", "amsgrad", "decoupled_weight_decay"), lr)
+        kw["betas"] = _pair(group["betas"])
+        return kw
+
+    def _kernel_state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, group, p):
+        st = {"step": _step_tensor(group, p, fused_capable=True), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = _zeros(p)
+        return st
+
+
+class AdamW(_FusedStep, torch.optim.AdamW):
+    """torch.optim.AdamW (Adam with decoupled weight decay) on optkern's fused Adam kernel."""
+
+    _algo, _c_step = "adam", _C.adam_step
+    _hyper_kwargs = Adam._hyper_kwargs
+    _kernel_state_keys = Adam._kernel_state_keys
+    _new_state = Adam._new_state
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+
+class Adagrad(_FusedStep, torch.optim.Adagrad):
+    """torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight decay, maximize) on optkern's kernel."""
+
+    _algo, _c_step = "adagrad", _C.adagrad_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("lr_decay", "weight_decay", "eps"), lr)
+
+    def _kernel_state_keys(self, group):
+        return ("sum",)
+
+    def _new_state(self, group, p):  # torch creates it in __init__; here for groups added later
+        return {"step": _step_tensor(group, p, fused_capable=True),
+                "sum": torch.full_like(p, _number(group["initial_accumulator_value"]),
+                                       memory_format=torch.preserve_format)}
+
+    def _fill_like(self, group, key, p):
+        return self._new_state(group, p)["sum"]
+
+
+class RMSprop(_FusedStep, torch.optim.RMSprop):
+    """torch.optim.RMSprop (centered, momentum, weight decay, maximize) on optkern's fused RMSprop kernel."""
+
+    _algo, _c_step = "rmsprop", _C.rmsprop_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("alpha", "eps", "weight_decay", "momentum", "centered"), lr)
+
+    def _kernel_state_keys(self, group):
+        keys = ("square_avg",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        return keys
+
+    def _new_state(self, group, p):
+        st = {"step": _step_tensor(group, p), "square_avg": _zeros(p)}
+        if group["momentum"] > 0:
+            st["momentum_buffer"] = _zeros(p)
+        if group["centered"]:
+            st["grad_avg"] = _zeros(p)
+        return st
+
+
+class Adamax(_FusedStep, torch.optim.Adamax):
+    """torch.optim.Adamax (weight decay, maximize) on optkern's fused Adamax kernel."""
+
+    _algo, _c_step = "adamax", _C.adamax_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        kw = _pick(group, ("eps", "weight_decay"), lr)
+        kw["betas"] = _pair(group["betas"])
+        return kw
+
+    def _kernel_state_keys(self, group):
+        return ("exp_avg", "exp_inf")
+
+    def _new_state(self, group, p):
+        return {"step": _step_tensor(group, p), "exp_avg": _zeros(p), "exp_inf": _zeros(p)}
+
+
+class NAdam(_FusedStep, torch.optim.NAdam):
+    """torch.optim.NAdam (momentum_decay, decoupled_weight_decay, maximize) on optkern's fused NAdam kernel.
+
+    The running product of the momentum coefficients lives in ``state["mu_product"]`` as in torch; when that
+    tensor is float32 (torch's default) the product is rounded to float32 after each step exactly as torch's
+    in-place multiply rounds it, so float64 params follow torch to float64 rounding."""
+
+    _algo, _c_step = "nadam", _C.nadam_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        kw = _pick(group, ("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"), lr)
+        kw["betas"] = _pair(group["betas"])
+        return kw
+
+    def _kernel_state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, group, p):
+        ones = (torch.ones((), dtype=_scalar_dtype(), device=p.device) if group["capturable"]
+                else torch.tensor(1.0, dtype=_scalar_dtype()))
+        return {"step": _step_tensor(group, p), "mu_product": ones, "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+
+    def _bucket_extra(self, st):
+        if not st or "mu_product" not in st:
+            return (1.0, _scalar_dtype(), torch.device("cpu"))
+        mp = st["mu_product"]
+        if isinstance(mp, torch.Tensor):
+            return (_number(mp), mp.dtype, mp.device)
+        return (float(mp), None, None)
+
+    def _extra_kwargs(self, states):
+        mp = states[0]["mu_product"]
+        kw = {"mu_product": _number(mp)}
+        products = [st["mu_product"] for st in states]
+        if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES
+               for t in products) and len({t.dtype for t in products}) == 1:
+            kw.update(mu_product_float32=products[0].dtype == torch.float32,
+                      mu_products=[t.data_ptr() for t in products],
+                      mu_products_f64=products[0].dtype == torch.float64)
+        else:
+            kw["mu_product_float32"] = isinstance(mp, torch.Tensor) and mp.dtype == torch.float32
+        return kw
+
+    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
+        r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+        for st in states:  # products not in host memory (capturable, on a device) or kept as Python floats
+            t = st["mu_product"]
+            if not isinstance(t, torch.Tensor):
+                st["mu_product"] = torch.tensor(r, dtype=_scalar_dtype())
+            elif t.device.type != "cpu":
+                t.fill_(r)
+        return r
+
+
+class Adadelta(_FusedStep, torch.optim.Adadelta):
+    """torch.optim.Adadelta (weight decay, maximize) on optkern's fused Adadelta kernel."""
+
+    _algo, _c_step = "adadelta", _C.adadelta_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("rho", "eps", "weight_decay"), lr)
+
+    def _kernel_state_keys(self, group):
+        return ("square_avg", "acc_delta")
+
+    def _new_state(self, group, p):
+        return {"step": _step_tensor(group, p), "square_avg": _zeros(p), "acc_delta": _zeros(p)}
+
+
+class Rprop(_FusedStep, torch.optim.Rprop):
+    """torch.optim.Rprop (etas, step_sizes, maximize) on optkern's fused Rprop kernel."""
+
+    _algo, _c_step = "rprop", _C.rprop_step
+
+    def __init__(self, params, *args, **kwargs):
+        self._refuse_differentiable(kwargs)
+        super().__init__(params, *args, **kwargs)
+
+    def _hyper_kwargs(self, group, lr):
+        return {"lr": lr, "etas": _pair(group["etas"]), "step_size_limits": _pair(group["step_sizes"])}
+
+    def _kernel_state_keys(self, group):
+        return ("prev", "step_size")
+
+    def _new_state(self, group, p):
+        return {"step": _step_tensor(group, p), "prev": _zeros(p),
+                "step_size": torch.full_like(p, _number(group["lr"]), memory_format=torch.preserve_format)}
+
+    def _fill_like(self, group, key, p):
+        return self._new_state(group, p)[key]
+
+
+for _cls in (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, Adadelta, Rprop):
+    _torch_signature(_cls, _cls.__mro__[2])
+del _cls
