@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (the framework this front end is for)
 
 from . import optim  # noqa: E402
+from .lbfgs import LBFGS  # noqa: E402
 from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop, Rprop  # noqa: E402
 
-__all__ = ["optim", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
+__all__ = ["optim", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop", "LBFGS"]
