@@ -29,6 +29,12 @@ The staged entry points split the same kernels for data-parallel training (torch
                                                 sum_dy, sum_dy_xmu)
 
 Bad input raises ValueError or TypeError naming the argument before anything is written.
+
+These are raw kernels, outside autograd: a torch tensor that requires grad, passed while grad mode is on, raises a
+TypeError (its result would silently cut the autograd graph).  For autograd use :mod:`optkern.torch.nn`
+(``BatchNorm1d/2d/3d``, ``SyncBatchNorm``); under ``torch.no_grad()``, or on ``.detach()``-ed tensors, these
+functions take torch tensors as any other array.  ``import optkern`` never imports torch: torch tensors are told
+apart by their type's module.
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ def _eps(eps) -> float:
     return e
 
 
+def _refuse_graph(fn: str, **arrays) -> None:
+    """TypeError for a torch tensor that requires grad while grad mode is on: the kernels would cut the graph."""
+    for name, a in arrays.items():
+        if a is None or type(a).__module__.split(".")[0] != "torch" or not getattr(a, "requires_grad", False):
+            continue
+        import torch  # already imported: a is one of its tensors
+
+        if torch.is_grad_enabled():
+            raise TypeError(f"{name}: a torch tensor that requires grad; {fn} is a raw kernel outside autograd and "
+                            "would cut the graph.  Use optkern.torch.nn (BatchNorm1d/2d/3d, SyncBatchNorm) for "
+                            "autograd, or call it under torch.no_grad() or on .detach()-ed tensors")
+
+
 def _opt(a):
     return None if a is None else plain(a)
 
@@ -91,7 +110,11 @@ def _run(op, x, arrays, *, axis=1, eps=1e-5, momentum=0.0, count=0, counts=()):
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
                        momentum=0.1, eps=1e-5, axis=1, out=None, num_batches_tracked=None):
-    """Normalize x per channel; returns (y, save_mean, save_invstd).  See the module docstring."""
+    """Normalize x per channel; returns (y, save_mean, save_invstd).  See the module docstring.
+
+    Not differentiable: torch tensors that require grad (grad mode on) raise TypeError; use optkern.torch.nn.
+    """
+    _refuse_graph("batch_norm_forward", x=x, weight=weight, bias=bias)
     x = plain(x)
     C = _channels(x, axis)
     eps = _eps(eps)
@@ -114,7 +137,9 @@ def batch_norm_backward(dy, x, weight=None, save_mean=None, save_invstd=None, *,
 
     ``save_mean``/``save_invstd`` are what the forward returned (in eval mode: the running mean and
     1/sqrt(running_var + eps)).  ``eps`` is checked but not used: the saved invstd already holds it.
+    Not differentiable: torch tensors that require grad (grad mode on) raise TypeError; use optkern.torch.nn.
     """
+    _refuse_graph("batch_norm_backward", dy=dy, x=x, weight=weight, save_mean=save_mean, save_invstd=save_invstd)
     x, dy = plain(x), plain(dy)
     C = _channels(x, axis)
     eps = _eps(eps)
@@ -135,6 +160,7 @@ def batch_norm_backward(dy, x, weight=None, save_mean=None, save_invstd=None, *,
 
 def batch_norm_stats(x, *, axis=1):
     """Local statistics of each channel: (count, mean, m2), m2 the sum of squared deviations (float64)."""
+    _refuse_graph("batch_norm_stats", x=x)
     x = plain(x)
     C = _channels(x, axis)
     mean, m2 = empty_vector(x, C), empty_vector(x, C)
@@ -147,6 +173,7 @@ def batch_norm_combine(counts, means, m2s):
 
     ``counts``: one int per shard; ``means``/``m2s``: a (shards, C) array or a sequence of (C,) arrays.
     """
+    _refuse_graph("batch_norm_combine", means=means, m2s=m2s)
     counts = [int(c) for c in counts]
     if not counts:
         raise ValueError("counts: expected statistics from at least one shard")
@@ -162,6 +189,7 @@ def batch_norm_normalize(x, weight, bias, count, mean, m2, running_mean=None, ru
                          eps=1e-5, axis=1, out=None, num_batches_tracked=None):
     """Normalize with combined statistics (count values per channel over all shards) and update the running
     statistics; returns (y, save_mean, save_invstd) like batch_norm_forward in training."""
+    _refuse_graph("batch_norm_normalize", x=x, weight=weight, bias=bias, mean=mean, m2=m2)
     x = plain(x)
     C = _channels(x, axis)
     eps = _eps(eps)
@@ -182,6 +210,7 @@ def batch_norm_backward_reduce(dy, x, save_mean, *, axis=1):
 
     Sum them over the shards (an all-reduce) before batch_norm_backward_dx.
     """
+    _refuse_graph("batch_norm_backward_reduce", dy=dy, x=x, save_mean=save_mean)
     x, dy = plain(x), plain(dy)
     C = _channels(x, axis)
     mean = as_float64_vector(save_mean, x)
@@ -193,6 +222,8 @@ def batch_norm_backward_reduce(dy, x, save_mean, *, axis=1):
 def batch_norm_backward_dx(dy, x, weight, save_mean, save_invstd, count, sum_dy, sum_dy_xmu, *, axis=1, out=None):
     """Training-mode dx from the gradient sums over all shards (count values per channel in all);
     returns (dx, dweight, dbias), the weight gradients None without weight."""
+    _refuse_graph("batch_norm_backward_dx", dy=dy, x=x, weight=weight, save_mean=save_mean, save_invstd=save_invstd,
+                  sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     x, dy = plain(x), plain(dy)
     _channels(x, axis)
     mean, invstd = as_float64_vector(save_mean, x), as_float64_vector(save_invstd, x)
