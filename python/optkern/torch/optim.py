@@ -87,13 +87,16 @@ class _FusedStep:
 
     A subclass sets ``_algo`` (the functional name for ``build_hyper``), ``_c_step``, and implements
     ``_hyper_kwargs(group, lr)``, ``_kernel_state_keys(group)`` (the state tensors in the kernel's order) and
-    ``_new_state(group, p)`` (torch's lazy state initialisation, key order included).
+    ``_state_spec(group)`` (torch's state keys in torch's order, with their initial values: "step", "one", a
+    number, "lr" or the name of a group key).
     """
 
     _step_supports_amp_scaling = True
     _algo = ""
     _c_step = None
     _has_step_tensor = True  # state["step"] as torch keeps it (SGD keeps none)
+    _fused_capable = False  # torch has a fused kernel for this class (its step tensor follows `fused`)
+    _watch_extra = ()  # further state entries a cached plan relies on
 
     # ---- construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -205,6 +208,124 @@ class _FusedStep:
         return skip, mult, mult_dev, fi_dev
 
     def _fused_step(self) -> None:
+        plans = self.__dict__.get("_optkern_plans")
+        if plans is not None and self._fast_step(plans):
+            return
+        self.__dict__.pop("_optkern_plans", None)
+        if self._general_step():
+            self.__dict__["_optkern_plans"] = self._build_plans()
+
+    # ---- the cached path: one PointerPlan per (group, dtype, device, step count) -------------------------------
+    def _fast_step(self, plans: "_Plans") -> bool:
+        """Step through the cached plans; False (nothing touched) when they no longer describe the optimizer."""
+        if plans.state is not self.state or plans.state_len != len(self.state) \
+                or len(self.param_groups) != len(plans.groups):
+            return False
+        hypers = []
+        for gi, group in enumerate(self.param_groups):
+            lst, n, keys = plans.groups[gi]
+            if group["params"] is not lst or len(lst) != n:
+                return False
+            hypers.append(self._group_hyper(gi, group))
+            if self._kernel_state_keys(group) != keys:
+                return False
+        for p in plans.idle:
+            if p.grad is not None:
+                return False
+        entries = plans.entries
+        try:
+            for e in entries:
+                r = e.plan.gather(float(e.taken))
+                if r != -1:
+                    for x in entries:
+                        x.plan.release_grads()
+                    return False
+        except (TypeError, ValueError, RuntimeError) as err:
+            for x in entries:
+                x.plan.release_grads()
+            raise self._renamed(err, e.names) from None
+        skip, mult, mult_dev, fi_dev = self._amp_args()
+        if skip:
+            for x in entries:
+                x.plan.release_grads()
+            return True
+        gs_ptr = 0 if mult_dev is None else mult_dev.data_ptr()
+        for e in entries:
+            group = self.param_groups[e.gi]
+            self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device), gs_ptr)
+            e.taken += 1
+            torch.autograd.graph.increment_version(e.bump)
+        return True
+
+    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr):
+        type(self)._plan_step(e.plan, hyper, e.taken + 1, mult, maximize, stream, gs_ptr, 0)
+
+    def _build_plans(self):
+        """Plans for the next steps, when every param with a grad has torch's state and host step counters."""
+        entries, idle, groups = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            keys = self._kernel_state_keys(group)
+            groups.append((group["params"], len(group["params"]), keys))
+            buckets: dict = {}
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    idle.append(p)
+                    continue
+                st = self.state.get(p)
+                if not st or any(st.get(k) is None for k in keys):
+                    return None
+                if self._has_step_tensor:
+                    s = st.get("step")
+                    if not (isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype in _COUNTER_DTYPES):
+                        return None  # device-resident (capturable) counters: the general path
+                    taken, cdt = int(s.item()), s.dtype
+                else:
+                    taken, cdt = self._sgd_taken(st), None
+                extra = self._bucket_extra(st)
+                if not self._plannable(st):
+                    return None
+                key = (p.dtype, p.device, taken, cdt, extra)
+                buckets.setdefault(key, []).append((f"param_groups[{gi}]['params'][{pi}]", p, st))
+            for (dtype, device, taken, cdt, extra), items in buckets.items():
+                entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
+        return _Plans(self.state, len(self.state), groups, entries, idle)
+
+    def _make_plan(self, gi, keys, device, taken, cdt, items):
+        ps = [p for _, p, _ in items]
+        sts = [st for _, _, st in items]
+        lists = [[st[k] for st in sts] for k in keys]
+        watch = list(keys) + (["step"] if self._has_step_tensor else []) + list(self._watch_extra)
+        counters = [st["step"].data_ptr() for st in sts] if self._has_step_tensor else []
+        plan = _C.PointerPlan(ps, [p.detach() for p in ps], [p.grad.detach() for p in ps],
+                              [[t.detach() for t in lst] for lst in lists], list(keys), _stream(device), counters,
+                              cdt == torch.float64, [p.is_contiguous() for p in ps], [p.stride() for p in ps],
+                              ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts])
+        plan.release_grads()
+        bump = list(ps)
+        for lst in lists:  # state allocated by this front end shares one base per kind: one bump covers it
+            base = lst[0]._base
+            bump += [base] if base is not None and all(t._base is base for t in lst) else lst
+        e = _PlanEntry(gi, keys, plan, taken, bump, device, [n for n, _, _ in items])
+        self._plan_extra(e, sts)
+        return e
+
+    def _plan_extra(self, e, sts) -> None:
+        pass
+
+    def _plannable(self, st) -> bool:
+        return True
+
+    @staticmethod
+    def _renamed(err, names):
+        msg = str(err)
+        m = _NAME_RE.match(msg)
+        if m and m.group(1) == "grads" and int(m.group(2)) < len(names):
+            msg = f"{names[int(m.group(2))]}.grad" + msg[m.end():]
+        return type(err)(msg)
+
+    # ---- the general path --------------------------------------------------------------------------------------
+    def _general_step(self) -> bool:
+        """Validate every group, then write.  True when a plan can be built for the next steps."""
         # 1. Validate every group before anything is written.
         work = []
         for gi, group in enumerate(self.param_groups):
@@ -227,7 +348,7 @@ class _FusedStep:
                 work.append((gi, group, hyper, keys, buckets))
         skip, mult, mult_dev, fi_dev = self._amp_args()
         if not work or skip:
-            return
+            return False
         calls = []
         for gi, group, hyper, keys, buckets in work:
             for (dtype, device, taken, counter, extra), items in buckets.items():
@@ -235,18 +356,43 @@ class _FusedStep:
         if len(calls) > 1:  # the C layer's checks (aliasing, alignment) for every call before the first runs
             for group, hyper, keys, device, taken, counter, extra, items in calls:
                 self._c_check(keys, items, device)
-        # 2. Write: lazy state, then one kernel call per (group, dtype, device, step count).
+        # 2. Write: lazy state (one buffer per state kind for the params starting together), then one kernel
+        #    call per (group, dtype, device, step count).
         for group, hyper, keys, device, taken, counter, extra, items in calls:
+            fresh = [p for _, p, _ in items if not self.state.get(p)
+                     or (self._has_step_tensor and "step" not in self.state[p])]
+            if fresh:
+                for p, st in zip(fresh, self._new_states(group, fresh)):
+                    self.state[p].update(st)
             states = []
             for name, p, g in items:
                 st = self.state[p]
-                if not st or (self._has_step_tensor and "step" not in st):
-                    st.update(self._new_state(group, p))
                 for k in keys:
                     if st.get(k) is None:  # a buffer a changed hyperparameter now needs (e.g. amsgrad)
-                        st[k] = self._fill_like(group, k, p)
+                        st[k] = self._new_states(group, [p], only=k)[0][k]
                 states.append(st)
             self._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+        return True
+
+    # ---- state as torch initialises it, each kind in one buffer for the params that start together ----------------
+    def _new_states(self, group, ps, only=None) -> list:
+        out = [{} for _ in ps]
+        for key, init in self._state_spec(group):
+            if only is not None and key != only:
+                continue
+            if init == "step":
+                for d, p in zip(out, ps):
+                    d[key] = _step_tensor(group, p, fused_capable=self._fused_capable)
+            elif init == "one":
+                for d, p in zip(out, ps):
+                    d[key] = (torch.ones((), dtype=_scalar_dtype(), device=p.device) if group.get("capturable")
+                              else torch.tensor(1.0, dtype=_scalar_dtype()))
+            else:
+                value = _number(group["lr"]) if init == "lr" else _number(group[init]) if isinstance(init, str) \
+                    else float(init)
+                for d, t in zip(out, _filled_like(ps, value)):
+                    d[key] = t
+        return out
 
     def _c_check(self, keys, items, device) -> None:
         ps = [p.detach() for _, p, _ in items]
@@ -312,8 +458,38 @@ class _FusedStep:
     def _sgd_taken(self, st) -> int:  # pragma: no cover - SGD overrides
         return 0
 
-    def _fill_like(self, group, key, p):
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class _PlanEntry:
+    __slots__ = ("gi", "keys", "plan", "taken", "bump", "device", "names", "mu")
+
+    def __init__(self, gi, keys, plan, taken, bump, device, names):
+        self.gi, self.keys, self.plan, self.taken, self.bump, self.device, self.names = \
+            gi, keys, plan, taken, bump, device, names
+        self.mu = None
+
+
+class _Plans:
+    """The cached step plans and what they assume of the optimizer (checked at every step)."""
+
+    __slots__ = ("state", "state_len", "groups", "entries", "idle")
+
+    def __init__(self, state, state_len, groups, entries, idle):
+        self.state, self.state_len, self.groups, self.entries, self.idle = state, state_len, groups, entries, idle
+
+
+_ALIGN = 16  # elements: each param's slice of a shared state buffer starts on a 64-byte boundary (float32)
+
+
+def _filled_like(ps, value: float) -> list:
+    """Tensors like each p (shape, strides, dtype, device), filled with value, as views of one buffer."""
+    sizes = [p.numel() for p in ps]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // _ALIGN) * _ALIGN
+    flat = torch.full((max(total, 1),), value, dtype=ps[0].dtype, device=ps[0].device)
+    return [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(ps, offsets)]
 
 
 def _stream(device: torch.device) -> int:
@@ -332,10 +508,6 @@ def _step_tensor(group, p, fused_capable: bool = False):
         dtype = torch.float32 if (fused_capable and group.get("fused")) else _scalar_dtype()
         return torch.zeros((), dtype=dtype, device=p.device)
     return torch.tensor(0.0, dtype=_scalar_dtype())
-
-
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _pick(group, keys, lr, **renamed):
@@ -363,6 +535,7 @@ class SGD(_FusedStep, torch.optim.SGD):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) on optkern's fused SGD kernel."""
 
     _algo, _c_step, _has_step_tensor = "sgd", _C.sgd_step, False
+    _plan_step = _C.plan_sgd_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -378,14 +551,16 @@ class SGD(_FusedStep, torch.optim.SGD):
         # torch keeps no step count: a momentum buffer exists from the first step on (which copies the grad)
         return 1 if st and st.get("momentum_buffer") is not None else 0
 
-    def _new_state(self, group, p):
-        return {}
+    def _state_spec(self, group):
+        return (("momentum_buffer", 0.0),) if group["momentum"] != 0 else ()
 
 
 class Adam(_FusedStep, torch.optim.Adam):
     """torch.optim.Adam (amsgrad, weight decay, decoupled_weight_decay, maximize) on optkern's fused Adam."""
 
     _algo, _c_step = "adam", _C.adam_step
+    _plan_step = _C.plan_adam_step
+    _fused_capable = True
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -399,20 +574,20 @@ class Adam(_FusedStep, torch.optim.Adam):
     def _kernel_state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _new_state(self, group, p):
-        st = {"step": _step_tensor(group, p, fused_capable=True), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
-        if group["amsgrad"]:
-            st["max_exp_avg_sq"] = _zeros(p)
-        return st
+    def _state_spec(self, group):
+        spec = (("step", "step"), ("exp_avg", 0.0), ("exp_avg_sq", 0.0))
+        return spec + (("max_exp_avg_sq", 0.0),) if group["amsgrad"] else spec
 
 
 class AdamW(_FusedStep, torch.optim.AdamW):
     """torch.optim.AdamW (Adam with decoupled weight decay) on optkern's fused Adam kernel."""
 
     _algo, _c_step = "adam", _C.adam_step
+    _plan_step = _C.plan_adam_step
+    _fused_capable = True
     _hyper_kwargs = Adam._hyper_kwargs
     _kernel_state_keys = Adam._kernel_state_keys
-    _new_state = Adam._new_state
+    _state_spec = Adam._state_spec
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -423,6 +598,8 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
     """torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight decay, maximize) on optkern's kernel."""
 
     _algo, _c_step = "adagrad", _C.adagrad_step
+    _plan_step = _C.plan_adagrad_step
+    _fused_capable = True
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -434,19 +611,15 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
     def _kernel_state_keys(self, group):
         return ("sum",)
 
-    def _new_state(self, group, p):  # torch creates it in __init__; here for groups added later
-        return {"step": _step_tensor(group, p, fused_capable=True),
-                "sum": torch.full_like(p, _number(group["initial_accumulator_value"]),
-                                       memory_format=torch.preserve_format)}
-
-    def _fill_like(self, group, key, p):
-        return self._new_state(group, p)["sum"]
+    def _state_spec(self, group):  # torch creates it in __init__; here for groups added later
+        return (("step", "step"), ("sum", "initial_accumulator_value"))
 
 
 class RMSprop(_FusedStep, torch.optim.RMSprop):
     """torch.optim.RMSprop (centered, momentum, weight decay, maximize) on optkern's fused RMSprop kernel."""
 
     _algo, _c_step = "rmsprop", _C.rmsprop_step
+    _plan_step = _C.plan_rmsprop_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -463,19 +636,20 @@ class RMSprop(_FusedStep, torch.optim.RMSprop):
             keys += ("momentum_buffer",)
         return keys
 
-    def _new_state(self, group, p):
-        st = {"step": _step_tensor(group, p), "square_avg": _zeros(p)}
+    def _state_spec(self, group):
+        spec = (("step", "step"), ("square_avg", 0.0))
         if group["momentum"] > 0:
-            st["momentum_buffer"] = _zeros(p)
+            spec += (("momentum_buffer", 0.0),)
         if group["centered"]:
-            st["grad_avg"] = _zeros(p)
-        return st
+            spec += (("grad_avg", 0.0),)
+        return spec
 
 
 class Adamax(_FusedStep, torch.optim.Adamax):
     """torch.optim.Adamax (weight decay, maximize) on optkern's fused Adamax kernel."""
 
     _algo, _c_step = "adamax", _C.adamax_step
+    _plan_step = _C.plan_adamax_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -489,8 +663,8 @@ class Adamax(_FusedStep, torch.optim.Adamax):
     def _kernel_state_keys(self, group):
         return ("exp_avg", "exp_inf")
 
-    def _new_state(self, group, p):
-        return {"step": _step_tensor(group, p), "exp_avg": _zeros(p), "exp_inf": _zeros(p)}
+    def _state_spec(self, group):
+        return (("step", "step"), ("exp_avg", 0.0), ("exp_inf", 0.0))
 
 
 class NAdam(_FusedStep, torch.optim.NAdam):
@@ -501,6 +675,7 @@ class NAdam(_FusedStep, torch.optim.NAdam):
     in-place multiply rounds it, so float64 params follow torch to float64 rounding."""
 
     _algo, _c_step = "nadam", _C.nadam_step
+    _plan_step = _C.plan_nadam_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -514,16 +689,16 @@ class NAdam(_FusedStep, torch.optim.NAdam):
     def _kernel_state_keys(self, group):
         return ("exp_avg", "exp_avg_sq")
 
-    def _new_state(self, group, p):
-        ones = (torch.ones((), dtype=_scalar_dtype(), device=p.device) if group["capturable"]
-                else torch.tensor(1.0, dtype=_scalar_dtype()))
-        return {"step": _step_tensor(group, p), "mu_product": ones, "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+    def _state_spec(self, group):
+        return (("step", "step"), ("mu_product", "one"), ("exp_avg", 0.0), ("exp_avg_sq", 0.0))
 
     def _bucket_extra(self, st):
         if not st or "mu_product" not in st:
             return (1.0, _scalar_dtype(), torch.device("cpu"))
         mp = st["mu_product"]
         if isinstance(mp, torch.Tensor):
+            if mp.numel() != 1:
+                raise ValueError(f"state['mu_product'] has {mp.numel()} elements, expected one")
             return (_number(mp), mp.dtype, mp.device)
         return (float(mp), None, None)
 
@@ -540,6 +715,22 @@ class NAdam(_FusedStep, torch.optim.NAdam):
             kw["mu_product_float32"] = isinstance(mp, torch.Tensor) and mp.dtype == torch.float32
         return kw
 
+    _watch_extra = ("mu_product",)
+
+    def _plannable(self, st) -> bool:
+        t = st.get("mu_product")
+        return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES
+
+    def _plan_extra(self, e, sts) -> None:
+        products = [st["mu_product"] for st in sts]
+        dt = products[0].dtype
+        e.mu = (products[0], dt == torch.float32, [t.data_ptr() for t in products], dt == torch.float64)
+
+    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr):
+        first, f32, addrs, f64 = e.mu
+        _C.plan_nadam_step(e.plan, hyper, e.taken + 1, float(first.item()), f32, addrs, f64, mult, maximize, stream,
+                           gs_ptr, 0)
+
     def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
         r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
         for st in states:  # products not in host memory (capturable, on a device) or kept as Python floats
@@ -555,6 +746,7 @@ class Adadelta(_FusedStep, torch.optim.Adadelta):
     """torch.optim.Adadelta (weight decay, maximize) on optkern's fused Adadelta kernel."""
 
     _algo, _c_step = "adadelta", _C.adadelta_step
+    _plan_step = _C.plan_adadelta_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -566,14 +758,15 @@ class Adadelta(_FusedStep, torch.optim.Adadelta):
     def _kernel_state_keys(self, group):
         return ("square_avg", "acc_delta")
 
-    def _new_state(self, group, p):
-        return {"step": _step_tensor(group, p), "square_avg": _zeros(p), "acc_delta": _zeros(p)}
+    def _state_spec(self, group):
+        return (("step", "step"), ("square_avg", 0.0), ("acc_delta", 0.0))
 
 
 class Rprop(_FusedStep, torch.optim.Rprop):
     """torch.optim.Rprop (etas, step_sizes, maximize) on optkern's fused Rprop kernel."""
 
     _algo, _c_step = "rprop", _C.rprop_step
+    _plan_step = _C.plan_rprop_step
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -585,12 +778,8 @@ class Rprop(_FusedStep, torch.optim.Rprop):
     def _kernel_state_keys(self, group):
         return ("prev", "step_size")
 
-    def _new_state(self, group, p):
-        return {"step": _step_tensor(group, p), "prev": _zeros(p),
-                "step_size": torch.full_like(p, _number(group["lr"]), memory_format=torch.preserve_format)}
-
-    def _fill_like(self, group, key, p):
-        return self._new_state(group, p)[key]
+    def _state_spec(self, group):
+        return (("step", "step"), ("prev", 0.0), ("step_size", "lr"))
 
 
 for _cls in (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, Adadelta, Rprop):
