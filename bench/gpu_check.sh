@@ -62,11 +62,11 @@ cuda_bench() {
 stage nvidia_smi nvidia-smi
 if stage build build && stage import check_import; then
     stage gpu_tests python -m pytest -q -rs -p no:cacheprovider tests/test_cupy.py tests/test_cupy_batch_norm.py \
-        tests/test_cupy_lbfgs.py
+        tests/test_cupy_lbfgs.py tests/test_torch_cuda.py
     stage cuda_bench cuda_bench
     # the GPU tests ran above: a failure there must not stop the CPU tests before they start
     stage full_suite python -m pytest -q -x -p no:cacheprovider tests --ignore=tests/test_cupy.py \
-        --ignore=tests/test_cupy_batch_norm.py --ignore=tests/test_cupy_lbfgs.py
+        --ignore=tests/test_cupy_batch_norm.py --ignore=tests/test_cupy_lbfgs.py --ignore=tests/test_torch_cuda.py
 else
     summary+=("gpu_tests, cuda_bench, full_suite: not run (build or import failed)")
 fi
