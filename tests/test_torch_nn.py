@@ -313,7 +313,14 @@ def test_state_dict_round_trip(rng):
     again.load_state_dict(back.state_dict(), strict=True)
     for k, v in back.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-    assert isinstance(again, torch.nn.BatchNorm2d) and isinstance(onn.SyncBatchNorm(4), torch.nn.SyncBatchNorm)
+    assert isinstance(again, torch.nn.BatchNorm2d)
+    # SyncBatchNorm: torch's common base, not torch.nn.SyncBatchNorm (which DDP refuses in CPU modules)
+    sync = onn.SyncBatchNorm(4, dtype=torch.float64)
+    assert isinstance(sync, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(sync, torch.nn.SyncBatchNorm)
+    sync.load_state_dict(torch.nn.SyncBatchNorm(4).state_dict(), strict=True)
+    assert list(sync.state_dict()) == list(ref.state_dict()) and sync.process_group is None
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.ones(3, dtype=torch.float64))
     again.reset_parameters()
     assert torch.equal(again.weight, torch.ones(4, dtype=torch.float64)) and int(again.num_batches_tracked) == 0
 

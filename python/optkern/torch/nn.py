@@ -5,8 +5,8 @@
     model = onn.convert_batchnorm(model)        # every torch BatchNorm1d/2d/3d/SyncBatchNorm swapped in place
     model = onn.convert_batchnorm(model, sync=True, process_group=pg)   # ... for optkern's SyncBatchNorm
 
-``BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm`` subclass the torch classes of the same names and override
-``forward`` only: constructor arguments, ``weight``/``bias``, the buffers ``running_mean``, ``running_var`` and
+``BatchNorm1d, BatchNorm2d, BatchNorm3d`` subclass the torch classes of the same names (``SyncBatchNorm``: see
+below) and override ``forward`` only: constructor arguments, ``weight``/``bias``, the buffers ``running_mean``, ``running_var`` and
 ``num_batches_tracked``, ``state_dict`` keys, ``train()/eval()``, ``reset_parameters``, ``_check_input_dim`` and
 ``isinstance(m, torch.nn.BatchNorm2d)`` are torch's.  The forward and backward run through a
 ``torch.autograd.Function`` on optkern's kernels (:mod:`optkern.batch_norm`).
@@ -51,7 +51,10 @@ Behaviour, and where it differs from torch:
 unbiased variance); backward: ``batch_norm_backward_reduce``, ONE all-reduce (sum) of the concatenated
 (sum dy, sum dy (x - mu)), ``batch_norm_backward_dx``.  The weight and bias gradients are the local ones (DDP
 averages them, as with torch's).  Otherwise (not distributed, world size 1, eval) it is BatchNorm.  Unlike
-torch's, it runs on CPU tensors (gloo).  A rank may have an empty batch: it still takes part in the collectives.
+torch's, it runs on CPU tensors (gloo), also inside ``DistributedDataParallel``; for that it is not a subclass of
+``torch.nn.SyncBatchNorm`` (DDP refuses those in CPU modules) but of torch's ``_BatchNorm`` base, with
+``torch.nn.SyncBatchNorm``'s constructor, checks and methods.  A rank may have an empty batch: it still takes part
+in the collectives.
 """
 
 from __future__ import annotations
@@ -254,10 +257,13 @@ class _OptkernBatchNorm:
     def _sync_world(self, bn_training):
         """(process_group, world_size) when this forward synchronizes, else None (as torch's SyncBatchNorm)."""
 
+    def _torch_forward(self, input):
+        return super().forward(input)  # the torch class after this mixin in the MRO
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not isinstance(input, torch.Tensor) or not _kernels_serve(input):
-            return super().forward(input)  # torch's own path (other dtypes and devices): see the module docstring
+            return self._torch_forward(input)  # torch's own path (other dtypes and devices): see the module docstring
         bn_training, running_mean, running_var, factor, bump = self._statistics_args()
         _check_tensors(input, weight=self.weight, bias=self.bias, running_mean=running_mean, running_var=running_var)
         sync = self._sync_world(bn_training)
@@ -290,10 +296,29 @@ class BatchNorm3d(_OptkernBatchNorm, torch.nn.BatchNorm3d):
     See :mod:`optkern.torch.nn`."""
 
 
-class SyncBatchNorm(_OptkernBatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_OptkernBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on optkern's staged kernels and ``torch.distributed`` (any backend, CPU
     tensors included); ``process_group=None`` is the WORLD group.  See :mod:`optkern.torch.nn` for the algorithm.
+
+    It has torch.nn.SyncBatchNorm's constructor, attributes, input checks and ``convert_sync_batchnorm``, but it
+    subclasses torch's common base ``torch.nn.modules.batchnorm._BatchNorm`` (as torch.nn.SyncBatchNorm does),
+    not torch.nn.SyncBatchNorm itself: ``DistributedDataParallel`` refuses every ``torch.nn.SyncBatchNorm``
+    instance in a CPU module ("SyncBatchNorm layers only work with GPU modules"), and this one runs on CPU
+    tensors.  So ``isinstance(m, torch.nn.SyncBatchNorm)`` is False; ``isinstance(m, _BatchNorm)`` is True.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim  # >= 2-D input
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def _torch_forward(self, input):
+        return torch.nn.SyncBatchNorm.forward(self, input)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
