@@ -115,6 +115,15 @@ class _FusedStep:
                     lock = self.__dict__["_optkern_lock"] = threading.RLock()
         return lock
 
+    # The cached step plans hold references to params and state: drop them as soon as either is replaced.
+    def __setstate__(self, state):  # also the last act of torch's load_state_dict
+        self.__dict__.pop("_optkern_plans", None)
+        super().__setstate__(state)
+
+    def add_param_group(self, param_group):
+        self.__dict__.pop("_optkern_plans", None)
+        super().add_param_group(param_group)
+
     # ---- the step ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -397,10 +406,9 @@ class _FusedStep:
     def _c_check(self, keys, items, device) -> None:
         ps = [p.detach() for _, p, _ in items]
         gs = [g.detach() for _, _, g in items]
-        lists = [[self.state[p][k] if self.state.get(p) and self.state[p].get(k) is not None else p.detach()
-                  for _, p, _ in items] for k in keys]
-        # A missing buffer is validated as the param itself would be (it is created like it).
-        lists = [[t.detach() for t in lst] for lst in lists]
+        # A missing buffer is validated as a fresh tensor like the param (it will be created like it).
+        lists = [[self.state[p][k].detach() if self.state.get(p) and self.state[p].get(k) is not None
+                  else torch.empty_like(p, memory_format=torch.preserve_format) for _, p, _ in items] for k in keys]
         stream = _stream(device)
         self._translate(lambda: _C.check_arrays(ps, gs, lists, list(keys), len(keys), stream), keys, items)
 
