@@ -35,11 +35,12 @@ torch = pytest.importorskip("torch", reason="torch (pip install torch==2.13.0) i
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch was built without torch.distributed / gloo", allow_module_level=True)
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 import optkern
 import optkern.torch
 import optkern.torch.nn as onn
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from reference import rel_err
 
 WORLD = 2

@@ -536,3 +536,20 @@ def test_sync_batchnorm_without_distributed_is_batchnorm(rng, training):
     assert_same_state(ref, ours, TOL[torch.float64])
     with pytest.raises(ValueError, match="number of input channels should be non-zero"):
         onn.SyncBatchNorm(0)(torch.empty(2, 0, 3))
+
+
+# ---- 8. the benchmark's code path -------------------------------------------------------------------------------
+def test_bench_torch_nn_smoke():
+    """python -m optkern.bench.torch_nn's case on a tiny shape: it checks the gradients before timing, times the
+    three steps and reports the target."""
+    from optkern.bench import torch_nn as bench
+
+    rows = [bench.bench_layout(torch, layout, (2, 4, 5, 5), reps=1, warmup=1) for layout in ("nchw", "channels_last")]
+    for r in rows:
+        assert set(r["raw_s"]) == {"optkern", "torch", "optkern_raw"} and r["ratio"] > 0
+        assert r["targets"][0]["met"] == (r["ratio"] >= bench.TARGET)
+    meta = {"optkern_version": optkern.__version__, "optkern_cpu_isa": optkern.cpu_isa(), "torch_version": "x",
+            "cpu_model": "m", "threads": 2, "reps": 1, "command": "python -m optkern.bench.torch_nn"}
+    md = bench.markdown({"meta": meta, "rows": rows})
+    assert md.count("| BatchNorm2d fwd+bwd train") == 2 and "targets met:" in md
+    assert bench.cpu_tag() and "/" not in bench.cpu_tag()
