@@ -97,6 +97,7 @@ class _FusedStep:
     _has_step_tensor = True  # state["step"] as torch keeps it (SGD keeps none)
     _fused_capable = False  # torch has a fused kernel for this class (its step tensor follows `fused`)
     _watch_extra = ()  # further state entries a cached plan relies on
+    _hyper_keys: tuple = ()  # the group keys _hyper_kwargs reads
 
     # ---- construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -118,10 +119,12 @@ class _FusedStep:
     # The cached step plans hold references to params and state: drop them as soon as either is replaced.
     def __setstate__(self, state):  # also the last act of torch's load_state_dict
         self.__dict__.pop("_optkern_plans", None)
+        self.__dict__.pop("_optkern_hyper", None)
         super().__setstate__(state)
 
     def add_param_group(self, param_group):
         self.__dict__.pop("_optkern_plans", None)
+        self.__dict__.pop("_optkern_hyper", None)
         super().add_param_group(param_group)
 
     # ---- the step ----------------------------------------------------------------------------------------
@@ -140,6 +143,20 @@ class _FusedStep:
         return loss
 
     def _group_hyper(self, gi: int, group: dict):
+        """The validated hyperparameter struct of a group, rebuilt only when one of its values changed (a value
+        that is a tensor, e.g. a tensor lr a scheduler fills in place, is read every step)."""
+        cache = self.__dict__.setdefault("_optkern_hyper", {})
+        vals = tuple(group.get(k) for k in self._hyper_keys)
+        hit = cache.get(gi)
+        if hit is not None and hit[0] == vals and hit[1] is group:
+            return hit[2]
+        h = self._build_group_hyper(gi, group)
+        if not any(isinstance(v, (torch.Tensor, list)) or (isinstance(v, tuple) and any(
+                isinstance(x, torch.Tensor) for x in v)) for v in vals):
+            cache[gi] = (vals, group, h)
+        return h
+
+    def _build_group_hyper(self, gi: int, group: dict):
         if group.get("differentiable", False):
             raise ValueError(f"param_groups[{gi}]['differentiable']: True is not supported by optkern.torch")
         try:
@@ -544,6 +561,7 @@ class SGD(_FusedStep, torch.optim.SGD):
 
     _algo, _c_step, _has_step_tensor = "sgd", _C.sgd_step, False
     _plan_step = _C.plan_sgd_step
+    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -568,6 +586,7 @@ class Adam(_FusedStep, torch.optim.Adam):
 
     _algo, _c_step = "adam", _C.adam_step
     _plan_step = _C.plan_adam_step
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", "differentiable")
     _fused_capable = True
 
     def __init__(self, params, *args, **kwargs):
@@ -592,6 +611,7 @@ class AdamW(_FusedStep, torch.optim.AdamW):
 
     _algo, _c_step = "adam", _C.adam_step
     _plan_step = _C.plan_adam_step
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", "differentiable")
     _fused_capable = True
     _hyper_kwargs = Adam._hyper_kwargs
     _kernel_state_keys = Adam._kernel_state_keys
@@ -607,6 +627,7 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
 
     _algo, _c_step = "adagrad", _C.adagrad_step
     _plan_step = _C.plan_adagrad_step
+    _hyper_keys = ("lr", "lr_decay", "weight_decay", "eps", "differentiable")
     _fused_capable = True
 
     def __init__(self, params, *args, **kwargs):
@@ -628,6 +649,7 @@ class RMSprop(_FusedStep, torch.optim.RMSprop):
 
     _algo, _c_step = "rmsprop", _C.rmsprop_step
     _plan_step = _C.plan_rmsprop_step
+    _hyper_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -658,6 +680,7 @@ class Adamax(_FusedStep, torch.optim.Adamax):
 
     _algo, _c_step = "adamax", _C.adamax_step
     _plan_step = _C.plan_adamax_step
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -684,6 +707,7 @@ class NAdam(_FusedStep, torch.optim.NAdam):
 
     _algo, _c_step = "nadam", _C.nadam_step
     _plan_step = _C.plan_nadam_step
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -755,6 +779,7 @@ class Adadelta(_FusedStep, torch.optim.Adadelta):
 
     _algo, _c_step = "adadelta", _C.adadelta_step
     _plan_step = _C.plan_adadelta_step
+    _hyper_keys = ("lr", "rho", "eps", "weight_decay", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
@@ -775,6 +800,7 @@ class Rprop(_FusedStep, torch.optim.Rprop):
 
     _algo, _c_step = "rprop", _C.rprop_step
     _plan_step = _C.plan_rprop_step
+    _hyper_keys = ("lr", "etas", "step_sizes", "differentiable")
 
     def __init__(self, params, *args, **kwargs):
         self._refuse_differentiable(kwargs)
