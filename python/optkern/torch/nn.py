@@ -124,10 +124,11 @@ def _check_tensors(x: torch.Tensor, **tensors) -> None:
                              f"got {tuple(t.shape)}")
 
 
-def _check_batch(x: torch.Tensor, world_size: int = 1) -> None:
-    """torch's error for a training batch of one value per channel (a sharded batch is checked globally)."""
+def _check_batch(x: torch.Tensor) -> None:
+    """torch's error for a training batch of one value per channel (SyncBatchNorm: the kernels check the global
+    count, so one value on a rank is fine when the ranks have more together, as in torch)."""
     size = x.numel() // x.shape[1] if x.shape[1] else 0
-    if size == 1 and world_size < 2:
+    if size == 1:
         raise ValueError(f"input: Expected more than 1 value per channel when training, got input size "
                          f"{x.shape}")
 
