@@ -1,5 +1,5 @@
 """Global-norm clipping: optkern.global_norm / clip_grad_norm against NumPy and torch, the clip folded into the
-step as grad_scale against torch.nn.utils.clip_grad_norm_ + torch's step, and found_inf skipping."""
+step as grad_multiplier against torch.nn.utils.clip_grad_norm_ + torch's step, and found_inf skipping."""
 
 from __future__ import annotations
 
@@ -65,13 +65,13 @@ def test_clip_grad_norm_matches_torch(dtype, norm_type, rng):
     r = optkern.clip_grad_norm(gs, max_norm, norm_type=norm_type)
     assert isinstance(r, optkern.ClipResult)
     assert r.total_norm == pytest.approx(float(tot_t), rel=1e-6 if dtype == np.float32 else 1e-12)
-    assert r.grad_scale == pytest.approx(min(1.0, max_norm / (r.total_norm + 1e-6)), rel=1e-15)
-    assert r.grad_scale < 1.0 and r.found_inf is False
+    assert r.grad_multiplier == pytest.approx(min(1.0, max_norm / (r.total_norm + 1e-6)), rel=1e-15)
+    assert r.grad_multiplier < 1.0 and r.found_inf is False
     for g, b in zip(gs, before):  # the grads are not modified
         np.testing.assert_array_equal(g, b)
     for g, t in zip(gs, ts):  # torch's clipped grads are the same scale times the grads
         if g.size:
-            np.testing.assert_allclose(t.grad.numpy(), g * r.grad_scale, rtol=1e-6 if dtype == np.float32 else 1e-13,
+            np.testing.assert_allclose(t.grad.numpy(), g * r.grad_multiplier, rtol=1e-6 if dtype == np.float32 else 1e-13,
                                        atol=1e-30)
 
 
@@ -79,7 +79,7 @@ def test_clip_no_clipping_when_below(rng):
     gs = make_grads(rng, np.float64)
     n = optkern.global_norm(gs)
     r = optkern.clip_grad_norm(gs, 10 * n)
-    assert r.grad_scale == 1.0 and not r.found_inf
+    assert r.grad_multiplier == 1.0 and not r.found_inf
 
 
 def _torch_cls(name):
@@ -114,8 +114,8 @@ def test_clip_then_step_matches_torch(name, norm_type, dtype, rng):
             torch.nn.utils.clip_grad_norm_(tps, max_norm, norm_type=norm_type)
             topt.step()
             r = optkern.clip_grad_norm(grads, max_norm, norm_type=norm_type)
-            clipped += r.grad_scale < 1.0
-            opt.step(grads, grad_scale=r.grad_scale, found_inf=r.found_inf)
+            clipped += r.grad_multiplier < 1.0
+            opt.step(grads, grad_multiplier=r.grad_multiplier, found_inf=r.found_inf)
     assert 0 < clipped < 40
     for i, (p, tp) in enumerate(zip(params, tps)):
         err = rel_err(p, tp.numpy())
@@ -133,15 +133,15 @@ def test_clip_then_step_matches_torch(name, norm_type, dtype, rng):
 
 
 def test_clip_folded_differs_from_unclipped(rng):
-    """Guard: grad_scale must actually be applied (a step with the scale differs from one without)."""
+    """Guard: grad_multiplier must actually be applied (a step with the scale differs from one without)."""
     p1 = [rng.standard_normal(50)]
     p2 = [p1[0].copy()]
     g = [10 * rng.standard_normal(50)]
     r = optkern.clip_grad_norm(g, 1.0)
-    ok.SGD(p1, lr=0.1).step(g, grad_scale=r.grad_scale)
+    ok.SGD(p1, lr=0.1).step(g, grad_multiplier=r.grad_multiplier)
     ok.SGD(p2, lr=0.1).step(g)
-    assert r.grad_scale < 0.1
-    np.testing.assert_allclose(p1[0], p2[0] + 0.1 * g[0] * (1 - r.grad_scale), rtol=1e-12, atol=1e-12)
+    assert r.grad_multiplier < 0.1
+    np.testing.assert_allclose(p1[0], p2[0] + 0.1 * g[0] * (1 - r.grad_multiplier), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -199,7 +199,7 @@ def test_found_inf_step_changes_nothing(name, dtype, rng):
     assert r.found_inf
     p_before = [p.copy() for p in params]
     s_before = _snapshot(opt)
-    opt.step(grads, grad_scale=r.grad_scale, found_inf=r.found_inf)
+    opt.step(grads, grad_multiplier=r.grad_multiplier, found_inf=r.found_inf)
     opt.step(grads, found_inf=True)
     for p, q in zip(params, p_before):
         assert p.tobytes() == q.tobytes()

@@ -32,9 +32,10 @@ def _cpu_path_once(cpu_isa):
         pytest.skip("GPU test: run once")
 
 
-def ref_adam(p, g, m, v, *, step, lr, betas, eps, weight_decay, decoupled=False, grad_scale=1.0, maximize=False):
+def ref_adam(p, g, m, v, *, step, lr, betas, eps, weight_decay, decoupled=False, grad_multiplier=1.0,
+             maximize=False):
     p, g, m, v = (np.asarray(x, np.float64) for x in (p, g, m, v))
-    g = g * grad_scale * (-1 if maximize else 1)
+    g = g * grad_multiplier * (-1 if maximize else 1)
     if weight_decay:
         if decoupled:
             p = p * (1 - lr * weight_decay)
@@ -171,10 +172,10 @@ def test_device_scalars(rng):
     dm, dv = cupy.zeros_like(dp), cupy.zeros_like(dp)
     optkern.adam_step(dp, dg, dm, dv, step=1, lr=0.1, found_inf=cupy.ones(1, cupy.float32))
     assert np.array_equal(cupy.asnumpy(dp), p) and not cupy.any(dm)
-    optkern.adam_step(dp, dg, dm, dv, step=1, lr=0.1, grad_scale=cupy.full(1, 0.5, cupy.float32),
+    optkern.adam_step(dp, dg, dm, dv, step=1, lr=0.1, grad_multiplier=cupy.full(1, 0.5, cupy.float32),
                       found_inf=cupy.zeros(1, cupy.float32))
     rp, rm, _ = ref_adam(p, g, np.zeros(n), np.zeros(n), step=1, lr=0.1, betas=(0.9, 0.999), eps=1e-8,
-                         weight_decay=0.0, grad_scale=0.5)
+                         weight_decay=0.0, grad_multiplier=0.5)
     np.testing.assert_allclose(cupy.asnumpy(dm), rm, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(cupy.asnumpy(dp), rp, rtol=1e-5, atol=1e-6)
 

@@ -24,9 +24,9 @@ epss = st.floats(1e-8, 1e-2)
 
 
 # ---- float64 references (torch.optim's single-tensor code paths) -------------------------------------------
-def ref_adam(p, g, m, v, vmax, *, step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale):
+def ref_adam(p, g, m, v, vmax, *, step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled, grad_multiplier):
     p, g, m, v = (x.astype(np.float64) for x in (p, g, m, v))
-    g = g * grad_scale
+    g = g * grad_multiplier
     if maximize:
         g = -g
     if weight_decay:
@@ -47,8 +47,8 @@ def ref_adam(p, g, m, v, vmax, *, step, lr, betas, eps, weight_decay, amsgrad, m
     return p, m, v, vmax
 
 
-def ref_sgd(p, g, buf, *, step, lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale):
-    p, g = p.astype(np.float64), g.astype(np.float64) * grad_scale
+def ref_sgd(p, g, buf, *, step, lr, momentum, dampening, weight_decay, nesterov, maximize, grad_multiplier):
+    p, g = p.astype(np.float64), g.astype(np.float64) * grad_multiplier
     if maximize:
         g = -g
     if weight_decay:
@@ -59,8 +59,8 @@ def ref_sgd(p, g, buf, *, step, lr, momentum, dampening, weight_decay, nesterov,
     return p - lr * g, buf
 
 
-def ref_rmsprop(p, g, sq, ga, buf, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale):
-    p, g, sq = p.astype(np.float64), g.astype(np.float64) * grad_scale, sq.astype(np.float64)
+def ref_rmsprop(p, g, sq, ga, buf, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_multiplier):
+    p, g, sq = p.astype(np.float64), g.astype(np.float64) * grad_multiplier, sq.astype(np.float64)
     if maximize:
         g = -g
     if weight_decay:
@@ -99,8 +99,9 @@ def test_adam_matches_reference(shape, dtype, seed, step, lr, b1, b2, eps, wd, a
     v, vmax = np.array(np.abs(v0)), np.array(np.abs(vm0))
     args = (p.copy(), g.copy(), m.copy(), v.copy(), vmax.copy())
     kw = dict(step=step, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
-    ref = ref_adam(*args, decoupled=decoupled, grad_scale=gs, **kw)
-    optkern.adam_step(p, g, m, v, vmax if amsgrad else None, decoupled_weight_decay=decoupled, grad_scale=gs, **kw)
+    ref = ref_adam(*args, decoupled=decoupled, grad_multiplier=gs, **kw)
+    optkern.adam_step(p, g, m, v, vmax if amsgrad else None, decoupled_weight_decay=decoupled, grad_multiplier=gs,
+                      **kw)
     # |update| <= lr * |m|/(sqrt(v)*...) can be large where v is tiny; scale the tolerance by the update size
     scale = 1.0 + float(np.max(np.abs(ref[0] - args[0]), initial=0.0))
     close(p, ref[0], dtype, scale)
@@ -120,7 +121,7 @@ def test_sgd_matches_reference(shape, dtype, seed, step, lr, momentum, dampening
         momentum, dampening = max(momentum, 0.1), 0.0
     p, g, buf = arrays(seed, shape, dtype, 3)
     kw = dict(step=step, lr=lr, momentum=momentum, dampening=dampening, weight_decay=wd, nesterov=nesterov,
-              maximize=maximize, grad_scale=gs)
+              maximize=maximize, grad_multiplier=gs)
     rp, rbuf = ref_sgd(p.copy(), g.copy(), buf.copy(), **kw)
     optkern.sgd_step(p, g, buf if momentum else None, **kw)
     close(p, rp, dtype, 1.0 + float(np.max(np.abs(rp), initial=0.0)))
@@ -140,7 +141,7 @@ def test_rmsprop_matches_reference(shape, dtype, seed, step, lr, alpha, eps, wd,
     sq = np.array(np.abs(sq0) + ga0.astype(np.float64) ** 2 + 0.1, dtype=dtype)
     ga = ga0
     kw = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum, centered=centered, maximize=maximize,
-              grad_scale=gs)
+              grad_multiplier=gs)
     ref = ref_rmsprop(p.copy(), g.copy(), sq.copy(), ga.copy(), buf.copy(), **kw)
     optkern.rmsprop_step(p, g, sq, ga if centered else None, buf if momentum else None, step=step, **kw)
     scale = 1.0 + float(np.max(np.abs(ref[0] - p.astype(np.float64)), initial=0.0)) + \
@@ -168,7 +169,7 @@ BAD = st.one_of(
     st.tuples(st.just("adam"), st.just("beta1"), out_of_unit_open),
     st.tuples(st.just("adam"), st.just("beta2"), out_of_unit_open),
     st.tuples(st.just("adam"), st.just("step"), st.integers(-1000, 0)),
-    st.tuples(st.just("adam"), st.just("grad_scale"), nonfinite),
+    st.tuples(st.just("adam"), st.just("grad_multiplier"), nonfinite),
     st.tuples(st.just("sgd"), st.just("lr"), st.one_of(neg, nonfinite)),
     st.tuples(st.just("sgd"), st.just("momentum"), st.one_of(neg, st.just(math.inf))),
     st.tuples(st.just("sgd"), st.just("weight_decay"), neg),
@@ -179,7 +180,7 @@ BAD = st.one_of(
     st.tuples(st.just("rmsprop"), st.just("eps"), st.one_of(neg, st.just(math.inf))),
     st.tuples(st.just("rmsprop"), st.just("momentum"), neg),
     st.tuples(st.just("rmsprop"), st.just("weight_decay"), neg),
-    st.tuples(st.just("rmsprop"), st.just("grad_scale"), nonfinite),
+    st.tuples(st.just("rmsprop"), st.just("grad_multiplier"), nonfinite),
 )
 
 
@@ -194,8 +195,8 @@ def test_invalid_hyperparameters_raise_and_change_nothing(shape, dtype, seed, ba
     kw = {"step": 2}
     if name == "step":
         kw["step"] = value
-    elif name == "grad_scale":
-        kw["grad_scale"] = value
+    elif name == "grad_multiplier":
+        kw["grad_multiplier"] = value
     elif name in ("beta1", "beta2"):
         kw["betas"] = (value, 0.999) if name == "beta1" else (0.9, value)
     else:

@@ -423,10 +423,33 @@ def test_bad_step(rng, algo, step):
 
 
 @pytest.mark.parametrize("algo", ALGO_NAMES)
-@pytest.mark.parametrize("gs", [NAN, INF, -INF])
-def test_non_finite_grad_scale(rng, algo, gs):
+@pytest.mark.parametrize("gm", [NAN, INF, -INF, 10**400])
+def test_non_finite_grad_multiplier(rng, algo, gm):
     params, grads, states = make(rng, algo)
-    expect_rejected(ValueError, r"^grad_scale", algo, params, grads, states, grad_scale=gs)
+    expect_rejected(ValueError, r"^grad_multiplier", algo, params, grads, states, grad_multiplier=gm)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+@pytest.mark.parametrize("gm", ["0.5", True, None, [0.5]])
+def test_grad_multiplier_not_a_number(rng, algo, gm):
+    params, grads, states = make(rng, algo)
+    expect_rejected(TypeError, r"^grad_multiplier", algo, params, grads, states, grad_multiplier=gm)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+@pytest.mark.parametrize("value", [1.0, 0.5, NAN])
+def test_grad_scale_is_refused_as_renamed(rng, algo, value):
+    """The old name grad_scale (a multiplier here, a divisor in torch) fails loudly whatever its value."""
+    params, grads, states = make(rng, algo)
+    expect_rejected(TypeError, r"^grad_scale: renamed grad_multiplier.*divisor", algo, params, grads, states,
+                    grad_scale=value)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_unknown_keyword_is_refused(rng, algo):
+    params, grads, states = make(rng, algo)
+    expect_rejected(TypeError, r"unexpected keyword argument 'learning_rate'", algo, params, grads, states,
+                    learning_rate=0.1)
 
 
 def test_found_inf_true_skips_step(rng):

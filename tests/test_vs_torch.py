@@ -347,8 +347,8 @@ def test_schedule_is_not_ignored(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_grad_scale_matches_torch_scaled_grads(dtype, rng):
-    """step(grads, grad_scale=s) equals torch stepping on s * grads (Adam, amsgrad + weight decay)."""
+def test_grad_multiplier_matches_torch_scaled_grads(dtype, rng):
+    """step(grads, grad_multiplier=s) equals torch stepping on s * grads (Adam, amsgrad + weight decay)."""
     kw = draw_config("Adam", "all", rng)
     params = make_params(rng, dtype)
     starts = [p.astype(np.float64) for p in params]
@@ -361,7 +361,7 @@ def test_grad_scale_matches_torch_scaled_grads(dtype, rng):
             grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
             for tp, g in zip(t_params, grads):
                 tp.grad = torch.from_numpy(g.copy()) * s
-            o.step(grads, grad_scale=s)
+            o.step(grads, grad_multiplier=s)
             t.step()
         compare_params(params, t_params, starts, dtype)
         compare_state("Adam", o, t, t_params, dtype)

@@ -157,7 +157,7 @@ def train_one(make_opt, mode, clip, data, epochs, batch, seed, tick, use_bn=Fals
             t0 = time.perf_counter()
             if clip is not None:
                 r = optkern.clip_grad_norm(grads, clip)
-                opt.step(grads, grad_scale=r.grad_scale, found_inf=r.found_inf)
+                opt.step(grads, grad_multiplier=r.grad_multiplier, found_inf=r.found_inf)
             else:
                 opt.step(grads)
             step_times.append(time.perf_counter() - t0)

@@ -5,12 +5,19 @@ param, grad and state read once and written once), and returns nothing (NAdam re
 product).  ``step`` counts steps including this one (1 on the first step), like torch's ``state["step"]``.
 
 Common keywords:
-    grad_scale: multiplies the gradient inside the pass (a global-norm clip coefficient from
-        :func:`optkern.clip_grad_norm`, or an AMP unscale 1/scale).  A float, or a one-element float32 CUDA array
-        (read on the device, no host sync).
-    found_inf: when true, nothing is changed (the step is skipped).  A bool, or a one-element float32 CUDA array
-        read by the kernel (non-zero skips).
+    grad_multiplier: multiplies the gradient inside the pass (a global-norm clip coefficient from
+        :func:`optkern.clip_grad_norm`, or an AMP unscale 1/loss_scale).  A finite number, or a one-element
+        float32 CUDA array (read on the device, no host sync).  It was called ``grad_scale`` before; that name is
+        refused (TypeError), because torch's ``grad_scale`` (GradScaler, fused optimizers) is the loss scale, a
+        divisor of the gradient.
+    found_inf: when true, nothing is changed (the step is skipped, after every argument has been checked).  A
+        bool, or a one-element float32 CUDA array read by the kernel (non-zero skips).
     maximize: ascend instead of descend (torch's ``maximize``).
+
+Numbers: hyperparameters are real numbers (int, float, a NumPy integer or floating scalar, any
+``numbers.Real``); a bool, a string, an array or None is refused with a TypeError naming the argument, and a
+value out of float range with a ValueError.  ``step`` is an integer (Python or NumPy, not a bool or a float)
+>= 1 and < 2**62.
 
 All arrays of one call share a dtype (float32 or float64) and a device; grads and states match their param's
 shape and layout.  Bad input raises ValueError or TypeError naming the argument before anything is written.
@@ -19,9 +26,12 @@ shape and layout.  Bad input raises ValueError or TypeError naming the argument 
 from __future__ import annotations
 
 import math
+import numbers
+
+import numpy as np
 
 from . import _C
-from ._arrays import as_list, current_stream, plain
+from ._arrays import as_list, current_stream, is_cuda, plain
 
 __all__ = [
     "sgd_step",
@@ -36,28 +46,100 @@ __all__ = [
 ]
 
 
-def _scalar_args(grad_scale, found_inf):
-    """-> (skip, grad_scale float, grad_scale device array or None, found_inf device array or None)."""
-    gs_dev = fi_dev = None
+# ---- number checks (shared by the builders, the steps, optkern.optim, clip and schedules) -----------------------
+MAX_STEP = 2**62  #: step counts are below this (the kernels take int64 and powers of beta in float64)
+
+
+def _describe(v) -> str:
+    """A short description of a refused value for an error message (never a 4000-digit integer)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits (about 10**{int(v.bit_length() * 0.30103)})"
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
+
+
+def real_number(name: str, v, *, finite: bool = True) -> float:
+    """``v`` as a float: an int, a float, a NumPy integer or floating scalar or another ``numbers.Real``.
+
+    A bool (or ``numpy.bool_``), a string, None, an array or a tensor raises TypeError naming ``name``; an integer
+    beyond float range raises ValueError, and so does a non-finite value when ``finite``.  Bools are refused
+    although torch takes them as numbers in places: a bool where a number is due is a shifted argument.
+    """
+    t = type(v)
+    if t is float:
+        x = v
+    elif t is int or (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))):
+        try:
+            x = float(v)
+        except OverflowError:
+            raise ValueError(f"{name}: expected a finite number, got {_describe(v)}, beyond float range") from None
+    else:
+        raise TypeError(f"{name}: expected a real number (int, float or NumPy scalar), got {_describe(v)}")
+    if finite and not math.isfinite(x):
+        raise ValueError(f"{name}: expected a finite number, got {x}")
+    return x
+
+
+def step_count(name: str, v) -> int:
+    """``v`` as a step count: a Python or NumPy integer (not a bool, a float or a string), 1 <= v < 2**62."""
+    if type(v) is not int:
+        if isinstance(v, np.integer):
+            v = int(v)
+        else:
+            raise TypeError(f"{name}: expected an integer (the count of steps including this one), got {_describe(v)}")
+    if not 1 <= v < MAX_STEP:
+        raise ValueError(f"{name}: expected an integer >= 1 and < 2**62 (the count of steps including this one), "
+                         f"got {v if v.bit_length() <= 128 else _describe(v)}")
+    return v
+
+
+_RENAMED = ("grad_scale: renamed grad_multiplier in optkern's NumPy layer (it multiplies the gradient: "
+            "clip_grad_norm's coefficient, or 1/loss_scale to unscale); torch's grad_scale (GradScaler, fused "
+            "optimizers) is the loss scale, a divisor, so the old name is refused rather than guessed at")
+
+
+def refuse_keywords(fn: str, kw: dict) -> None:
+    """Raise the TypeError for keywords a step does not take (``grad_scale`` with the note that it was renamed)."""
+    if "grad_scale" in kw:
+        raise TypeError(_RENAMED)
+    raise TypeError(f"{fn}() got an unexpected keyword argument {next(iter(kw))!r}")
+
+
+def _scalar_args(grad_multiplier, found_inf):
+    """-> (skip, multiplier float, multiplier device array or None, found_inf device array or None)."""
+    gm_dev = fi_dev = None
     if found_inf is None or found_inf is False:
         skip = False
     elif hasattr(found_inf, "__cuda_array_interface__") or _is_torch_cuda(found_inf):
         skip, fi_dev = False, found_inf
     else:
         skip = bool(found_inf)
-    if isinstance(grad_scale, (int, float)):
-        gs = float(grad_scale)
-    elif hasattr(grad_scale, "__cuda_array_interface__") or _is_torch_cuda(grad_scale):
-        gs, gs_dev = 1.0, grad_scale
+    if type(grad_multiplier) is not float and (hasattr(grad_multiplier, "__cuda_array_interface__")
+                                               or _is_torch_cuda(grad_multiplier)):
+        gm, gm_dev = 1.0, grad_multiplier
     else:
-        gs = float(grad_scale)
-    if not math.isfinite(gs):
-        raise ValueError(f"grad_scale: expected a finite number, got {gs}")
-    return skip, gs, gs_dev, fi_dev
+        gm = real_number("grad_multiplier", grad_multiplier)
+    return skip, gm, gm_dev, fi_dev
 
 
 def _is_torch_cuda(x) -> bool:
     return type(x).__module__.startswith("torch") and getattr(getattr(x, "device", None), "type", None) == "cuda"
+
+
+def check_device_scalars(params, gm_dev, fi_dev) -> None:
+    """Device scalars go with CUDA params (checked here so that a step of several calls refuses before the first)."""
+    if (gm_dev is not None or fi_dev is not None) and params and not is_cuda(params[0]):
+        name = "grad_multiplier" if gm_dev is not None else "found_inf"
+        raise ValueError(f"{name}: a device scalar is for CUDA arrays; pass a number (a bool for found_inf) on the "
+                         f"CPU")
+
+
+def c_message(e: Exception) -> Exception:
+    """The compiled core's error with optkern's public names (its binding still calls the multiplier grad_scale)."""
+    msg = str(e)
+    if "grad_scale" not in msg:
+        return e
+    return type(e)(msg.replace("grad_scale", "grad_multiplier"))
 
 
 def _lists(params, grads, states):
@@ -67,18 +149,27 @@ def _lists(params, grads, states):
     return ps, gs, ss
 
 
-def _run(fn, params, grads, states, names, hyper, step, grad_scale, found_inf, maximize, **extra):
-    if found_inf is None and type(grad_scale) is float and grad_scale == 1.0:
-        skip, gs, gs_dev, fi_dev = False, 1.0, None, None
+def _run(fn, params, grads, states, names, hyper, step, grad_multiplier, found_inf, maximize, **extra):
+    if type(step) is not int or not 0 < step < MAX_STEP:
+        step = step_count("step", step)
+    if found_inf is None and type(grad_multiplier) is float and grad_multiplier == 1.0:
+        skip, gm, gm_dev, fi_dev = False, grad_multiplier, None, None
     else:
-        skip, gs, gs_dev, fi_dev = _scalar_args(grad_scale, found_inf)
+        skip, gm, gm_dev, fi_dev = _scalar_args(grad_multiplier, found_inf)
     ps, gr, ss = _lists(params, grads, states)
     stream = current_stream(ps[0]) if ps else 0
-    if skip:  # validate anyway, so that a skipped step still reports bad input
-        _C.check_hyper(hyper)
-        return None
-    return fn(ps, gr, ss, names, hyper, int(step), grad_scale=gs, maximize=bool(maximize), stream=stream,
-              grad_scale_device=gs_dev, found_inf_device=fi_dev, **extra)
+    try:
+        if skip:  # validate everything anyway, so that a skipped step still reports bad input
+            check_device_scalars(ps, gm_dev, fi_dev)
+            _C.check_arrays(ps, gr, ss, names, len(ss), stream)
+            return None
+        return fn(ps, gr, ss, names, hyper, step, grad_scale=gm, maximize=bool(maximize), stream=stream,
+                  grad_scale_device=gm_dev, found_inf_device=fi_dev, **extra)
+    except (ValueError, TypeError) as e:
+        renamed = c_message(e)
+        if renamed is e:
+            raise
+        raise renamed from None
 
 
 def _pair(name, v):
@@ -86,21 +177,27 @@ def _pair(name, v):
         a, b = v
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a pair of numbers, got {v!r}") from None
-    return float(a), float(b)
+    return real_number(f"{name}[0]", a, finite=False), real_number(f"{name}[1]", b, finite=False)
 
 
-# ---- hyperparameter builders (shared with optkern.optim): kwargs -> validated C struct ----------------------
+def _f(name, v) -> float:
+    """A hyperparameter field: type and float range checked here, its range by the core's check()."""
+    return v if type(v) is float else real_number(name, v, finite=False)
+
+
+# ---- hyperparameter builders (shared with optkern.optim and optkern.torch): kwargs -> validated C struct -------
 _HYPER_CACHE: dict = {}
 
 
 def build_hyper(algo: str, **kw):
     """The validated hyperparameter struct of ``algo`` ('sgd', 'adam', ...) from the functional keywords
-    (except step/maximize/grad_scale/found_inf).  Raises ValueError naming a bad argument.
+    (except step/maximize/grad_multiplier/found_inf).  Raises TypeError for a value that is not a real number and
+    ValueError for one out of range, naming the argument.
 
-    Structs are memoized by their keywords (they are never mutated), so a training loop calling a functional
-    step with the same hyperparameters does not rebuild and re-check them every step."""
+    Structs are memoized by their keywords and the keywords' types (a bool equals 1 but is refused), so a training
+    loop calling a functional step with the same hyperparameters does not rebuild and re-check them every step."""
     try:
-        key = (algo, tuple(kw.items()))
+        key = (algo, tuple(kw.items()), tuple(map(type, kw.values())))
         hit = _HYPER_CACHE.get(key)
     except TypeError:  # an unhashable value (e.g. betas given as a list): build without the cache
         key, hit = None, None
@@ -117,7 +214,8 @@ def build_hyper(algo: str, **kw):
 
 def _b_sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, velocity=False):
     h = _C.SgdHyper()
-    h.lr, h.momentum, h.dampening, h.weight_decay = float(lr), float(momentum), float(dampening), float(weight_decay)
+    h.lr, h.momentum = _f("lr", lr), _f("momentum", momentum)
+    h.dampening, h.weight_decay = _f("dampening", dampening), _f("weight_decay", weight_decay)
     h.nesterov, h.velocity = bool(nesterov), bool(velocity)
     return h
 
@@ -126,7 +224,7 @@ def _b_adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=Fal
             eps_inside_sqrt=False, bias_correction=True):
     h = _C.AdamHyper()
     h.beta1, h.beta2 = _pair("betas", betas)
-    h.lr, h.eps, h.weight_decay = float(lr), float(eps), float(weight_decay)
+    h.lr, h.eps, h.weight_decay = _f("lr", lr), _f("eps", eps), _f("weight_decay", weight_decay)
     h.amsgrad, h.decoupled_weight_decay = bool(amsgrad), bool(decoupled_weight_decay)
     h.eps_inside_sqrt, h.bias_correction = bool(eps_inside_sqrt), bool(bias_correction)
     return h
@@ -134,23 +232,24 @@ def _b_adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=Fal
 
 def _b_adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10):
     h = _C.AdagradHyper()
-    h.lr, h.lr_decay, h.weight_decay, h.eps = float(lr), float(lr_decay), float(weight_decay), float(eps)
+    h.lr, h.lr_decay = _f("lr", lr), _f("lr_decay", lr_decay)
+    h.weight_decay, h.eps = _f("weight_decay", weight_decay), _f("eps", eps)
     return h
 
 
 def _b_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, eps_inside_sqrt=False,
                nesterov=False):
     h = _C.RmspropHyper()
-    h.lr, h.alpha, h.eps, h.weight_decay = float(lr), float(alpha), float(eps), float(weight_decay)
-    h.momentum, h.centered = float(momentum), bool(centered)
-    h.eps_inside_sqrt, h.nesterov = bool(eps_inside_sqrt), bool(nesterov)
+    h.lr, h.alpha, h.eps = _f("lr", lr), _f("alpha", alpha), _f("eps", eps)
+    h.weight_decay, h.momentum = _f("weight_decay", weight_decay), _f("momentum", momentum)
+    h.centered, h.eps_inside_sqrt, h.nesterov = bool(centered), bool(eps_inside_sqrt), bool(nesterov)
     return h
 
 
 def _b_adamax(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
     h = _C.AdamaxHyper()
     h.beta1, h.beta2 = _pair("betas", betas)
-    h.lr, h.eps, h.weight_decay = float(lr), float(eps), float(weight_decay)
+    h.lr, h.eps, h.weight_decay = _f("lr", lr), _f("eps", eps), _f("weight_decay", weight_decay)
     return h
 
 
@@ -158,20 +257,21 @@ def _b_nadam(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_d
              decoupled_weight_decay=False, momentum_schedule=True):
     h = _C.NadamHyper()
     h.beta1, h.beta2 = _pair("betas", betas)
-    h.lr, h.eps, h.weight_decay, h.momentum_decay = float(lr), float(eps), float(weight_decay), float(momentum_decay)
+    h.lr, h.eps, h.weight_decay = _f("lr", lr), _f("eps", eps), _f("weight_decay", weight_decay)
+    h.momentum_decay = _f("momentum_decay", momentum_decay)
     h.decoupled_weight_decay, h.momentum_schedule = bool(decoupled_weight_decay), bool(momentum_schedule)
     return h
 
 
 def _b_adadelta(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
     h = _C.AdadeltaHyper()
-    h.lr, h.rho, h.eps, h.weight_decay = float(lr), float(rho), float(eps), float(weight_decay)
+    h.lr, h.rho, h.eps, h.weight_decay = _f("lr", lr), _f("rho", rho), _f("eps", eps), _f("weight_decay", weight_decay)
     return h
 
 
 def _b_rprop(lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0)):
     h = _C.RpropHyper()
-    h.lr = float(lr)
+    h.lr = _f("lr", lr)
     h.etaminus, h.etaplus = _pair("etas", etas)
     h.step_size_min, h.step_size_max = _pair("step_sizes", step_size_limits)
     return h
@@ -183,7 +283,8 @@ _BUILDERS = {"sgd": _b_sgd, "adam": _b_adam, "adagrad": _b_adagrad, "rmsprop": _
 
 # ---- the steps ---------------------------------------------------------------------------------------------------
 def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
-             weight_decay=0.0, nesterov=False, maximize=False, velocity=False, grad_scale=1.0, found_inf=None):
+             weight_decay=0.0, nesterov=False, maximize=False, velocity=False, grad_multiplier=1.0, found_inf=None,
+             **kw):
     """SGD (torch.optim.SGD; seeds' Algorithm 8.1), with momentum, dampening and Nesterov.
 
     g <- g + wd p;  buf <- g (step 1) or momentum buf + (1 - dampening) g;  d <- g + momentum buf (nesterov) or buf;
@@ -194,18 +295,20 @@ def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.
     caller evaluates the gradient; theta is recovered as params - momentum v.  ``momentum_buffers`` holds v
     (start from zeros).
     """
+    if kw:
+        refuse_keywords("sgd_step", kw)
     h = build_hyper("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, velocity=velocity)
     n = _C.sgd_num_states(h)
     if n and momentum_buffers is None:
         raise ValueError("momentum_buffers: required when momentum != 0 or velocity=True")
     states = [momentum_buffers] if n else []
-    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_scale, found_inf, maximize)
+    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_multiplier, found_inf, maximize)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
-              eps_inside_sqrt=False, bias_correction=True, grad_scale=1.0, found_inf=None):
+              eps_inside_sqrt=False, bias_correction=True, grad_multiplier=1.0, found_inf=None, **kw):
     """Adam (Kingma & Ba 2015; torch.optim.Adam; seeds' Algorithm 8.7), AMSGrad (Reddi et al. 2018).
 
     m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2;  (AMSGrad: v_max <- max(v_max, v), used for v)
@@ -215,6 +318,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
     ``bias_correction=False`` drops both corrections (with amsgrad, seed 002's AMSGrad).
     ``decoupled_weight_decay=True`` is AdamW: p <- p (1 - lr wd) before the step.
     """
+    if kw:
+        refuse_keywords("adam_step", kw)
     h = build_hyper("adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
                     bias_correction=bias_correction)
@@ -225,31 +330,35 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
             raise ValueError("max_exp_avg_sqs: required when amsgrad=True")
         states.append(max_exp_avg_sqs)
         names += ("max_exp_avg_sqs",)
-    _run(_C.adam_step, params, grads, states, names, h, step, grad_scale, found_inf, maximize)
+    _run(_C.adam_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-               eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, grad_scale=1.0, found_inf=None):
+               eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW): Adam with decoupled weight decay p <- p (1 - lr wd)."""
+    if kw:
+        refuse_keywords("adamw_step", kw)
     adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, betas=betas, eps=eps,
               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-              grad_scale=grad_scale, found_inf=found_inf)
+              grad_multiplier=grad_multiplier, found_inf=found_inf, **kw)
 
 
 def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-                 maximize=False, grad_scale=1.0, found_inf=None):
+                 maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """Adagrad (Duchi et al. 2011; torch.optim.Adagrad; seeds' Algorithm 8.4).
 
     r <- r + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) g / (sqrt(r) + eps).  ``state_sums`` start at
     ``initial_accumulator_value``.
     """
+    if kw:
+        refuse_keywords("adagrad_step", kw)
     h = build_hyper("adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
-    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_scale, found_inf, maximize)
+    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_multiplier, found_inf, maximize)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, step, lr=1e-2, alpha=0.99,
                  eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False, eps_inside_sqrt=False,
-                 nesterov=False, grad_scale=1.0, found_inf=None):
+                 nesterov=False, grad_multiplier=1.0, found_inf=None, **kw):
     """RMSprop (Hinton's lecture 6e; torch.optim.RMSprop; seeds' Algorithms 8.5 and 8.6).
 
     r <- alpha r + (1 - alpha) g^2;  (centered: ga <- alpha ga + (1 - alpha) g; r_c = r - ga^2);
@@ -259,6 +368,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=No
     ``nesterov=True`` (needs momentum > 0) is Algorithm 8.6: v <- momentum v - lr g / denom, and ``params`` hold the
     interim point theta + momentum v where the caller evaluates the gradient.
     """
+    if kw:
+        refuse_keywords("rmsprop_step", kw)
     h = build_hyper("rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                     centered=centered, eps_inside_sqrt=eps_inside_sqrt, nesterov=nesterov)
     states, names = [square_avgs], ("square_avgs",)
@@ -272,23 +383,25 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=No
             raise ValueError("momentum_buffers: required when momentum > 0")
         states.append(momentum_buffers)
         names += ("momentum_buffers",)
-    _run(_C.rmsprop_step, params, grads, states, names, h, step, grad_scale, found_inf, maximize)
+    _run(_C.rmsprop_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize)
 
 
 def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
-                weight_decay=0.0, maximize=False, grad_scale=1.0, found_inf=None):
+                weight_decay=0.0, maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """Adamax (Kingma & Ba 2015, sec. 7; torch.optim.Adamax; AdaMax in seed 002).
 
     m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g| + eps);  p <- p - lr / (1 - beta1^t) m / u.
     """
+    if kw:
+        refuse_keywords("adamax_step", kw)
     h = build_hyper("adamax", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    _run(_C.adamax_step, params, grads, [exp_avgs, exp_infs], ("exp_avgs", "exp_infs"), h, step, grad_scale,
+    _run(_C.adamax_step, params, grads, [exp_avgs, exp_infs], ("exp_avgs", "exp_infs"), h, step, grad_multiplier,
          found_inf, maximize)
 
 
 def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
                weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False, momentum_schedule=True,
-               maximize=False, grad_scale=1.0, found_inf=None) -> float:
+               maximize=False, grad_multiplier=1.0, found_inf=None, **kw) -> float:
     """NAdam (Dozat 2016; torch.optim.NAdam; Nadam in seed 002).  Returns the new ``mu_product``.
 
     mu_t = beta1 (1 - 0.5 * 0.96^(t momentum_decay));  ``mu_product`` is mu_1 ... mu_{t-1} (1.0 before step 1):
@@ -298,33 +411,43 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     ``momentum_schedule=False`` is seed 002's form with a constant beta1:
     p <- p - lr / denom (beta1 m + (1 - beta1) g) / (1 - beta1^t).
     """
+    if kw:
+        refuse_keywords("nadam_step", kw)
+    mu_product = real_number("mu_product", mu_product)
+    if not 0.0 <= mu_product <= 1.0:
+        raise ValueError(f"mu_product: expected a number in [0, 1] (the product of mu_1..mu_{{t-1}}; 1 before the "
+                         f"first step), got {mu_product}")
     h = build_hyper("nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                     decoupled_weight_decay=decoupled_weight_decay, momentum_schedule=momentum_schedule)
     out = _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
-               grad_scale, found_inf, maximize, mu_product=float(mu_product))
-    return float(mu_product) if out is None else out
+               grad_multiplier, found_inf, maximize, mu_product=mu_product)
+    return mu_product if out is None else out
 
 
 def adadelta_step(params, grads, square_avgs, acc_deltas, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
-                  maximize=False, grad_scale=1.0, found_inf=None):
+                  maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """Adadelta (Zeiler 2012; torch.optim.Adadelta; seed 002).
 
     sq <- rho sq + (1 - rho) g^2;  dx <- sqrt(acc + eps) / sqrt(sq + eps) g;  acc <- rho acc + (1 - rho) dx^2;
     p <- p - lr dx.
     """
+    if kw:
+        refuse_keywords("adadelta_step", kw)
     h = build_hyper("adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
     _run(_C.adadelta_step, params, grads, [square_avgs, acc_deltas], ("square_avgs", "acc_deltas"), h, step,
-         grad_scale, found_inf, maximize)
+         grad_multiplier, found_inf, maximize)
 
 
 def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0),
-               maximize=False, grad_scale=1.0, found_inf=None):
+               maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """Rprop (Riedmiller & Braun 1993; torch.optim.Rprop; seed 004).
 
     s = g prev;  step <- clamp(step * (etaplus if s > 0, etaminus if s < 0, else 1), *step_size_limits);
     g <- 0 where s < 0;  p <- p - sign(g) step;  prev <- g.  ``prevs`` start at 0, ``step_sizes`` at lr (``lr`` is
     only used to check the value; the step sizes carry it).
     """
+    if kw:
+        refuse_keywords("rprop_step", kw)
     h = build_hyper("rprop", lr=lr, etas=etas, step_size_limits=step_size_limits)
-    _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_scale, found_inf,
-         maximize)
+    _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_multiplier,
+         found_inf, maximize)

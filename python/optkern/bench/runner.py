@@ -359,7 +359,8 @@ def bench_clip(torch, n: int, pbase, gbase, reps: int, warmup: int) -> dict:
     def ok():
         ctr[0] += 1
         r = optkern.clip_grad_norm([g], max_norm)
-        optkern.adam_step([p], [g], [m], [v], step=ctr[0], lr=1e-3, grad_scale=r.grad_scale, found_inf=r.found_inf)
+        optkern.adam_step([p], [g], [m], [v], step=ctr[0], lr=1e-3, grad_multiplier=r.grad_multiplier,
+                          found_inf=r.found_inf)
 
     fns = {"optkern": ok}
     path = None

@@ -10,6 +10,7 @@ and the step count.  Options beyond torch reproduce the seeds' algorithm boxes e
 from __future__ import annotations
 
 from .. import _C
+from ..functional import real_number
 from .optimizer import Optimizer
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
@@ -90,8 +91,8 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
                  *, maximize=False):
-        v = float(initial_accumulator_value)
-        if not (v >= 0.0 and v != float("inf")):
+        v = real_number("initial_accumulator_value", initial_accumulator_value)
+        if not v >= 0.0:
             raise ValueError(f"initial_accumulator_value: expected a finite number >= 0, got {v}")
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
@@ -124,7 +125,7 @@ class RMSprop(Optimizer):
         spec = (("square_avg", 0.0),)
         if group["centered"]:
             spec += (("grad_avg", 0.0),)
-        if float(group["momentum"]) > 0:
+        if real_number("momentum", group["momentum"], finite=False) > 0:
             spec += (("momentum_buffer", 0.0),)
         return spec
 
@@ -173,14 +174,16 @@ class NAdam(Optimizer):
         return _pick(group, ("betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay",
                              "momentum_schedule"), lr)
 
-    # Params that share a step count have taken the same steps, so they share the momentum product.
-    def _c_call(self, ps, gs_list, lists, names, hyper, t, states, gs, maximize, stream, gs_dev, fi_dev):
-        return _C.nadam_step(ps, gs_list, lists, names, hyper, t, float(states[0]["mu_product"]), gs, maximize, stream,
-                             gs_dev, fi_dev)
+    # Params that share a step count have taken the same steps, so they share the momentum product: the kernel
+    # takes it after the step count and returns the new one, which the step stores in every param's state.
+    _ret_state = "mu_product"
 
-    def _after_call(self, states, ret):
-        for s in states:
-            s["mu_product"] = ret
+    def _ret_after_interrupt(self, hyper, t, mu_product):
+        """The product the kernel returned, when a signal took its return value away (the kernel's formula, in
+        the same float64 operations: the same bits)."""
+        if hyper.momentum_schedule:
+            return mu_product * (hyper.beta1 * (1.0 - 0.5 * 0.96 ** (t * hyper.momentum_decay)))
+        return mu_product * hyper.beta1
 
 
 class Adadelta(Optimizer):

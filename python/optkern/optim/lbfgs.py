@@ -42,6 +42,7 @@ limited searches:
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -93,6 +94,13 @@ def _flat_view(p, name):
     raise TypeError(f"{name}: expected a NumPy, CuPy or torch array, got {type(p).__name__}")
 
 
+def _realigned(rows):
+    """A 64-byte aligned copy of a (rows, n) array (the history's layout, lost when pickled)."""
+    out = _aligned_rows(_xp(rows), rows.shape[0], rows.shape[1], rows.dtype)
+    out[...] = rows
+    return out
+
+
 def _address(v) -> int:
     return int(v.__array_interface__["data"][0]) if isinstance(v, np.ndarray) else int(v.data.ptr)
 
@@ -136,6 +144,9 @@ class LBFGS:
 
     ``state`` holds torch's counters: ``func_evals`` and ``n_iter`` (over all calls).  ``state_dict()`` /
     ``load_state_dict()`` save and restore them with the stored pairs, the last direction and step.
+
+    ``step`` holds a per-optimizer lock (steps from several threads run one after the other), and the optimizer
+    deepcopies and pickles (a copy continues exactly as the original would, on its own copy of the params).
     """
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
@@ -195,6 +206,35 @@ class LBFGS:
         self._g_prev = self._d = self._x0 = None  # allocated by the first step
         self._t = None
         self._prev_loss = None
+        self._lock = threading.RLock()
+
+    # -- copy and pickle: the flat views, the array module and the lock are rebuilt; buffers realigned --------------
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for k in ("_lock", "_views", "_xp"):
+            d.pop(k, None)
+        if self._hist is not None:
+            h = dict(self._hist.__dict__)
+            h.pop("_xp", None)
+            h["_work"] = None  # scratch, reallocated on use
+            d["_hist"] = h
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
+        self._views = [_flat_view(p, f"params[{i}]") for i, p in enumerate(self.param_groups[0]["params"])]
+        self._xp = _xp(self._views[0])
+        for k in ("_g", "_g_prev", "_d", "_x0"):
+            if getattr(self, k) is not None:
+                setattr(self, k, _aligned_copy(getattr(self, k)))
+        if self._hist is not None:
+            h = LBFGSHistory.__new__(LBFGSHistory)
+            h.__dict__.update(self._hist)
+            h._xp = _xp(h._S)
+            h._S, h._Y = _realigned(h._S), _realigned(h._Y)
+            self._hist = h
 
     # -- flat vectors <-> params -----------------------------------------------------------------------------
 
@@ -275,6 +315,10 @@ class LBFGS:
     def state_dict(self):
         """The counters, the stored pairs (copies, oldest first), the last direction, step, gradient and loss, and
         the group's hyperparameters (params as indices, as torch)."""
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self):
         copy = (lambda a: None if a is None else a.copy())
         state = dict(self.state, t=self._t, prev_loss=self._prev_loss, d=copy(self._d), g_prev=copy(self._g_prev),
                      pairs=[(s.copy(), y.copy()) for s, y in self._pairs()],
@@ -285,6 +329,10 @@ class LBFGS:
 
     def load_state_dict(self, state_dict):
         """Restore a ``state_dict()`` of an LBFGS over params of the same sizes (checked before anything changes)."""
+        with self._lock:
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
             raise ValueError("state_dict: expected one param group with as many params as this optimizer's")
@@ -308,6 +356,10 @@ class LBFGS:
 
     def step(self, closure):
         """Up to max_iter L-BFGS iterations (see the module docstring); returns the closure's first loss."""
+        with self._lock:
+            return self._step(closure)
+
+    def _step(self, closure):
         group = self.param_groups[0]
         _check_group(group)
         lr, max_iter, max_eval = float(group["lr"]), int(group["max_iter"]), int(group["max_eval"])

@@ -4,28 +4,49 @@ over the functional steps.
 A subclass names its algorithm (``_algo``, ``_c_step``), its state buffers in the kernel's order and how they
 start (``_state_spec_for``), and maps a group to the functional keywords (``_hyper_kwargs``); the hyperparameter
 struct is built by the same function the functional layer uses.  A step is one compiled call per param group
-(per step count, if params of a group have taken different numbers of steps).  ``step(grads)`` takes the gradients as a list aligned with all
-params (in group order); a ``None`` entry skips that param, as torch skips a param whose ``.grad`` is None.
+(per step count, if params of a group have taken different numbers of steps).  ``step(grads)`` takes the gradients
+as a list aligned with all params (in group order); a ``None`` entry skips that param, as torch skips a param whose
+``.grad`` is None.
+
+A step is all or nothing:
+
+* it is planned first: every group's hyperparameters (an lr schedule evaluated at this step included), step counts
+  and arrays are checked before the first kernel runs (the arrays of the first call by that call itself, those of
+  any further call by ``_C.check_arrays``), and an error names the caller's indices (``grads[i]``, ``params[i]``
+  counted over all groups, ``state[i]['exp_avg']``);
+* each call's bookkeeping (the step counts, NAdam's momentum product, state created for a param's first step) is
+  committed in one C-level operation right after the kernel returns, and a signal (KeyboardInterrupt) delivered as
+  the kernel returns commits it as well, so counts and buffers never disagree;
+* ``step`` holds a per-optimizer lock for its whole duration, so steps from several threads run one after the other.
+
+Optimizers deepcopy and pickle (the lock and the caches of C structs are rebuilt).
 """
 
 from __future__ import annotations
 
-import math
+import re
+import threading
 from typing import Any
 
 import numpy as np
 
-from .. import _arrays
-from ..functional import _scalar_args, build_hyper
+from .. import _arrays, _C
+from ..functional import (
+    MAX_STEP,
+    _scalar_args,
+    build_hyper,
+    c_message,
+    check_device_scalars,
+    real_number,
+    refuse_keywords,
+)
 
 _ndarray = np.ndarray
-
-
-def _all_present(grads) -> bool:
-    for g in grads:
-        if g is None:
-            return False
-    return True
+_plain = _arrays.plain
+_NO_RETURN = object()
+# What the compiled step raises when it refuses its input, before it touches any memory.
+_REFUSED = (ValueError, TypeError, MemoryError)
+_INDEXED = re.compile(r"\b([A-Za-z_]\w*)\[(\d+)\]")
 
 
 class ParamGroup(dict):
@@ -37,6 +58,9 @@ class ParamGroup(dict):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.version = 0
+
+    def __reduce__(self):  # pickle and copy as a fresh group (the version only keys caches)
+        return type(self), (dict(self),)
 
     def _touch(self):
         self.version += 1
@@ -67,8 +91,15 @@ class ParamGroup(dict):
 class Optimizer:
     #: (state name, initial value or a callable(group) -> value) for every buffer; set by subclasses
     _state_spec: tuple = ()
+    #: set by subclasses: the functional algorithm name (for build_hyper) and the compiled step
+    _algo: str = ""
+    _c_step = None
+    #: a per-param state value passed to the kernel after the step count and replaced by its return value
+    #: (NAdam's running momentum product); None for the other algorithms
+    _ret_state: str | None = None
 
     def __init__(self, params, defaults: dict):
+        self._lock = threading.RLock()
         self.defaults = dict(defaults)
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}  # keyed by the param's index over all groups
@@ -82,26 +113,40 @@ class Optimizer:
         for g in groups:
             self.add_param_group(g)
 
+    # ---- copy and pickle: the lock and the caches (C structs, views) are not state ----------------------
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        for k in ("_lock", "_group_cache", "_hyper_cache", "_flat_params"):
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
+        self._group_cache, self._hyper_cache = {}, {}
+        self._flat_params = [p for g in self.param_groups for p in g["params"]]
+
     # ---- groups ----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError("param_group: expected a dict")
-        group = ParamGroup(param_group)
-        ps = group["params"]
-        group["params"] = list(ps) if isinstance(ps, (list, tuple)) else [ps]
-        for k, v in self.defaults.items():
-            group.setdefault(k, v)
-        unknown = set(group) - set(self.defaults) - {"params"}
-        if unknown:
-            raise TypeError(f"param_group: unexpected keys {sorted(unknown)}")
-        existing = {id(p) for g in self.param_groups for p in g["params"]}
-        for i, p in enumerate(group["params"]):
-            if id(p) in existing:
-                raise ValueError(f"params[{i}]: some parameters appear in more than one parameter group")
-            existing.add(id(p))
-        self._check_group(group)
-        self.param_groups.append(group)
-        self._flat_params = [p for g in self.param_groups for p in g["params"]]
+        with self._lock:
+            group = ParamGroup(param_group)
+            ps = group["params"]
+            group["params"] = list(ps) if isinstance(ps, (list, tuple)) else [ps]
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+            unknown = set(group) - set(self.defaults) - {"params"}
+            if unknown:
+                raise TypeError(f"param_group: unexpected keys {sorted(unknown)}")
+            existing = {id(p) for g in self.param_groups for p in g["params"]}
+            for i, p in enumerate(group["params"]):
+                if id(p) in existing:
+                    raise ValueError(f"params[{i}]: some parameters appear in more than one parameter group")
+                existing.add(id(p))
+            self._check_group(group)
+            self.param_groups.append(group)
+            self._flat_params = [p for g in self.param_groups for p in g["params"]]
 
     def _check_group(self, group: dict) -> None:
         """Validate a group's hyperparameters by building its hyper struct (raises ValueError naming the arg)."""
@@ -109,10 +154,19 @@ class Optimizer:
 
     @staticmethod
     def _lr_value(group: dict, k: int) -> float:
+        """The group's lr (a schedule's value at k steps taken): a finite number >= 0."""
         lr = group["lr"]
-        v = float(lr(k)) if callable(lr) else float(lr)
-        if not (math.isfinite(v) and v >= 0.0):
-            raise ValueError(f"lr: expected a finite number >= 0, got {v}" + (f" (schedule at step {k})" if callable(lr) else ""))
+        where = ""
+        if callable(lr):
+            where = f" (the lr schedule's value at step {k})"
+            try:
+                v = real_number("lr", lr(k))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{e}{where}") from None
+        else:
+            v = lr if type(lr) is float else real_number("lr", lr, finite=False)
+        if not (v >= 0.0 and v != float("inf")):
+            raise ValueError(f"lr: expected a finite number >= 0, got {v}{where}")
         return v
 
     def _params(self) -> list:
@@ -134,108 +188,223 @@ class Optimizer:
         return {}
 
     # ---- the step ----------------------------------------------------------------------------------------
-    #: set by subclasses: the functional algorithm name (for build_hyper) and the compiled step
-    _algo: str = ""
-    _c_step = None
-
-    def step(self, grads=None, *, grad_scale=1.0, found_inf=None, closure=None):
+    def step(self, grads=None, *, grad_multiplier=1.0, found_inf=None, closure=None, **kw):
         """Update every param whose gradient is given, in place, in one fused pass per param group.
 
-        grads: arrays aligned with all params (group order); None (the list) reads ``p.grad`` (torch tensors).
-        grad_scale / found_inf: see :mod:`optkern.functional`; with found_inf true nothing changes, not even the
-        step count.  closure: re-evaluates the loss and returns it (called first, as in torch).
+        grads: arrays aligned with all params (group order); None (the list) reads ``p.grad`` (torch tensors;
+        NumPy and CuPy params have none and need ``step(grads)``).  grad_multiplier / found_inf: see
+        :mod:`optkern.functional`; with found_inf true nothing changes, not even the step count, once every
+        argument has been checked.  closure: re-evaluates the loss and returns it (called first, as in torch).
         """
-        loss = closure() if closure is not None else None
-        params = self._flat_params
-        if grads is None:
-            grads = [getattr(p, "grad", None) for p in params]
-        elif not isinstance(grads, list):
-            grads = _arrays.as_list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
-        if found_inf is None and type(grad_scale) is float and grad_scale == 1.0:
-            skip, gs, gs_dev, fi_dev = False, 1.0, None, None
-        else:
-            skip, gs, gs_dev, fi_dev = _scalar_args(grad_scale, found_inf)
-        if skip:
-            return loss
-        plain = _arrays.plain
-        offset = 0
-        for gi, group in enumerate(self.param_groups):
-            n = len(group["params"])
-            gg = grads[offset:offset + n]
-            cache = self._group_cache.get(gi)
-            if cache is not None and cache["version"] == getattr(group, "version", None) and _all_present(gg):
-                # Common case: every param of the group steps, all at the same count, state lists prebuilt.
-                t = cache["step"] + 1
-                self._call(group, t, cache["params"], [g if type(g) is _ndarray else plain(g) for g in gg],
-                           cache["lists"], cache["states"], gs, gs_dev, fi_dev)
-                cache["step"] = t
-                for st in cache["states"]:
-                    st["step"] = t
+        if kw:
+            refuse_keywords("step", kw)
+        with self._lock:  # (a signal cannot leave it held: `with` releases it on any exception)
+            loss = closure() if closure is not None else None
+            params = self._flat_params
+            if grads is None:
+                grads = self._grads_of(params)
+            elif type(grads) is not list:
+                grads = _arrays.as_list(grads)
+            if len(grads) != len(params):
+                raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
+            if found_inf is None and type(grad_multiplier) is float and grad_multiplier == 1.0:
+                skip, gm, gm_dev, fi_dev = False, 1.0, None, None
             else:
-                self._general_group_step(gi, group, offset, gg, gs, gs_dev, fi_dev)
+                skip, gm, gm_dev, fi_dev = _scalar_args(grad_multiplier, found_inf)
+            calls, new_caches = self._plan(grads)
+            if skip or len(calls) > 1 or gm_dev is not None or fi_dev is not None:
+                # The first call checks its own arrays before its kernel runs; the others are checked now.
+                self._precheck(calls if skip else calls[1:], gm_dev, fi_dev)
+                if skip:
+                    return loss
+            for c in calls:
+                self._run(c, gm, gm_dev, fi_dev)
+            if new_caches:
+                self._group_cache.update(new_caches)
+            return loss
+
+    @staticmethod
+    def _grads_of(params) -> list:
+        """``p.grad`` of every param (torch tensors; a None grad skips its param, as in torch)."""
+        grads = []
+        for i, p in enumerate(params):
+            try:
+                grads.append(p.grad)
+            except AttributeError:
+                raise ValueError(f"grads: params[{i}] (a {type(p).__name__}) has no .grad; NumPy and CuPy params need "
+                                 f"their gradients passed, opt.step(grads)") from None
+        return grads
+
+    def _plan(self, grads) -> tuple[list, dict]:
+        """The step's compiled calls, every hyperparameter, step count and state buffer ready (nothing changed).
+
+        A call: (t, grads, stream, hyper, fixed), fixed = (flat indices, params, state lists, state names, maximize,
+        states, commit targets (the dicts that receive the new count), new states, added buffers): what a group's
+        cache keeps from step to step."""
+        calls: list = []
+        new_caches: dict = {}
+        groups = self.param_groups
+        offset = 0
+        for gi, group in enumerate(groups):
+            n = len(group["params"])
+            gg = grads if len(groups) == 1 else grads[offset:offset + n]
+            cache = self._group_cache.get(gi)
+            if cache is not None and cache["version"] == getattr(group, "version", None):
+                for g in gg:
+                    if g is None:
+                        break
+                else:  # the common case: every param of the group steps, all at one count, lists prebuilt
+                    t = cache["step"] + 1
+                    hyper, fixed = cache["hyper"], cache["fixed"]
+                    if hyper is None or t >= MAX_STEP:
+                        hyper = self._hyper_at(group, t, fixed[0])[0]
+                    ps = fixed[1]
+                    calls.append((t, [g if type(g) is _ndarray else _plain(g) for g in gg],
+                                  0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0]), hyper, fixed))
+                    offset += n
+                    continue
+            self._plan_group(gi, group, offset, gg, calls, new_caches)
             offset += n
-        return loss
+        return calls, new_caches
 
-    def _general_group_step(self, gi, group, offset, gg, gs, gs_dev, fi_dev):
-        plain = _arrays.plain
-        by_step: dict[int, list[int]] = {}
+    def _plan_group(self, gi, group, offset, gg, calls, new_caches) -> None:
+        """Calls for one group outside the fast path: params grouped by step count, first-step state allocated
+        (not yet in ``self.state``), buffers a changed hyperparameter now needs (e.g. amsgrad) created."""
+        params, state = group["params"], self.state
+        self._group_cache.pop(gi, None)  # its count would go stale once some params step without the others
+        by_taken: dict[int, list[int]] = {}
         for j, g in enumerate(gg):
-            if g is None:
-                continue
-            st = self.state.get(offset + j)
-            if st is None:
-                st = self.state[offset + j] = self._init_state(offset + j, group["params"][j], group)
-            by_step.setdefault(st["step"] + 1, []).append(j)
-        spec = self._state_spec_for(group)
-        keys = [k for k, _ in spec]
-        for j, g in enumerate(gg):  # a buffer a changed hyperparameter now needs (e.g. amsgrad) starts as torch's does
-            st = self.state.get(offset + j)
-            if g is not None and st is not None:
-                for k, init in spec:
-                    if k not in st:
-                        st[k] = _arrays.full_like(group["params"][j], float(init(group) if callable(init) else init))
-        for t, js in by_step.items():
-            states = [self.state[offset + j] for j in js]
-            ps = [plain(group["params"][j]) for j in js]
-            lists = [[st[k] for st in states] for k in keys]
-            self._call(group, t, ps, [plain(gg[j]) for j in js], lists, states, gs, gs_dev, fi_dev)
-            for st in states:
-                st["step"] = t
-        # Build the fast-path cache once every param of the group has state at one common step count.
-        sts = [self.state.get(offset + j) for j in range(len(gg))]
-        if all(st is not None for st in sts) and len({st["step"] for st in sts}) == 1:
-            self._group_cache[gi] = {"step": sts[0]["step"], "states": sts, "version": getattr(group, "version", None),
-                                     "params": [plain(p) for p in group["params"]],
-                                     "lists": [[st[k] for st in sts] for k in keys]}
-        else:
-            self._group_cache.pop(gi, None)
+            if g is not None:
+                st = state.get(offset + j)
+                by_taken.setdefault(0 if st is None else self._taken(offset + j, st), []).append(j)
+        version = getattr(group, "version", None)
+        whole = len(by_taken) == 1 and len(gg) > 0 and all(g is not None for g in gg) and version is not None
+        maximize = bool(group["maximize"])
+        for taken, js in by_taken.items():
+            t = taken + 1
+            idx = [offset + j for j in js]
+            hyper, names = self._hyper_at(group, t, idx)
+            spec = self._state_spec_for(group)
+            new, added, states, bufs = {}, [], [], []
+            for j, i in zip(js, idx):
+                st = state.get(i)
+                if st is None:
+                    st = new[i] = self._init_state(i, params[j], group)
+                    b = st
+                else:
+                    missing = {k: _arrays.full_like(params[j], float(init(group) if callable(init) else init))
+                               for k, init in spec if k not in st}
+                    b = st
+                    if missing:  # starts as torch's does; put into the state only when the step runs
+                        added.append((st, missing))
+                        b = {**st, **missing}
+                states.append(st)
+                bufs.append(b)
+            ps = [_plain(params[j]) for j in js]
+            lists = [[b[k] for b in bufs] for k in names]
+            stream = 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0])
+            gl = [_plain(gg[j]) for j in js]
+            if whole:  # after this call every param of the group is at count t: cache the lists for the fast path
+                cache = {"step": taken, "version": version, "hyper": None if callable(group["lr"]) else hyper}
+                targets = states + [cache]
+                cache["fixed"] = (idx, ps, lists, names, maximize, states, targets, None, None)
+                new_caches[gi] = cache
+                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added)))
+            else:
+                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, states, new, added)))
 
-    def _call(self, group, t, ps, gs_list, lists, states, gs, gs_dev, fi_dev):
+    @staticmethod
+    def _taken(i: int, st: dict) -> int:
+        """The steps param i has taken (its state's count), checked: an integer the next step can follow."""
+        s = st["step"]
+        if not (type(s) is int or isinstance(s, np.integer)) or not 0 <= s < MAX_STEP - 1:
+            raise ValueError(f"state[{i}]['step']: expected an integer >= 0 and < 2**62 - 1 (the steps taken), got "
+                             f"{s!r}")
+        return int(s)
+
+    def _hyper_at(self, group: dict, t: int, idx) -> tuple:
+        """(hyper struct, state names) for the group's call at step t."""
+        if t >= MAX_STEP:
+            raise ValueError(f"state[{idx[0]}]['step']: {t - 1} steps taken, the most a step count can be is 2**62 - 1")
         lr = group["lr"]
-        if callable(lr):
-            lr = self._lr_value(group, t - 1)
-        hyper, names = self._hyper_cached(group, lr)
-        stream = 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0])
-        ret = self._c_call(ps, gs_list, lists, names, hyper, t, states, gs, bool(group["maximize"]), stream, gs_dev,
-                           fi_dev)
-        self._after_call(states, ret)
+        return self._hyper_cached(group, self._lr_value(group, t - 1) if callable(lr) else lr)
 
-    def _c_call(self, ps, gs_list, lists, names, hyper, t, states, gs, maximize, stream, gs_dev, fi_dev):
-        return type(self)._c_step(ps, gs_list, lists, names, hyper, t, gs, maximize, stream, gs_dev, fi_dev)
+    def _precheck(self, calls, gm_dev, fi_dev) -> None:
+        """Check the arrays of calls whose kernels run after another one's (nothing is written)."""
+        for _, gl, stream, _, (idx, ps, lists, names, *_) in calls:
+            try:
+                check_device_scalars(ps, gm_dev, fi_dev)
+                _C.check_arrays(ps, gl, lists, names, len(lists), stream)
+            except _REFUSED as e:
+                raise _named(e, idx, names) from None
 
-    def _after_call(self, states, ret) -> None:
-        pass
+    def _run(self, c, gm, gm_dev, fi_dev) -> None:
+        """One compiled call, and its bookkeeping committed with it (see the module docstring)."""
+        t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added) = c
+        rk = self._ret_state
+        if rk is None:
+            args = (ps, gl, lists, names, hyper, t, gm, maximize, stream, gm_dev, fi_dev)
+        else:
+            args = (ps, gl, lists, names, hyper, t, states[0][rk], gm, maximize, stream, gm_dev, fi_dev)
+        if new:  # first-step state, at count 0 until the commit (as torch creates it before its update)
+            self.state.update(new)
+        if added:
+            for st, missing in added:
+                st.update(missing)
+        c_step = type(self)._c_step
+        ret = _NO_RETURN
+        try:
+            ret = c_step(*args)
+            # The commit: every target (each param's state, and the group's cache) takes the new count.
+            if rk is None:
+                for d in targets:
+                    d["step"] = t
+            else:
+                for d in targets:
+                    d["step"] = t
+                    d[rk] = ret
+        except _REFUSED as e:  # refused before anything was written
+            self._undo(new, added)
+            raise _named(e, idx, names) from None
+        except BaseException as e:
+            # CPython delivers a signal (KeyboardInterrupt) at an eval-breaker check, the first one right after a C
+            # call returns.  Raised in this frame (no deeper traceback), it came after the kernel ran: the commit,
+            # which only assigns, is done again in full (it may have been cut short).  From deeper frames (Python
+            # code the binding ran while reading its arguments, e.g. torch's __dlpack__) it came before the kernel.
+            if e.__traceback__ is not None and e.__traceback__.tb_next is None:
+                if rk is None:
+                    for d in targets:
+                        d["step"] = t
+                else:
+                    if ret is _NO_RETURN:  # the signal took the kernel's return value away
+                        ret = self._ret_after_interrupt(hyper, t, args[6])
+                    for d in targets:
+                        d["step"] = t
+                        d[rk] = ret
+            else:
+                self._undo(new, added)
+            raise
 
-    def _hyper_cached(self, group: dict, lr: float):
+    def _undo(self, new, added) -> None:
+        if new:
+            for i in new:
+                self.state.pop(i, None)
+        if added:
+            for st, missing in added:
+                for k in missing:
+                    st.pop(k, None)
+
+    def _ret_after_interrupt(self, hyper, t, value):  # pragma: no cover - only for algorithms with _ret_state
+        raise NotImplementedError
+
+    def _hyper_cached(self, group: dict, lr):
         # Rebuild (and re-validate) the hyperparameters only when the group was modified or the lr value changed.
         hit = self._hyper_cache.get(id(group))
         version = getattr(group, "version", None)
-        if hit is not None and hit[0] == lr and version is not None and hit[1] == version:
+        if hit is not None and hit[0] == lr and type(hit[0]) is type(lr) and version is not None and hit[1] == version:
             return hit[2]
-        lr = self._lr_value(group, 0) if not isinstance(lr, float) else lr
-        h = self._hyper(group, lr)
+        lr_value = self._lr_value({"lr": lr}, 0)
+        h = self._hyper(group, lr_value)
         names = tuple(k for k, _ in self._state_spec_for(group))
         self._hyper_cache[id(group)] = (lr, version, (h, names))
         return h, names
@@ -260,17 +429,18 @@ class Optimizer:
     def state_dict(self) -> dict:
         """A snapshot: hyperparameters by group, and per-param state with copies of the buffers (in the params'
         array library) so that later steps do not change it.  load_state_dict() of it resumes bit for bit."""
-        groups = []
-        start = 0
-        for g in self.param_groups:
-            d = {k: v for k, v in g.items() if k != "params"}
-            d["params"] = list(range(start, start + len(g["params"])))
-            start += len(g["params"])
-            groups.append(d)
-        state = {}
-        for i, st in self.state.items():
-            state[i] = {k: (_arrays.copy_array(v) if _is_array(v) else v) for k, v in st.items()}
-        return {"state": state, "param_groups": groups}
+        with self._lock:
+            groups = []
+            start = 0
+            for g in self.param_groups:
+                d = {k: v for k, v in g.items() if k != "params"}
+                d["params"] = list(range(start, start + len(g["params"])))
+                start += len(g["params"])
+                groups.append(d)
+            state = {}
+            for i, st in self.state.items():
+                state[i] = {k: (_arrays.copy_array(v) if _is_array(v) else v) for k, v in st.items()}
+            return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state_dict() (of an optimizer of the same class over params of the same shapes)."""
@@ -278,6 +448,10 @@ class Optimizer:
             groups, state = state_dict["param_groups"], state_dict["state"]
         except (TypeError, KeyError):
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'") from None
+        with self._lock:
+            self._load(groups, state)
+
+    def _load(self, groups, state) -> None:
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict: has {len(groups)} parameter groups, this optimizer has "
                              f"{len(self.param_groups)}")
@@ -305,6 +479,11 @@ class Optimizer:
                         raise ValueError(f"state_dict: state[{old}][{k!r}] has shape {tuple(v.shape)}, "
                                          f"param has {tuple(p.shape)}")
                     restored[k] = _arrays.to_library_like(v, _arrays.plain(p))
+                elif k == "step":
+                    try:
+                        restored[k] = self._taken(old, st)
+                    except ValueError as e:
+                        raise ValueError(f"state_dict: {e}") from None
                 else:
                     restored[k] = v
             new_state[i] = restored
@@ -327,6 +506,24 @@ class Optimizer:
                     lines.append(f"    {k}: {g[k]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _named(e: Exception, idx, state_names) -> Exception:
+    """The compiled core's error with the caller's indices: its ``params[k]`` / ``grads[k]`` / ``<state>[k]``
+    count the params of one call; the caller counts params over all groups and reads state as ``state[i][name]``."""
+    msg = str(c_message(e))
+
+    def caller(m):
+        name, k = m.group(1), int(m.group(2))
+        if k >= len(idx):
+            return m.group(0)
+        if name in ("params", "grads"):
+            return f"{name}[{idx[k]}]"
+        if name in state_names:
+            return f"state[{idx[k]}][{name!r}]"
+        return m.group(0)
+
+    return type(e)(_INDEXED.sub(caller, msg))
 
 
 def _is_array(v) -> bool:
