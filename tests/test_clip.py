@@ -244,3 +244,19 @@ def test_unsupported_norm_type_raises(norm_type, rng):
         optkern.clip_grad_norm([rng.standard_normal(5)], 1.0, norm_type=norm_type)
     with pytest.raises(ValueError):
         optkern.global_norm([rng.standard_normal(5)], norm_type)
+
+
+def test_clip_result_field_renamed_and_numbers_checked():
+    """ClipResult.grad_multiplier (the old name grad_scale meant a divisor in torch: it fails loudly); max_norm and
+    norm_type are real numbers."""
+    r = optkern.clip_grad_norm([np.ones(4)], 1.0)
+    assert r._fields == ("total_norm", "grad_multiplier", "found_inf")
+    with pytest.raises(AttributeError, match="renamed grad_multiplier"):
+        r.grad_scale
+    for bad, exc in [(10**400, ValueError), ("1", TypeError), (True, TypeError), (None, TypeError)]:
+        with pytest.raises(exc, match=r"^max_norm"):
+            optkern.clip_grad_norm([np.ones(4)], bad)
+        with pytest.raises(exc, match=r"^norm_type"):
+            optkern.global_norm([np.ones(4)], bad)
+    with pytest.raises(TypeError, match=r"^grad_scale: renamed grad_multiplier"):
+        ok.SGD([np.zeros(4)], lr=0.1).step([np.ones(4)], grad_scale=r.grad_multiplier)

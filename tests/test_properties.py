@@ -1,5 +1,7 @@
 """Property tests: one optkern step equals a float64 NumPy transcription of torch's formulas (torch 2.x
-single-tensor Adam / SGD / RMSprop), and invalid hyperparameters always raise ValueError with nothing changed."""
+single-tensor Adam / SGD / RMSprop), invalid hyperparameters always raise ValueError with nothing changed, and a
+class-layer step (optkern.optim, several param groups, params at different step counts) that fails on any defect
+in any group changes no param, buffer or count, names the caller's index, and does not count as a step."""
 
 import math
 
@@ -9,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import optkern
+from optkern import optim
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
                     database=None, print_blob=False)
@@ -211,3 +214,162 @@ def test_invalid_hyperparameters_raise_and_change_nothing(shape, dtype, seed, ba
             optkern.rmsprop_step(p, g, b, a, c, centered=True, **{"momentum": 0.5, **kw})
     for x, y in zip(everything, before):
         assert np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
+
+
+# ---- the class layer: a failing step changes nothing, in any group -------------------------------------------
+CLASS_KW = {
+    "SGD": (optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "Adam": (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    "AdamW": (optim.AdamW, dict(lr=0.01)),
+    "Adagrad": (optim.Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    "RMSprop": (optim.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
+    "Adamax": (optim.Adamax, dict(lr=0.01)),
+    "NAdam": (optim.NAdam, dict(lr=0.01)),
+    "Adadelta": (optim.Adadelta, dict(lr=0.5)),
+    "Rprop": (optim.Rprop, dict(lr=0.01)),
+}
+DEFECTS = ["grad_shape", "grad_dtype", "grad_not_array", "param_read_only", "grad_is_param", "state_read_only",
+           "lr", "lr_schedule", "hyper", "found_inf_grad", "found_inf_lr", "multiplier", "grad_scale_keyword",
+           "step_count"]
+BAD_LR = [-1.0, math.nan, math.inf, 10**400, "0.1", True, None]
+BAD_MULTIPLIER = [math.nan, -math.inf, 10**400, "2", True]
+BAD_COUNT = [1.5, "3", -1, 2**62, None]
+
+
+class BadAt:
+    """An lr schedule that is fine until step k, where it returns a bad value (a number, then garbage)."""
+
+    def __init__(self, k, bad):
+        self.k, self.bad = k, bad
+
+    def __call__(self, k):
+        return self.bad if k >= self.k else 0.01
+
+
+@st.composite
+def class_setups(draw):
+    name = draw(st.sampled_from(sorted(CLASS_KW)))
+    sizes = draw(st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=3), min_size=1, max_size=3))
+    dts = [draw(dtypes) for _ in sizes]
+    n = sum(len(g) for g in sizes)
+    prior = draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), max_size=3))  # which params step before
+    defect = draw(st.sampled_from(DEFECTS))
+    return dict(name=name, sizes=sizes, dtypes=dts, prior=prior, defect=defect, target=draw(st.integers(0, n - 1)),
+                group=draw(st.integers(0, len(sizes) - 1)), pick=draw(st.integers(0, 99)), seed=draw(seeds))
+
+
+def build_class(setup):
+    """The optimizer of a setup after its prior steps (some params skipped: different step counts), its params
+    (flat, group order), the group index of each param, and the next step's valid gradients."""
+    cls, kw = CLASS_KW[setup["name"]]
+    r = np.random.default_rng(setup["seed"])
+    groups, params, group_of = [], [], []
+    for gi, (sizes, dt) in enumerate(zip(setup["sizes"], setup["dtypes"])):
+        ps = [r.standard_normal(n).astype(dt) for n in sizes]
+        groups.append({"params": ps, "lr": kw["lr"] * (1 + gi)})
+        params += ps
+        group_of += [gi] * len(ps)
+    opt = cls(groups, **kw)
+    for mask in setup["prior"]:
+        opt.step([r.standard_normal(p.shape).astype(p.dtype) if m else None for p, m in zip(params, mask)])
+    grads = [r.standard_normal(p.shape).astype(p.dtype) for p in params]
+    return opt, params, group_of, grads
+
+
+def class_snapshot(opt, params, grads):
+    """Everything a step could change: every param's bytes, every state entry (buffers by bytes), the grads."""
+    def val(v):
+        return (v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else repr(v)
+    return ([val(p) for p in params], [val(g) for g in grads],
+            {i: {k: val(v) for k, v in st.items()} for i, st in opt.state.items()})
+
+
+def inject(setup, opt, params, group_of, grads):
+    """Apply the setup's defect; -> (step keywords, exception type(s), message pattern, undo)."""
+    d, i, pick = setup["defect"], setup["target"], setup["pick"]
+    group = opt.param_groups[setup["group"]]
+    p = params[i]
+    kw, undo = {}, (lambda: None)
+    if d == "state_read_only" and not (i in opt.state and any(isinstance(v, np.ndarray) for v in opt.state[i].values())):
+        d = "grad_shape"
+    if d == "step_count" and i not in opt.state:
+        d = "grad_not_array"
+    if d == "grad_shape":
+        good, grads[i] = grads[i], np.ones(p.size + 1, p.dtype)
+        return kw, ValueError, rf"^grads\[{i}\]: expected shape \({p.size},\) like params\[{i}\], got", \
+            lambda: grads.__setitem__(i, good)
+    if d in ("grad_dtype", "found_inf_grad"):
+        good = grads[i]
+        if d == "found_inf_grad":  # int32 of the wrong shape, with the step skipped: still refused
+            grads[i], kw = np.ones(p.size + 2, np.int32), {"found_inf": True}
+        else:
+            grads[i] = grads[i].astype([np.int32, np.float16, np.float64 if p.dtype == np.float32 else np.float32][pick % 3])
+        return kw, TypeError, rf"^grads\[{i}\]", lambda: grads.__setitem__(i, good)
+    if d == "grad_not_array":
+        good, grads[i] = grads[i], [1.0] * p.size
+        return kw, TypeError, rf"^grads\[{i}\]", lambda: grads.__setitem__(i, good)
+    if d == "param_read_only":
+        p.flags.writeable = False
+        return kw, ValueError, rf"^params\[{i}\]: is read-only", lambda: setattr(p.flags, "writeable", True)
+    if d == "grad_is_param":
+        good, grads[i] = grads[i], p
+        return kw, ValueError, rf"^(params|grads)\[{i}\]: overlaps (params|grads)\[{i}\]", \
+            lambda: grads.__setitem__(i, good)
+    if d == "state_read_only":
+        k = sorted(k for k, v in opt.state[i].items() if isinstance(v, np.ndarray))[pick % 2 if pick % 2 < 1 else 0]
+        buf = opt.state[i][k]
+        buf.flags.writeable = False
+        return kw, ValueError, rf"^state\[{i}\]\[{k!r}\]: is read-only", lambda: setattr(buf.flags, "writeable", True)
+    if d in ("lr", "found_inf_lr"):
+        old, bad = group["lr"], BAD_LR[pick % len(BAD_LR)]
+        group["lr"] = bad
+        kw = {"found_inf": True} if d == "found_inf_lr" else {}
+        exc = TypeError if isinstance(bad, (str, bool)) or bad is None else ValueError
+        return kw, exc, r"^lr: expected", lambda: group.__setitem__("lr", old)
+    if d == "lr_schedule":
+        old, bad = group["lr"], BAD_LR[pick % len(BAD_LR)]
+        counts = [opt.state[j]["step"] for j, g in enumerate(group_of) if g == setup["group"] and j in opt.state]
+        group["lr"] = BadAt(min(counts, default=0), bad)  # bad from the lowest count the step runs at
+        exc = TypeError if isinstance(bad, (str, bool)) or bad is None else ValueError
+        return kw, exc, r"^lr: expected .*schedule's value at step", lambda: group.__setitem__("lr", old)
+    if d == "hyper":
+        key = {"SGD": "momentum", "Adagrad": "lr_decay", "RMSprop": "alpha", "Adadelta": "rho",
+               "Rprop": "etas"}.get(setup["name"], "eps")
+        old = group[key]
+        if pick % 2:
+            bad, exc = {"etas": (1.5, 1.2), "alpha": 1.5, "rho": -0.5}.get(key, -1.0), ValueError
+        else:
+            bad, exc = ("x", 1.2) if key == "etas" else "x", TypeError
+        group[key] = bad
+        return kw, exc, rf"^{key}|^etas\[0\]", lambda: group.__setitem__(key, old)
+    if d == "multiplier":
+        bad = BAD_MULTIPLIER[pick % len(BAD_MULTIPLIER)]
+        exc = TypeError if isinstance(bad, (str, bool)) else ValueError
+        return {"grad_multiplier": bad}, exc, r"^grad_multiplier: expected", undo
+    if d == "grad_scale_keyword":
+        return {"grad_scale": 0.5}, TypeError, r"^grad_scale: renamed grad_multiplier", undo
+    assert d == "step_count"  # a saved count that is not one: load_state_dict refuses it, changing nothing
+    sd = opt.state_dict()
+    sd["state"][i]["step"] = BAD_COUNT[pick % len(BAD_COUNT)]
+    return {"load": sd}, ValueError, rf"^state_dict: state\[{i}\]\['step'\]", undo
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          database=None, print_blob=False)
+@given(setup=class_setups())
+def test_failed_class_step_changes_nothing_in_any_group(setup):
+    opt, params, group_of, grads = build_class(setup)
+    before = class_snapshot(opt, params, grads)
+    kw, exc, match, undo = inject(setup, opt, params, group_of, grads)
+    with pytest.raises(exc, match=match):
+        if "load" in kw:
+            opt.load_state_dict(kw["load"])
+        else:
+            opt.step(grads, **kw)
+    undo()
+    assert class_snapshot(opt, params, grads) == before
+    # the refused step did not count: the next valid step equals that of an optimizer that never saw it
+    ref, ref_params, _, ref_grads = build_class(setup)
+    opt.step(grads)
+    ref.step(ref_grads)
+    assert class_snapshot(opt, params, grads) == class_snapshot(ref, ref_params, ref_grads)

@@ -159,3 +159,36 @@ def test_schedule_negative_value_rejected(rng):
     with pytest.raises(ValueError):
         opt.step([rng.standard_normal(8)])
     np.testing.assert_array_equal(p[0], before)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDS))
+def test_schedules_pickle_copy_and_repr(name):
+    """Schedules are small classes: they pickle (so does a state_dict whose lr is one), compare by value, and their
+    repr rebuilds them; the copy's values are the original's bits."""
+    import copy
+    import pickle
+
+    f = SCHEDS[name]()
+    for g in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f), eval(repr(f), {"optkern": optkern})):
+        assert g == f and hash(g) == hash(f) and type(g) is type(f)
+        assert all(g(k) == f(k) for k in KS + list(range(30)))
+    opt = ok.SGD([np.zeros(3)], lr=f)
+    opt.step([np.ones(3)])
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    assert sd["param_groups"][0]["lr"] == f
+
+
+@pytest.mark.parametrize("call,exc", [
+    (lambda: S.constant("0.1"), TypeError), (lambda: S.constant(True), TypeError), (lambda: S.constant(None), TypeError),
+    (lambda: S.constant(10**400), ValueError), (lambda: S.inverse_time([0.1]), TypeError),
+    (lambda: S.linear_decay(0.1, 0.01, "10"), TypeError), (lambda: S.linear_decay(0.1, 0.01, True), TypeError),
+    (lambda: S.linear_decay(0.1, 0.01, math.inf), ValueError), (lambda: S.linear_warmup(None, 0.1), TypeError),
+    (lambda: S.exponential_decay(0.1, "0.1"), TypeError),
+], ids=lambda c: "")
+def test_bad_argument_types_raise(call, exc):
+    with pytest.raises(exc):
+        call()
+
+
+def test_integral_float_lengths_are_accepted():
+    assert S.linear_decay(0.1, 0.001, 1e4).t == 10000 and S.linear_warmup(np.int64(5), 0.1).warmup_steps == 5

@@ -550,3 +550,43 @@ def test_failed_class_step_changes_nothing(rng, cls):
     ref_opt.step(grads)
     for a, b in zip(params, ref):
         assert np.array_equal(a, b)
+
+
+# ---- numbers: types and float range (one helper, functional.real_number / step_count) ---------------------------
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+@pytest.mark.parametrize("value,exc", [(10**400, ValueError), (-(10**400), ValueError), ("0.1", TypeError),
+                                       (True, TypeError), (None, TypeError), ([0.1], TypeError), (1j, TypeError)])
+def test_lr_must_be_a_real_number(rng, algo, value, exc):
+    params, grads, states = make(rng, algo)
+    expect_rejected(exc, r"^lr: expected", algo, params, grads, states, lr=value)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+@pytest.mark.parametrize("value", [np.float32(0.01), np.float64(0.01), np.int64(0), 0])
+def test_numpy_scalars_and_ints_are_numbers(rng, algo, value):
+    params, grads, states = make(rng, algo)
+    call(algo, params, grads, states, lr=value, step=np.int32(3))
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+@pytest.mark.parametrize("step,exc", [(1.5, TypeError), (3.0, TypeError), ("3", TypeError), (True, TypeError),
+                                      (None, TypeError), (2**70, ValueError), (2**62, ValueError)])
+def test_step_must_be_an_integer_in_range(rng, algo, step, exc):
+    params, grads, states = make(rng, algo)
+    expect_rejected(exc, r"^step: expected an integer", algo, params, grads, states, step=step)
+    expect_rejected(exc, r"^step: expected an integer", algo, params, grads, states, step=step, found_inf=True)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(betas=(0.9, "0.999")), r"betas\[1\]"), (dict(eps=10**400), "eps"),
+                                     (dict(weight_decay=False), "weight_decay")])
+def test_adam_fields_are_real_numbers(rng, kw, name):
+    params, grads, states = make(rng, "adam")
+    expect_rejected((TypeError, ValueError), rf"^{name}", "adam", params, grads, states, **kw)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_skipped_step_still_validates_arrays(rng, algo):
+    """found_inf=True skips the update after every check: a wrong-shape int32 grad is refused."""
+    params, grads, states = make(rng, algo)
+    grads[2] = np.ones(3, np.int32)
+    expect_rejected(TypeError, r"^grads\[2\]", algo, params, grads, states, found_inf=True)

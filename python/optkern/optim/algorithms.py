@@ -178,13 +178,6 @@ class NAdam(Optimizer):
     # takes it after the step count and returns the new one, which the step stores in every param's state.
     _ret_state = "mu_product"
 
-    def _ret_after_interrupt(self, hyper, t, mu_product):
-        """The product the kernel returned, when a signal took its return value away (the kernel's formula, in
-        the same float64 operations: the same bits)."""
-        if hyper.momentum_schedule:
-            return mu_product * (hyper.beta1 * (1.0 - 0.5 * 0.96 ** (t * hyper.momentum_decay)))
-        return mu_product * hyper.beta1
-
 
 class Adadelta(Optimizer):
     """Adadelta (torch.optim.Adadelta); seed 002's Adadelta with lr=1."""

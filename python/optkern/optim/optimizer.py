@@ -15,8 +15,9 @@ A step is all or nothing:
   any further call by ``_C.check_arrays``), and an error names the caller's indices (``grads[i]``, ``params[i]``
   counted over all groups, ``state[i]['exp_avg']``);
 * each call's bookkeeping (the step counts, NAdam's momentum product, state created for a param's first step) is
-  committed in one C-level operation right after the kernel returns, and a signal (KeyboardInterrupt) delivered as
-  the kernel returns commits it as well, so counts and buffers never disagree;
+  committed right after the kernel returns; the binding counts the kernel's run (its ``counters`` argument) in the
+  same C call, so an exception at any bytecode (a KeyboardInterrupt) completes the commit if the kernel ran and
+  leaves the state as before the step if it did not: counts and buffers never disagree;
 * ``step`` holds a per-optimizer lock for its whole duration, so steps from several threads run one after the other.
 
 Optimizers deepcopy and pickle (the lock and the caches of C structs are rebuilt).
@@ -43,7 +44,6 @@ from ..functional import (
 
 _ndarray = np.ndarray
 _plain = _arrays.plain
-_NO_RETURN = object()
 # What the compiled step raises when it refuses its input, before it touches any memory.
 _REFUSED = (ValueError, TypeError, MemoryError)
 _INDEXED = re.compile(r"\b([A-Za-z_]\w*)\[(\d+)\]")
@@ -100,6 +100,7 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict):
         self._lock = threading.RLock()
+        self._new_run_record()
         self.defaults = dict(defaults)
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}  # keyed by the param's index over all groups
@@ -116,13 +117,14 @@ class Optimizer:
     # ---- copy and pickle: the lock and the caches (C structs, views) are not state ----------------------
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
-        for k in ("_lock", "_group_cache", "_hyper_cache", "_flat_params"):
+        for k in ("_lock", "_group_cache", "_hyper_cache", "_flat_params", "_done", "_runs_committed"):
             d.pop(k, None)
         return d
 
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self._lock = threading.RLock()
+        self._new_run_record()
         self._group_cache, self._hyper_cache = {}, {}
         self._flat_params = [p for g in self.param_groups for p in g["params"]]
 
@@ -342,17 +344,18 @@ class Optimizer:
         """One compiled call, and its bookkeeping committed with it (see the module docstring)."""
         t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added) = c
         rk = self._ret_state
+        done = self._done
         if rk is None:
-            args = (ps, gl, lists, names, hyper, t, gm, maximize, stream, gm_dev, fi_dev)
-        else:
-            args = (ps, gl, lists, names, hyper, t, states[0][rk], gm, maximize, stream, gm_dev, fi_dev)
+            args = (ps, gl, lists, names, hyper, t, gm, maximize, stream, gm_dev, fi_dev, done[1], True)
+        else:  # NAdam: the product after the step count; the binding also writes the new one to done[0][1]
+            args = (ps, gl, lists, names, hyper, t, states[0][rk], gm, maximize, stream, gm_dev, fi_dev, done[1],
+                    True, False, done[2], True)
         if new:  # first-step state, at count 0 until the commit (as torch creates it before its update)
             self.state.update(new)
         if added:
             for st, missing in added:
                 st.update(missing)
         c_step = type(self)._c_step
-        ret = _NO_RETURN
         try:
             ret = c_step(*args)
             # The commit: every target (each param's state, and the group's cache) takes the new count.
@@ -363,27 +366,26 @@ class Optimizer:
                 for d in targets:
                     d["step"] = t
                     d[rk] = ret
-        except _REFUSED as e:  # refused before anything was written
-            self._undo(new, added)
-            raise _named(e, idx, names) from None
+            self._runs_committed += 1
         except BaseException as e:
-            # CPython delivers a signal (KeyboardInterrupt) at an eval-breaker check, the first one right after a C
-            # call returns.  Raised in this frame (no deeper traceback), it came after the kernel ran: the commit,
-            # which only assigns, is done again in full (it may have been cut short).  From deeper frames (Python
-            # code the binding ran while reading its arguments, e.g. torch's __dlpack__) it came before the kernel.
-            if e.__traceback__ is not None and e.__traceback__.tb_next is None:
+            # A signal (KeyboardInterrupt) arrives at a bytecode boundary, the first one right after the kernel's C
+            # call returns.  The binding counted the kernel's run in done[0][0] before it returned (no bytecode in
+            # between): if it ran, the commit, which only assigns, is done in full (it may have been cut short).
+            runs = done[0]
+            if runs[0] > self._runs_committed:
                 if rk is None:
                     for d in targets:
                         d["step"] = t
                 else:
-                    if ret is _NO_RETURN:  # the signal took the kernel's return value away
-                        ret = self._ret_after_interrupt(hyper, t, args[6])
                     for d in targets:
                         d["step"] = t
-                        d[rk] = ret
-            else:
+                        d[rk] = float(runs[1])
+                self._runs_committed = int(runs[0])
+                raise
+            if isinstance(e, _REFUSED):  # the binding refused its input: nothing was written
                 self._undo(new, added)
-            raise
+                raise _named(e, idx, names) from None
+            raise  # (first-step state, if any, stays at count 0 with its initial buffers, as before a step)
 
     def _undo(self, new, added) -> None:
         if new:
@@ -394,8 +396,12 @@ class Optimizer:
                 for k in missing:
                     st.pop(k, None)
 
-    def _ret_after_interrupt(self, hyper, t, value):  # pragma: no cover - only for algorithms with _ret_state
-        raise NotImplementedError
+    def _new_run_record(self) -> None:
+        """done: ([kernel runs, NAdam's last product] as float64, [address of the runs], [address of the product])
+        for the binding's ``counters`` / ``mu_products`` (written in the kernel's C call); the runs committed."""
+        runs = np.zeros(2)
+        self._done = (runs, [runs.ctypes.data], [runs.ctypes.data + 8])
+        self._runs_committed = 0
 
     def _hyper_cached(self, group: dict, lr):
         # Rebuild (and re-validate) the hyperparameters only when the group was modified or the lr value changed.
