@@ -71,7 +71,8 @@ def test_clip_grad_norm_matches_torch(dtype, norm_type, rng):
         np.testing.assert_array_equal(g, b)
     for g, t in zip(gs, ts):  # torch's clipped grads are the same scale times the grads
         if g.size:
-            np.testing.assert_allclose(t.grad.numpy(), g * r.grad_multiplier, rtol=1e-6 if dtype == np.float32 else 1e-13,
+            np.testing.assert_allclose(t.grad.numpy(), g * r.grad_multiplier,
+                                       rtol=1e-6 if dtype == np.float32 else 1e-13,
                                        atol=1e-30)
 
 

@@ -290,7 +290,8 @@ def inject(setup, opt, params, group_of, grads):
     group = opt.param_groups[setup["group"]]
     p = params[i]
     kw, undo = {}, (lambda: None)
-    if d == "state_read_only" and not (i in opt.state and any(isinstance(v, np.ndarray) for v in opt.state[i].values())):
+    buffers = sorted(k for k, v in opt.state.get(i, {}).items() if isinstance(v, np.ndarray))
+    if d == "state_read_only" and not buffers:
         d = "grad_shape"
     if d == "step_count" and i not in opt.state:
         d = "grad_not_array"
@@ -303,7 +304,8 @@ def inject(setup, opt, params, group_of, grads):
         if d == "found_inf_grad":  # int32 of the wrong shape, with the step skipped: still refused
             grads[i], kw = np.ones(p.size + 2, np.int32), {"found_inf": True}
         else:
-            grads[i] = grads[i].astype([np.int32, np.float16, np.float64 if p.dtype == np.float32 else np.float32][pick % 3])
+            other = np.float64 if p.dtype == np.float32 else np.float32
+            grads[i] = grads[i].astype([np.int32, np.float16, other][pick % 3])
         return kw, TypeError, rf"^grads\[{i}\]", lambda: grads.__setitem__(i, good)
     if d == "grad_not_array":
         good, grads[i] = grads[i], [1.0] * p.size
@@ -316,7 +318,7 @@ def inject(setup, opt, params, group_of, grads):
         return kw, ValueError, rf"^(params|grads)\[{i}\]: overlaps (params|grads)\[{i}\]", \
             lambda: grads.__setitem__(i, good)
     if d == "state_read_only":
-        k = sorted(k for k, v in opt.state[i].items() if isinstance(v, np.ndarray))[pick % 2 if pick % 2 < 1 else 0]
+        k = buffers[pick % len(buffers)]
         buf = opt.state[i][k]
         buf.flags.writeable = False
         return kw, ValueError, rf"^state\[{i}\]\[{k!r}\]: is read-only", lambda: setattr(buf.flags, "writeable", True)

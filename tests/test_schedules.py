@@ -179,7 +179,8 @@ def test_schedules_pickle_copy_and_repr(name):
 
 
 @pytest.mark.parametrize("call,exc", [
-    (lambda: S.constant("0.1"), TypeError), (lambda: S.constant(True), TypeError), (lambda: S.constant(None), TypeError),
+    (lambda: S.constant("0.1"), TypeError), (lambda: S.constant(True), TypeError),
+    (lambda: S.constant(None), TypeError),
     (lambda: S.constant(10**400), ValueError), (lambda: S.inverse_time([0.1]), TypeError),
     (lambda: S.linear_decay(0.1, 0.01, "10"), TypeError), (lambda: S.linear_decay(0.1, 0.01, True), TypeError),
     (lambda: S.linear_decay(0.1, 0.01, math.inf), ValueError), (lambda: S.linear_warmup(None, 0.1), TypeError),
