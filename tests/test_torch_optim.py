@@ -600,7 +600,15 @@ def test_tensor_lr_and_tensor_betas(name, dtype, gen):
     kw = dict(lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.999)), weight_decay=0.01)
     ok_opt, po, t_opt, pt = pair(name, params, kw)
     drive([ok_opt, t_opt], [po, pt], 15, gen)
-    assert_same_run(ok_opt, t_opt, po, pt, f"{name} tensor lr/betas")
+    if dtype == torch.float32:
+        assert_same_run(ok_opt, t_opt, po, pt, f"{name} tensor lr/betas")
+    else:
+        # Documented difference (README, optkern.torch.optim's docstring): torch's single-tensor path computes the
+        # bias corrections and the step size from float32 tensor betas/lr in float32 tensor arithmetic; optkern
+        # takes their values into its float64 host math.  Measured 1.2e-7 (Adam) and 2.8e-7 (AdamW) after 15 steps.
+        for i, (a, b) in enumerate(zip(po, pt)):
+            e = rel_err(a, b)
+            assert e <= 1e-6, f"{name} float64 param {i}: rel err {e:.3g} with float32 tensor betas"
     assert_groups_equal(ok_opt, t_opt)
     assert isinstance(ok_opt.param_groups[0]["betas"][0], torch.Tensor)
 

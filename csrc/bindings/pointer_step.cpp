@@ -97,9 +97,12 @@ class PointerPlan {
     static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     static PyObject* s_stride = PyUnicode_InternFromString("stride");
     const size_t n = params_.size();
+    // Every param first: a param whose storage moved has freed its old memory, where a new grad may now live,
+    // and the cached writable ranges would then report that grad as overlapping.
+    for (size_t i = 0; i < n; ++i)
+      if (address(params_[i].ptr(), s_data_ptr) != param_ptrs_[i]) return -2 - static_cast<int64_t>(i);
     for (size_t i = 0; i < n; ++i) {
       PyObject* p = params_[i].ptr();
-      if (address(p, s_data_ptr) != param_ptrs_[i]) return -2 - static_cast<int64_t>(i);
       py::object g = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_grad));
       if (!g) throw py::error_already_set();
       if (g.is_none()) return static_cast<int64_t>(i);

@@ -88,7 +88,7 @@ class _FusedStep:
     A subclass sets ``_algo`` (the functional name for ``build_hyper``), ``_c_step``, and implements
     ``_hyper_kwargs(group, lr)``, ``_kernel_state_keys(group)`` (the state tensors in the kernel's order) and
     ``_state_spec(group)`` (torch's state keys in torch's order, with their initial values: "step", "one", a
-    number, "lr" or the name of a group key).
+    number, "lr" or a function of (optimizer, group)).
     """
 
     _step_supports_amp_scaling = True
@@ -98,6 +98,7 @@ class _FusedStep:
     _fused_capable = False  # torch has a fused kernel for this class (its step tensor follows `fused`)
     _watch_extra = ()  # further state entries a cached plan relies on
     _hyper_keys: tuple = ()  # the group keys _hyper_kwargs reads
+    _scalar_keys = ("step",)  # per-param scalar state tensors a step writes (their versions are bumped too)
 
     # ---- construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -261,15 +262,14 @@ class _FusedStep:
         entries = plans.entries
         try:
             for e in entries:
-                r = e.plan.gather(float(e.taken))
-                if r != -1:
-                    for x in entries:
-                        x.plan.release_grads()
-                    return False
-        except (TypeError, ValueError, RuntimeError) as err:
+                if e.plan.gather(float(e.taken)) != -1:
+                    raise LookupError  # a param without grad, or a stale plan: the general path decides
+        except (LookupError, TypeError, ValueError, RuntimeError):
+            # Nothing was written.  The general path re-validates everything and raises the canonical error
+            # (naming the param as the caller's groups hold it) or steps and rebuilds the plans.
             for x in entries:
                 x.plan.release_grads()
-            raise self._renamed(err, e.names) from None
+            return False
         skip, mult, mult_dev, fi_dev = self._amp_args()
         if skip:
             for x in entries:
@@ -297,9 +297,12 @@ class _FusedStep:
                 if p.grad is None:
                     idle.append(p)
                     continue
-                st = self.state.get(p)
-                if not st or any(st.get(k) is None for k in keys):
-                    return None
+                if not (keys or self._has_step_tensor):
+                    st = {}  # nothing kept per param (SGD without momentum: torch keeps no state either)
+                else:
+                    st = self.state.get(p)
+                    if not st or any(st.get(k) is None for k in keys):
+                        return None
                 if self._has_step_tensor:
                     s = st.get("step")
                     if not (isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype in _COUNTER_DTYPES):
@@ -328,6 +331,8 @@ class _FusedStep:
                               ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts])
         plan.release_grads()
         bump = list(ps)
+        for k in self._scalar_keys:
+            lists.append([st[k] for st in sts])
         for lst in lists:  # state allocated by this front end shares one base per kind: one bump covers it
             base = lst[0]._base
             bump += [base] if base is not None and all(t._base is base for t in lst) else lst
@@ -340,14 +345,6 @@ class _FusedStep:
 
     def _plannable(self, st) -> bool:
         return True
-
-    @staticmethod
-    def _renamed(err, names):
-        msg = str(err)
-        m = _NAME_RE.match(msg)
-        if m and m.group(1) == "grads" and int(m.group(2)) < len(names):
-            msg = f"{names[int(m.group(2))]}.grad" + msg[m.end():]
-        return type(err)(msg)
 
     # ---- the general path --------------------------------------------------------------------------------------
     def _general_step(self) -> bool:
@@ -385,14 +382,15 @@ class _FusedStep:
         # 2. Write: lazy state (one buffer per state kind for the params starting together), then one kernel
         #    call per (group, dtype, device, step count).
         for group, hyper, keys, device, taken, counter, extra, items in calls:
-            fresh = [p for _, p, _ in items if not self.state.get(p)
-                     or (self._has_step_tensor and "step" not in self.state[p])]
+            stateful = bool(keys) or self._has_step_tensor
+            fresh = [p for _, p, _ in items if stateful and (not self.state.get(p)
+                     or (self._has_step_tensor and "step" not in self.state[p]))]
             if fresh:
                 for p, st in zip(fresh, self._new_states(group, fresh)):
                     self.state[p].update(st)
             states = []
             for name, p, g in items:
-                st = self.state[p]
+                st = self.state[p] if stateful else {}
                 for k in keys:
                     if st.get(k) is None:  # a buffer a changed hyperparameter now needs (e.g. amsgrad)
                         st[k] = self._new_states(group, [p], only=k)[0][k]
@@ -406,15 +404,12 @@ class _FusedStep:
         for key, init in self._state_spec(group):
             if only is not None and key != only:
                 continue
-            if init == "step":
-                for d, p in zip(out, ps):
-                    d[key] = _step_tensor(group, p, fused_capable=self._fused_capable)
-            elif init == "one":
-                for d, p in zip(out, ps):
-                    d[key] = (torch.ones((), dtype=_scalar_dtype(), device=p.device) if group.get("capturable")
-                              else torch.tensor(1.0, dtype=_scalar_dtype()))
+            if init in ("step", "one"):  # 0-d tensors as torch makes them, as views of one buffer
+                for d, t in zip(out, _scalars(group, ps, self._fused_capable and init == "step",
+                                              0.0 if init == "step" else 1.0)):
+                    d[key] = t
             else:
-                value = _number(group["lr"]) if init == "lr" else _number(group[init]) if isinstance(init, str) \
+                value = _number(group["lr"]) if init == "lr" else init(self, group) if callable(init) \
                     else float(init)
                 for d, t in zip(out, _filled_like(ps, value)):
                     d[key] = t
@@ -457,7 +452,8 @@ class _FusedStep:
         r = self._translate(lambda: self._c_step(*args, **kw), keys, items)
         if bump_after:  # counters not in host memory (capturable/fused steps on a device)
             torch._foreach_add_(bump_after, 1.0)
-        torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst])
+        scalars = [st[k] for st in states for k in self._scalar_keys if isinstance(st.get(k), torch.Tensor)]
+        torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst] + scalars)
         return r
 
     def _counters(self, states):
@@ -527,12 +523,17 @@ def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _step_tensor(group, p, fused_capable: bool = False):
-    """torch's initial state["step"]: a CPU scalar, or on the param's device with capturable (or fused)."""
-    if group.get("capturable") or (fused_capable and group.get("fused")):
-        dtype = torch.float32 if (fused_capable and group.get("fused")) else _scalar_dtype()
-        return torch.zeros((), dtype=dtype, device=p.device)
-    return torch.tensor(0.0, dtype=_scalar_dtype())
+def _scalars(group, ps, fused_capable: bool, value: float) -> list:
+    """torch's initial 0-d state scalars (state["step"], NAdam's "mu_product"): on the CPU in torch's scalar
+    dtype, or on the params' device with capturable (or fused, float32), as views of one tensor (so that one
+    version bump covers them)."""
+    fused = fused_capable and group.get("fused")
+    if group.get("capturable") or fused:
+        dtype, device = (torch.float32 if fused else _scalar_dtype()), ps[0].device
+    else:
+        dtype, device = _scalar_dtype(), torch.device("cpu")
+    flat = torch.full((len(ps),), value, dtype=dtype, device=device)
+    return [flat[i] for i in range(len(ps))]
 
 
 def _pick(group, keys, lr, **renamed):
@@ -560,6 +561,7 @@ class SGD(_FusedStep, torch.optim.SGD):
     """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) on optkern's fused SGD kernel."""
 
     _algo, _c_step, _has_step_tensor = "sgd", _C.sgd_step, False
+    _scalar_keys = ()
     _plan_step = _C.plan_sgd_step
     _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "differentiable")
 
@@ -640,8 +642,8 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
     def _kernel_state_keys(self, group):
         return ("sum",)
 
-    def _state_spec(self, group):  # torch creates it in __init__; here for groups added later
-        return (("step", "step"), ("sum", "initial_accumulator_value"))
+    def _state_spec(self, group):  # torch creates it in __init__; for groups added later from the defaults, as torch
+        return (("step", "step"), ("sum", lambda opt, g: _number(opt.defaults["initial_accumulator_value"])))
 
 
 class RMSprop(_FusedStep, torch.optim.RMSprop):
@@ -748,6 +750,7 @@ class NAdam(_FusedStep, torch.optim.NAdam):
         return kw
 
     _watch_extra = ("mu_product",)
+    _scalar_keys = ("step", "mu_product")
 
     def _plannable(self, st) -> bool:
         t = st.get("mu_product")
