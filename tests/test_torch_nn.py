@@ -437,8 +437,9 @@ def test_version_counters(rng):
 def test_other_dtypes_fall_back_to_torch(rng, dtype):
     """bfloat16/float16 run torch's own batch norm (bitwise torch's), as a module of that dtype and with float32
     parameters (torch's mixed-dtype CPU path, output in the input's dtype)."""
-    for module_dtype in (dtype, torch.float32):
-        ref, ours = twin(torch.nn.BatchNorm2d, onn.BatchNorm2d, rng, 3, dtype=module_dtype)
+    for module_dtype, pair in ((dtype, PAIRS["BatchNorm2d"]), (torch.float32, PAIRS["BatchNorm2d"]),
+                               (torch.float32, (torch.nn.SyncBatchNorm, onn.SyncBatchNorm))):
+        ref, ours = twin(*pair, rng, 3, dtype=module_dtype)
         yr, yo, xr, xo = run_both(ref, ours, randn(rng, 2, 3, 4, 4, dtype=dtype).requires_grad_(), rng=rng)
         assert yo.dtype == yr.dtype == dtype
         assert torch.equal(yo, yr) and torch.equal(xo.grad, xr.grad)

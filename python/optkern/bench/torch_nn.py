@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -114,7 +115,11 @@ def markdown(results: dict) -> str:
     how = (f"`{meta['command']}`: one step of the layer as a module, `y = m(x); y.backward(dy)` (autograd "
            "included, grads set to None before each call); \"optkern raw\" is the same step through "
            "`optkern.batch_norm_forward` + `batch_norm_backward` without autograd, in the same rounds.")
-    lines = [title, "", how, "",
+    load = ""
+    if meta.get("loadavg_start") and meta.get("loadavg_end"):
+        load = (f" Load average (1 min): {meta['loadavg_start'][0]:.2f} before the run, {meta['loadavg_end'][0]:.2f} "
+                f"at its end (this run included), on {meta['cpu_count']} CPUs.")
+    lines = [title, "", how + load, "",
              "| case | optkern.torch.nn | torch.nn | torch/optkern | optkern raw kernels | target | met |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -152,6 +157,7 @@ def run(args) -> dict:
     shape = QUICK_SHAPE if args.quick else SHAPE
     rows = [bench_layout(torch, layout, shape, args.reps, 1 if args.quick else 2) for layout in ("nchw", "channels_last")]
     meta["wall_s"] = time.perf_counter() - t0
+    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"meta": meta, "rows": rows}
 
 
