@@ -210,19 +210,19 @@ class Optimizer:
             if len(grads) != len(params):
                 raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
             if found_inf is None and type(grad_multiplier) is float and grad_multiplier == 1.0:
+                calls = self._plan(grads)
+                if len(calls) == 1:  # the common case: one call, which checks its own arrays before its kernel
+                    self._run(calls[0], 1.0, None, None)
+                    return loss
                 skip, gm, gm_dev, fi_dev = False, 1.0, None, None
             else:
                 skip, gm, gm_dev, fi_dev = _scalar_args(grad_multiplier, found_inf)
-            calls, new_caches = self._plan(grads)
-            if skip or len(calls) > 1 or gm_dev is not None or fi_dev is not None:
-                # The first call checks its own arrays before its kernel runs; the others are checked now.
-                self._precheck(calls if skip else calls[1:], gm_dev, fi_dev)
-                if skip:
-                    return loss
-            for c in calls:
-                self._run(c, gm, gm_dev, fi_dev)
-            if new_caches:
-                self._group_cache.update(new_caches)
+                calls = self._plan(grads)
+            # The first call checks its own arrays before its kernel runs; the others are checked first.
+            self._precheck(calls if skip else calls[1:], gm_dev, fi_dev)
+            if not skip:
+                for c in calls:
+                    self._run(c, gm, gm_dev, fi_dev)
             return loss
 
     @staticmethod
@@ -237,39 +237,43 @@ class Optimizer:
                                  f"their gradients passed, opt.step(grads)") from None
         return grads
 
-    def _plan(self, grads) -> tuple[list, dict]:
+    def _plan(self, grads) -> list:
         """The step's compiled calls, every hyperparameter, step count and state buffer ready (nothing changed).
 
         A call: (t, grads, stream, hyper, fixed), fixed = (flat indices, params, state lists, state names, maximize,
-        states, commit targets (the dicts that receive the new count), new states, added buffers): what a group's
-        cache keeps from step to step."""
+        states, commit targets (the dicts that receive the new count), new states, added buffers, a group cache to
+        register once the call is committed): what a group's cache keeps from step to step."""
         calls: list = []
-        new_caches: dict = {}
-        groups = self.param_groups
+        groups, caches = self.param_groups, self._group_cache
         offset = 0
         for gi, group in enumerate(groups):
             n = len(group["params"])
-            gg = grads if len(groups) == 1 else grads[offset:offset + n]
-            cache = self._group_cache.get(gi)
+            gg = grads if gi == 0 and n == len(grads) else grads[offset:offset + n]
+            cache = caches.get(gi)
             if cache is not None and cache["version"] == getattr(group, "version", None):
+                gl = gg  # the grads as given when all are NumPy arrays (the kernel only reads the list)
                 for g in gg:
-                    if g is None:
-                        break
+                    if type(g) is not _ndarray:
+                        if g is None:
+                            break
+                        gl = None
                 else:  # the common case: every param of the group steps, all at one count, lists prebuilt
+                    if gl is None:
+                        gl = [_plain(g) for g in gg]
                     t = cache["step"] + 1
                     hyper, fixed = cache["hyper"], cache["fixed"]
                     if hyper is None or t >= MAX_STEP:
                         hyper = self._hyper_at(group, t, fixed[0])[0]
                     ps = fixed[1]
-                    calls.append((t, [g if type(g) is _ndarray else _plain(g) for g in gg],
-                                  0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0]), hyper, fixed))
+                    calls.append((t, gl, 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0]), hyper,
+                                  fixed))
                     offset += n
                     continue
-            self._plan_group(gi, group, offset, gg, calls, new_caches)
+            self._plan_group(gi, group, offset, gg, calls)
             offset += n
-        return calls, new_caches
+        return calls
 
-    def _plan_group(self, gi, group, offset, gg, calls, new_caches) -> None:
+    def _plan_group(self, gi, group, offset, gg, calls) -> None:
         """Calls for one group outside the fast path: params grouped by step count, first-step state allocated
         (not yet in ``self.state``), buffers a changed hyperparameter now needs (e.g. amsgrad) created."""
         params, state = group["params"], self.state
@@ -309,11 +313,11 @@ class Optimizer:
             if whole:  # after this call every param of the group is at count t: cache the lists for the fast path
                 cache = {"step": taken, "version": version, "hyper": None if callable(group["lr"]) else hyper}
                 targets = states + [cache]
-                cache["fixed"] = (idx, ps, lists, names, maximize, states, targets, None, None)
-                new_caches[gi] = cache
-                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added)))
+                cache["fixed"] = (idx, ps, lists, names, maximize, states, targets, None, None, None)
+                calls.append((t, gl, stream, hyper,
+                              (idx, ps, lists, names, maximize, states, targets, new, added, (gi, cache))))
             else:
-                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, states, new, added)))
+                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, states, new, added, None)))
 
     @staticmethod
     def _taken(i: int, st: dict) -> int:
@@ -342,7 +346,7 @@ class Optimizer:
 
     def _run(self, c, gm, gm_dev, fi_dev) -> None:
         """One compiled call, and its bookkeeping committed with it (see the module docstring)."""
-        t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added) = c
+        t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added, cache) = c
         rk = self._ret_state
         done = self._done
         if rk is None:
@@ -367,6 +371,8 @@ class Optimizer:
                     d["step"] = t
                     d[rk] = ret
             self._runs_committed += 1
+            if cache is not None:  # the group's lists, for the fast path of its next step
+                self._group_cache[cache[0]] = cache[1]
         except BaseException as e:
             # A signal (KeyboardInterrupt) arrives at a bytecode boundary, the first one right after the kernel's C
             # call returns.  The binding counted the kernel's run in done[0][0] before it returned (no bytecode in
