@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import optkern
 
 from .runner import _median, cpu_model, time_interleaved
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="ResNet list only, AdamW and SGD, 3 reps")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--only", default="", help="comma-separated model/algo filters, e.g. gpt2_small,resnet50/Adam")
     args = ap.parse_args(argv)
     import torch
 
@@ -110,16 +113,21 @@ def main(argv=None) -> int:
     # the in-place add over the ResNet list's element count, in the same run
     n_res = sum(int(torch.Size(s).numel()) for s in resnet)
     xa, xb = torch.ones(n_res), torch.full((n_res,), 1e-7)
+    na, nb = np.ones(n_res, np.float32), np.full(n_res, 1e-7, np.float32)
     cases = [("resnet50", resnet, n) for n in names]
     if not args.quick:
         cases.append(("gpt2_small", gpt2, "AdamW"))
+    if args.only:
+        keep = args.only.split(",")
+        cases = [c for c in cases if c[0] in keep or f"{c[0]}/{c[2]}" in keep]
     for model, shapes, name in cases:
         impl = "fused" if name in _FUSED else "foreach"
         ok, tt, numel, oa = _pair(torch, okt, name, shapes, impl)
-        t = time_interleaved({"optkern": ok, "torch": tt, "add": lambda: xa.add_(xb)}, reps, 2)
+        t = time_interleaved({"optkern": ok, "torch": tt, "torch_add": lambda: xa.add_(xb),
+                              "numpy_add": lambda: np.add(na, nb, out=na)}, reps, 2)
         med = {k: _median(v) for k, v in t.items()}
         nbytes = 4 * numel * (3 + 2 * _STATES[name])
-        add_gbs = 12 * n_res / med["add"] / 1e9
+        add_gbs = 12 * n_res / min(med["torch_add"], med["numpy_add"]) / 1e9  # the faster in-place add
         gbs = nbytes / med["optkern"] / 1e9
         ratio = med["torch"] / med["optkern"]
         target = 1.0 if impl == "fused" else 3.0
