@@ -33,6 +33,8 @@ import numpy as np
 from . import _C
 from ._arrays import as_list, current_stream, is_cuda, plain
 
+_ndarray = np.ndarray
+
 __all__ = [
     "sgd_step",
     "adam_step",
@@ -142,11 +144,19 @@ def c_message(e: Exception) -> Exception:
     return type(e)(msg.replace("grad_scale", "grad_multiplier"))
 
 
+def _plain_list(x) -> list:
+    """One array or a list/tuple of arrays -> a list the binding reads (torch tensors that require grad detached);
+    a list of NumPy arrays is passed through as it is."""
+    if type(x) is list:
+        for a in x:
+            if type(a) is not _ndarray:
+                return [plain(a) for a in x]
+        return x
+    return [plain(a) for a in as_list(x)]
+
+
 def _lists(params, grads, states):
-    ps = [plain(p) for p in as_list(params)]
-    gs = [plain(g) for g in as_list(grads)]
-    ss = [[plain(a) for a in as_list(s)] for s in states]
-    return ps, gs, ss
+    return _plain_list(params), _plain_list(grads), [_plain_list(s) for s in states]
 
 
 def _run(fn, params, grads, states, names, hyper, step, grad_multiplier, found_inf, maximize, **extra):
