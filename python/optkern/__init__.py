@@ -6,7 +6,8 @@
 
 Layers: :mod:`optkern.optim` (torch.optim-named classes) over :mod:`optkern.functional` (one function per
 algorithm) over the compiled core ``optkern._C``.  Also :func:`clip_grad_norm` (global-norm clipping folded into
-the step as ``grad_scale``) and :mod:`optkern.schedules`.
+the step as ``grad_multiplier``) and :mod:`optkern.schedules`.
+:mod:`optkern.torch` (imported on first use, never by ``import optkern``) is the PyTorch front end.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """``python -m optkern.demo``: train a small NumPy MLP on scikit-learn's digits with every optkern optimizer, then
-fit an L2-regularized logistic regression with ``optkern.lbfgs_minimize`` next to first-order optimizers.
+fit an L2-regularized logistic regression with ``optkern.lbfgs_minimize`` next to first-order optimizers, then train
+a small CNN with the PyTorch front end.
 
 1. A 64-64-10 MLP (ReLU, softmax cross-entropy; forward and backward written out in NumPy, float32) on the 8x8
    digits that ship with scikit-learn (no download), once per optimizer, plus one run with global-norm clipping
@@ -15,6 +16,10 @@ fit an L2-regularized logistic regression with ``optkern.lbfgs_minimize`` next t
    "L-BFGS-B")`` with the same history size.  Prints a table (iterations, function evaluations, final objective,
    ||grad||_inf, test accuracy, time) and writes a second PNG, the ``--out`` stem with a ``_logreg`` suffix
    (objective and objective - best vs function evaluations).
+3. The PyTorch part (:mod:`optkern.demo_torch`; skipped with a message when torch is absent): a small CNN on the
+   same digits trained with ``optkern.torch.AdamW`` + ``optkern.torch.nn.BatchNorm2d`` + a torch scheduler + bf16
+   autocast with GradScaler, beside the same model on ``torch.optim`` / ``torch.nn``.  Prints a table (final
+   loss, test accuracy, optimizer step time, batch-norm time) and writes a third PNG with a ``_torch`` suffix.
 
     pip install ".[demo]"          # scikit-learn, matplotlib, tqdm (SciPy comes with scikit-learn)
     python -m optkern.demo [--epochs N] [--logreg-steps N] [--out optkern_demo.png]
@@ -484,7 +489,18 @@ def main(argv=None) -> int:
     lr_png = logreg_png_path(args.out)
     if plot_logreg(lr_results, lr_png):
         print(f"wrote {lr_png}")
+
+    # The PyTorch part: the same digits with a small CNN, optkern.torch against torch.optim / torch.nn.
+    from . import demo_torch
+
+    print()
+    demo_torch.run(torch_png_path(args.out), seed=args.seed)
     return 0
+
+
+def torch_png_path(out: str) -> str:
+    p = Path(out)
+    return str(p.with_name(p.stem + "_torch" + (p.suffix or ".png")))
 
 
 if __name__ == "__main__":
