@@ -428,11 +428,17 @@ def test_torch_saved_float32_stats_and_requires_grad(rng, dtype, fmt):
                                                                      1e-5)
     dx_ref, dw_ref, db_ref = torch.ops.aten.native_batch_norm_backward(dyt, xt.detach(), wt, None, None, save_mean,
                                                                        save_invstd, True, 1e-5, [True, True, True])
-    y, mean, invstd = optkern.batch_norm_forward(xt, wt, bt, None, None)
+    # With grad mode on, the raw functions refuse a tensor that requires grad (they would cut the graph; the
+    # modules in optkern.torch.nn carry autograd).  Under no_grad they read it in place.
+    with pytest.raises(TypeError, match="optkern.torch.nn"):
+        optkern.batch_norm_forward(xt, wt, bt, None, None)
+    with torch.no_grad():
+        y, mean, invstd = optkern.batch_norm_forward(xt, wt, bt, None, None)
     assert y.stride() == xt.stride() and not y.requires_grad
     assert rel_err(mean.numpy(), save_mean.numpy()) <= (1e-6 if dtype == F32 else 1e-12)
     assert rel_err(invstd.numpy(), save_invstd.numpy()) <= (1e-6 if dtype == F32 else 1e-12)
-    dx, dw, db = optkern.batch_norm_backward(dyt, xt, wt, save_mean, save_invstd)
+    with torch.no_grad():
+        dx, dw, db = optkern.batch_norm_backward(dyt, xt, wt, save_mean, save_invstd)
     tol = TORCH_TOL["same"][dtype]
     assert dx.stride() == xt.stride()
     assert rel_err(dx.numpy(), dx_ref.numpy()) <= tol

@@ -102,3 +102,31 @@ def test_many_parallel_jobs_in_a_row(rng):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_parts_claimed_by_any_thread_give_identical_results(rng):
+    """The caller runs any part a worker has not claimed yet (a worker slow to wake, its core busy elsewhere).
+    Under a competing busy thread, 2-thread steps must stay bitwise equal to 1-thread steps."""
+    p0, g = rng.standard_normal(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    stop = threading.Event()
+
+    def busy():  # keeps a core occupied, as another library's spinning threads would
+        a = np.ones(1 << 12)
+        while not stop.is_set():
+            a *= 1.0000001
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    try:
+        for threads in (1, 2):
+            optkern.set_num_threads(threads)
+            p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+            for step in range(1, 41):
+                _adam(p, g, m, v, step)
+            if threads == 1:
+                ref = (p.copy(), m.copy(), v.copy())
+        assert all(np.array_equal(a, b) for a, b in zip((p, m, v), ref))
+    finally:
+        stop.set()
+        t.join()
+        optkern.set_num_threads(os.cpu_count() or 1)

@@ -1,8 +1,12 @@
-// Fork-join thread pool: persistent workers, a generation counter, a short spin, then a condition variable.
+// Fork-join thread pool: persistent workers that spin briefly, then sleep on a condition variable.
 //
-// Every worker acknowledges every job (those beyond the job's thread count just acknowledge), so a job is
-// never posted while any worker may still be looking at the previous one.  One job runs at a time (a global
-// lock, also held while the pool is resized), and a forked child starts with no pool.
+// A job's parts (thread indices 0..n-1) are claimed from one atomic ticket (job number, n, next index) by whichever
+// thread gets there first, the caller included: when a worker is slow to wake (its core taken by another library's
+// spinning threads, e.g. torch's OpenMP pool right after a torch op), the caller runs that part itself instead of
+// waiting for it.  Which thread runs a part never changes what it computes (each part writes its own outputs and
+// partial sums, combined in index order), so results stay bitwise identical.  The caller returns once every part
+// is claimed and no thread is inside the job.  One job runs at a time (a global lock, also held while the pool is
+// resized), and a forked child starts with no pool.
 #include "thread_pool.h"
 
 #include <pthread.h>
@@ -55,20 +59,36 @@ class Pool {
   // Callers hold the global run lock.
   void run(int nthreads, const std::function<void(int, int)>& fn) {
     job_.store(&fn, std::memory_order_relaxed);
-    job_threads_.store(nthreads, std::memory_order_relaxed);
-    pending_.store(workers(), std::memory_order_relaxed);
+    const uint64_t job = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    // The job's function is published before its ticket; a part is claimed only from the current ticket.
+    ticket_.store((job << 32) | (static_cast<uint64_t>(nthreads) << 16), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    fn(0, nthreads);
-    int spins = 0;
-    while (pending_.load(std::memory_order_acquire) != 0)
+    drain();
+    int spins = 0;  // parts other threads claimed and still run
+    while (inside_.load(std::memory_order_acquire) != 0)
       if (++spins % 256 == 0) std::this_thread::yield(); else OK_PAUSE();
   }
 
  private:
+  // Claim and run parts of the current job until none is left.  A claim succeeds only while the ticket still
+  // names an unfinished job, and the caller of run() does not return while any thread is inside (inside_), so
+  // the function read after loading the ticket is that job's: a newer job is published only after this one's
+  // parts are all claimed, which makes the compare-and-swap below fail.
+  void drain() {
+    for (;;) {
+      uint64_t t = ticket_.load(std::memory_order_acquire);
+      const int n = static_cast<int>((t >> 16) & 0xffff), idx = static_cast<int>(t & 0xffff);
+      if (idx >= n) return;
+      const std::function<void(int, int)>* job = job_.load(std::memory_order_relaxed);
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        (*job)(idx, n);
+    }
+  }
+
   void shutdown() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -81,7 +101,7 @@ class Pool {
     threads_.clear();
   }
 
-  void worker(int index) {
+  void worker(int) {
     uint64_t seen = 0;  // the generation at construction: no job has been posted yet
     for (;;) {
       // Spin for a short while: consecutive steps then start without a wake-up.  The spin yields every few
@@ -100,20 +120,19 @@ class Pool {
       }
       seen = generation_.load(std::memory_order_acquire);
       if (stop_.load(std::memory_order_acquire)) return;
-      const std::function<void(int, int)>* job = job_.load(std::memory_order_relaxed);
-      const int n = job_threads_.load(std::memory_order_relaxed);
-      if (job && index < n) (*job)(index, n);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);  // acknowledge this generation
+      inside_.fetch_add(1, std::memory_order_acq_rel);  // before looking at the ticket: run() waits for us
+      drain();
+      inside_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
   std::vector<std::thread> threads_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> generation_{0};                       // bumped per job (and at shutdown): wakes workers
+  std::atomic<uint64_t> ticket_{0};                           // job number << 32 | parts << 16 | next part
+  std::atomic<int> inside_{0};                                // workers between their wake-up and the end of drain()
   std::atomic<const std::function<void(int, int)>*> job_{nullptr};
-  std::atomic<int> job_threads_{0};
   std::atomic<bool> stop_{false};
 };
 

@@ -6,7 +6,8 @@
 
 namespace optkern {
 
-// Run fn(thread_index, num_threads) on num_threads threads (the caller is thread 0) and wait for all.
+// Run fn(part, num_threads) for every part 0..num_threads-1, spread over up to num_threads threads (the caller
+// among them, taking any part a worker has not claimed yet), and wait for all.
 void parallel_run(int num_threads, const std::function<void(int, int)>& fn);
 
 int pool_num_threads();        // the configured thread count (default: the CPUs this process may use)
