@@ -30,6 +30,7 @@ import numpy as np
 import optkern
 
 from .runner import _median, cpu_model, time_interleaved
+from .torch_nn import cpu_tag
 
 # state tensors per param (the minimal traffic: param r+w, grad r, each state r+w)
 _STATES = {"SGD": 1, "Adam": 2, "AdamW": 2, "Adagrad": 1, "RMSprop": 1, "Adamax": 2, "NAdam": 2, "Adadelta": 2,
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     print(md)
     out = Path(args.out)
     if out.is_dir():
-        stem = "cpu_" + "_".join(cpu_model().lower().split()[:2]).replace("(r)", "") + f"_{args.threads}threads_torch_optim"
+        stem = f"cpu_{cpu_tag()}_{args.threads}threads_torch_optim"
         (out / f"{stem}.md").write_text(md)
         (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, tiny=tiny_row, raw_s=raw), indent=1))
         print(f"wrote {out / stem}.md/.json")
