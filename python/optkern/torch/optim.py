@@ -46,6 +46,7 @@ import torch
 
 from .. import _C
 from ..functional import build_hyper
+from ..optim.algorithms import _pick  # group keys -> build_hyper keywords, shared with the NumPy layer
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
 
@@ -534,13 +535,6 @@ def _scalars(group, ps, fused_capable: bool, value: float) -> list:
         dtype, device = _scalar_dtype(), torch.device("cpu")
     flat = torch.full((len(ps),), value, dtype=dtype, device=device)
     return [flat[i] for i in range(len(ps))]
-
-
-def _pick(group, keys, lr, **renamed):
-    kw = {k: group[k] for k in keys}
-    kw.update({new: group[old] for new, old in renamed.items()})
-    kw["lr"] = lr
-    return kw
 
 
 def _pair(v):
