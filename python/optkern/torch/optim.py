@@ -31,6 +31,14 @@ that saved the old values raises as it does after a torch step.  A step validate
 anything: a bad gradient in the last group leaves the first group untouched.  Steps of one optimizer are
 serialised by a lock.  The step counters (and NAdam's product) advance in the same compiled call as the kernel.
 
+Host work: the first step (and any step after the optimizer changed) validates params and state in full and
+caches them as step plans (``optkern._C.PointerPlan``, one per group, dtype, device and step count).  Later steps
+read each ``p.grad`` and check its dtype, layout, alignment and overlap with the written buffers, check that no
+param moved (``p.data = ...``), no watched state entry was replaced and no step counter changed, then run the
+kernel.  ``load_state_dict``, ``add_param_group``, a changed group or a param gaining or losing its grad rebuild
+the plans.  Replacing a param's whole state dict with one of the same length, or swapping ``.data`` of a state
+tensor, is not seen: use ``load_state_dict`` for such surgery.
+
 dtypes: float32 and float64 params (one dtype per kernel call; a group may mix them).  Other dtypes raise
 TypeError naming the param.
 """
