@@ -442,13 +442,15 @@ def _cubic_min(t1, f1, g1, t2, f2, g2, lo, hi):
     return 0.5 * (lo + hi)
 
 
-def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol, width_tol=0.0):
+def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol, width_tol=0.0, rounding=float):
     """Nocedal & Wright Alg. 3.5 (bracketing) and 3.6 (zoom), trial steps by safeguarded cubic interpolation.
 
     ``ev(t)`` evaluates x + t d and returns (f, g.d, point).  Returns ((t, f, g.d, point), satisfied): the point
     meeting both strong Wolfe conditions, or, when the search gives up after ``max_ls`` evaluations or an interval
     narrower than ``xtol`` (relative) or ``width_tol`` (absolute), the lowest point with sufficient decrease (the
-    start, point None, if none).
+    start, point None, if none).  ``rounding`` is applied to the sufficient-decrease bound f0 + c1 t g.d: with
+    ``numpy.float32`` a float32 objective is asked for no decrease below its own resolution (as torch's float32
+    arithmetic asks; near a float32 minimum f0 + c1 t g.d rounds to f0, and an equal f passes).
     """
     start = (0.0, f0, gtd0, None)
     prev = start
@@ -456,7 +458,7 @@ def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol, width_tol=0.0):
     nls = 1
     while True:
         tc, fc, gc, _ = cur
-        if fc > f0 + c1 * tc * gtd0 or (nls > 1 and fc >= prev[1]):
+        if fc > rounding(f0 + c1 * tc * gtd0) or (nls > 1 and fc >= prev[1]):
             lo, hi = prev, cur
             break
         if abs(gc) <= -c2 * gtd0:
@@ -490,7 +492,7 @@ def _strong_wolfe(ev, f0, gtd0, t, c1, c2, max_ls, xtol, width_tol=0.0):
         cur = (tn,) + ev(tn)
         nls += 1
         tc, fc, gc, _ = cur
-        if fc > f0 + c1 * tc * gtd0 or fc >= lo[1]:
+        if fc > rounding(f0 + c1 * tc * gtd0) or fc >= lo[1]:
             hi = cur
         else:
             if abs(gc) <= -c2 * gtd0:

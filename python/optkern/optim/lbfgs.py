@@ -431,7 +431,8 @@ class LBFGS:
                 # The search gives up on a bracket narrower than tolerance_change / max|d| (torch's test).
                 (t_ls, f_ls, _, g_ls), _ = _strong_wolfe(ev, loss, gtd, t, 1e-4, 0.9, max(1, max_eval - current_evals),
                                                          1e-9 if self._dtype == _DTYPES[1] else 1e-5,
-                                                         width_tol=tol_change / max(_max_abs(d), 1e-300))
+                                                         width_tol=tol_change / max(_max_abs(d), 1e-300),
+                                                         rounding=np.float32 if self._dtype == _DTYPES[0] else float)
                 ls_evals = count[0]
                 if g_ls is None:  # no trial point with sufficient decrease: stay at the start of the search
                     t = 0.0

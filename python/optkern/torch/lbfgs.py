@@ -45,7 +45,9 @@ class LBFGS(torch.optim.LBFGS):
         eng = self.__dict__.get("_optkern_engine")
         if eng is None or any(a is not b for a, b in zip(eng.param_groups[0]["params"], group["params"])) \
                 or len(eng.param_groups[0]["params"]) != len(group["params"]):
-            eng = _Engine(list(group["params"]), **{k: group[k] for k in _HYPER})
+            hyper = {k: group[k] for k in _HYPER}
+            hyper["lr"] = float(hyper["lr"])  # a tensor lr (torch accepts one) as the number it holds
+            eng = _Engine(list(group["params"]), **hyper)
             st = self.state.get(group["params"][0])
             if st:
                 eng.load_state_dict(self._engine_state(st, group))
@@ -63,6 +65,7 @@ class LBFGS(torch.optim.LBFGS):
                  "g_prev": None if g is None else g.detach(),
                  "pairs": [(s.detach(), y.detach()) for s, y in pairs], "num_skipped": 0}
         gr = {k: group[k] for k in _HYPER}
+        gr["lr"] = float(gr["lr"])
         gr["params"] = list(range(len(group["params"])))
         return {"state": state, "param_groups": [gr]}
 
