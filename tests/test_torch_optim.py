@@ -1167,3 +1167,92 @@ def test_keyboard_interrupt_between_kernel_calls(name, gen, monkeypatch):
         changed = _buffers_changed(st0, st, bufs)
         assert advanced == (i < 2), f"param {i}: step advanced={advanced}"
         assert all(v == advanced for v in changed.values()), f"param {i}: step {advanced}, buffers {changed}"
+
+
+# ---- regressions from review (cached plans) ------------------------------------------------------------------
+@pytest.mark.usefixtures("api_once")
+def test_cached_plan_refuses_a_resized_grad():
+    """p.grad.set_(smaller) bypasses torch's size check on assignment; the cached plan must not read past it."""
+    p = torch.nn.Parameter(torch.randn(4099))
+    opt = okt.Adam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(4099)
+        opt.step()
+    p.grad = torch.randn(4099)
+    p.grad.set_(torch.zeros(4))
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]\.grad: expected shape"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.usefixtures("api_once")
+def test_cached_plan_sees_a_param_shrunk_in_place():
+    """p.data = p.data[:k] keeps the address; the plan must see the new shape (torch then fails on the state)."""
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = okt.Adam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(1000)
+        opt.step()
+    storage = p.detach()  # the whole old storage
+    p.data = p.data[:16]
+    p.grad = torch.randn(16)
+    tail = storage[16:].clone()
+    with pytest.raises(ValueError, match="state"):
+        opt.step()
+    assert torch.equal(storage[16:], tail)
+
+
+@pytest.mark.usefixtures("api_once")
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_param_replaced_in_its_group_list_is_stepped(name):
+    def run(cls):
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(4))
+        opt = cls([a], lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            (a * a).sum().backward()
+            opt.step()
+        new = torch.nn.Parameter(torch.ones(4))
+        opt.param_groups[0]["params"][0] = new
+        opt.zero_grad()
+        (new * new).sum().backward()
+        opt.step()
+        return a.detach(), new.detach()
+
+    (a_ok, new_ok), (a_t, new_t) = run(OK[name]), run(getattr(torch.optim, name))
+    assert torch.equal(new_ok, new_t) and torch.equal(a_ok, a_t)
+
+
+@pytest.mark.usefixtures("api_once")
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad"])
+def test_grads_unscaled_after_grad_scaler_step_as_torch_fused(name):
+    """torch's fused optimizers leave p.grad unscaled after GradScaler.step; so does optkern (a skipped step leaves
+    them scaled in both)."""
+    def run(make):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(8, 4)
+        opt = make(m.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = torch.randn(16, 8), torch.randn(16, 4)
+        grads = []
+        for it in range(4):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if it == 2:
+                m.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        return grads, [p.detach() for p in m.parameters()]
+
+    kw = dict(lr=0.01, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    g_ok, p_ok = run(lambda ps: OK[name](ps, **kw))
+    g_t, p_t = run(lambda ps: getattr(torch.optim, name)(ps, fused=True, **kw))
+    for step_ok, step_t in zip(g_ok, g_t):
+        for a, b in zip(step_ok, step_t):
+            assert torch.equal(a.isinf(), b.isinf()) and rel_err(a.nan_to_num(posinf=0), b.nan_to_num(posinf=0)) <= 1e-6
+    for a, b in zip(p_ok, p_t):
+        assert rel_err(a, b) <= 2e-5

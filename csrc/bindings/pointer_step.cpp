@@ -35,8 +35,8 @@ class PointerPlan {
   // state_dicts[i] / watched[i]: params[i]'s state dict and the objects it must still hold under watch_keys
   // (a tensor replaced in the dict makes gather() report a stale plan).
   PointerPlan(py::list params, py::list arrays, py::list grads, py::list states, py::list state_names, int64_t stream,
-              py::list counters, bool counters_f64, py::list contiguous, py::list strides, py::object dtype,
-              py::list state_dicts, py::list watch_keys, py::list watched)
+              py::list counters, bool counters_f64, py::list contiguous, py::list strides, py::list shapes,
+              py::object dtype, py::list state_dicts, py::list watch_keys, py::list watched)
       : dtype_(std::move(dtype)), counters_f64_(counters_f64) {
     optkern_py::CollectedStep cs =
         optkern_py::collect_step(arrays, grads, states, state_names, static_cast<int>(py::len(states)), stream);
@@ -46,6 +46,7 @@ class PointerPlan {
       params_.push_back(py::reinterpret_borrow<py::object>(params[i]));
       contiguous_.push_back(contiguous[i].cast<bool>());
       strides_.push_back(py::reinterpret_borrow<py::object>(strides[i]));
+      shapes_.push_back(py::reinterpret_borrow<py::object>(shapes[i]));
       itemsize_ = cs.views[i].itemsize;
     }
     for (py::handle l : states)
@@ -96,11 +97,14 @@ class PointerPlan {
     static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
     static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     static PyObject* s_stride = PyUnicode_InternFromString("stride");
+    static PyObject* s_shape = PyUnicode_InternFromString("shape");
     const size_t n = params_.size();
     // Every param first: a param whose storage moved has freed its old memory, where a new grad may now live,
     // and the cached writable ranges would then report that grad as overlapping.
+    // A param resized in place (p.data = p.data[:k] keeps the address) is stale too.
     for (size_t i = 0; i < n; ++i)
-      if (address(params_[i].ptr(), s_data_ptr) != param_ptrs_[i]) return -2 - static_cast<int64_t>(i);
+      if (address(params_[i].ptr(), s_data_ptr) != param_ptrs_[i] || !same_shape(params_[i].ptr(), i, s_shape))
+        return -2 - static_cast<int64_t>(i);
     for (size_t i = 0; i < n; ++i) {
       PyObject* p = params_[i].ptr();
       py::object g = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_grad));
@@ -111,6 +115,9 @@ class PointerPlan {
       if (!dt) throw py::error_already_set();
       if (!dt.is(dtype_)) throw py::type_error(name() + ": expected " + std::string(py::str(dtype_)) +
                                                " like the param, got " + std::string(py::str(dt)));
+      // torch checks a grad's size when it is assigned, but p.grad.set_() / resize_() bypass that check
+      if (!same_shape(g.ptr(), i, s_shape))
+        throw py::value_error(name() + ": has another shape than the param");
       const uintptr_t a = address(g.ptr(), s_data_ptr);  // raises for a sparse grad (no storage)
       bool same_layout;
       if (contiguous_[i]) {
@@ -173,6 +180,12 @@ class PointerPlan {
   size_t size() const { return params_.size(); }
 
  private:
+  bool same_shape(PyObject* t, size_t i, PyObject* attr) const {
+    py::object sh = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, attr));
+    if (!sh) throw py::error_already_set();
+    return sh.equal(shapes_[i]);
+  }
+
   static uintptr_t address(PyObject* t, PyObject* method) {
     py::object v = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, method));
     if (!v) throw py::error_already_set();
@@ -183,7 +196,7 @@ class PointerPlan {
   py::object dtype_;
   bool counters_f64_;
   int itemsize_ = 4;
-  std::vector<py::object> params_, strides_, keep_, grads_, state_dicts_, watch_keys_, watched_;
+  std::vector<py::object> params_, strides_, shapes_, keep_, grads_, state_dicts_, watch_keys_, watched_;
   std::vector<char> contiguous_;
   std::vector<uintptr_t> param_ptrs_;
   std::vector<void*> counters_;
@@ -209,10 +222,11 @@ void def_plan_step(py::module_& m, const char* name, Fn fn) {
 
 void register_pointer_step(py::module_& m) {
   py::class_<PointerPlan>(m, "PointerPlan")
-      .def(py::init<py::list, py::list, py::list, py::list, py::list, int64_t, py::list, bool, py::list, py::list, py::object,
-                    py::list, py::list, py::list>(),
+      .def(py::init<py::list, py::list, py::list, py::list, py::list, int64_t, py::list, bool, py::list, py::list,
+                    py::list, py::object, py::list, py::list, py::list>(),
            py::arg("params"), py::arg("arrays"), py::arg("grads"), py::arg("states"), py::arg("state_names"),
-           py::arg("stream"), py::arg("counters"), py::arg("counters_f64"), py::arg("contiguous"), py::arg("strides"), py::arg("dtype"),
+           py::arg("stream"), py::arg("counters"), py::arg("counters_f64"), py::arg("contiguous"), py::arg("strides"),
+           py::arg("shapes"), py::arg("dtype"),
            py::arg("state_dicts"), py::arg("watch_keys"), py::arg("watched"))
       .def("gather", &PointerPlan::gather, py::arg("steps_taken"))
       .def("release_grads", &PointerPlan::release_grads)

@@ -5,7 +5,7 @@
 // spinning threads, e.g. torch's OpenMP pool right after a torch op), the caller runs that part itself instead of
 // waiting for it.  Which thread runs a part never changes what it computes (each part writes its own outputs and
 // partial sums, combined in index order), so results stay bitwise identical.  The caller returns once every part
-// is claimed and no thread is inside the job.  One job runs at a time (a global lock, also held while the pool is
+// has ended; an exception from a part is rethrown there.  One job runs at a time (a global lock, also held while the pool is
 // resized), and a forked child starts with no pool.
 #include "thread_pool.h"
 
@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -59,6 +60,8 @@ class Pool {
   // Callers hold the global run lock.
   void run(int nthreads, const std::function<void(int, int)>& fn) {
     job_.store(&fn, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
     const uint64_t job = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
     // The job's function is published before its ticket; a part is claimed only from the current ticket.
     ticket_.store((job << 32) | (static_cast<uint64_t>(nthreads) << 16), std::memory_order_release);
@@ -69,23 +72,31 @@ class Pool {
     cv_.notify_all();
     drain();
     int spins = 0;  // parts other threads claimed and still run
-    while (inside_.load(std::memory_order_acquire) != 0)
+    while (done_.load(std::memory_order_acquire) != nthreads)
       if (++spins % 256 == 0) std::this_thread::yield(); else OK_PAUSE();
+    if (error_) std::rethrow_exception(error_);  // the first part that threw (no kernel does today)
   }
 
  private:
-  // Claim and run parts of the current job until none is left.  A claim succeeds only while the ticket still
-  // names an unfinished job, and the caller of run() does not return while any thread is inside (inside_), so
-  // the function read after loading the ticket is that job's: a newer job is published only after this one's
-  // parts are all claimed, which makes the compare-and-swap below fail.
+  // Claim and run parts of the current job until none is left.  The caller of run() returns only when every part
+  // is done (done_), and a newer job is published only after that, so a successful compare-and-swap on the ticket
+  // proves that the function read after loading it is this job's and stays alive until the part ends.  A thread
+  // that read the ticket and then stalled (preempted) holds nobody up: its compare-and-swap fails later.
   void drain() {
     for (;;) {
       uint64_t t = ticket_.load(std::memory_order_acquire);
       const int n = static_cast<int>((t >> 16) & 0xffff), idx = static_cast<int>(t & 0xffff);
       if (idx >= n) return;
       const std::function<void(int, int)>* job = job_.load(std::memory_order_relaxed);
-      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire))
-        (*job)(idx, n);
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        try {
+          (*job)(idx, n);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(error_mu_);
+          if (!error_) error_ = std::current_exception();
+        }
+        done_.fetch_add(1, std::memory_order_acq_rel);
+      }
     }
   }
 
@@ -120,9 +131,7 @@ class Pool {
       }
       seen = generation_.load(std::memory_order_acquire);
       if (stop_.load(std::memory_order_acquire)) return;
-      inside_.fetch_add(1, std::memory_order_acq_rel);  // before looking at the ticket: run() waits for us
       drain();
-      inside_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
@@ -131,7 +140,9 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};                       // bumped per job (and at shutdown): wakes workers
   std::atomic<uint64_t> ticket_{0};                           // job number << 32 | parts << 16 | next part
-  std::atomic<int> inside_{0};                                // workers between their wake-up and the end of drain()
+  std::atomic<int> done_{0};                                  // parts of the current job that have ended
+  std::mutex error_mu_;
+  std::exception_ptr error_;                                  // the first exception a part threw
   std::atomic<const std::function<void(int, int)>*> job_{nullptr};
   std::atomic<bool> stop_{false};
 };

@@ -24,7 +24,8 @@ into Adagrad's ``lr_decay`` factor in float32; optkern uses float64 there).
 AMP: ``_step_supports_amp_scaling`` is True, so ``torch.amp.GradScaler.step(opt)`` hands ``grad_scale`` (the
 loss scale, a divisor) and ``found_inf`` to the step as it does for torch's fused optimizers: the unscale is
 folded into the step's single pass (multiplying by 1/scale, exact for GradScaler's power-of-two scales), and a
-step with ``found_inf`` non-zero changes nothing, step counts included.
+step with ``found_inf`` non-zero changes nothing, step counts included.  After a step, ``p.grad`` is left unscaled
+as torch's fused optimizers leave it (a second pass over the grads: optkern's kernel only reads them).
 
 Every tensor a step writes (params and state) has its autograd version bumped, so a backward through a graph
 that saved the old values raises as it does after a torch step.  A step validates every group before it writes
@@ -259,8 +260,8 @@ class _FusedStep:
             return False
         hypers = []
         for gi, group in enumerate(self.param_groups):
-            lst, n, keys = plans.groups[gi]
-            if group["params"] is not lst or len(lst) != n:
+            lst, ids, keys = plans.groups[gi]  # the plans hold every param, so their ids stay unique
+            if group["params"] is not lst or list(map(id, lst)) != ids:
                 return False
             hypers.append(self._group_hyper(gi, group))
             if self._kernel_state_keys(group) != keys:
@@ -290,6 +291,8 @@ class _FusedStep:
             self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device), gs_ptr)
             e.taken += 1
             torch.autograd.graph.increment_version(e.bump)
+        if mult != 1.0 or mult_dev is not None:
+            _unscale_grads([p.grad for e in entries for p in e.params], mult, mult_dev)
         return True
 
     def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr):
@@ -300,7 +303,7 @@ class _FusedStep:
         entries, idle, groups = [], [], []
         for gi, group in enumerate(self.param_groups):
             keys = self._kernel_state_keys(group)
-            groups.append((group["params"], len(group["params"]), keys))
+            groups.append((group["params"], list(map(id, group["params"])), keys))
             buckets: dict = {}
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -337,7 +340,7 @@ class _FusedStep:
         plan = _C.PointerPlan(ps, [p.detach() for p in ps], [p.grad.detach() for p in ps],
                               [[t.detach() for t in lst] for lst in lists], list(keys), _stream(device), counters,
                               cdt == torch.float64, [p.is_contiguous() for p in ps], [p.stride() for p in ps],
-                              ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts])
+                              [p.shape for p in ps], ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts])
         plan.release_grads()
         bump = list(ps)
         for k in self._scalar_keys:
@@ -345,7 +348,7 @@ class _FusedStep:
         for lst in lists:  # state allocated by this front end shares one base per kind: one bump covers it
             base = lst[0]._base
             bump += [base] if base is not None and all(t._base is base for t in lst) else lst
-        e = _PlanEntry(gi, keys, plan, taken, bump, device, [n for n, _, _ in items])
+        e = _PlanEntry(gi, keys, plan, taken, bump, device, [n for n, _, _ in items], ps)
         self._plan_extra(e, sts)
         return e
 
@@ -405,6 +408,8 @@ class _FusedStep:
                         st[k] = self._new_states(group, [p], only=k)[0][k]
                 states.append(st)
             self._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+        if mult != 1.0 or mult_dev is not None:
+            _unscale_grads([g for call in calls for _, _, g in call[-1]], mult, mult_dev)
         return True
 
     # ---- state as torch initialises it, each kind in one buffer for the params that start together ----------------
@@ -490,13 +495,27 @@ class _FusedStep:
 
 
 
-class _PlanEntry:
-    __slots__ = ("gi", "keys", "plan", "taken", "bump", "device", "names", "mu")
+def _unscale_grads(grads, mult: float, mult_dev) -> None:
+    """Leave p.grad unscaled after a GradScaler step, as torch's fused optimizers do (their kernel writes the
+    unscaled gradient back; optkern's only reads it, so this is a second pass over the grads, under AMP only)."""
+    by_device: dict = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), gs in by_device.items():
+        if mult_dev is not None and device.type == "cuda":
+            torch._foreach_mul_(gs, mult_dev.to(device))
+        else:
+            torch._foreach_mul_(gs, mult)
 
-    def __init__(self, gi, keys, plan, taken, bump, device, names):
+
+class _PlanEntry:
+    __slots__ = ("gi", "keys", "plan", "taken", "bump", "device", "names", "mu", "params")
+
+    def __init__(self, gi, keys, plan, taken, bump, device, names, params):
         self.gi, self.keys, self.plan, self.taken, self.bump, self.device, self.names = \
             gi, keys, plan, taken, bump, device, names
         self.mu = None
+        self.params = params
 
 
 class _Plans:
