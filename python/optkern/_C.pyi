@@ -99,7 +99,8 @@ def lbfgs_lincomb(vecs: Sequence[Any], coefs: Sequence[float], out: Any, stream:
 # counters in the same call.
 class PointerPlan:
     def __init__(self, params: list, arrays: list, grads: list, states: list, state_names: list, stream: int,
-                 counters: list[int], counters_f64: bool, contiguous: list[bool], strides: list, dtype: Any,
+                 counters: list[int], counters_f64: bool, contiguous: list[bool], strides: list, shapes: list,
+                 dtype: Any,
                  state_dicts: list[dict], watch_keys: list[str], watched: list[list]) -> None: ...
     def gather(self, steps_taken: float) -> int: ...
     def release_grads(self) -> None: ...
