@@ -363,13 +363,7 @@ class Optimizer:
         try:
             ret = c_step(*args)
             # The commit: every target (each param's state, and the group's cache) takes the new count.
-            if rk is None:
-                for d in targets:
-                    d["step"] = t
-            else:
-                for d in targets:
-                    d["step"] = t
-                    d[rk] = ret
+            _commit(targets, t, rk, ret)
             self._runs_committed += 1
             if cache is not None:  # the group's lists, for the fast path of its next step
                 self._group_cache[cache[0]] = cache[1]
@@ -379,13 +373,7 @@ class Optimizer:
             # between): if it ran, the commit, which only assigns, is done in full (it may have been cut short).
             runs = done[0]
             if runs[0] > self._runs_committed:
-                if rk is None:
-                    for d in targets:
-                        d["step"] = t
-                else:
-                    for d in targets:
-                        d["step"] = t
-                        d[rk] = float(runs[1])
+                _commit(targets, t, rk, float(runs[1]))
                 self._runs_committed = int(runs[0])
                 raise
             if isinstance(e, _REFUSED):  # the binding refused its input: nothing was written
@@ -536,6 +524,14 @@ def _named(e: Exception, idx, state_names) -> Exception:
         return m.group(0)
 
     return type(e)(_INDEXED.sub(caller, msg))
+
+
+def _commit(targets, t: int, rk, ret) -> None:
+    """A call's bookkeeping: every target takes the new step count (and NAdam's returned product under rk)."""
+    for d in targets:
+        d["step"] = t
+        if rk is not None:
+            d[rk] = ret
 
 
 def _is_array(v) -> bool:
