@@ -570,9 +570,15 @@ def _pair(v):
 
 
 def _torch_signature(cls, torch_cls):
-    """Give the class torch's constructor signature (for help() and inspect) and keep torch's docstring below
-    optkern's."""
-    cls.__init__.__signature__ = inspect.signature(torch_cls.__init__)
+    """The class's constructor: torch's (its signature shown by help() and inspect), refusing
+    ``differentiable=True`` first; torch's docstring kept below optkern's."""
+    def __init__(self, params, *args, **kwargs):
+        _FusedStep._refuse_differentiable(kwargs)
+        torch_cls.__init__(self, params, *args, **kwargs)
+
+    __init__.__signature__ = inspect.signature(torch_cls.__init__)
+    __init__.__qualname__ = f"{cls.__name__}.__init__"
+    cls.__init__ = __init__
     cls.__doc__ = (cls.__doc__ or "") + "\n\ntorch's documentation:\n" + (torch_cls.__doc__ or "")
     return cls
 
@@ -585,10 +591,6 @@ class SGD(_FusedStep, torch.optim.SGD):
     _scalar_keys = ()
     _plan_step = _C.plan_sgd_step
     _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "differentiable")
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         return _pick(group, ("momentum", "dampening", "weight_decay", "nesterov"), lr)
@@ -611,10 +613,6 @@ class Adam(_FusedStep, torch.optim.Adam):
     _plan_step = _C.plan_adam_step
     _hyper_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", "differentiable")
     _fused_capable = True
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         kw = _pick(group, ("eps", "weight_decay", "amsgrad", "decoupled_weight_decay"), lr)
@@ -640,10 +638,6 @@ class AdamW(_FusedStep, torch.optim.AdamW):
     _kernel_state_keys = Adam._kernel_state_keys
     _state_spec = Adam._state_spec
 
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
-
 
 class Adagrad(_FusedStep, torch.optim.Adagrad):
     """torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight decay, maximize) on optkern's kernel."""
@@ -652,10 +646,6 @@ class Adagrad(_FusedStep, torch.optim.Adagrad):
     _plan_step = _C.plan_adagrad_step
     _hyper_keys = ("lr", "lr_decay", "weight_decay", "eps", "differentiable")
     _fused_capable = True
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         return _pick(group, ("lr_decay", "weight_decay", "eps"), lr)
@@ -673,10 +663,6 @@ class RMSprop(_FusedStep, torch.optim.RMSprop):
     _algo, _c_step = "rmsprop", _C.rmsprop_step
     _plan_step = _C.plan_rmsprop_step
     _hyper_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "differentiable")
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         return _pick(group, ("alpha", "eps", "weight_decay", "momentum", "centered"), lr)
@@ -705,10 +691,6 @@ class Adamax(_FusedStep, torch.optim.Adamax):
     _plan_step = _C.plan_adamax_step
     _hyper_keys = ("lr", "betas", "eps", "weight_decay", "differentiable")
 
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
-
     def _hyper_kwargs(self, group, lr):
         kw = _pick(group, ("eps", "weight_decay"), lr)
         kw["betas"] = _pair(group["betas"])
@@ -731,10 +713,6 @@ class NAdam(_FusedStep, torch.optim.NAdam):
     _algo, _c_step = "nadam", _C.nadam_step
     _plan_step = _C.plan_nadam_step
     _hyper_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "differentiable")
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         kw = _pick(group, ("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"), lr)
@@ -805,10 +783,6 @@ class Adadelta(_FusedStep, torch.optim.Adadelta):
     _plan_step = _C.plan_adadelta_step
     _hyper_keys = ("lr", "rho", "eps", "weight_decay", "differentiable")
 
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
-
     def _hyper_kwargs(self, group, lr):
         return _pick(group, ("rho", "eps", "weight_decay"), lr)
 
@@ -825,10 +799,6 @@ class Rprop(_FusedStep, torch.optim.Rprop):
     _algo, _c_step = "rprop", _C.rprop_step
     _plan_step = _C.plan_rprop_step
     _hyper_keys = ("lr", "etas", "step_sizes", "differentiable")
-
-    def __init__(self, params, *args, **kwargs):
-        self._refuse_differentiable(kwargs)
-        super().__init__(params, *args, **kwargs)
 
     def _hyper_kwargs(self, group, lr):
         return {"lr": lr, "etas": _pair(group["etas"]), "step_size_limits": _pair(group["step_sizes"])}
