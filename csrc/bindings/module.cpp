@@ -23,6 +23,7 @@ using optkern_py::CollectedStep;
 void register_batch_norm(py::module_& m);  // batch_norm_bindings.cpp
 void register_lbfgs(py::module_& m);       // lbfgs_bindings.cpp
 void register_pointer_step(py::module_& m);  // pointer_step.cpp (cached step plans for optkern.torch)
+void register_reductions(py::module_& m);    // reduce_bindings.cpp (global_norm)
 
 namespace {
 
@@ -125,6 +126,7 @@ PYBIND11_MODULE(_C, m) {
   register_batch_norm(m);
   register_lbfgs(m);
   register_pointer_step(m);
+  register_reductions(m);
 
   // ---- hyperparameter structs (validated by the core before any memory is touched) ----
   py::class_<SgdHyper>(m, "SgdHyper")
@@ -242,15 +244,6 @@ PYBIND11_MODULE(_C, m) {
       "Returns the updated product of NAdam's momentum coefficients.  counters: addresses of host float scalars "
       "incremented after the kernel; mu_products: addresses the new product is written to (float32 unless "
       "mu_products_f64); mu_product_float32: keep the product in float32 as torch's state tensor does.");
-
-  m.def(
-      "global_norm",
-      [](py::handle arrays, double norm_type, int64_t stream) {
-        CollectedStep cs = collect_read(arrays, "grads", stream);
-        py::gil_scoped_release nogil;
-        return global_norm(cs.batch, norm_type);
-      },
-      py::arg("arrays"), py::arg("norm_type") = 2.0, py::arg("stream") = 0);
 
   m.def("check_arrays", [](py::handle params, py::handle grads, py::handle states, py::handle names, int nstates,
                            int64_t stream) { collect_step(params, grads, states, names, nstates, stream); },

@@ -296,19 +296,6 @@ void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s) {
   run<RpropRule>(b, c, s);
 }
 
-double global_norm(const StepBatch& b, double norm_type) {
-  const bool inf = std::isinf(norm_type) && norm_type > 0;
-  if (!(inf || norm_type == 2.0)) bad("norm_type", "2.0 or inf", norm_type);
-  if (b.device.kind == DeviceKind::cuda) {
-    return inf ? cuda_exec::max_abs(b) : std::sqrt(cuda_exec::sum_squares(b));
-  }
-  switch (current_isa()) {
-    case CpuIsa::avx512: return inf ? cpu_avx512::max_abs(b) : std::sqrt(cpu_avx512::sum_squares(b));
-    case CpuIsa::avx2: return inf ? cpu_avx2::max_abs(b) : std::sqrt(cpu_avx2::sum_squares(b));
-    default: return inf ? cpu_scalar::max_abs(b) : std::sqrt(cpu_scalar::sum_squares(b));
-  }
-}
-
 // ---- CPU control ------------------------------------------------------------------------------------------
 CpuIsa cpu_isa() { return current_isa(); }
 CpuIsa cpu_best_isa() {

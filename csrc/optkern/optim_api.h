@@ -125,10 +125,6 @@ double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, do
 void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s);
 void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s);
 
-// Gradient norms over a list of tensors (one multi-tensor reduction).  ptr[0] of each slot is read.
-// norm_type 2 returns sqrt(sum x^2) accumulated in double; norm_type inf returns max |x| (NaN propagates).
-double global_norm(const StepBatch& b, double norm_type);
-
 // CPU execution control.
 enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 CpuIsa cpu_isa();                 // the path in use

@@ -137,71 +137,6 @@ void launch(const StepBatch& b, const CoefD<Rule>& cd, const DeviceScalars& d) {
   OK_CUDA_CHECK(cudaGetLastError());
 }
 
-// ---- reductions for the global norm: per-block partials, then one block combines them in a fixed order ----
-template <class T, bool kMax>
-__global__ void partial_kernel(const TensorSlots* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
-                               double* partials) {
-  __shared__ double sh[kThreads];
-  double acc = 0.0;
-  bool nan = false;
-  for (int ci = blockIdx.x; ci < nchunks; ci += gridDim.x) {
-    const Chunk ch = chunks[ci];
-    const T* x = static_cast<const T*>(tensors[ch.tensor].ptr[0]) + ch.begin;
-    for (int64_t i = threadIdx.x; i < ch.len; i += blockDim.x) {
-      double v = static_cast<double>(x[i]);
-      if (kMax) {
-        nan |= (v != v);
-        acc = fmax(acc, fabs(v));
-      } else {
-        acc += v * v;
-      }
-    }
-  }
-  if (kMax && nan) acc = NAN;
-  sh[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      double a = sh[threadIdx.x], o = sh[threadIdx.x + s];
-      sh[threadIdx.x] = kMax ? ((a != a || o != o) ? NAN : fmax(a, o)) : a + o;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
-}
-
-template <bool kMax>
-__global__ void combine_kernel(const double* partials, int n, double* out) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  double acc = 0.0;
-  for (int i = 0; i < n; ++i) acc = kMax ? ((acc != acc || partials[i] != partials[i]) ? NAN : fmax(acc, partials[i]))
-                                         : acc + partials[i];
-  *out = acc;
-}
-
-template <bool kMax>
-double reduce(const StepBatch& b) {
-  DeviceGuard guard(b.device.index);
-  cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
-  DevicePlan plan(b, stream);
-  if (plan.nchunks == 0) return 0.0;
-  const int grid = grid_for(plan.nchunks);
-  double* buf = nullptr;
-  OK_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&buf), (grid + 1) * sizeof(double), stream));
-  if (b.dtype == DType::f32)
-    partial_kernel<float, kMax><<<grid, kThreads, 0, stream>>>(plan.tensors, plan.chunks, plan.nchunks, buf);
-  else
-    partial_kernel<double, kMax><<<grid, kThreads, 0, stream>>>(plan.tensors, plan.chunks, plan.nchunks, buf);
-  OK_CUDA_CHECK(cudaGetLastError());
-  combine_kernel<kMax><<<1, 1, 0, stream>>>(buf, grid, buf + grid);
-  OK_CUDA_CHECK(cudaGetLastError());
-  double result = 0.0;
-  OK_CUDA_CHECK(cudaMemcpyAsync(&result, buf + grid, sizeof(double), cudaMemcpyDeviceToHost, stream));
-  OK_CUDA_CHECK(cudaFreeAsync(buf, stream));
-  OK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the norm is returned to the host
-  return result;
-}
-
 }  // namespace
 
 template <class Rule>
@@ -215,9 +150,6 @@ void run_rule(const StepBatch& b, const CoefD<Rule>& c, const DeviceScalars& d) 
 #define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&, const DeviceScalars&);
 OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 #undef OPTKERN_INSTANTIATE
-
-double sum_squares(const StepBatch& b) { return reduce<false>(b); }
-double max_abs(const StepBatch& b) { return reduce<true>(b); }
 
 bool available() {
   int n = 0;
