@@ -69,12 +69,44 @@ void bump(const HostCounters& c) {
   }
 }
 
+// Device-resident step counters (StepInfo::device_counters): one-element float32/float64 CUDA arrays on the
+// params' device, one per param or one shared by all, written by the kernel (the steps taken, advanced by one
+// unless found_inf skips the step).  Held as views for the call.
+struct DeviceCounters {
+  std::vector<ArrayView> views;
+  DType dtype = DType::f32;
+};
+void parse_device_counters(py::handle seq, const char* name, size_t nparams, const Device& device, int64_t stream,
+                           DeviceCounters* out) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr()))
+    throw py::type_error(std::string(name) + ": expected a list of one-element CUDA arrays");
+  const size_t n = py::len(seq);
+  if (n != 1 && n != nparams)
+    throw py::value_error(std::string(name) + ": expected one counter per param (" + std::to_string(nparams) +
+                          ") or one for all, got " + std::to_string(n));
+  size_t i = 0;
+  for (py::handle c : seq) {
+    ArrayView v = ArrayView::from(c, name, static_cast<int64_t>(i), stream);
+    const std::string who = std::string(name) + "[" + std::to_string(i) + "]";
+    if (v.device.kind != DeviceKind::cuda || !(v.device == device))
+      throw py::value_error(who + ": a step counter must be on the params' CUDA device (" +
+                            optkern_py::device_str(device) + "), got " + optkern_py::device_str(v.device));
+    if (!v.dtype_ok || v.numel != 1)
+      throw py::type_error(who + ": expected a one-element float32 or float64 array");
+    if (v.readonly) throw py::value_error(who + ": is read-only (the step advances it)");
+    if (i == 0) out->dtype = v.dtype;
+    else if (v.dtype != out->dtype) throw py::type_error(who + ": every counter of a call needs the same dtype");
+    out->views.push_back(std::move(v));
+    ++i;
+  }
+}
+
 template <class Hyper, class NumStates, class Step>
 auto bind_step(NumStates num_states, Step step_fn) {
   return [num_states, step_fn](py::handle params, py::handle grads, py::handle states, py::handle state_names,
                                const Hyper& h, int64_t step, double grad_scale, bool maximize, int64_t stream,
                                py::handle grad_scale_device, py::handle found_inf_device, py::handle counters,
-                               bool counters_f64) {
+                               bool counters_f64, py::handle step_counters, py::handle mu_product_counters) {
     check(h);  // hyperparameters first: they decide how many state lists are expected
     StepInfo info;
     info.step = step;
@@ -91,6 +123,26 @@ auto bind_step(NumStates num_states, Step step_fn) {
                               ": must be on the same CUDA device as the params");
     info.grad_scale_device = gs.ptr;
     info.found_inf_device = fi.ptr;
+    DeviceCounters dc, dp;
+    if (!step_counters.is_none()) {
+      if (!counters.is_none()) throw py::value_error("counters: host counters and step_counters exclude each other");
+      if (cs.batch.device.kind != DeviceKind::cuda)
+        throw py::value_error("step: a device step counter is for CUDA params; pass the count (an int) on the CPU");
+      const size_t n = cs.batch.tensors.size();
+      parse_device_counters(step_counters, "step", n, cs.batch.device, stream, &dc);
+      info.device_counters = true;
+      info.counter_dtype = dc.dtype;
+      for (size_t i = 0; i < n; ++i) cs.batch.tensors[i].step = dc.views[dc.views.size() == 1 ? 0 : i].data;
+      if (!mu_product_counters.is_none()) {
+        parse_device_counters(mu_product_counters, "mu_product", n, cs.batch.device, stream, &dp);
+        if (dp.views.size() != dc.views.size())
+          throw py::value_error("mu_product_counters: expected one product per step counter");
+        info.product_dtype = dp.dtype;
+        for (size_t i = 0; i < n; ++i) cs.batch.tensors[i].mu_product = dp.views[dp.views.size() == 1 ? 0 : i].data;
+      }
+    } else if (!mu_product_counters.is_none()) {
+      throw py::value_error("mu_product_counters: device products go with step_counters");
+    }
     HostCounters hc;
     hc.steps = parse_addresses(counters, "counters");
     hc.steps_f64 = counters_f64;
@@ -110,7 +162,8 @@ auto bind_step(NumStates num_states, Step step_fn) {
   py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),     \
       py::arg("step"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false, py::arg("stream") = 0, \
       py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),             \
-      py::arg("counters") = py::none(), py::arg("counters_f64") = false
+      py::arg("counters") = py::none(), py::arg("counters_f64") = false, py::arg("step_counters") = py::none(), \
+      py::arg("mu_product_counters") = py::none()
 
 CpuIsa isa_from_name(const std::string& s) {
   if (s == "avx512") return CpuIsa::avx512;
@@ -221,7 +274,9 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle params, py::handle grads, py::handle states, py::handle state_names, const NadamHyper& h,
          int64_t step, double mu_product, double grad_scale, bool maximize, int64_t stream, py::handle grad_scale_device,
          py::handle found_inf_device, py::handle counters, bool counters_f64, bool mu_product_float32,
-         py::handle mu_products, bool mu_products_f64) {
+         py::handle mu_products, bool mu_products_f64, py::handle step_counters, py::handle mu_product_counters) {
+        if (!step_counters.is_none() && mu_product_counters.is_none())
+          throw py::value_error("mu_product_counters: NAdam with step_counters needs its products on the device too");
         std::vector<void*> products = parse_addresses(mu_products, "mu_products");
         return bind_step<NadamHyper>(
             [](const NadamHyper&) { return nadam_num_states(); },
@@ -234,13 +289,14 @@ PYBIND11_MODULE(_C, m) {
               }
               return r;
             })(params, grads, states, state_names, h, step, grad_scale, maximize, stream, grad_scale_device,
-               found_inf_device, counters, counters_f64);
+               found_inf_device, counters, counters_f64, step_counters, mu_product_counters);
       },
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),
       py::arg("step"), py::arg("mu_product"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false,
       py::arg("stream") = 0, py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),
       py::arg("counters") = py::none(), py::arg("counters_f64") = false, py::arg("mu_product_float32") = false,
       py::arg("mu_products") = py::none(), py::arg("mu_products_f64") = false,
+      py::arg("step_counters") = py::none(), py::arg("mu_product_counters") = py::none(),
       "Returns the updated product of NAdam's momentum coefficients.  counters: addresses of host float scalars "
       "incremented after the kernel; mu_products: addresses the new product is written to (float32 unless "
       "mu_products_f64); mu_product_float32: keep the product in float32 as torch's state tensor does.");
@@ -267,6 +323,20 @@ PYBIND11_MODULE(_C, m) {
       out.append(l);
     }
     return out;
+  });
+  m.def("_cuda_chunk_lookup", [](const std::vector<int64_t>& numels, int64_t chunk) {
+    // The CUDA executor's O(tensors) table walked as its kernel walks it: chunk ci -> (tensor, begin, len).
+    int64_t total = 0;
+    const std::vector<int64_t> starts = chunk_starts(numels, chunk, &total);
+    py::list out;
+    const int64_t n = static_cast<int64_t>(numels.size());
+    for (int64_t ci = 0; ci < total; ++ci) {
+      const int64_t t = chunk_tensor(starts.data(), n, ci);
+      int64_t begin, len;
+      chunk_range(starts.data(), t, numels[t], chunk, ci, &begin, &len);
+      out.append(py::make_tuple(t, begin, len));
+    }
+    return py::make_tuple(py::cast(starts), total, out);
   });
   m.def("_cuda_chunk_plan", [](const std::vector<int64_t>& numels, int64_t chunk) {
     py::list out;

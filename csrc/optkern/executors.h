@@ -3,6 +3,7 @@
 #pragma once
 
 #include "optim_api.h"
+#include "optim_coefs.h"
 #include "optim_rules.h"
 
 namespace optkern {
@@ -25,11 +26,45 @@ using RmspropCenteredMomentum = RmspropRule<1, 1>;
   X(RmspropMomentum) X(RmspropCentered) X(RmspropCenteredMomentum) X(AdamaxRule) X(NadamRule) X(AdadeltaRule) \
   X(RpropRule)
 
-// Device-side extras a CUDA step may read instead of host values (no host sync): a float scale multiplied
-// into grad_scale and a float flag that skips the whole step when non-zero.
-struct DeviceScalars {
+// The hyperparameter struct each rule's coefficients are made from (optim_coefs.h).
+template <class Rule>
+struct HyperOf;
+template <int M>
+struct HyperOf<SgdRule<M>> { using type = SgdHyper; };
+template <>
+struct HyperOf<SgdVelocityRule> { using type = SgdHyper; };
+template <int A>
+struct HyperOf<AdamRule<A>> { using type = AdamHyper; };
+template <>
+struct HyperOf<AdagradRule> { using type = AdagradHyper; };
+template <int C, int M>
+struct HyperOf<RmspropRule<C, M>> { using type = RmspropHyper; };
+template <>
+struct HyperOf<AdamaxRule> { using type = AdamaxHyper; };
+template <>
+struct HyperOf<NadamRule> { using type = NadamHyper; };
+template <>
+struct HyperOf<AdadeltaRule> { using type = AdadeltaHyper; };
+template <>
+struct HyperOf<RpropRule> { using type = RpropHyper; };
+template <class Rule>
+using HyperT = typename HyperOf<Rule>::type;
+
+// What a CUDA step is given besides the batch: the hyperparameters and host scalars (from which the kernel makes
+// the coefficients itself when the counts are on the device), the host-made coefficients (used otherwise), and
+// the device-side extras read by the kernel instead of host values (no host sync): a float scale multiplied into
+// grad_scale and a float flag that skips the whole step when non-zero.
+template <class Rule>
+struct CudaStep {
+  HyperT<Rule> hyper;
+  StepScalars scalars;
+  CoefD<Rule> coef;
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
+  bool device_counters = false;
+  DType counter_dtype = DType::f32;
+  DType product_dtype = DType::f32;
+  bool step_dependent = true;  // the coefficients change with the count (capture then needs device counters)
 };
 
 #define OPTKERN_DECLARE_CPU_EXECUTOR(NS)                                     \
@@ -46,7 +81,7 @@ OPTKERN_DECLARE_CPU_EXECUTOR(cpu_avx512)
 
 namespace cuda_exec {
 template <class Rule>
-void run_rule(const StepBatch& b, const CoefD<Rule>& c, const DeviceScalars& d);
+void run_rule(const StepBatch& b, const CudaStep<Rule>& step);
 double sum_squares(const StepBatch& b);
 double max_abs(const StepBatch& b);
 bool available();

@@ -41,14 +41,30 @@ CpuIsa& current_isa() {
   return isa;
 }
 
+// Make the rule's coefficients on the host (optim_coefs.h) and run the executor.  A CUDA step gets the
+// hyperparameters and scalars too: with device counters its kernel makes the same coefficients on the device.
 template <class Rule>
-void run(const StepBatch& b, const CoefD<Rule>& c, const StepInfo& s) {
+void run(const StepBatch& b, const HyperT<Rule>& h, const StepInfo& s, const StepScalars& sc) {
+  CoefD<Rule> c;
+  make_coef(h, sc, &c);
   if (b.device.kind == DeviceKind::cuda) {
-    cuda_exec::run_rule<Rule>(b, c, DeviceScalars{s.grad_scale_device, s.found_inf_device});
+    CudaStep<Rule> cs;
+    cs.hyper = h;
+    cs.scalars = sc;
+    cs.coef = c;
+    cs.grad_scale = s.grad_scale_device;
+    cs.found_inf = s.found_inf_device;
+    cs.device_counters = s.device_counters;
+    cs.counter_dtype = s.counter_dtype;
+    cs.product_dtype = s.product_dtype;
+    cs.step_dependent = depends_on_step(h);
+    cuda_exec::run_rule<Rule>(b, cs);
     return;
   }
   if (s.grad_scale_device || s.found_inf_device)
     throw std::invalid_argument("grad_scale/found_inf: device scalars are for CUDA arrays; pass numbers on the CPU");
+  if (s.device_counters)
+    throw std::invalid_argument("step: device step counters are for CUDA arrays; pass the count on the CPU");
   switch (current_isa()) {
     case CpuIsa::avx512: cpu_avx512::run_rule<Rule>(b, c); break;
     case CpuIsa::avx2: cpu_avx2::run_rule<Rule>(b, c); break;
@@ -57,6 +73,13 @@ void run(const StepBatch& b, const CoefD<Rule>& c, const StepInfo& s) {
 }
 
 double grad_sign_scale(const StepInfo& s) { return s.maximize ? -s.grad_scale : s.grad_scale; }
+
+StepScalars scalars_of(const StepInfo& s) {
+  StepScalars sc;
+  sc.t = static_cast<double>(s.step);
+  sc.gscale = grad_sign_scale(s);
+  return sc;
+}
 
 }  // namespace
 
@@ -134,108 +157,40 @@ int rmsprop_num_states(const RmspropHyper& h) { return 1 + (h.centered ? 1 : 0) 
 void sgd_step(const StepBatch& b, const SgdHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  if (h.velocity) {
-    CoefD<SgdVelocityRule> c;
-    c.gscale = grad_sign_scale(s);
-    c.wd = h.weight_decay;
-    c.neg_lr = -h.lr;
-    c.momentum = h.momentum;
-    c.one_plus_momentum = 1.0 + h.momentum;
-    c.nesterov = h.nesterov;
-    run<SgdVelocityRule>(b, c, s);
-    return;
-  }
-  CoefD<SgdMomentum> c;
-  c.gscale = grad_sign_scale(s);
-  c.wd = h.weight_decay;
-  c.neg_lr = -h.lr;
-  c.momentum = h.momentum;
-  c.one_minus_dampening = 1.0 - h.dampening;
-  c.nesterov = h.nesterov;
-  c.first_step = s.step == 1;
-  if (h.momentum != 0.0)
-    run<SgdMomentum>(b, c, s);
-  else
-    run<SgdPlain>(b, c, s);  // same coefficients; the plain rule reads no momentum field
+  const StepScalars sc = scalars_of(s);
+  if (h.velocity) run<SgdVelocityRule>(b, h, s, sc);
+  else if (h.momentum != 0.0) run<SgdMomentum>(b, h, s, sc);
+  else run<SgdPlain>(b, h, s, sc);  // same coefficients; the plain rule reads no momentum field
 }
 
 void adam_step(const StepBatch& b, const AdamHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  const double t = static_cast<double>(s.step);
-  const double bc1 = h.bias_correction ? 1.0 - std::pow(h.beta1, t) : 1.0;
-  const double bc2 = h.bias_correction ? 1.0 - std::pow(h.beta2, t) : 1.0;
-  CoefD<AdamPlain> c;
-  c.gscale = grad_sign_scale(s);
-  c.decay = h.decoupled_weight_decay ? 1.0 - h.lr * h.weight_decay : 1.0;
-  c.wd = h.decoupled_weight_decay ? 0.0 : h.weight_decay;
-  c.beta1_w = 1.0 - h.beta1;
-  c.beta2 = h.beta2;
-  c.one_minus_beta2 = 1.0 - h.beta2;
-  if (h.eps_inside_sqrt) {  // Algorithm 8.7: sqrt(r / (1 - rho2^t) + delta)
-    c.bc2_in = bc2;
-    c.eps_in = h.eps;
-    c.bc2_sqrt_out = 1.0;
-    c.eps_out = 0.0;
-  } else {  // torch: sqrt(v) / sqrt(1 - beta2^t) + eps
-    c.bc2_in = 1.0;
-    c.eps_in = 0.0;
-    c.bc2_sqrt_out = std::sqrt(bc2);
-    c.eps_out = h.eps;
-  }
-  c.neg_step_size = -h.lr / bc1;
-  if (h.amsgrad) {
-    CoefD<AdamAmsgrad> a(c);
-    run<AdamAmsgrad>(b, a, s);
-  } else {
-    run<AdamPlain>(b, c, s);
-  }
+  if (h.amsgrad) run<AdamAmsgrad>(b, h, s, scalars_of(s));
+  else run<AdamPlain>(b, h, s, scalars_of(s));
 }
 
 void adagrad_step(const StepBatch& b, const AdagradHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  CoefD<AdagradRule> c;
-  c.gscale = grad_sign_scale(s);
-  c.wd = h.weight_decay;
-  c.eps = h.eps;
-  c.neg_clr = -(h.lr / (1.0 + (static_cast<double>(s.step) - 1.0) * h.lr_decay));
-  run<AdagradRule>(b, c, s);
+  run<AdagradRule>(b, h, s, scalars_of(s));
 }
 
 void rmsprop_step(const StepBatch& b, const RmspropHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  CoefD<RmspropPlain> c;
-  c.gscale = grad_sign_scale(s);
-  c.wd = h.weight_decay;
-  c.alpha = h.alpha;
-  c.one_minus_alpha = 1.0 - h.alpha;
-  c.eps_in = h.eps_inside_sqrt ? h.eps : 0.0;
-  c.eps_out = h.eps_inside_sqrt ? 0.0 : h.eps;
-  c.neg_lr = -h.lr;
-  c.momentum = h.momentum;
-  c.buf_gain = h.nesterov ? -h.lr : 1.0;
-  c.one_plus_momentum = 1.0 + h.momentum;
-  c.nesterov = h.nesterov;
+  const StepScalars sc = scalars_of(s);
   const bool mom = h.momentum > 0.0;
-  if (h.centered && mom) run<RmspropCenteredMomentum>(b, CoefD<RmspropCenteredMomentum>(c), s);
-  else if (h.centered) run<RmspropCentered>(b, CoefD<RmspropCentered>(c), s);
-  else if (mom) run<RmspropMomentum>(b, CoefD<RmspropMomentum>(c), s);
-  else run<RmspropPlain>(b, c, s);
+  if (h.centered && mom) run<RmspropCenteredMomentum>(b, h, s, sc);
+  else if (h.centered) run<RmspropCentered>(b, h, s, sc);
+  else if (mom) run<RmspropMomentum>(b, h, s, sc);
+  else run<RmspropPlain>(b, h, s, sc);
 }
 
 void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  CoefD<AdamaxRule> c;
-  c.gscale = grad_sign_scale(s);
-  c.wd = h.weight_decay;
-  c.beta1_w = 1.0 - h.beta1;
-  c.beta2 = h.beta2;
-  c.eps = h.eps;
-  c.neg_clr = -(h.lr / (1.0 - std::pow(h.beta1, static_cast<double>(s.step))));
-  run<AdamaxRule>(b, c, s);
+  run<AdamaxRule>(b, h, s, scalars_of(s));
 }
 
 double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product,
@@ -244,56 +199,24 @@ double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, do
   check(s);
   if (!(mu_product >= 0.0 && mu_product <= 1.0))  // may underflow to 0 after many steps with a small beta1
     bad("mu_product", "a number in [0, 1] (the product of mu_1..mu_{t-1}; 1 before the first step)", mu_product);
-  const double t = static_cast<double>(s.step);
-  CoefD<NadamRule> c;
-  c.gscale = grad_sign_scale(s);
-  c.decay = h.decoupled_weight_decay ? 1.0 - h.lr * h.weight_decay : 1.0;
-  c.wd = h.decoupled_weight_decay ? 0.0 : h.weight_decay;
-  c.beta1_w = 1.0 - h.beta1;
-  c.beta2 = h.beta2;
-  c.one_minus_beta2 = 1.0 - h.beta2;
-  c.bc2 = 1.0 - std::pow(h.beta2, t);
-  c.eps = h.eps;
-  double new_product;
-  if (h.momentum_schedule) {  // torch / Dozat: mu_t = beta1 (1 - 0.5 * 0.96^(t psi))
-    const double mu = h.beta1 * (1.0 - 0.5 * std::pow(0.96, t * h.momentum_decay));
-    const double mu_next = h.beta1 * (1.0 - 0.5 * std::pow(0.96, (t + 1.0) * h.momentum_decay));
-    new_product = product_in_float32 ? double(float(mu_product) * float(mu)) : mu_product * mu;
-    c.coef_g = -h.lr * (1.0 - mu) / (1.0 - new_product);
-    c.coef_m = (-h.lr * mu_next) / (1.0 - new_product * mu_next);
-  } else {  // seed 002: (beta1 m + (1 - beta1) g) / (1 - beta1^t)
-    const double bc1 = 1.0 - std::pow(h.beta1, t);
-    new_product = product_in_float32 ? double(float(mu_product) * float(h.beta1)) : mu_product * h.beta1;
-    c.coef_g = -h.lr * (1.0 - h.beta1) / bc1;
-    c.coef_m = -h.lr * h.beta1 / bc1;
-  }
-  run<NadamRule>(b, c, s);
-  return new_product;
+  StepScalars sc = scalars_of(s);
+  sc.mu_product = mu_product;
+  sc.product_f32 = s.device_counters ? s.product_dtype == DType::f32 : product_in_float32;
+  sc.nadam_q = std::pow(0.96, h.momentum_decay);  // mu_t = beta1 (1 - 0.5 q^t), see optim_coefs.h
+  run<NadamRule>(b, h, s, sc);
+  return s.device_counters ? std::nan("") : nadam_product_after(h, sc);
 }
 
 void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  CoefD<AdadeltaRule> c;
-  c.gscale = grad_sign_scale(s);
-  c.wd = h.weight_decay;
-  c.rho = h.rho;
-  c.one_minus_rho = 1.0 - h.rho;
-  c.eps = h.eps;
-  c.neg_lr = -h.lr;
-  run<AdadeltaRule>(b, c, s);
+  run<AdadeltaRule>(b, h, s, scalars_of(s));
 }
 
 void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  CoefD<RpropRule> c;
-  c.gscale = grad_sign_scale(s);
-  c.etaminus = h.etaminus;
-  c.etaplus = h.etaplus;
-  c.step_min = h.step_size_min;
-  c.step_max = h.step_size_max;
-  run<RpropRule>(b, c, s);
+  run<RpropRule>(b, h, s, scalars_of(s));
 }
 
 // ---- CPU control ------------------------------------------------------------------------------------------

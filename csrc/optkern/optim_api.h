@@ -23,9 +23,12 @@ struct Device {
 };
 
 // One tensor of a step: ptr[0] = param, ptr[1] = grad, ptr[2..] = state buffers in the rule's order.
+// step / mu_product: the tensor's device-resident counters (StepInfo::device_counters), else unused.
 struct TensorSlots {
   void* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   int64_t numel = 0;
+  void* step = nullptr;        // one float32/float64 element: the steps this tensor has taken (torch's state["step"])
+  void* mu_product = nullptr;  // NAdam: one float32/float64 element, the product of mu_1..mu_{taken}
 };
 
 struct StepBatch {
@@ -46,6 +49,16 @@ struct StepInfo {
   // skips the whole step when non-zero (AMP's found_inf).  Read by the kernel: no host synchronisation.
   const float* grad_scale_device = nullptr;
   const float* found_inf_device = nullptr;
+  // CUDA only: the step counts live on the device, as torch's capturable state["step"] tensors (and NAdam's
+  // mu_product) do.  Every tensor's slots.step (and, for NAdam, slots.mu_product) points at its counter in
+  // device memory, of counter_dtype (product_dtype); several tensors may share one.  The kernel computes each
+  // tensor's coefficients on the device from its count + 1 (optim_coefs.h, the same functions as the host's), and
+  // a second launch advances every distinct counter by one (and the products) unless found_inf_device is
+  // non-zero: a skipped step changes nothing, counts included.  `step` is then unused.  Nothing is read back to
+  // the host, so the step can be captured in a CUDA graph and replayed.
+  bool device_counters = false;
+  DType counter_dtype = DType::f32;
+  DType product_dtype = DType::f32;
 };
 
 struct SgdHyper {
@@ -120,6 +133,7 @@ void adamax_step(const StepBatch& b, const AdamaxHyper& h, const StepInfo& s);
 // NAdam's momentum schedule needs the running product of mu_1..mu_{t-1}; returns the product through mu_t.
 // product_in_float32: the product is kept as a float32 number, as torch's float32 `mu_product` state tensor
 // keeps it (mu_product * mu_t computed and rounded in float32); the coefficients then use that rounded value.
+// With device counters the products live on the device (slots.mu_product) and the return value is NaN.
 double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, double mu_product,
                   bool product_in_float32 = false);
 void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s);

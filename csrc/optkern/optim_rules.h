@@ -2,7 +2,8 @@
 //
 // Each rule is a struct with
 //   - kStates: how many state buffers it reads and writes besides (param, grad);
-//   - Coef<T>: the per-step scalars, computed once on the host (optim_api.cpp) and converted to T;
+//   - Coef<T>: the per-step scalars, made by optim_coefs.h (on the host, or on the device from device step
+//     counters) and converted to T;
 //   - apply(): the update of one element, a __host__ __device__ function.
 // The CPU executor (cpu/optim_cpu_kernels.cpp, compiled once per instruction set) and the CUDA executor
 // (cuda/optim_cuda.cu) both call apply(), so the CPU tests check the exact formula the GPU runs.
@@ -31,7 +32,7 @@ struct SgdCoef {
   bool nesterov, first_step;
   SgdCoef() = default;
   template <class U>
-  explicit SgdCoef(const SgdCoef<U>& c)
+  OK_HD explicit SgdCoef(const SgdCoef<U>& c)
       : gscale(T(c.gscale)), wd(T(c.wd)), neg_lr(T(c.neg_lr)), momentum(T(c.momentum)),
         one_minus_dampening(T(c.one_minus_dampening)), nesterov(c.nesterov), first_step(c.first_step) {}
 };
@@ -68,7 +69,7 @@ struct SgdVelocityRule {
     bool nesterov;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c)
+    OK_HD explicit Coef(const Coef<U>& c)
         : gscale(T(c.gscale)), wd(T(c.wd)), neg_lr(T(c.neg_lr)), momentum(T(c.momentum)),
           one_plus_momentum(T(c.one_plus_momentum)), nesterov(c.nesterov) {}
   };
@@ -94,7 +95,7 @@ struct AdamCoef {
   T gscale, decay, wd, beta1_w, beta2, one_minus_beta2, bc2_in, eps_in, bc2_sqrt_out, eps_out, neg_step_size;
   AdamCoef() = default;
   template <class U>
-  explicit AdamCoef(const AdamCoef<U>& c)
+  OK_HD explicit AdamCoef(const AdamCoef<U>& c)
       : gscale(T(c.gscale)), decay(T(c.decay)), wd(T(c.wd)), beta1_w(T(c.beta1_w)), beta2(T(c.beta2)),
         one_minus_beta2(T(c.one_minus_beta2)), bc2_in(T(c.bc2_in)), eps_in(T(c.eps_in)),
         bc2_sqrt_out(T(c.bc2_sqrt_out)), eps_out(T(c.eps_out)), neg_step_size(T(c.neg_step_size)) {}
@@ -134,7 +135,7 @@ struct AdagradRule {
     T gscale, wd, eps, neg_clr;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c) : gscale(T(c.gscale)), wd(T(c.wd)), eps(T(c.eps)), neg_clr(T(c.neg_clr)) {}
+    OK_HD explicit Coef(const Coef<U>& c) : gscale(T(c.gscale)), wd(T(c.wd)), eps(T(c.eps)), neg_clr(T(c.neg_clr)) {}
   };
   template <class T>
   OK_HD static void apply(const Coef<T>& c, T& p, T g_in, T& sum, T&, T&) {
@@ -160,7 +161,7 @@ struct RmspropCoef {
   bool nesterov;
   RmspropCoef() = default;
   template <class U>
-  explicit RmspropCoef(const RmspropCoef<U>& c)
+  OK_HD explicit RmspropCoef(const RmspropCoef<U>& c)
       : gscale(T(c.gscale)), wd(T(c.wd)), alpha(T(c.alpha)), one_minus_alpha(T(c.one_minus_alpha)),
         eps_in(T(c.eps_in)), eps_out(T(c.eps_out)), neg_lr(T(c.neg_lr)), momentum(T(c.momentum)),
         buf_gain(T(c.buf_gain)), one_plus_momentum(T(c.one_plus_momentum)), nesterov(c.nesterov) {}
@@ -205,7 +206,7 @@ struct AdamaxRule {
     T gscale, wd, beta1_w, beta2, eps, neg_clr;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c)
+    OK_HD explicit Coef(const Coef<U>& c)
         : gscale(T(c.gscale)), wd(T(c.wd)), beta1_w(T(c.beta1_w)), beta2(T(c.beta2)), eps(T(c.eps)),
           neg_clr(T(c.neg_clr)) {}
   };
@@ -233,7 +234,7 @@ struct NadamRule {
     T gscale, decay, wd, beta1_w, beta2, one_minus_beta2, bc2, eps, coef_g, coef_m;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c)
+    OK_HD explicit Coef(const Coef<U>& c)
         : gscale(T(c.gscale)), decay(T(c.decay)), wd(T(c.wd)), beta1_w(T(c.beta1_w)), beta2(T(c.beta2)),
           one_minus_beta2(T(c.one_minus_beta2)), bc2(T(c.bc2)), eps(T(c.eps)), coef_g(T(c.coef_g)),
           coef_m(T(c.coef_m)) {}
@@ -264,7 +265,7 @@ struct AdadeltaRule {
     T gscale, wd, rho, one_minus_rho, eps, neg_lr;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c)
+    OK_HD explicit Coef(const Coef<U>& c)
         : gscale(T(c.gscale)), wd(T(c.wd)), rho(T(c.rho)), one_minus_rho(T(c.one_minus_rho)), eps(T(c.eps)),
           neg_lr(T(c.neg_lr)) {}
   };
@@ -290,7 +291,7 @@ struct RpropRule {
     T gscale, etaminus, etaplus, step_min, step_max;
     Coef() = default;
     template <class U>
-    explicit Coef(const Coef<U>& c)
+    OK_HD explicit Coef(const Coef<U>& c)
         : gscale(T(c.gscale)), etaminus(T(c.etaminus)), etaplus(T(c.etaplus)), step_min(T(c.step_min)),
           step_max(T(c.step_max)) {}
   };

@@ -46,4 +46,18 @@ std::vector<Chunk> cuda_chunk_plan(const std::vector<int64_t>& numels, int64_t c
   return plan;
 }
 
+std::vector<int64_t> chunk_starts(const std::vector<int64_t>& numels, int64_t chunk, int64_t* total) {
+  if (chunk < 4 || chunk % 4 != 0 || chunk > (int64_t(1) << 30))
+    throw std::invalid_argument("chunk_starts: chunk must be a positive multiple of 4 below 2^30");
+  std::vector<int64_t> starts(numels.size());
+  int64_t acc = 0;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    if (numels[t] < 0) throw std::invalid_argument("chunk_starts: negative tensor size");
+    starts[t] = acc;
+    acc += numels[t] / chunk + (numels[t] % chunk != 0 ? 1 : 0);
+  }
+  *total = acc;
+  return starts;
+}
+
 }  // namespace optkern

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.h"
+
 namespace optkern {
 
 struct ElementRange {
@@ -48,5 +50,31 @@ struct Chunk {
   int64_t begin;
 };
 std::vector<Chunk> cuda_chunk_plan(const std::vector<int64_t>& numels, int64_t chunk);
+
+// The CUDA executor uploads only an O(tensors) table: for each tensor the index of its first chunk
+// (chunk_starts, an exclusive prefix sum of ceil(numel / chunk)); a block finds the tensor of chunk `ci` by a
+// binary search (chunk_tensor) and the chunk's elements from the tensor's size.  Both walk the same chunks, in
+// the same order, as cuda_chunk_plan (which the tests compare them with).
+// Returns starts (one per tensor) and the total chunk count in *total.  Throws for a negative size.
+std::vector<int64_t> chunk_starts(const std::vector<int64_t>& numels, int64_t chunk, int64_t* total);
+
+// The tensor that chunk ci (0 <= ci < total) belongs to: the largest t with starts[t] <= ci (a zero-size tensor
+// owns no chunk, so the search passes over it).  n >= 1.
+OK_HD int64_t chunk_tensor(const int64_t* starts, int64_t n, int64_t ci) {
+  int64_t lo = 0, hi = n;  // invariant: starts[lo] <= ci, and every t >= hi has starts[t] > ci
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (starts[mid] <= ci) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Chunk ci's element range inside its tensor t: [begin, begin + len).
+OK_HD void chunk_range(const int64_t* starts, int64_t t, int64_t numel, int64_t chunk, int64_t ci, int64_t* begin,
+                       int64_t* len) {
+  *begin = (ci - starts[t]) * chunk;
+  const int64_t rest = numel - *begin;
+  *len = rest < chunk ? rest : chunk;
+}
 
 }  // namespace optkern

@@ -19,6 +19,16 @@ Numbers: hyperparameters are real numbers (int, float, a NumPy integer or floati
 value out of float range with a ValueError.  ``step`` is an integer (Python or NumPy, not a bool or a float)
 >= 1 and < 2**62.
 
+Device step counts (CUDA arrays): ``step`` may instead be a one-element float32 or float64 CUDA array holding the
+count of steps *taken* so far (torch's ``state["step"]`` / ``state_steps``, 0 before the first step).  The kernel
+reads it on the device, computes this step's coefficients from it + 1 there (with the same code and in the same
+order as the host, so CPU and GPU agree bit for bit), and advances it by one after the update, unless the device
+``found_inf`` is non-zero, in which case nothing changes, the count included (as torch's capturable optimizers
+do).  Nothing is read back to the host, so such a step can be captured in a CUDA graph and replayed (after one
+eager warm-up step with the same arrays, which uploads the step's work plan).  A host ``step`` with a device
+``found_inf`` is allowed but the caller's count then advances even when the step is skipped; keep the count on
+the device to avoid that.  NAdam's ``mu_product`` is then a one-element CUDA array too (advanced the same way).
+
 All arrays of one call share a dtype (float32 or float64) and a device; grads and states match their param's
 shape and layout.  Bad input raises ValueError or TypeError naming the argument before anything is written.
 """
@@ -159,9 +169,17 @@ def _lists(params, grads, states):
     return _plain_list(params), _plain_list(grads), [_plain_list(s) for s in states]
 
 
+def _is_device_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__") or _is_torch_cuda(x)
+
+
 def _run(fn, params, grads, states, names, hyper, step, grad_multiplier, found_inf, maximize, **extra):
     if type(step) is not int or not 0 < step < MAX_STEP:
-        step = step_count("step", step)
+        if _is_device_array(step):  # the steps taken, on the device: read and advanced by the kernel
+            extra["step_counters"] = [plain(step)]
+            step = 1
+        else:
+            step = step_count("step", step)
     if found_inf is None and type(grad_multiplier) is float and grad_multiplier == 1.0:
         skip, gm, gm_dev, fi_dev = False, grad_multiplier, None, None
     else:
@@ -412,7 +430,8 @@ def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9,
 def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
                weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False, momentum_schedule=True,
                maximize=False, grad_multiplier=1.0, found_inf=None, **kw) -> float:
-    """NAdam (Dozat 2016; torch.optim.NAdam; Nadam in seed 002).  Returns the new ``mu_product``.
+    """NAdam (Dozat 2016; torch.optim.NAdam; Nadam in seed 002).  Returns the new ``mu_product`` (with device
+    counters: the ``mu_product`` array, advanced in place on the device).
 
     mu_t = beta1 (1 - 0.5 * 0.96^(t momentum_decay));  ``mu_product`` is mu_1 ... mu_{t-1} (1.0 before step 1):
     p <- p - lr (1 - mu_t) / (1 - prod mu) g / denom - lr mu_{t+1} / (1 - prod mu * mu_{t+1}) m / denom,
@@ -423,6 +442,16 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     """
     if kw:
         refuse_keywords("nadam_step", kw)
+    if _is_device_array(step) or _is_device_array(mu_product):
+        if not (_is_device_array(step) and _is_device_array(mu_product)):
+            raise ValueError("mu_product: with a device step count (step= a CUDA array) mu_product must be a "
+                             "one-element CUDA array too, and the other way round")
+        h = build_hyper("nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
+                        momentum_schedule=momentum_schedule)
+        _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
+             grad_multiplier, found_inf, maximize, mu_product=1.0, mu_product_counters=[plain(mu_product)])
+        return mu_product
     mu_product = real_number("mu_product", mu_product)
     if not 0.0 <= mu_product <= 1.0:
         raise ValueError(f"mu_product: expected a number in [0, 1] (the product of mu_1..mu_{{t-1}}; 1 before the "

@@ -1,16 +1,34 @@
-// CUDA executor: one launch per step, whatever the number of tensors.
+// CUDA executor for the optimizer steps: one launch per step, whatever the number of tensors (two with device
+// step counters: the update, then a tiny launch that advances the counters).
 //
-// The host builds the multi-tensor work plan (work_plan.cpp, tested on the CPU): a table of tensor pointers
-// and a table of chunks (tensor, begin, len).  Both are copied to stream-ordered device memory and a
-// grid-stride kernel walks the chunks, applying the same per-element rule as the CPU executor
-// (optim_rules.h).  Aligned chunks use 16-byte loads and stores; anything else takes the scalar loop.
+// The work plan is host code (work_plan.h, tested on the CPU): the tensors' elements are cut into chunks of
+// kChunk, and the device holds only an O(tensors) table: each tensor's pointers, size, counters and the index
+// of its first chunk.  A block takes chunks grid-stride, finds a chunk's tensor by a binary search over the first
+// chunks (chunk_tensor) and applies the same per-element rule as the CPU executor (optim_rules.h), with 16-byte
+// loads and stores when every buffer of the chunk is aligned and one element at a time otherwise.
+//
+// The table is cached, keyed on the step's exact slots (device, dtype, every pointer, size and counter), so a
+// training loop whose arrays stay put uploads it once: per-step host work is one comparison of the slots, no
+// allocation, no copy.  A step whose grads moved (a new allocation) uploads a new table, O(tensors) bytes.
+// The upload is refused while the stream is being captured into a CUDA graph (run one step outside the capture
+// first, as torch's own capturable optimizers ask); with device counters nothing else in a step needs the host,
+// so a captured step replays with the counts advancing on the device.
+//
+// Coefficients: a host-counted step takes the host's Coef (optim_coefs.h); with device counters the kernel reads
+// each tensor's count (and NAdam's product) and makes the coefficients with the same functions, in double, so
+// the CPU and GPU agree bit for bit.  found_inf (device) skips the update and the counter advance alike.
 // Every CUDA call is checked and a failure throws; nothing falls back to the CPU.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <unordered_set>
 #include <vector>
 
 #include "../executors.h"
@@ -23,12 +41,35 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per work item (a multiple of every pack width)
 constexpr int kThreads = 256;
+constexpr size_t kPlanCacheSize = 16;  // cached tables (param sets x grad placements), least recently used evicted
 
 template <class T>
 struct alignas(16) Pack {
   static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
   T v[kWidth];
 };
+
+// One tensor in the device table.
+struct DevTensor {
+  void* ptr[5];
+  void* step;
+  void* mu_product;
+  int64_t numel;
+};
+
+// One distinct counter (a tensor's step count, and NAdam's product next to it) for the advance launch.
+struct DevCounter {
+  void* step;
+  void* mu_product;
+};
+
+__device__ __forceinline__ double load_scalar(const void* p, DType dt) {
+  return dt == DType::f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
+__device__ __forceinline__ void store_scalar(void* p, DType dt, double v) {
+  if (dt == DType::f64) *static_cast<double*>(p) = v;
+  else *static_cast<float*>(p) = static_cast<float>(v);
+}
 
 template <class Rule, class T>
 __device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>& c, T* p, const T* g, T* s0, T* s1,
@@ -44,27 +85,50 @@ __device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>&
   if (Rule::kStates > 2) s2[i] = d;
 }
 
+template <class Rule>
+struct KernelArgs {
+  CudaStep<Rule> step;
+  const DevTensor* tensors;
+  const int64_t* starts;  // first chunk of each table entry
+  int64_t ntensors, nchunks;
+};
+
 template <class Rule, class T>
-__global__ void step_kernel(const TensorSlots* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
-                            typename Rule::template Coef<T> c, const float* grad_scale, const float* found_inf) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP / clip found inf or NaN: skip the step
-  if (grad_scale != nullptr) c.gscale = c.gscale * static_cast<T>(*grad_scale);
+__global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule> a) {
+  const CudaStep<Rule>& st = a.step;
+  if (st.found_inf != nullptr && *st.found_inf != 0.0f) return;  // AMP / clip found inf or NaN: skip the step
+  const T gmul = st.grad_scale != nullptr ? static_cast<T>(*st.grad_scale) : T(1);
+  typename Rule::template Coef<T> c(st.coef);
+  if (st.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+  const void* coef_counter = nullptr;  // the counter the current coefficients were made from
   constexpr int W = Pack<T>::kWidth;
-  for (int ci = blockIdx.x; ci < nchunks; ci += gridDim.x) {
-    const Chunk ch = chunks[ci];
-    const TensorSlots& t = tensors[ch.tensor];
-    T* p = static_cast<T*>(t.ptr[0]) + ch.begin;
-    const T* g = static_cast<const T*>(t.ptr[1]) + ch.begin;
-    T* s0 = Rule::kStates > 0 ? static_cast<T*>(t.ptr[2]) + ch.begin : nullptr;
-    T* s1 = Rule::kStates > 1 ? static_cast<T*>(t.ptr[3]) + ch.begin : nullptr;
-    T* s2 = Rule::kStates > 2 ? static_cast<T*>(t.ptr[4]) + ch.begin : nullptr;
+  for (int64_t ci = blockIdx.x; ci < a.nchunks; ci += gridDim.x) {
+    const int64_t ti = chunk_tensor(a.starts, a.ntensors, ci);
+    const DevTensor& t = a.tensors[ti];
+    if (st.device_counters && t.step != coef_counter) {  // block-uniform: made once per tensor a block visits
+      StepScalars s = st.scalars;
+      s.t = load_scalar(t.step, st.counter_dtype) + 1.0;
+      if (t.mu_product != nullptr) s.mu_product = load_scalar(t.mu_product, st.product_dtype);
+      CoefD<Rule> cd;
+      make_coef(st.hyper, s, &cd);
+      c = typename Rule::template Coef<T>(cd);
+      if (st.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+      coef_counter = t.step;
+    }
+    int64_t begin, len;
+    chunk_range(a.starts, ti, t.numel, kChunk, ci, &begin, &len);
+    T* p = static_cast<T*>(t.ptr[0]) + begin;
+    const T* g = static_cast<const T*>(t.ptr[1]) + begin;
+    T* s0 = Rule::kStates > 0 ? static_cast<T*>(t.ptr[2]) + begin : nullptr;
+    T* s1 = Rule::kStates > 1 ? static_cast<T*>(t.ptr[3]) + begin : nullptr;
+    T* s2 = Rule::kStates > 2 ? static_cast<T*>(t.ptr[4]) + begin : nullptr;
     uintptr_t mis = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g);
     if (Rule::kStates > 0) mis |= reinterpret_cast<uintptr_t>(s0);
     if (Rule::kStates > 1) mis |= reinterpret_cast<uintptr_t>(s1);
     if (Rule::kStates > 2) mis |= reinterpret_cast<uintptr_t>(s2);
     int64_t vec_end = 0;
     if ((mis & 15u) == 0) {  // every buffer 16-byte aligned: packed loads and stores
-      const int64_t npacks = ch.len / W;
+      const int64_t npacks = len / W;
       vec_end = npacks * W;
       for (int64_t k = threadIdx.x; k < npacks; k += blockDim.x) {
         Pack<T> P = reinterpret_cast<Pack<T>*>(p)[k];
@@ -81,73 +145,174 @@ __global__ void step_kernel(const TensorSlots* __restrict__ tensors, const Chunk
         if (Rule::kStates > 2) reinterpret_cast<Pack<T>*>(s2)[k] = D;
       }
     }
-    for (int64_t i = vec_end + threadIdx.x; i < ch.len; i += blockDim.x) apply_one<Rule, T>(c, p, g, s0, s1, s2, i);
+    for (int64_t i = vec_end + threadIdx.x; i < len; i += blockDim.x) apply_one<Rule, T>(c, p, g, s0, s1, s2, i);
   }
 }
 
-// Upload the plan (tensor table + chunk table) into one stream-ordered allocation.
-struct DevicePlan {
-  void* mem = nullptr;
-  cudaStream_t stream = nullptr;
-  const TensorSlots* tensors = nullptr;
-  const Chunk* chunks = nullptr;
-  int nchunks = 0;
-  DevicePlan(const StepBatch& b, cudaStream_t s) : stream(s) {
-    std::vector<int64_t> numels(b.tensors.size());
-    for (size_t i = 0; i < b.tensors.size(); ++i) numels[i] = b.tensors[i].numel;
-    std::vector<Chunk> plan = cuda_chunk_plan(numels, kChunk);
-    nchunks = static_cast<int>(plan.size());
-    if (nchunks == 0) return;
-    const size_t tbytes = b.tensors.size() * sizeof(TensorSlots);
-    const size_t cbytes = plan.size() * sizeof(Chunk);
-    const size_t coff = (tbytes + 15) / 16 * 16;
-    std::vector<unsigned char> host(coff + cbytes);
-    std::memcpy(host.data(), b.tensors.data(), tbytes);
-    std::memcpy(host.data() + coff, plan.data(), cbytes);
-    OK_CUDA_CHECK(cudaMallocAsync(&mem, host.size(), stream));
-    // Pageable source: the call returns once the bytes are staged, so `host` may go out of scope.
-    OK_CUDA_CHECK(cudaMemcpyAsync(mem, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
-    tensors = static_cast<const TensorSlots*>(mem);
-    chunks = reinterpret_cast<const Chunk*>(static_cast<unsigned char*>(mem) + coff);
+// After the update (same stream): every distinct counter advances by one, NAdam's product by mu_t, unless
+// found_inf skipped the step.
+template <class Rule>
+__global__ void advance_kernel(const DevCounter* counters, int64_t n, const CudaStep<Rule> st) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  if (st.found_inf != nullptr && *st.found_inf != 0.0f) return;
+  const DevCounter c = counters[i];
+  const double taken = load_scalar(c.step, st.counter_dtype);
+  if (c.mu_product != nullptr) {
+    if constexpr (std::is_same<HyperT<Rule>, NadamHyper>::value) {
+      StepScalars s = st.scalars;
+      s.t = taken + 1.0;
+      s.mu_product = load_scalar(c.mu_product, st.product_dtype);
+      store_scalar(c.mu_product, st.product_dtype, nadam_product_after(st.hyper, s));
+    }
   }
-  ~DevicePlan() {
-    if (mem) cudaFreeAsync(mem, stream);
-  }
-  DevicePlan(const DevicePlan&) = delete;
-  DevicePlan& operator=(const DevicePlan&) = delete;
+  store_scalar(c.step, st.counter_dtype, taken + 1.0);
+}
+
+// ---- the cached device table -------------------------------------------------------------------------------------
+struct DeviceTable {
+  int device = 0;
+  DType dtype = DType::f32;
+  bool counters = false;
+  std::vector<TensorSlots> key;  // the slots it was built from, compared in full on lookup
+  DeviceBuffer mem;              // [DevTensor x n][int64 starts x n][DevCounter x ncounters]
+  const DevTensor* tensors = nullptr;
+  const int64_t* starts = nullptr;
+  const DevCounter* counter_list = nullptr;
+  int64_t ntensors = 0, nchunks = 0, ncounters = 0;
 };
 
-int grid_for(int nchunks) {
-  int dev = 0, sms = 0;
-  OK_CUDA_CHECK(cudaGetDevice(&dev));
-  OK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  int cap = sms * 8;
-  return nchunks < cap ? nchunks : cap;
+bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const TensorSlots &x = a[i], &y = b[i];
+    if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product) return false;
+    for (int k = 0; k < 5; ++k)
+      if (x.ptr[k] != y.ptr[k]) return false;
+  }
+  return true;
+}
+
+std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cudaStream_t stream) {
+  auto t = std::make_shared<DeviceTable>();
+  t->device = b.device.index;
+  t->dtype = b.dtype;
+  t->counters = counters;
+  t->key = b.tensors;
+  // Zero-size tensors own no chunk and stay out of the table (their counters still advance).
+  std::vector<DevTensor> rows;
+  std::vector<int64_t> numels;
+  std::vector<DevCounter> distinct;
+  std::unordered_set<const void*> seen;
+  for (const TensorSlots& s : b.tensors) {
+    if (counters && seen.insert(s.step).second) distinct.push_back(DevCounter{s.step, s.mu_product});
+    if (s.numel == 0) continue;
+    DevTensor r;
+    for (int k = 0; k < 5; ++k) r.ptr[k] = s.ptr[k];
+    r.step = s.step;
+    r.mu_product = s.mu_product;
+    r.numel = s.numel;
+    rows.push_back(r);
+    numels.push_back(s.numel);
+  }
+  std::vector<int64_t> starts = chunk_starts(numels, kChunk, &t->nchunks);
+  t->ntensors = static_cast<int64_t>(rows.size());
+  t->ncounters = static_cast<int64_t>(distinct.size());
+  const size_t tb = rows.size() * sizeof(DevTensor), sb = starts.size() * sizeof(int64_t),
+               cb = distinct.size() * sizeof(DevCounter);
+  std::vector<unsigned char> host(tb + sb + cb);
+  if (tb) std::memcpy(host.data(), rows.data(), tb);
+  if (sb) std::memcpy(host.data() + tb, starts.data(), sb);
+  if (cb) std::memcpy(host.data() + tb + sb, distinct.data(), cb);
+  if (!host.empty()) {
+    t->mem.allocate(host.size(), stream);
+    // Pageable source, once per table: the driver stages the bytes before the call returns.
+    OK_CUDA_CHECK(cudaMemcpyAsync(t->mem.as<void>(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+    unsigned char* base = t->mem.as<unsigned char>();
+    t->tensors = reinterpret_cast<const DevTensor*>(base);
+    t->starts = reinterpret_cast<const int64_t*>(base + tb);
+    t->counter_list = reinterpret_cast<const DevCounter*>(base + tb + sb);
+  }
+  return t;
+}
+
+// The table for this step: a cached one when the slots are unchanged, else a new one (refused under capture).
+std::shared_ptr<DeviceTable> table_for(const StepBatch& b, bool counters, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::list<std::shared_ptr<DeviceTable>> cache;  // most recently used first
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      const DeviceTable& t = **it;
+      if (t.device == b.device.index && t.dtype == b.dtype && t.counters == counters && same_slots(t.key, b.tensors)) {
+        std::shared_ptr<DeviceTable> hit = *it;
+        if (it != cache.begin()) cache.splice(cache.begin(), cache, it);
+        hit->mem.set_stream(stream);  // freed, when evicted, after this step's work
+        return hit;
+      }
+    }
+  }
+  if (stream_capturing(stream))
+    throw std::runtime_error(
+        "optkern: this step's arrays (params, grads, states) are not the ones of any step run before, and its "
+        "work plan cannot be uploaded while the stream is being captured into a CUDA graph: run one step with the "
+        "same arrays outside the capture first (a warm-up step, as torch's capturable optimizers need)");
+  std::shared_ptr<DeviceTable> t = build_table(b, counters, stream);
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_front(t);
+  while (cache.size() > kPlanCacheSize) cache.pop_back();  // freed stream-ordered on its last stream
+  return t;
+}
+
+// Grid: enough blocks to fill the device at the kernel's occupancy, never more than there are chunks.
+template <class K>
+int grid_for(K kernel, int64_t nchunks, int device) {
+  static std::mutex mu;
+  static std::vector<int> per_device;  // resident blocks per SM x SMs, per device (0: not measured yet)
+  int cap;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (per_device.size() <= static_cast<size_t>(device)) per_device.resize(device + 1, 0);
+    if (per_device[device] == 0) per_device[device] = resident_blocks_per_sm(kernel, kThreads) * sm_count(device);
+    cap = per_device[device];
+  }
+  return static_cast<int>(nchunks < cap ? nchunks : cap);
 }
 
 template <class Rule, class T>
-void launch(const StepBatch& b, const CoefD<Rule>& cd, const DeviceScalars& d) {
+void launch(const StepBatch& b, const CudaStep<Rule>& s) {
   DeviceGuard guard(b.device.index);
   cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
-  DevicePlan plan(b, stream);
-  if (plan.nchunks == 0) return;
-  typename Rule::template Coef<T> c(cd);
-  step_kernel<Rule, T><<<grid_for(plan.nchunks), kThreads, 0, stream>>>(plan.tensors, plan.chunks, plan.nchunks, c,
-                                                                      d.grad_scale, d.found_inf);
-  OK_CUDA_CHECK(cudaGetLastError());
+  if (s.step_dependent && !s.device_counters && stream_capturing(stream))
+    throw std::runtime_error(
+        "optkern: a step captured in a CUDA graph needs its step count on the device (torch: capturable=True; "
+        "functional: step= a one-element CUDA array of the steps taken): a host count would be frozen into the "
+        "graph and every replay would repeat this step's coefficients");
+  std::shared_ptr<DeviceTable> table = table_for(b, s.device_counters, stream);
+  KernelArgs<Rule> a{s, table->tensors, table->starts, table->ntensors, table->nchunks};
+  if (table->nchunks > 0) {
+    step_kernel<Rule, T><<<grid_for(step_kernel<Rule, T>, table->nchunks, b.device.index), kThreads, 0, stream>>>(a);
+    OK_CUDA_CHECK(cudaGetLastError());
+  }
+  if (s.device_counters && table->ncounters > 0) {
+    const int threads = 128;
+    const int blocks = static_cast<int>((table->ncounters + threads - 1) / threads);
+    advance_kernel<Rule><<<blocks, threads, 0, stream>>>(table->counter_list, table->ncounters, s);
+    OK_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace
 
 template <class Rule>
-void run_rule(const StepBatch& b, const CoefD<Rule>& c, const DeviceScalars& d) {
+void run_rule(const StepBatch& b, const CudaStep<Rule>& s) {
   if (b.dtype == DType::f32)
-    launch<Rule, float>(b, c, d);
+    launch<Rule, float>(b, s);
   else
-    launch<Rule, double>(b, c, d);
+    launch<Rule, double>(b, s);
 }
 
-#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&, const DeviceScalars&);
+#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CudaStep<R>&);
 OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 #undef OPTKERN_INSTANTIATE
 

@@ -13,10 +13,10 @@ namespace {
 }
 }  // namespace
 template <class Rule>
-void run_rule(const StepBatch&, const CoefD<Rule>&, const DeviceScalars&) {
+void run_rule(const StepBatch&, const CudaStep<Rule>&) {
   refuse();
 }
-#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&, const DeviceScalars&);
+#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CudaStep<R>&);
 OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 #undef OPTKERN_INSTANTIATE
 double sum_squares(const StepBatch&) { refuse(); }
