@@ -49,6 +49,16 @@ _REFUSED = (ValueError, TypeError, MemoryError)
 _INDEXED = re.compile(r"\b([A-Za-z_]\w*)\[(\d+)\]")
 
 
+def _read_device_flag(x) -> bool:
+    """A one-element device array (CuPy, torch or another __cuda_array_interface__ producer) as a bool."""
+    item = getattr(x, "item", None)
+    if item is None:
+        import cupy
+
+        item = cupy.asarray(x).item
+    return bool(float(item()))
+
+
 class ParamGroup(dict):
     """A param group: a dict (as in torch) that counts its modifications, so that a step rebuilds its
     hyperparameters only after the user changed one (e.g. ``group["lr"] = 0.01``)."""
@@ -217,6 +227,12 @@ class Optimizer:
                 skip, gm, gm_dev, fi_dev = False, 1.0, None, None
             else:
                 skip, gm, gm_dev, fi_dev = _scalar_args(grad_multiplier, found_inf)
+                if fi_dev is not None:
+                    # The class keeps its step counts on the host, so a device flag is read here (one sync):
+                    # a skipped step must not advance them.  (Device-resident counts that never sync: the
+                    # functional steps with step= a CUDA array, or optkern.torch with capturable=True.)
+                    check_device_scalars(self._flat_params, gm_dev, fi_dev)
+                    skip, fi_dev = skip or _read_device_flag(fi_dev), None
                 calls = self._plan(grads)
             # The first call checks its own arrays before its kernel runs; the others are checked first.
             self._precheck(calls if skip else calls[1:], gm_dev, fi_dev)

@@ -61,6 +61,7 @@ __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Ada
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _COUNTER_DTYPES = {torch.float32: False, torch.float64: True}  # -> counters_f64
+_DEVICE_COUNT = -1  # the count of a bucket whose step tensors live on a CUDA device (never read on the host)
 _LOCK_GUARD = threading.Lock()
 
 
@@ -208,10 +209,17 @@ class _FusedStep:
                                  f"strides {p.stride()}")
 
     def _steps_taken(self, name: str, st: dict | None) -> tuple[int, object]:
-        """(steps taken so far, the step tensor's dtype or None) from torch's state["step"]."""
+        """(steps taken so far, the step tensor's (dtype, device) or None) from torch's state["step"].  A step
+        tensor on a CUDA device (capturable / fused) is not read (no sync): its count is -1, and the kernel reads
+        and advances it on the device."""
         if not st or "step" not in st:
             return 0, None
         s = st["step"]
+        if isinstance(s, torch.Tensor) and s.device.type == "cuda":
+            if s.numel() != 1 or s.dtype not in _COUNTER_DTYPES:
+                raise ValueError(f"{name}: state['step'] is a {s.dtype} tensor of {s.numel()} elements on {s.device}; "
+                                 f"expected one float32 or float64 element")
+            return _DEVICE_COUNT, (s.dtype, s.device)
         v = _number(s)
         if not (math.isfinite(v) and v >= 0 and v == int(v) and v < 2.0 ** 53):
             raise ValueError(f"{name}: state['step'] = {v} is not a step count")
@@ -221,16 +229,20 @@ class _FusedStep:
             return int(v), (s.dtype, s.device)
         return int(v), None
 
-    def _amp_args(self):
+    def _amp_args(self, device_counts: bool = False):
         """-> (skip, grad multiplier, device multiplier or None, device found_inf or None) from GradScaler's
-        ``grad_scale`` (loss scale, a divisor) and ``found_inf`` attributes."""
+        ``grad_scale`` (loss scale, a divisor) and ``found_inf`` attributes.  device_counts: every count of this
+        step lives on the device (capturable / fused step tensors), so a device found_inf is handed to the kernel,
+        which skips the update and the count advance alike (no sync)."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         skip, mult, mult_dev, fi_dev = False, 1.0, None, None
         if found_inf is not None:
-            if isinstance(found_inf, torch.Tensor) and found_inf.device.type != "cpu":
-                # A device flag: the step counters are host numbers here, so read it (one sync, as torch's
-                # non-capturable paths do) to keep the counts exact.  A device-resident counter is issue 13.
+            if isinstance(found_inf, torch.Tensor) and found_inf.device.type == "cuda" and device_counts:
+                fi_dev = found_inf.detach().to(torch.float32).reshape(1)
+            elif isinstance(found_inf, torch.Tensor) and found_inf.device.type != "cpu":
+                # A device flag with host step counters: read it (one sync, as torch's non-capturable paths do)
+                # to keep the counts exact.
                 skip = bool(found_inf.item())
             else:
                 skip = bool(_number(found_inf))
@@ -381,7 +393,9 @@ class _FusedStep:
                 buckets.setdefault(key, []).append((name, p, g))
             if buckets:
                 work.append((gi, group, hyper, keys, buckets))
-        skip, mult, mult_dev, fi_dev = self._amp_args()
+        device_counts = bool(work) and self._has_step_tensor and all(
+            key[2] == _DEVICE_COUNT for _, _, _, _, buckets in work for key in buckets)
+        skip, mult, mult_dev, fi_dev = self._amp_args(device_counts)
         if not work or skip:
             return False
         calls = []
@@ -459,21 +473,33 @@ class _FusedStep:
         gs = [g.detach() for _, _, g in items]
         lists = [[st[k].detach() for st in states] for k in keys]
         counters, counters_f64, bump_after = self._counters(states)
-        args = (ps, gs, lists, list(keys), hyper, taken + 1)
+        on_device = self._device_steps(states)
+        args = (ps, gs, lists, list(keys), hyper, 1 if on_device else taken + 1)
         kw = dict(grad_scale=mult, maximize=bool(group["maximize"]), stream=_stream(device),
-                  grad_scale_device=mult_dev, found_inf_device=fi_dev, counters=counters, counters_f64=counters_f64)
+                  grad_scale_device=mult_dev, found_inf_device=fi_dev)
+        if on_device:  # torch's capturable/fused step tensors (also fresh ones): read and advanced by the kernel
+            kw["step_counters"] = [st["step"].detach() for st in states]
+        else:
+            kw.update(counters=counters, counters_f64=counters_f64)
         kw.update(self._extra_kwargs(states))
         r = self._translate(lambda: self._c_step(*args, **kw), keys, items)
-        if bump_after:  # counters not in host memory (capturable/fused steps on a device)
+        if bump_after:  # counters neither in host memory nor device counters (e.g. a mix, or Python numbers)
             torch._foreach_add_(bump_after, 1.0)
         scalars = [st[k] for st in states for k in self._scalar_keys if isinstance(st.get(k), torch.Tensor)]
         torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst] + scalars)
         return r
 
+    def _device_steps(self, states) -> bool:
+        """Every step tensor of the call is on a CUDA device (torch's capturable / fused state)."""
+        return self._has_step_tensor and all(
+            isinstance(st["step"], torch.Tensor) and st["step"].device.type == "cuda" for st in states)
+
     def _counters(self, states):
         """Host addresses of the step tensors (advanced inside the kernel call), or the tensors to add 1 to."""
         if not self._has_step_tensor:
             return None, False, []
+        if self._device_steps(states):
+            return None, False, []  # device counters (the caller passes them as step_counters)
         steps = [st["step"] for st in states]
         if all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype in _COUNTER_DTYPES
                for s in steps) and len({s.dtype for s in steps}) == 1:
@@ -729,6 +755,11 @@ class NAdam(_FusedStep, torch.optim.NAdam):
         if not st or "mu_product" not in st:
             return (1.0, _scalar_dtype(), torch.device("cpu"))
         mp = st["mu_product"]
+        if isinstance(mp, torch.Tensor) and mp.device.type == "cuda":  # read and advanced on the device
+            if mp.numel() != 1 or mp.dtype not in _COUNTER_DTYPES:
+                raise ValueError(f"state['mu_product'] is a {mp.dtype} tensor of {mp.numel()} elements; expected "
+                                 f"one float32 or float64 element")
+            return (None, mp.dtype, mp.device)
         if isinstance(mp, torch.Tensor):
             if mp.numel() != 1:
                 raise ValueError(f"state['mu_product'] has {mp.numel()} elements, expected one")
@@ -737,6 +768,12 @@ class NAdam(_FusedStep, torch.optim.NAdam):
 
     def _extra_kwargs(self, states):
         mp = states[0]["mu_product"]
+        if self._device_steps(states):
+            products = [st["mu_product"] for st in states]
+            if not all(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in products):
+                raise ValueError("state['mu_product']: with step tensors on the device (capturable) the products "
+                                 "must be device tensors too")
+            return {"mu_product": 1.0, "mu_product_counters": [t.detach() for t in products]}
         kw = {"mu_product": _number(mp)}
         products = [st["mu_product"] for st in states]
         if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES
@@ -767,6 +804,8 @@ class NAdam(_FusedStep, torch.optim.NAdam):
 
     def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
         r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+        if self._device_steps(states):
+            return r  # the kernel advanced the device products
         for st in states:  # products not in host memory (capturable, on a device) or kept as Python floats
             t = st["mu_product"]
             if not isinstance(t, torch.Tensor):
