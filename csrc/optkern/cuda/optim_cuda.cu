@@ -1,5 +1,5 @@
 // CUDA executor for the optimizer steps: one launch per step, whatever the number of tensors (two with device
-// step counters: the update, then a tiny launch that advances the counters).
+// step counters: first a tiny launch that makes each counter's coefficients and advances it, then the update).
 //
 // The work plan is host code (work_plan.h, tested on the CPU): the tensors' elements are cut into chunks of
 // kChunk, and the device holds only an O(tensors) table: each tensor's pointers, size, counters and the index
@@ -14,21 +14,24 @@
 // first, as torch's own capturable optimizers ask); with device counters nothing else in a step needs the host,
 // so a captured step replays with the counts advancing on the device.
 //
-// Coefficients: a host-counted step takes the host's Coef (optim_coefs.h); with device counters the kernel reads
-// each tensor's count (and NAdam's product) and makes the coefficients with the same functions, in double, so
-// the CPU and GPU agree bit for bit.  found_inf (device) skips the update and the counter advance alike.
+// Coefficients: a host-counted step takes the host's Coef (optim_coefs.h) as a kernel parameter; with device
+// counters a one-thread-per-counter launch reads each distinct count (and NAdam's product), makes the
+// coefficients with the same functions, in double (so the CPU and GPU agree bit for bit), stores them in the
+// table's slots and advances the count; the update kernel loads its tensor's slot (keeping its registers as
+// they are without counters).  found_inf (device) skips both launches' writes: nothing changes, counts included.
 // Every CUDA call is checked and a failure throws; nothing falls back to the CPU.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstring>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <unordered_set>
+#include <unordered_map>
 #include <vector>
 
 #include "../executors.h"
@@ -49,12 +52,13 @@ struct alignas(16) Pack {
   T v[kWidth];
 };
 
+constexpr size_t kCoefSlot = 128;  // bytes per coefficient slot (one per distinct device counter)
+
 // One tensor in the device table.
 struct DevTensor {
   void* ptr[5];
-  void* step;
-  void* mu_product;
   int64_t numel;
+  int64_t coef_index;  // device counters: its counter's slot in the table's coefficient array
 };
 
 // One distinct counter (a tensor's step count, and NAdam's product next to it) for the advance launch.
@@ -85,35 +89,34 @@ __device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>&
   if (Rule::kStates > 2) s2[i] = d;
 }
 
-template <class Rule>
+template <class Rule, class T>
 struct KernelArgs {
-  CudaStep<Rule> step;
+  typename Rule::template Coef<T> coef;  // the host's coefficients (host counts), converted to T on the host
+  const float* grad_scale;
+  const float* found_inf;
   const DevTensor* tensors;
   const int64_t* starts;  // first chunk of each table entry
   int64_t ntensors, nchunks;
+  const unsigned char* coefs;  // device counters: Coef<T> per distinct counter, written by coef_kernel
 };
 
-template <class Rule, class T>
-__global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule> a) {
-  const CudaStep<Rule>& st = a.step;
-  if (st.found_inf != nullptr && *st.found_inf != 0.0f) return;  // AMP / clip found inf or NaN: skip the step
-  const T gmul = st.grad_scale != nullptr ? static_cast<T>(*st.grad_scale) : T(1);
-  typename Rule::template Coef<T> c(st.coef);
-  if (st.grad_scale != nullptr) c.gscale = c.gscale * gmul;
-  const void* coef_counter = nullptr;  // the counter the current coefficients were made from
+// kCounters: the coefficients come from the table's slots (device counters) instead of the kernel parameter;
+// a separate instantiation, so that a host-counted step keeps its coefficients in the parameter bank.
+template <class Rule, class T, bool kCounters>
+__global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule, T> a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP / clip found inf or NaN: skip the step
+  typename Rule::template Coef<T> c = a.coef;
+  const T gmul = a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1);
+  if (a.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+  int64_t coef_slot = -1;  // the slot the current coefficients were loaded from
   constexpr int W = Pack<T>::kWidth;
   for (int64_t ci = blockIdx.x; ci < a.nchunks; ci += gridDim.x) {
     const int64_t ti = chunk_tensor(a.starts, a.ntensors, ci);
     const DevTensor& t = a.tensors[ti];
-    if (st.device_counters && t.step != coef_counter) {  // block-uniform: made once per tensor a block visits
-      StepScalars s = st.scalars;
-      s.t = load_scalar(t.step, st.counter_dtype) + 1.0;
-      if (t.mu_product != nullptr) s.mu_product = load_scalar(t.mu_product, st.product_dtype);
-      CoefD<Rule> cd;
-      make_coef(st.hyper, s, &cd);
-      c = typename Rule::template Coef<T>(cd);
-      if (st.grad_scale != nullptr) c.gscale = c.gscale * gmul;
-      coef_counter = t.step;
+    if (kCounters && t.coef_index != coef_slot) {  // block-uniform: once per tensor a block visits
+      c = *reinterpret_cast<const typename Rule::template Coef<T>*>(a.coefs + t.coef_index * kCoefSlot);
+      if (a.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+      coef_slot = t.coef_index;
     }
     int64_t begin, len;
     chunk_range(a.starts, ti, t.numel, kChunk, ci, &begin, &len);
@@ -149,22 +152,24 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule> a
   }
 }
 
-// After the update (same stream): every distinct counter advances by one, NAdam's product by mu_t, unless
-// found_inf skipped the step.
-template <class Rule>
-__global__ void advance_kernel(const DevCounter* counters, int64_t n, const CudaStep<Rule> st) {
+// Before the update (same stream), one thread per distinct device counter: make the coefficients of its count + 1
+// (the host's functions, optim_coefs.h) into its slot, then advance the count by one and NAdam's product by mu_t,
+// unless found_inf skips the step (the update kernel then skips too, and reads no slot).
+template <class Rule, class T>
+__global__ void coef_kernel(const DevCounter* counters, int64_t n, const CudaStep<Rule> st, unsigned char* coefs) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   if (st.found_inf != nullptr && *st.found_inf != 0.0f) return;
   const DevCounter c = counters[i];
+  StepScalars s = st.scalars;
   const double taken = load_scalar(c.step, st.counter_dtype);
-  if (c.mu_product != nullptr) {
-    if constexpr (std::is_same<HyperT<Rule>, NadamHyper>::value) {
-      StepScalars s = st.scalars;
-      s.t = taken + 1.0;
-      s.mu_product = load_scalar(c.mu_product, st.product_dtype);
-      store_scalar(c.mu_product, st.product_dtype, nadam_product_after(st.hyper, s));
-    }
+  s.t = taken + 1.0;
+  if (c.mu_product != nullptr) s.mu_product = load_scalar(c.mu_product, st.product_dtype);
+  CoefD<Rule> cd;
+  make_coef(st.hyper, s, &cd);
+  *reinterpret_cast<typename Rule::template Coef<T>*>(coefs + i * kCoefSlot) = typename Rule::template Coef<T>(cd);
+  if constexpr (std::is_same<HyperT<Rule>, NadamHyper>::value) {
+    if (c.mu_product != nullptr) store_scalar(c.mu_product, st.product_dtype, nadam_product_after(st.hyper, s));
   }
   store_scalar(c.step, st.counter_dtype, taken + 1.0);
 }
@@ -175,10 +180,11 @@ struct DeviceTable {
   DType dtype = DType::f32;
   bool counters = false;
   std::vector<TensorSlots> key;  // the slots it was built from, compared in full on lookup
-  DeviceBuffer mem;              // [DevTensor x n][int64 starts x n][DevCounter x ncounters]
+  DeviceBuffer mem;  // [DevTensor x n][int64 starts x n][DevCounter x ncounters][coefficient slots x ncounters]
   const DevTensor* tensors = nullptr;
   const int64_t* starts = nullptr;
   const DevCounter* counter_list = nullptr;
+  unsigned char* coefs = nullptr;
   int64_t ntensors = 0, nchunks = 0, ncounters = 0;
 };
 
@@ -203,15 +209,19 @@ std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cuda
   std::vector<DevTensor> rows;
   std::vector<int64_t> numels;
   std::vector<DevCounter> distinct;
-  std::unordered_set<const void*> seen;
+  std::unordered_map<const void*, int64_t> slot_of;
   for (const TensorSlots& s : b.tensors) {
-    if (counters && seen.insert(s.step).second) distinct.push_back(DevCounter{s.step, s.mu_product});
+    int64_t slot = -1;
+    if (counters) {
+      auto ins = slot_of.emplace(s.step, static_cast<int64_t>(distinct.size()));
+      if (ins.second) distinct.push_back(DevCounter{s.step, s.mu_product});
+      slot = ins.first->second;
+    }
     if (s.numel == 0) continue;
     DevTensor r;
     for (int k = 0; k < 5; ++k) r.ptr[k] = s.ptr[k];
-    r.step = s.step;
-    r.mu_product = s.mu_product;
     r.numel = s.numel;
+    r.coef_index = slot;
     rows.push_back(r);
     numels.push_back(s.numel);
   }
@@ -220,18 +230,20 @@ std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cuda
   t->ncounters = static_cast<int64_t>(distinct.size());
   const size_t tb = rows.size() * sizeof(DevTensor), sb = starts.size() * sizeof(int64_t),
                cb = distinct.size() * sizeof(DevCounter);
+  const size_t coff = (tb + sb + cb + 15) / 16 * 16;  // coefficient slots, 16-byte aligned, not uploaded
   std::vector<unsigned char> host(tb + sb + cb);
   if (tb) std::memcpy(host.data(), rows.data(), tb);
   if (sb) std::memcpy(host.data() + tb, starts.data(), sb);
   if (cb) std::memcpy(host.data() + tb + sb, distinct.data(), cb);
   if (!host.empty()) {
-    t->mem.allocate(host.size(), stream);
+    t->mem.allocate(coff + distinct.size() * kCoefSlot, stream);
     // Pageable source, once per table: the driver stages the bytes before the call returns.
     OK_CUDA_CHECK(cudaMemcpyAsync(t->mem.as<void>(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
     unsigned char* base = t->mem.as<unsigned char>();
     t->tensors = reinterpret_cast<const DevTensor*>(base);
     t->starts = reinterpret_cast<const int64_t*>(base + tb);
     t->counter_list = reinterpret_cast<const DevCounter*>(base + tb + sb);
+    t->coefs = base + coff;
   }
   return t;
 }
@@ -268,13 +280,15 @@ std::shared_ptr<DeviceTable> table_for(const StepBatch& b, bool counters, cudaSt
 template <class K>
 int grid_for(K kernel, int64_t nchunks, int device) {
   static std::mutex mu;
-  static std::vector<int> per_device;  // resident blocks per SM x SMs, per device (0: not measured yet)
+  static std::map<std::pair<const void*, int>, int> resident;  // (kernel, device) -> blocks resident on the device
   int cap;
   {
     std::lock_guard<std::mutex> lock(mu);
-    if (per_device.size() <= static_cast<size_t>(device)) per_device.resize(device + 1, 0);
-    if (per_device[device] == 0) per_device[device] = resident_blocks_per_sm(kernel, kThreads) * sm_count(device);
-    cap = per_device[device];
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    auto it = resident.find(key);
+    if (it == resident.end())
+      it = resident.emplace(key, resident_blocks_per_sm(kernel, kThreads) * sm_count(device)).first;
+    cap = it->second;
   }
   return static_cast<int>(nchunks < cap ? nchunks : cap);
 }
@@ -289,15 +303,22 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
         "functional: step= a one-element CUDA array of the steps taken): a host count would be frozen into the "
         "graph and every replay would repeat this step's coefficients");
   std::shared_ptr<DeviceTable> table = table_for(b, s.device_counters, stream);
-  KernelArgs<Rule> a{s, table->tensors, table->starts, table->ntensors, table->nchunks};
-  if (table->nchunks > 0) {
-    step_kernel<Rule, T><<<grid_for(step_kernel<Rule, T>, table->nchunks, b.device.index), kThreads, 0, stream>>>(a);
-    OK_CUDA_CHECK(cudaGetLastError());
-  }
-  if (s.device_counters && table->ncounters > 0) {
+  static_assert(sizeof(typename Rule::template Coef<double>) <= kCoefSlot, "a coefficient slot holds a Coef");
+  if (s.device_counters && table->ncounters > 0) {  // coefficients from the device counts, counts advanced
     const int threads = 128;
     const int blocks = static_cast<int>((table->ncounters + threads - 1) / threads);
-    advance_kernel<Rule><<<blocks, threads, 0, stream>>>(table->counter_list, table->ncounters, s);
+    coef_kernel<Rule, T><<<blocks, threads, 0, stream>>>(table->counter_list, table->ncounters, s, table->coefs);
+    OK_CUDA_CHECK(cudaGetLastError());
+  }
+  KernelArgs<Rule, T> a{typename Rule::template Coef<T>(s.coef), s.grad_scale, s.found_inf, table->tensors,
+                        table->starts, table->ntensors, table->nchunks, table->coefs};
+  if (table->nchunks > 0) {
+    if (s.device_counters)
+      step_kernel<Rule, T, true><<<grid_for(step_kernel<Rule, T, true>, table->nchunks, b.device.index), kThreads, 0,
+                                   stream>>>(a);
+    else
+      step_kernel<Rule, T, false><<<grid_for(step_kernel<Rule, T, false>, table->nchunks, b.device.index), kThreads,
+                                    0, stream>>>(a);
     OK_CUDA_CHECK(cudaGetLastError());
   }
 }
