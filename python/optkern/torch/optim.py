@@ -13,7 +13,11 @@ place, by the same kernels as :mod:`optkern.functional`.
 
 Implementation keywords: ``foreach``, ``fused`` and ``capturable`` are accepted and stored in the param groups as
 torch stores them (a state dict saved here loads into torch with the same meaning), but optkern always runs its
-own fused kernel.  ``differentiable=True`` is refused: the kernel writes memory autograd cannot see.
+own fused kernel.  ``differentiable=True`` is refused: the kernel writes memory autograd cannot see.  With
+``capturable=True`` (or ``fused=True``) on CUDA params the ``step`` tensors (and NAdam's ``mu_product``) live on
+the params' device, as in torch, and the kernel reads, uses and advances them there: no host sync, a device
+``found_inf`` skips the step and the count alike, and the step can be captured in a CUDA graph (after one eager
+warm-up step).
 
 Exactness (torch 2.13, CPU): the per-element math is torch's; per-step scalars are computed on the host in
 float64 as torch computes them from its float32 ``step`` tensors, and where torch keeps a scalar in a float32
