@@ -396,41 +396,42 @@ def _cai(**changes):
 
 
 # (changes to a valid interface, exception, message after "<name>: ")
+_C = "__cuda_array_interface__ "
 _BAD_CAI = {
     "huge-shape": (dict(shape=(2**62, 2**62)), ValueError, r"shape \(4611686018427387904, 4611686018427387904\) is "
                                                            r"too large: its size in bytes does not fit in 64 bits"),
     "bytes-overflow": (dict(shape=(2**61, 2)), ValueError, r"shape .* is too large"),  # 2**62 elements, 2**64 bytes
     "zero-hides-huge": (dict(shape=(0, 2**62, 2**62), data=(0, False)), ValueError, r"shape .* is too large"),
-    "extent-past-int64": (dict(shape=(2**70,)), ValueError, r"__cuda_array_interface__ 'shape' holds "
+    "extent-past-int64": (dict(shape=(2**70,)), ValueError, _C + r"'shape' holds "
                                                            r"1180591620717411303424, which does not fit in 64 bits"),
     "negative-extent": (dict(shape=(3, -1)), ValueError, r"shape \(3, -1\) has a negative extent"),
-    "float-extent": (dict(shape=(5.0,)), TypeError, r"__cuda_array_interface__ 'shape' must hold ints, got 5\.0"),
-    "shape-not-tuple": (dict(shape=5), TypeError, r"__cuda_array_interface__ 'shape' must be a tuple of ints"),
+    "float-extent": (dict(shape=(5.0,)), TypeError, _C + r"'shape' must hold ints, got 5\.0"),
+    "shape-not-tuple": (dict(shape=5), TypeError, _C + r"'shape' must be a tuple of ints"),
     "17-dims": (dict(shape=(1,) * 17), ValueError, r"arrays of more than 16 dimensions are not supported"),
-    "no-shape": (dict(shape=_DROP), TypeError, r"__cuda_array_interface__ has no 'shape'"),
-    "no-data": (dict(data=_DROP), TypeError, r"__cuda_array_interface__ has no 'data'"),
-    "no-typestr": (dict(typestr=_DROP), TypeError, r"__cuda_array_interface__ has no 'typestr'"),
-    "no-version": (dict(version=_DROP), TypeError, r"__cuda_array_interface__ has no 'version'"),
-    "typestr-not-str": (dict(typestr=4), TypeError, r"__cuda_array_interface__ 'typestr' must be a str, got 4"),
-    "unknown-version": (dict(version=4), ValueError, r"__cuda_array_interface__ version 4 is not supported"),
-    "version-not-int": (dict(version="3"), TypeError, r"__cuda_array_interface__ 'version' must be an int"),
-    "data-one-item": (dict(data=(_FAKE_PTR,)), TypeError, r"__cuda_array_interface__ 'data' must be a \(pointer: "
+    "no-shape": (dict(shape=_DROP), TypeError, _C + r"has no 'shape'"),
+    "no-data": (dict(data=_DROP), TypeError, _C + r"has no 'data'"),
+    "no-typestr": (dict(typestr=_DROP), TypeError, _C + r"has no 'typestr'"),
+    "no-version": (dict(version=_DROP), TypeError, _C + r"has no 'version'"),
+    "typestr-not-str": (dict(typestr=4), TypeError, _C + r"'typestr' must be a str, got 4"),
+    "unknown-version": (dict(version=4), ValueError, _C + r"version 4 is not supported"),
+    "version-not-int": (dict(version="3"), TypeError, _C + r"'version' must be an int"),
+    "data-one-item": (dict(data=(_FAKE_PTR,)), TypeError, _C + r"'data' must be a \(pointer: "
                                                           r"int, read-only: bool\) pair"),
-    "data-flag-not-bool": (dict(data=(_FAKE_PTR, 0)), TypeError, r"__cuda_array_interface__ 'data' must be a \(pointer: int, read-only"),
-    "data-negative": (dict(data=(-8, False)), ValueError, r"__cuda_array_interface__ data pointer -8 is not an "
+    "data-flag-not-bool": (dict(data=(_FAKE_PTR, 0)), TypeError, _C + r"'data' must be a \(pointer: int, read-only"),
+    "data-negative": (dict(data=(-8, False)), ValueError, _C + r"data pointer -8 is not an "
                                                           r"address"),
-    "data-null": (dict(data=(0, False)), ValueError, r"__cuda_array_interface__ data pointer is 0 \(null\) for an "
+    "data-null": (dict(data=(0, False)), ValueError, _C + r"data pointer is 0 \(null\) for an "
                                                      r"array of 5 elements"),
-    "strides-too-short": (dict(shape=(5, 1), strides=(4,)), ValueError, r"__cuda_array_interface__ 'strides' has 1 "
+    "strides-too-short": (dict(shape=(5, 1), strides=(4,)), ValueError, _C + r"'strides' has 1 "
                                                                         r"entries for a 2-dimensional shape"),
-    "strides-too-long": (dict(strides=(4, 4)), ValueError, r"__cuda_array_interface__ 'strides' has 2 entries for a 1-dimensional shape"),
-    "strides-not-ints": (dict(strides=("4",)), TypeError, r"__cuda_array_interface__ 'strides' must hold ints"),
-    "strides-not-tuple": (dict(strides=4), TypeError, r"__cuda_array_interface__ 'strides' must be None or a tuple of ints"),
-    "mask": (dict(mask=(1,)), ValueError, r"__cuda_array_interface__ has a 'mask'; masked arrays are not supported"),
-    "stream-0": (dict(stream=0), ValueError, r"__cuda_array_interface__ 'stream' is 0, not a stream \(the "
+    "strides-too-long": (dict(strides=(4, 4)), ValueError, _C + r"'strides' has 2 entries for a 1-dimensional shape"),
+    "strides-not-ints": (dict(strides=("4",)), TypeError, _C + r"'strides' must hold ints"),
+    "strides-not-tuple": (dict(strides=4), TypeError, _C + r"'strides' must be None or a tuple of ints"),
+    "mask": (dict(mask=(1,)), ValueError, _C + r"has a 'mask'; masked arrays are not supported"),
+    "stream-0": (dict(stream=0), ValueError, _C + r"'stream' is 0, not a stream \(the "
                                              r"interface disallows 0"),
-    "stream-negative": (dict(stream=-5), ValueError, r"__cuda_array_interface__ 'stream' is -5, not a stream"),
-    "stream-not-int": (dict(stream="1"), TypeError, r"__cuda_array_interface__ 'stream' must be None or an int"),
+    "stream-negative": (dict(stream=-5), ValueError, _C + r"'stream' is -5, not a stream"),
+    "stream-not-int": (dict(stream="1"), TypeError, _C + r"'stream' must be None or an int"),
 }
 
 
