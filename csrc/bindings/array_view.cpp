@@ -286,7 +286,9 @@ struct ArrayReader {
     const auto as_tuple = [&](py::object o, const char* key, const char* expected) {
       if (PyTuple_Check(o.ptr())) return py::reinterpret_borrow<py::tuple>(o);
       if (!PyList_Check(o.ptr())) bad(key, o, expected);
-      return py::reinterpret_steal<py::tuple>(PySequence_Tuple(o.ptr()));
+      PyObject* t = PySequence_Tuple(o.ptr());
+      if (!t) throw py::error_already_set();
+      return py::reinterpret_steal<py::tuple>(t);
     };
     const auto int64_at = [&](py::handle item, const char* key) {
       int64_t x = 0;
