@@ -355,3 +355,349 @@ def test_cpu_paths_give_identical_bits(rng, algo, dtype):
             for a, b in zip(ss[k], first[1][k]):
                 assert _bits_equal(a, b), (isa, k)
     assert not np.array_equal(first[0][-1], data[-1][0])
+
+
+# ---- malformed array interfaces: refused, named, before any CUDA call, nothing written --------------------------
+# Stand-ins expose an interface with a fake device pointer: if anything reached a kernel it would fault, and in a
+# CUDA build on a machine without a GPU any CUDA call raises RuntimeError, so the exact TypeError/ValueError below
+# also shows that the array was refused before one was made.
+_FAKE_PTR = 1 << 20  # aligned, never dereferenced
+
+
+class _Dev:  # CuPy's Device (.id) / torch's device (.index)
+    def __init__(self, id=None, index=None):
+        if id is not None:
+            self.id = id
+        if index is not None:
+            self.index = index
+
+
+class _CAI:
+    """An object with a __cuda_array_interface__ (counted on each read) and, optionally, a .device."""
+
+    def __init__(self, cai, device=None):
+        self._cai, self.reads = cai, 0
+        if device is not None:
+            self.device = device
+
+    @property
+    def __cuda_array_interface__(self):
+        self.reads += 1
+        return self._cai
+
+
+_DROP = object()
+
+
+def _cai(**changes):
+    d = {"shape": (5,), "typestr": "<f4", "data": (_FAKE_PTR, False), "version": 3}
+    d.update(changes)
+    return {k: v for k, v in d.items() if v is not _DROP}
+
+
+# (changes to a valid interface, exception, message after "<name>: ")
+_C = "__cuda_array_interface__ "
+_BAD_CAI = {
+    "huge-shape": (dict(shape=(2**62, 2**62)), ValueError, r"shape \(4611686018427387904, 4611686018427387904\) is "
+                                                           r"too large: its size in bytes does not fit in 64 bits"),
+    "bytes-overflow": (dict(shape=(2**61, 2)), ValueError, r"shape .* is too large"),  # 2**62 elements, 2**64 bytes
+    "zero-hides-huge": (dict(shape=(0, 2**62, 2**62), data=(0, False)), ValueError, r"shape .* is too large"),
+    "extent-past-int64": (dict(shape=(2**70,)), ValueError, _C + r"'shape' holds "
+                                                           r"1180591620717411303424, which does not fit in 64 bits"),
+    "negative-extent": (dict(shape=(3, -1)), ValueError, r"shape \(3, -1\) has a negative extent"),
+    "float-extent": (dict(shape=(5.0,)), TypeError, _C + r"'shape' must hold ints, got 5\.0"),
+    "shape-not-tuple": (dict(shape=5), TypeError, _C + r"'shape' must be a tuple of ints"),
+    "17-dims": (dict(shape=(1,) * 17), ValueError, r"arrays of more than 16 dimensions are not supported"),
+    "no-shape": (dict(shape=_DROP), TypeError, _C + r"has no 'shape'"),
+    "no-data": (dict(data=_DROP), TypeError, _C + r"has no 'data'"),
+    "no-typestr": (dict(typestr=_DROP), TypeError, _C + r"has no 'typestr'"),
+    "no-version": (dict(version=_DROP), TypeError, _C + r"has no 'version'"),
+    "typestr-not-str": (dict(typestr=4), TypeError, _C + r"'typestr' must be a str, got 4"),
+    "unknown-version": (dict(version=4), ValueError, _C + r"version 4 is not supported"),
+    "version-not-int": (dict(version="3"), TypeError, _C + r"'version' must be an int"),
+    "data-one-item": (dict(data=(_FAKE_PTR,)), TypeError, _C + r"'data' must be a \(pointer: "
+                                                          r"int, read-only: bool\) pair"),
+    "data-flag-not-bool": (dict(data=(_FAKE_PTR, 0)), TypeError, _C + r"'data' must be a \(pointer: int, read-only"),
+    "data-negative": (dict(data=(-8, False)), ValueError, _C + r"data pointer -8 is not an "
+                                                          r"address"),
+    "data-null": (dict(data=(0, False)), ValueError, _C + r"data pointer is 0 \(null\) for an "
+                                                     r"array of 5 elements"),
+    "strides-too-short": (dict(shape=(5, 1), strides=(4,)), ValueError, _C + r"'strides' has 1 "
+                                                                        r"entries for a 2-dimensional shape"),
+    "strides-too-long": (dict(strides=(4, 4)), ValueError, _C + r"'strides' has 2 entries for a 1-dimensional shape"),
+    "strides-not-ints": (dict(strides=("4",)), TypeError, _C + r"'strides' must hold ints"),
+    "strides-not-tuple": (dict(strides=4), TypeError, _C + r"'strides' must be None or a tuple of ints"),
+    "mask": (dict(mask=(1,)), ValueError, _C + r"has a 'mask'; masked arrays are not supported"),
+    "stream-0": (dict(stream=0), ValueError, _C + r"'stream' is 0, not a stream \(the "
+                                             r"interface disallows 0"),
+    "stream-negative": (dict(stream=-5), ValueError, _C + r"'stream' is -5, not a stream"),
+    "stream-not-int": (dict(stream="1"), TypeError, _C + r"'stream' must be None or an int"),
+}
+
+
+def _adam_arrays(rng):
+    p = [rng.standard_normal(n).astype(np.float32) for n in (5, 5)]
+    g = [rng.standard_normal(n).astype(np.float32) for n in (5, 5)]
+    m = [rng.standard_normal(n).astype(np.float32) for n in (5, 5)]
+    v = [rng.uniform(0.1, 1.0, n).astype(np.float32) for n in (5, 5)]
+    return p, g, m, v
+
+
+@pytest.mark.parametrize("case", list(_BAD_CAI))
+def test_malformed_cuda_array_interface_is_refused_and_nothing_written(rng, case):
+    changes, exc, msg = _BAD_CAI[case]
+    p, g, m, v = _adam_arrays(rng)
+    before = [a.copy() for a in p + m + v]
+    bad = _CAI(_cai(**changes), device=_Dev(id=0))
+    with pytest.raises(exc, match=r"^grads\[1\]: " + msg):
+        optkern.adam_step(p, [g[0], bad], m, v, step=1, lr=0.1)
+    assert bad.reads == 1
+    assert all(_bits_equal(a, b) for a, b in zip(p + m + v, before))
+    # the same reader behind the norms (collect_read)
+    with pytest.raises(exc, match=r"^grads\[1\]: " + msg):
+        optkern.global_norm([g[0], bad])
+
+
+def test_cuda_array_interface_that_is_not_a_dict():
+    p, g, m, v = _adam_arrays(np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"^grads\[0\]: __cuda_array_interface__ is not a dict \(got list\)$"):
+        optkern.adam_step(p[:1], [_CAI([1, 2])], m[:1], v[:1], step=1)
+
+
+def test_cuda_array_interface_errors_propagate_as_raised():
+    """An error inside the producer's property (other than AttributeError, which means 'no interface') is the
+    caller's error: it is neither swallowed nor replaced by a guess at another interface."""
+    class Broken:
+        @property
+        def __cuda_array_interface__(self):
+            raise KeyboardInterrupt
+
+    p, g, m, v = _adam_arrays(np.random.default_rng(0))
+    with pytest.raises(KeyboardInterrupt):
+        optkern.adam_step(p[:1], [Broken()], m[:1], v[:1], step=1)
+
+
+@pytest.mark.parametrize("where", ["params", "grads", "state"])
+def test_cuda_array_interface_read_once_per_array(rng, where):
+    """One read of the interface per array per call (torch's is Python code): the device check that refuses the
+    mixed call below comes after the one read."""
+    p, g, m, v = _adam_arrays(rng)
+    fake = _CAI(_cai(), device=_Dev(id=0))
+    args = {"params": ([fake, p[1]], g, m, v), "grads": (p, [g[0], fake], m, v), "state": (p, g, m, [v[0], fake])}
+    with pytest.raises(ValueError, match=r"on cpu like params\[0\]|like params\[0\], got cpu"):
+        optkern.adam_step(*args[where], step=1)
+    assert fake.reads == 1
+
+
+@pytest.mark.parametrize("dev,expect", [(_Dev(id=3), "cuda:3"), (_Dev(index=2), "cuda:2"), (_Dev(id=0), "cuda:0")])
+def test_zero_size_cuda_array_device_is_read_not_assumed(rng, dev, expect):
+    """A zero-size CAI array has pointer 0; its device comes from the producer (CuPy's .device.id, torch's
+    .device.index), never an assumed 0."""
+    p, g, m, v = _adam_arrays(rng)
+    empty = _CAI(_cai(shape=(0,), data=(0, False)), device=dev)
+    p0 = np.zeros((0,), np.float32)
+    with pytest.raises(ValueError, match=rf"^grads\[1\]: expected an array on cpu like params\[0\], got {expect}$"):
+        optkern.adam_step([p[0], p0], [g[0], empty], [m[0], p0.copy()], [v[0], p0.copy()], step=1)
+
+
+def test_zero_size_cuda_array_of_unknown_device_is_refused(rng):
+    p, g, m, v = _adam_arrays(rng)
+    before = [a.copy() for a in p + m + v]
+    for obj in (_CAI(_cai(shape=(0,), data=(0, False))), _CAI(_cai(shape=(3, 0), data=(0, False)), device="cuda")):
+        with pytest.raises(ValueError, match=r"^grads\[1\]: a zero-size CUDA array \(data pointer 0\) whose device "
+                                             r"is unknown"):
+            optkern.adam_step(p, [g[0], obj], m, v, step=1)
+    assert all(_bits_equal(a, b) for a, b in zip(p + m + v, before))
+
+
+def test_stream_field_is_read_from_version_3_only(rng):
+    """'stream' is a v3 field: a v2 interface's is not read (so not refused), a v3 interface's 0 is."""
+    p, g, m, v = _adam_arrays(rng)
+    v2 = _CAI(_cai(version=2, stream=0), device=_Dev(id=0))
+    with pytest.raises(ValueError, match=r"^grads\[1\]: expected an array on cpu like params\[0\], got cuda:0$"):
+        optkern.adam_step(p, [g[0], v2], m, v, step=1)
+    v3 = _CAI(_cai(version=3, stream=0), device=_Dev(id=0))
+    with pytest.raises(ValueError, match=r"^grads\[1\]: __cuda_array_interface__ 'stream' is 0"):
+        optkern.adam_step(p, [g[0], v3], m, v, step=1)
+
+
+@pytest.mark.parametrize("good", [dict(stream=None), dict(stream=1), dict(stream=2), dict(stream=0x7F00_0000),
+                                  dict(strides=None), dict(strides=(4,)), dict(version=0), dict(version=2),
+                                  dict(shape=[5], data=[_FAKE_PTR, True]), dict(typestr="<f8")])
+def test_well_formed_interfaces_reach_the_device_check(rng, good):
+    """Valid variants (lists for tuples, no stream, both special streams) pass the reader; the CPU params then
+    refuse the CUDA array by device, before any stream ordering or kernel."""
+    p, g, m, v = _adam_arrays(rng)
+    ok = _CAI(_cai(**good), device=_Dev(id=1))
+    if good.get("typestr") == "<f8":  # read as float64: the dtype check comes first
+        exc, msg = TypeError, r"^grads\[1\]: expected float32 like params\[1\], got float64$"
+    else:
+        exc, msg = ValueError, r"^grads\[1\]: expected an array on cpu like params\[0\], got cuda:1$"
+    with pytest.raises(exc, match=msg):
+        optkern.adam_step(p, [g[0], ok], m, v, step=1)
+    assert ok.reads == 1
+
+
+# DLPack stand-ins: a DLManagedTensor built with ctypes, handed out in a "dltensor" capsule.
+import ctypes  # noqa: E402
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+_CAPSULE_NAME = b"dltensor"  # a capsule keeps a pointer to its name: this bytes object outlives every capsule
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class _FakeDLPack:
+    """A CPU float32 DLPack producer with the shape and strides given (the memory behind it is 64 floats)."""
+
+    def __init__(self, shape, strides=None, ndim=None, null_data=False):
+        self.buf = (ctypes.c_float * 64)()
+        self.shape = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+        self.strides = None if strides is None else (ctypes.c_int64 * len(strides))(*strides)
+        t = _DLTensor(None if null_data else ctypes.addressof(self.buf), _DLDevice(1, 0),
+                      len(shape) if ndim is None else ndim, _DLDataType(2, 32, 1), self.shape, self.strides, 0)
+        self.managed = _DLManagedTensor(t, None, None)  # no deleter: the memory is this object's
+
+    def __dlpack__(self, stream=None, max_version=None):
+        return _PyCapsule_New(ctypes.addressof(self.managed), _CAPSULE_NAME, None)
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(shape=(2**62, 2**62)), ValueError, r"shape \(4611686018427387904, 4611686018427387904\) is too large"),
+    (dict(shape=(2**31, 2**31)), ValueError, r"shape .* is too large"),  # 2**62 floats: 2**64 bytes
+    (dict(shape=(5, -2)), ValueError, r"shape \(5, -2\) has a negative extent"),
+    (dict(shape=(5,), ndim=-1), ValueError, r"a negative number of dimensions \(-1\)"),
+    (dict(shape=(5,), ndim=17), ValueError, r"arrays of more than 16 dimensions are not supported"),
+    (dict(shape=(5,), strides=(2**62,)), ValueError, r"its DLPack strides do not fit in 64 bits"),
+    (dict(shape=(5,), null_data=True), ValueError, r"its DLPack data pointer is null for an array of 5 elements"),
+])
+def test_malformed_dlpack_is_refused_and_nothing_written(rng, kw, exc, msg):
+    p, g, m, v = _adam_arrays(rng)
+    before = [a.copy() for a in p + m + v]
+    bad = _FakeDLPack(**kw)
+    with pytest.raises(exc, match=r"^grads\[1\]: " + msg):
+        optkern.adam_step(p, [g[0], bad], m, v, step=1, lr=0.1)
+    assert all(_bits_equal(a, b) for a, b in zip(p + m + v, before))
+    with pytest.raises(exc, match=r"^grads\[1\]: " + msg):
+        optkern.global_norm([g[0], bad])
+
+
+def test_dlpack_stand_in_is_read_when_well_formed(rng):
+    """The ctypes producer above is a working array when its fields are sane (so the refusals are the checks')."""
+    good = _FakeDLPack(shape=(5,))
+    ref = rng.standard_normal(5).astype(np.float32)
+    ctypes.memmove(good.buf, ref.ctypes.data, ref.nbytes)
+    assert optkern.global_norm([good]) == pytest.approx(float(np.linalg.norm(ref.astype(np.float64))), rel=1e-12)
+
+
+# ---- the stream a step is ordered on (optkern._arrays) ----------------------------------------------------------
+class _FakeCupy:
+    """Stand-in for the parts of CuPy _arrays uses: a current device, one current stream per device, allocation on
+    the current device."""
+
+    def __init__(self, ndev=2):
+        import types
+
+        state = self.state = {"current": 0, "switches": 0}
+        streams = {d: types.SimpleNamespace(ptr=0x1000 * (d + 1)) for d in range(ndev)}
+
+        class Device:
+            def __init__(self, id):
+                self.id = id
+
+            def __enter__(self):
+                self.prev = state["current"]
+                if self.id != self.prev:
+                    state["switches"] += 1
+                state["current"] = self.id
+                return self
+
+            def __exit__(self, *exc):
+                state["current"] = self.prev
+
+        def made_on_current(kind):
+            return lambda *a, **k: (kind, state["current"])
+
+        self.module = types.ModuleType("cupy")
+        self.module.cuda = types.SimpleNamespace(
+            Device=Device, get_current_stream=lambda: streams[state["current"]],
+            runtime=types.SimpleNamespace(getDevice=lambda: state["current"]))
+        for name in ("full_like", "empty_like", "empty", "array", "asarray"):
+            setattr(self.module, name, made_on_current(name))
+        self.module.float64 = np.float64
+        self.Device = Device
+
+    def array(self, device):
+        state = self.state
+        cls = type("ndarray", (), {"__module__": "cupy._core.core", "device": self.Device(device),
+                                   "copy": lambda self: ("copy", state["current"])})
+        return cls()
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    import sys
+
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    return fake
+
+
+@pytest.mark.parametrize("current", [0, 1])
+@pytest.mark.parametrize("device", [0, 1])
+def test_cupy_step_stream_is_the_arrays_device_current_stream(fake_cupy, current, device):
+    from optkern import _arrays
+
+    fake_cupy.state["current"] = current
+    a = fake_cupy.array(device)
+    assert _arrays.current_stream(a) == 0x1000 * (device + 1)
+    assert fake_cupy.state["current"] == current  # the caller's device is restored
+    assert fake_cupy.state["switches"] == (1 if device != current else 0)  # no device switch when already current
+
+
+@pytest.mark.parametrize("fn", ["full_like", "zeros_like", "empty_like", "copy_array", "empty_vector",
+                                "to_library_like", "as_float64_vector"])
+def test_cupy_state_is_allocated_on_the_arrays_device(fake_cupy, fn):
+    """CuPy allocates on the current device: state for a param on device 1 while device 0 is current must still be
+    made on device 1 (a step would otherwise refuse the mixed devices)."""
+    from optkern import _arrays
+
+    a = fake_cupy.array(1)
+    call = {"full_like": lambda: _arrays.full_like(a, 0.5), "zeros_like": lambda: _arrays.zeros_like(a),
+            "empty_like": lambda: _arrays.empty_like(a), "copy_array": lambda: _arrays.copy_array(a),
+            "empty_vector": lambda: _arrays.empty_vector(a, 3),
+            "to_library_like": lambda: _arrays.to_library_like(np.ones(3), type("L", (), {
+                "__module__": "cupy", "device": a.device, "dtype": np.float32})()),
+            "as_float64_vector": lambda: _arrays.as_float64_vector(np.ones(3), a)}[fn]
+    kind, made_on = call()
+    assert made_on == 1 and fake_cupy.state["current"] == 0
+
+
+@pytest.mark.parametrize("obj", ["numpy", "torch-cpu", "other-cai"])
+def test_step_stream_off_cupy_and_torch_cuda_is_the_default(obj):
+    from optkern import _arrays
+
+    a = {"numpy": np.ones(3), "torch-cpu": torch.ones(3), "other-cai": _CAI(_cai(), device=_Dev(id=1))}[obj]
+    assert _arrays.current_stream(a) == 0

@@ -2,6 +2,7 @@
 #include "array_view.h"
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <sstream>
@@ -9,6 +10,7 @@
 
 #include <pybind11/numpy.h>
 
+#include "../optkern/cuda_streams.h"
 #include "dlpack.h"
 
 namespace optkern_py {
@@ -53,6 +55,7 @@ ArrayView& ArrayView::operator=(ArrayView&& o) noexcept {
     itemsize = o.itemsize;
     readonly = o.readonly;
     device = o.device;
+    producer_stream = o.producer_stream;
     buffer_ = o.buffer_;
     has_buffer_ = o.has_buffer_;
     o.has_buffer_ = false;
@@ -110,124 +113,279 @@ std::string shape_str(const ArrayView& a) {
   return os.str();
 }
 
-ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream) {
-  ArrayView v;
-  struct LazyName {
-    const char* kind;
-    int64_t index;
-    operator std::string() const { return index < 0 ? std::string(kind) : std::string(kind) + "[" + std::to_string(index) + "]"; }
-    std::string operator+(const std::string& s) const { return std::string(*this) + s; }
-    std::string operator+(const char* s) const { return std::string(*this) + s; }
-  } what{kind, index};
-  PyObject* o = obj.ptr();
-  // 0. NumPy arrays: read the array struct directly through NumPy's C API (pybind11 loads it at run time).
-  {
-    auto& api = py::detail::npy_api::get();
-    if (api.PyArray_Check_(o)) {
-      const auto* a = py::detail::array_proxy(o);
-      const auto* d = py::detail::array_descriptor_proxy(a->descr);
-      constexpr int kNpyFloat = 11, kNpyDouble = 12;
-      constexpr int kWriteable = 0x0400;
-      const bool native = d->byteorder != '>';
-      if (d->type_num == kNpyFloat && native) { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
-      else if (d->type_num == kNpyDouble && native) { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
-      else {
-        v.itemsize = 1;
-        std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", std::string(py::str(obj.attr("dtype"))).c_str());
-        if (!native) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "a non-native byte order");
-      }
-      if (a->nd > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
-      v.data = a->data;
-      v.ndim = a->nd;
-      v.numel = 1;
-      for (int k = 0; k < a->nd; ++k) {
-        v.shape[k] = a->dimensions[k];
-        v.strides[k] = a->strides[k];
-        v.numel *= a->dimensions[k];
-      }
-      v.readonly = (a->flags & kWriteable) == 0;
-      v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
-      return v;
+namespace {
+
+// A Python integer (anything with __index__ except bool) as a 64-bit value.
+enum class IntRead { ok, not_int, out_of_range };
+
+IntRead read_int64(PyObject* o, int64_t* out) {
+  if (PyBool_Check(o) || !PyIndex_Check(o)) return IntRead::not_int;
+  PyObject* i = PyNumber_Index(o);
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i, &overflow);
+  Py_DECREF(i);
+  if (overflow) return IntRead::out_of_range;
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  *out = x;
+  return IntRead::ok;
+}
+
+IntRead read_uint64(PyObject* o, uint64_t* out) {  // negative values are out of range
+  if (PyBool_Check(o) || !PyIndex_Check(o)) return IntRead::not_int;
+  PyObject* i = PyNumber_Index(o);
+  if (!i) throw py::error_already_set();
+  const unsigned long long x = PyLong_AsUnsignedLongLong(i);
+  Py_DECREF(i);
+  if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+    PyErr_Clear();
+    return IntRead::out_of_range;
+  }
+  *out = x;
+  return IntRead::ok;
+}
+
+// getattr(o, name) read once: a null object when o has no such attribute; any other error propagates.
+py::object get_attr(PyObject* o, const char* name) {
+  PyObject* r = PyObject_GetAttrString(o, name);
+  if (r) return py::reinterpret_steal<py::object>(r);
+  if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+  PyErr_Clear();
+  return py::object();
+}
+
+std::string short_repr(py::handle h) {
+  std::string r = py::repr(h);
+  return r.size() > 60 ? r.substr(0, 57) + "..." : r;
+}
+
+std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
+
+// The device index the producer object states: CuPy's a.device.id, torch's a.device.index.  false when it
+// states none (a zero-size array's device then cannot be known from its pointer).
+bool producer_device(py::handle obj, int* out) {
+  py::object dev = get_attr(obj.ptr(), "device");
+  if (!dev || dev.is_none()) return false;
+  for (const char* name : {"id", "index"}) {
+    py::object i = get_attr(dev.ptr(), name);
+    int64_t x = -1;
+    if (i && read_int64(i.ptr(), &x) == IntRead::ok && x >= 0 && x <= INT32_MAX) {
+      *out = static_cast<int>(x);
+      return true;
     }
   }
-  // 1. The buffer protocol (NumPy and anything like it): the fast path.
-  if (PyObject_CheckBuffer(o)) {
-    if (PyObject_GetBuffer(o, &v.buffer_, PyBUF_RECORDS_RO) != 0) {
+  return false;
+}
+
+}  // namespace
+
+// The readers of the three array interfaces (friends of ArrayView).  Each fills a view and raises
+// TypeError/ValueError naming the argument for an interface it cannot read; none makes a CUDA call before the
+// whole interface has been checked.
+struct ArrayReader {
+  // The argument's name as the caller passed it ("grads[3]"), built only when an error is raised.
+  struct Name {
+    const char* kind;
+    int64_t index;
+    std::string str() const { return index < 0 ? std::string(kind) : std::string(kind) + "[" + std::to_string(index) + "]"; }
+    std::string operator+(const std::string& s) const { return str() + s; }
+    std::string operator+(const char* s) const { return str() + s; }
+  };
+
+  static void check_ndim(int64_t ndim, const Name& what) {
+    if (ndim < 0) value_error(what + ": a negative number of dimensions (" + std::to_string(ndim) + ")");
+    if (ndim > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
+  }
+
+  // numel from v.shape.  Every extent must be >= 0 and the size in bytes (the product of the non-zero extents
+  // times the itemsize, which bounds every stride and extent product computed later) must fit in int64.
+  static void set_numel(ArrayView& v, const Name& what) {
+    int64_t bytes = v.itemsize, n = 1;
+    for (int d = 0; d < v.ndim; ++d) {
+      if (v.shape[d] < 0) value_error(what + ": shape " + shape_str(v) + " has a negative extent");
+      if (v.shape[d] > 0 && __builtin_mul_overflow(bytes, v.shape[d], &bytes))
+        value_error(what + ": shape " + shape_str(v) + " is too large: its size in bytes does not fit in 64 bits");
+      n *= v.shape[d];
+    }
+    v.numel = n;
+  }
+
+  static void c_contiguous_strides(ArrayView& v) {  // bounded by set_numel's check
+    int64_t s = v.itemsize;
+    for (int d = v.ndim - 1; d >= 0; --d) {
+      v.strides[d] = s;
+      s *= v.shape[d];
+    }
+  }
+
+  // 0. NumPy arrays: the array struct read directly through NumPy's C API (pybind11 loads it at run time).
+  static void numpy(ArrayView& v, py::handle obj, const Name& what) {
+    const auto* a = py::detail::array_proxy(obj.ptr());
+    const auto* d = py::detail::array_descriptor_proxy(a->descr);
+    constexpr int kNpyFloat = 11, kNpyDouble = 12;
+    constexpr int kWriteable = 0x0400;
+    const bool native = d->byteorder != '>';
+    if (d->type_num == kNpyFloat && native) { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
+    else if (d->type_num == kNpyDouble && native) { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
+    else {
+      v.itemsize = 1;
+      std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", std::string(py::str(obj.attr("dtype"))).c_str());
+      if (!native) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "a non-native byte order");
+    }
+    check_ndim(a->nd, what);
+    v.data = a->data;
+    v.ndim = a->nd;
+    for (int k = 0; k < a->nd; ++k) {
+      v.shape[k] = a->dimensions[k];
+      v.strides[k] = a->strides[k];
+    }
+    set_numel(v, what);
+    v.readonly = (a->flags & kWriteable) == 0;
+  }
+
+  // 1. The buffer protocol (anything like NumPy).
+  static void buffer(ArrayView& v, py::handle obj, const Name& what) {
+    if (PyObject_GetBuffer(obj.ptr(), &v.buffer_, PyBUF_RECORDS_RO) != 0) {
       PyErr_Clear();
       type_error(what + ": its buffer could not be read (expected a strided float32/float64 array)");
     }
     v.has_buffer_ = true;
     const Py_buffer& b = v.buffer_;
+    if (b.itemsize < 1 || b.itemsize > 64) value_error(what + ": its buffer has an itemsize of " + std::to_string(b.itemsize));
     v.data = b.buf;
     v.itemsize = static_cast<int>(b.itemsize);
     v.readonly = b.readonly != 0;
     v.dtype_ok = parse_format(b.format, v.itemsize, &v.dtype);
     if (!v.dtype_ok) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "buffer format '%.40s'", b.format ? b.format : "?");
-    if (b.ndim > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
+    check_ndim(b.ndim, what);
+    if (b.ndim > 0 && !b.shape) type_error(what + ": its buffer has no shape");
     v.ndim = b.ndim;
-    v.numel = 1;
-    for (int d = 0; d < b.ndim; ++d) {
-      v.shape[d] = b.shape[d];
-      v.strides[d] = b.strides ? b.strides[d] : 0;
-      v.numel *= b.shape[d];
+    for (int d = 0; d < b.ndim; ++d) v.shape[d] = b.shape[d];
+    set_numel(v, what);
+    if (b.strides) {
+      for (int d = 0; d < b.ndim; ++d) v.strides[d] = b.strides[d];
+    } else {
+      c_contiguous_strides(v);
     }
-    if (!b.strides) {  // C-contiguous
-      int64_t s = v.itemsize;
-      for (int d = b.ndim - 1; d >= 0; --d) {
-        v.strides[d] = s;
-        s *= v.shape[d];
-      }
-    }
-    return v;
   }
-  // 2. __cuda_array_interface__ (CuPy, Numba, PyTorch CUDA tensors).
-  if (PyObject_HasAttrString(o, "__cuda_array_interface__")) {
-    py::dict cai = obj.attr("__cuda_array_interface__");
-    py::tuple shape = cai["shape"];
-    std::string typestr = py::str(cai["typestr"]);
-    py::tuple data = cai["data"];
-    v.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
-    v.readonly = data[1].cast<bool>();
-    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "typestr '%.40s'", typestr.c_str());
-    if (typestr == "<f4") { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
-    else if (typestr == "<f8") { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
+
+  // 2. __cuda_array_interface__ (CuPy, Numba, PyTorch CUDA tensors), versions 0 to 3, read from the dict `cai`.
+  static void cuda_array_interface(ArrayView& v, py::handle obj, py::handle cai, const Name& what) {
+    const auto prefix = [&] { return what + ": __cuda_array_interface__ "; };
+    if (!PyDict_Check(cai.ptr())) type_error(prefix() + "is not a dict (got " + type_name(cai) + ")");
+    // Strong references: reading an entry may run Python code (__index__) that changes the dict.
+    const auto field = [&](const char* key) {
+      return py::reinterpret_borrow<py::object>(PyDict_GetItemString(cai.ptr(), key));
+    };
+    const auto missing = [&](const char* key) { type_error(prefix() + "has no '" + key + "'"); };
+    const auto bad = [&](const char* key, py::handle got, const char* expected) {
+      type_error(prefix() + "'" + key + "' must be " + expected + ", got " + short_repr(got));
+    };
+    // A tuple or list as a tuple (a list is copied so that reading its items cannot resize it).
+    const auto as_tuple = [&](py::object o, const char* key, const char* expected) {
+      if (PyTuple_Check(o.ptr())) return py::reinterpret_borrow<py::tuple>(o);
+      if (!PyList_Check(o.ptr())) bad(key, o, expected);
+      PyObject* t = PySequence_Tuple(o.ptr());
+      if (!t) throw py::error_already_set();
+      return py::reinterpret_steal<py::tuple>(t);
+    };
+    const auto int64_at = [&](py::handle item, const char* key) {
+      int64_t x = 0;
+      const IntRead r = read_int64(item.ptr(), &x);
+      if (r == IntRead::not_int) type_error(prefix() + "'" + key + "' must hold ints, got " + short_repr(item));
+      if (r == IntRead::out_of_range) value_error(prefix() + "'" + key + "' holds " + short_repr(item) + ", which does not fit in 64 bits");
+      return x;
+    };
+
+    py::object version = field("version");
+    if (!version) missing("version");
+    int64_t ver = -1;
+    const IntRead vr = read_int64(version.ptr(), &ver);
+    if (vr == IntRead::not_int) bad("version", version, "an int");
+    if (vr == IntRead::out_of_range || ver < 0 || ver > 3)
+      value_error(prefix() + "version " + short_repr(version) + " is not supported (versions 0 to 3 are)");
+
+    py::object typestr = field("typestr");
+    if (!typestr) missing("typestr");
+    if (!PyUnicode_Check(typestr.ptr())) bad("typestr", typestr, "a str");
+    const std::string ts = py::str(typestr);
+    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "typestr '%.40s'", ts.c_str());
+    if (ts == "<f4") { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
+    else if (ts == "<f8") { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
     else { v.itemsize = 1; }
-    if (shape.size() > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
+
+    py::object shape_o = field("shape");
+    if (!shape_o) missing("shape");
+    py::tuple shape = as_tuple(shape_o, "shape", "a tuple of ints");
+    check_ndim(static_cast<int64_t>(shape.size()), what);
     v.ndim = static_cast<int>(shape.size());
-    v.numel = 1;
-    for (int d = 0; d < v.ndim; ++d) {
-      v.shape[d] = shape[d].cast<int64_t>();
-      v.numel *= v.shape[d];
+    for (int d = 0; d < v.ndim; ++d) v.shape[d] = int64_at(shape[d], "shape");
+    set_numel(v, what);
+
+    py::object data_o = field("data");
+    if (!data_o) missing("data");
+    py::tuple data = as_tuple(data_o, "data", "a (pointer, read-only) pair");
+    if (data.size() != 2 || !PyBool_Check(data[1].ptr())) bad("data", data_o, "a (pointer: int, read-only: bool) pair");
+    uint64_t ptr = 0;
+    const IntRead pr = read_uint64(data[0].ptr(), &ptr);
+    if (pr == IntRead::not_int) bad("data", data_o, "a (pointer: int, read-only: bool) pair");
+    if (pr == IntRead::out_of_range) value_error(prefix() + "data pointer " + short_repr(data[0]) + " is not an address");
+    if (ptr == 0 && v.numel > 0)
+      value_error(prefix() + "data pointer is 0 (null) for an array of " + std::to_string(v.numel) + " elements");
+    v.data = reinterpret_cast<void*>(static_cast<uintptr_t>(ptr));
+    v.readonly = data[1].ptr() == Py_True;
+
+    py::object strides_o = field("strides");
+    if (!strides_o || strides_o.is_none()) {
+      c_contiguous_strides(v);
+    } else {
+      py::tuple st = as_tuple(strides_o, "strides", "None or a tuple of ints");
+      if (static_cast<int>(st.size()) != v.ndim)
+        value_error(prefix() + "'strides' has " + std::to_string(st.size()) + " entries for a " +
+                    std::to_string(v.ndim) + "-dimensional shape");
+      for (int d = 0; d < v.ndim; ++d) v.strides[d] = int64_at(st[d], "strides");
     }
-    py::object st = cai.contains("strides") ? py::object(cai["strides"]) : py::none();
-    if (st.is_none()) {
-      int64_t s = v.itemsize;
-      for (int d = v.ndim - 1; d >= 0; --d) {
-        v.strides[d] = s;
-        s *= v.shape[d];
+
+    py::object mask = field("mask");
+    if (mask && !mask.is_none()) value_error(prefix() + "has a 'mask'; masked arrays are not supported");
+
+    // v3: the stream the producer's work on the array is queued on; the step is ordered after it.
+    py::object stream = field("stream");
+    if (ver >= 3 && stream && !stream.is_none()) {
+      uint64_t s = 0;
+      const IntRead sr = read_uint64(stream.ptr(), &s);
+      if (sr == IntRead::not_int) bad("stream", stream, "None or an int");
+      if (sr == IntRead::out_of_range || s == 0)
+        value_error(prefix() + "'stream' is " + short_repr(stream) +
+                    ", not a stream (the interface disallows 0; 1 is the legacy default stream, 2 the per-thread "
+                    "default stream, other values a cudaStream_t)");
+      v.producer_stream = static_cast<uintptr_t>(s);
+    }
+
+    // The device: as the producer states it (a zero-size array has no pointer to ask), else the pointer's.
+    v.device.kind = optkern::DeviceKind::cuda;
+    int dev = -1;
+    if (producer_device(obj, &dev)) {
+      v.device.index = dev;
+    } else if (v.data != nullptr) {
+      try {
+        v.device.index = optkern::cuda_pointer_device(v.data);
+      } catch (const std::invalid_argument& e) {
+        value_error(what + ": " + e.what());
       }
     } else {
-      py::tuple t = st;
-      for (int d = 0; d < v.ndim; ++d) v.strides[d] = t[d].cast<int64_t>();
+      value_error(what + ": a zero-size CUDA array (data pointer 0) whose device is unknown: the object has no "
+                         ".device with an integer id or index, and there is no pointer to ask");
     }
-    v.device.kind = optkern::DeviceKind::cuda;
-    v.device.index = 0;
-    if (v.data != nullptr) {
-      // The pointer's device (the interface does not carry it).
-      py::object dev = py::getattr(obj, "device", py::none());
-      py::object id = dev.is_none() ? py::object(py::none()) : py::getattr(dev, "id", py::getattr(dev, "index", py::none()));
-      if (!id.is_none()) v.device.index = id.cast<int>();
-    }
-    v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
-    return v;
   }
-  // 3. DLPack (PyTorch CPU tensors, JAX, ...).
-  if (PyObject_HasAttrString(o, "__dlpack__")) {
-    py::object fn = obj.attr("__dlpack__");
+
+  // 3. DLPack (PyTorch CPU tensors, JAX, ...): fn is obj.__dlpack__.
+  static void dlpack(ArrayView& v, py::handle obj, py::object fn, const Name& what, int64_t cuda_stream) {
     py::object cap;
     py::object dev_type = py::none();
-    if (PyObject_HasAttrString(o, "__dlpack_device__")) {
-      py::tuple dv = obj.attr("__dlpack_device__")();
+    if (py::object dev_fn = get_attr(obj.ptr(), "__dlpack_device__")) {
+      py::tuple dv = dev_fn();
       dev_type = dv[0];
     }
     py::dict kw;
@@ -262,29 +420,27 @@ ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64
     } else {
       type_error(what + ": __dlpack__ did not return a DLPack capsule");
     }
-    v.data = static_cast<char*>(t->data) + t->byte_offset;
     if (t->dtype.code == kDLFloat && t->dtype.lanes == 1 && (t->dtype.bits == 32 || t->dtype.bits == 64)) {
       v.dtype_ok = true;
       v.dtype = t->dtype.bits == 32 ? DType::f32 : DType::f64;
     }
     v.itemsize = t->dtype.bits / 8 > 0 ? t->dtype.bits / 8 : 1;
     std::snprintf(v.dtype_str, sizeof(v.dtype_str), "DLPack dtype (code %d, bits %d)", int(t->dtype.code), int(t->dtype.bits));
-    if (t->ndim > kMaxDims) value_error(what + ": arrays of more than 16 dimensions are not supported");
+    check_ndim(t->ndim, what);
+    if (t->ndim > 0 && !t->shape) type_error(what + ": its DLPack tensor has no shape");
     v.ndim = t->ndim;
-    v.numel = 1;
-    for (int d = 0; d < t->ndim; ++d) {
-      v.shape[d] = t->shape[d];
-      v.numel *= t->shape[d];
-    }
+    for (int d = 0; d < t->ndim; ++d) v.shape[d] = t->shape[d];
+    set_numel(v, what);
     if (t->strides) {
-      for (int d = 0; d < t->ndim; ++d) v.strides[d] = t->strides[d] * v.itemsize;
+      for (int d = 0; d < t->ndim; ++d)
+        if (__builtin_mul_overflow(t->strides[d], static_cast<int64_t>(v.itemsize), &v.strides[d]))
+          value_error(what + ": its DLPack strides do not fit in 64 bits");
     } else {
-      int64_t s = v.itemsize;
-      for (int d = t->ndim - 1; d >= 0; --d) {
-        v.strides[d] = s;
-        s *= v.shape[d];
-      }
+      c_contiguous_strides(v);
     }
+    if (t->data == nullptr && v.numel > 0)
+      value_error(what + ": its DLPack data pointer is null for an array of " + std::to_string(v.numel) + " elements");
+    v.data = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(t->data) + static_cast<uintptr_t>(t->byte_offset));
     switch (t->device.device_type) {
       case kDLCPU:
       case kDLCUDAHost:
@@ -299,11 +455,53 @@ ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64
         type_error(what + ": DLPack device type " + std::to_string(t->device.device_type) +
                    " is not supported (expected CPU or CUDA)");
     }
-    v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
-    return v;
   }
-  type_error(what + ": expected an array (NumPy, CuPy, or an object with __dlpack__), got " +
-             std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+};
+
+ArrayView ArrayView::parse(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream) {
+  ArrayView v;
+  const ArrayReader::Name what{kind, index};
+  PyObject* o = obj.ptr();
+  if (py::detail::npy_api::get().PyArray_Check_(o)) {
+    ArrayReader::numpy(v, obj, what);
+  } else if (PyObject_CheckBuffer(o)) {
+    ArrayReader::buffer(v, obj, what);
+  } else if (py::object cai = get_attr(o, "__cuda_array_interface__")) {  // read once: for torch it is Python code
+    ArrayReader::cuda_array_interface(v, obj, cai, what);
+  } else if (py::object fn = get_attr(o, "__dlpack__")) {
+    ArrayReader::dlpack(v, obj, std::move(fn), what, cuda_stream);
+  } else {
+    type_error(what + ": expected an array (NumPy, CuPy, or an object with __dlpack__), got " + type_name(obj));
+  }
+  v.keepalive_ = py::reinterpret_borrow<py::object>(obj);
+  return v;
+}
+
+ArrayView ArrayView::from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream) {
+  ArrayView v = parse(obj, kind, index, cuda_stream);
+  if (v.producer_stream != 0 && v.numel > 0) {
+    try {
+      optkern::order_after_stream(v.device.index, v.producer_stream, static_cast<uintptr_t>(cuda_stream));
+    } catch (const std::invalid_argument& e) {  // a build without CUDA
+      value_error(ArrayReader::Name{kind, index} + ": " + e.what());
+    }
+  }
+  return v;
+}
+
+void order_after_producers(const std::vector<ArrayView>& views, const Device& device, int64_t cuda_stream) {
+  if (device.kind != optkern::DeviceKind::cuda) return;
+  const uintptr_t step = static_cast<uintptr_t>(cuda_stream);
+  std::vector<uintptr_t> done;  // the distinct producer streams ordered after so far
+  for (const ArrayView& v : views) {
+    const uintptr_t s = v.producer_stream;
+    if (s == 0 || v.numel == 0 || optkern::same_stream(s, step)) continue;  // nothing to wait for
+    bool seen = false;
+    for (uintptr_t d : done) seen = seen || optkern::same_stream(d, s);
+    if (seen) continue;
+    done.push_back(s);
+    optkern::order_after_stream(device.index, s, step);
+  }
 }
 
 namespace {
@@ -357,7 +555,7 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     const bool is_list = PyList_Check(seq);
     for (size_t i = 0; i < nt; ++i) {
       PyObject* item = is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
-      out.views.push_back(ArrayView::from(item, names[k].c_str(), static_cast<int64_t>(i), cuda_stream));
+      out.views.push_back(ArrayView::parse(item, names[k].c_str(), static_cast<int64_t>(i), cuda_stream));
     }
   }
   // Per-tensor checks: dtype, shape, layout, device, writability, alignment.
@@ -435,6 +633,7 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     s.numel = out.views[i].numel;
     for (size_t k = 0; k < nkinds; ++k) s.ptr[k] = out.views[k * nt + i].data;
   }
+  order_after_producers(out.views, device, cuda_stream);  // everything checked: now order the step's stream
   return out;
 }
 
@@ -444,7 +643,7 @@ CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_s
   CollectedStep out;
   out.views.reserve(n);
   for (size_t i = 0; i < n; ++i)
-    out.views.push_back(ArrayView::from(arrays[i], name, static_cast<int64_t>(i), cuda_stream));
+    out.views.push_back(ArrayView::parse(arrays[i], name, static_cast<int64_t>(i), cuda_stream));
   for (size_t i = 0; i < n; ++i) {
     const ArrayView& a = out.views[i];
     auto an_str = [&] { return std::string(name) + "[" + std::to_string(i) + "]"; };
@@ -467,6 +666,7 @@ CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_s
     b.tensors[i].numel = out.views[i].numel;
     b.tensors[i].ptr[0] = out.views[i].data;
   }
+  order_after_producers(out.views, b.device, cuda_stream);
   return out;
 }
 

@@ -29,8 +29,13 @@ class ArrayView {
   ArrayView& operator=(const ArrayView&) = delete;
   ~ArrayView();
 
-  // Parse obj; kind[index] names it in error messages (e.g. "grads[3]"), built only when an error is raised.
-  // index < 0 names it by kind alone.  cuda_stream is handed to __dlpack__.
+  // Read and check obj's array interface (read once); kind[index] names it in error messages (e.g. "grads[3]"),
+  // built only when an error is raised; index < 0 names it by kind alone.  cuda_stream (the step's stream) is
+  // handed to __dlpack__.  A malformed interface (missing or mistyped fields, a size that overflows 64 bits, an
+  // unknown version) raises TypeError/ValueError before any CUDA call.  parse() leaves the ordering after a
+  // __cuda_array_interface__ producer's stream to the caller (order_after_producers, below).
+  static ArrayView parse(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream);
+  // parse(), then order cuda_stream after the producer's stream if the interface named one.
   static ArrayView from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream);
 
   void* data = nullptr;
@@ -44,11 +49,15 @@ class ArrayView {
   int itemsize = 0;
   bool readonly = false;
   Device device;
+  // __cuda_array_interface__ v3 'stream': the stream the producer's work on this array is queued on (1: legacy
+  // default, 2: per-thread default, else a cudaStream_t); 0 when none was given.
+  uintptr_t producer_stream = 0;
 
   bool dense() const;  // the elements fill one contiguous block, in some axis order
   int64_t nbytes() const { return numel * itemsize; }
 
  private:
+  friend struct ArrayReader;  // array_view.cpp: one reader per interface
   void release();
   Py_buffer buffer_{};
   bool has_buffer_ = false;
@@ -64,6 +73,10 @@ std::string shape_str(const ArrayView& a);
 [[noreturn]] void value_error(const std::string& msg);
 std::string device_str(const Device& d);  // "cpu" or "cuda:<index>"
 
+// Order cuda_stream (the call's stream on `device`) after every distinct producer stream of `views` (views
+// from parse()): one event record and wait per distinct stream that is not cuda_stream itself; nothing on the CPU.
+void order_after_producers(const std::vector<ArrayView>& views, const Device& device, int64_t cuda_stream);
+
 // One step's arrays, validated and turned into a StepBatch.
 struct CollectedStep {
   std::vector<ArrayView> views;  // keep the memory alive while the kernel runs
@@ -71,7 +84,8 @@ struct CollectedStep {
 };
 
 // params: sequence of arrays (written); grads: sequence (read); states: sequence of sequences (written), one
-// per state buffer kind, named by state_names.  nstates must equal len(states).
+// per state buffer kind, named by state_names.  nstates must equal len(states).  Every array is parsed and
+// checked first; only then is cuda_stream ordered after the arrays' producer streams.
 CollectedStep collect_step(py::handle params, py::handle grads, py::handle states, py::handle state_names,
                            int nstates, int64_t cuda_stream);
 

@@ -1,7 +1,9 @@
 """Array-library helpers: which library an array belongs to, state allocation in that library, streams.
 
 optkern never copies a caller's array; these helpers only allocate optimizer state (like the param, in the
-param's own library and device) and find the CUDA stream a GPU step should be ordered on.
+param's own library and on its own device) and find the CUDA stream a GPU step should be ordered on: the current
+stream of the array's own device, which need not be the current device.  CuPy allocates and reports streams for
+the current device, so every CuPy call here runs under the array's device (``_cupy_device``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def plain(a):
     return a
 
 
+def _cupy_device(a):
+    """A context that makes a CuPy array's device current (CuPy allocates on, and reports streams of, the current
+    device)."""
+    import cupy
+
+    return cupy.cuda.Device(a.device.id)
+
+
 def zeros_like(a):
     return full_like(a, 0.0)
 
@@ -57,7 +67,8 @@ def full_like(a, value: float):
     if lib == "cupy":
         import cupy
 
-        return cupy.full_like(a, value)
+        with _cupy_device(a):
+            return cupy.full_like(a, value)
     if lib == "torch":
         import torch
 
@@ -71,6 +82,9 @@ def copy_array(a):
     lib = _library(a)
     if lib == "torch":
         return plain(a).clone()
+    if lib == "cupy":
+        with _cupy_device(a):  # CuPy copies to the current device
+            return a.copy()
     return a.copy()
 
 
@@ -86,7 +100,8 @@ def to_library_like(value, like):
     if lib == "cupy":
         import cupy
 
-        return cupy.array(value, dtype=like.dtype, copy=True)
+        with _cupy_device(like):
+            return cupy.array(value, dtype=like.dtype, copy=True)
     if lib == "torch":
         import torch
 
@@ -100,14 +115,20 @@ def same_shape(a, b) -> bool:
 
 
 def current_stream(a) -> int:
-    """The CUDA stream a step on `a` is ordered on: CuPy's or PyTorch's current stream (0 for the CPU)."""
+    """The CUDA stream a step on `a` is ordered on: CuPy's or PyTorch's current stream of `a`'s own device (0 for
+    the CPU, and for other libraries: the legacy default stream; the binding orders the step after a
+    ``__cuda_array_interface__`` producer's ``stream``)."""
     if type(a) is _ndarray:
         return 0
     lib = _library(a)
     if lib == "cupy":
         import cupy
 
-        return int(cupy.cuda.get_current_stream().ptr)
+        device = a.device.id
+        if device == cupy.cuda.runtime.getDevice():
+            return int(cupy.cuda.get_current_stream().ptr)
+        with cupy.cuda.Device(device):  # CuPy keeps one current stream per device
+            return int(cupy.cuda.get_current_stream().ptr)
     if lib == "torch":
         if a.device.type != "cuda":
             return 0
@@ -127,7 +148,8 @@ def empty_like(a):
     if lib == "cupy":
         import cupy
 
-        return cupy.empty_like(a)
+        with _cupy_device(a):
+            return cupy.empty_like(a)
     if isinstance(a, np.ndarray):
         return np.empty_like(a)
     if not is_cuda(a):  # another DLPack producer on the CPU: results come back as NumPy arrays
@@ -145,7 +167,7 @@ def empty_vector(like, n: int, dtype="float64"):
     if lib == "cupy":
         import cupy
 
-        with cupy.cuda.Device(like.device.id):
+        with _cupy_device(like):
             return cupy.empty((n,), dtype=dtype)
     if isinstance(like, np.ndarray) or not is_cuda(like):
         return np.empty((n,), dtype=dtype)
@@ -163,7 +185,8 @@ def as_float64_vector(v, like):
     if lib == "cupy":
         import cupy
 
-        return cupy.asarray(v, dtype=cupy.float64)
+        with _cupy_device(like):
+            return cupy.asarray(v, dtype=cupy.float64)
     if _library(v) not in ("numpy", "builtins") and not isinstance(v, np.ndarray) and hasattr(v, "__dlpack__"):
         v = np.from_dlpack(v)
     return np.asarray(v, dtype=np.float64)
@@ -181,9 +204,10 @@ def stack_rows(vectors, like):
     if lib == "cupy":
         import cupy
 
-        if _library(vectors) == "cupy":
-            return cupy.ascontiguousarray(vectors, dtype=cupy.float64)
-        return cupy.ascontiguousarray(cupy.stack([cupy.asarray(v, dtype=cupy.float64) for v in vectors]))
+        with _cupy_device(like):
+            if _library(vectors) == "cupy":
+                return cupy.ascontiguousarray(vectors, dtype=cupy.float64)
+            return cupy.ascontiguousarray(cupy.stack([cupy.asarray(v, dtype=cupy.float64) for v in vectors]))
     if isinstance(vectors, np.ndarray):
         return np.ascontiguousarray(vectors, dtype=np.float64)
     return np.ascontiguousarray(np.stack([as_float64_vector(v, like) for v in vectors]))
