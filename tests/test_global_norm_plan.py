@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
-
 import optkern
+import pytest
 from optkern import _C
 
 PART, BLOCK, LANES, PART_BLOCKS, SLOTS = 65536, 1024, 64, 64, 256
