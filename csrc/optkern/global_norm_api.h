@@ -9,10 +9,11 @@
 //    while the part's lane blocks (below) stay <= kGnPartBlocks (64), else it starts the next part.  A full
 //    piece is a part of its own; small tensors share parts.
 //  - a piece is cut into lane blocks of kGnBlock (1024) values from its start (the last shorter, blk values).
-//    In a lane block, value j < vec (vec = blk / 64 * 64) goes to lane j % 64, which accumulates gn_lane in T
-//    in increasing j from T(0) (x * x rounded in T, or max |x|); the 64 lanes are widened to double and joined
-//    as the fixed tree h[l] = gn_join(h[l], h[l + w]) for l < w, w = 32, 16, ..., 1; then the tail values j in
-//    [vec, blk) are joined in order as double(gn_lane(T(0), x[j])).
+//    A lane block has L = gn_lanes<T> lanes (256 bytes: 64 float or 32 double lanes).  Value j < vec
+//    (vec = blk / L * L) goes to lane j % L, which accumulates gn_lane in T in increasing j from T(0) (x * x
+//    rounded in T, or max |x|); the L lanes are widened to double and joined as the fixed tree
+//    h[l] = gn_join(h[l], h[l + w]) for l < w, w = L / 2, ..., 1; then the tail values j in [vec, blk) are joined
+//    in order as double(gn_lane(T(0), x[j])).
 //  - a part's partial: its lane block totals in slots 0, 1, ... (pieces in order, blocks in order), the slots
 //    up to kGnPartBlocks padded with 0.0, joined by the same kind of tree (w = 32, ..., 1).
 //  - the result: kGnSlots (256) slots, slot s = 0.0 joined with the partials s, s + 256, s + 512, ... in order;
@@ -20,7 +21,8 @@
 //    both sides).
 // Padding with 0.0 is exact (a sum of squares is >= +0.0, a max of |x| too).  No FMA (-ffp-contract=off /
 // --fmad=false).  float32 error: every lane sums at most 16 squares in float32 before the sums are joined in
-// double, so the relative error of the sum of squares is below 16 * 2^-24 (about 1e-6), typically ~1e-7.
+// double, so the relative error of the sum of squares is below 16 * 2^-24 (about 1e-6), typically ~1e-7; float64
+// lanes sum at most 32.
 #pragma once
 
 #include <cstdint>
@@ -57,11 +59,12 @@ void global_norm_device(const StepBatch& b, double norm_type, const NormOutputs&
 
 constexpr int64_t kGnPart = 65536;     // most values of one piece; piece starts are multiples of it
 constexpr int64_t kGnBlock = 1024;     // values per lane block
-constexpr int kGnLanes = 64;           // T lanes of a lane block
+template <class T>
+constexpr int gn_lanes = static_cast<int>(256 / sizeof(T));  // T lanes of a lane block: 64 float, 32 double
 constexpr int kGnPartBlocks = 64;      // lane blocks (slots) per part
 constexpr int kGnSlots = 256;          // slots of the final join
 static_assert(kGnPart == kGnBlock * kGnPartBlocks, "a full piece fills one part");
-static_assert(kGnBlock % kGnLanes == 0, "whole lane rows per lane block");
+static_assert(kGnBlock % gn_lanes<float> == 0 && kGnBlock % gn_lanes<double> == 0, "whole lane rows per block");
 
 struct GnPiece {
   int32_t tensor;

@@ -59,18 +59,19 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
 
 // ---- the global norm's reductions, in the order of global_norm_api.h ----
 
-// One lane block of blk <= kGnBlock values: 64 T lanes (value j to lane j % 64), widened to double and joined as
-// the tree w = 32, ..., 1, then the tail in order.  The lane loop vectorizes (the lanes are independent), and
-// every lane does the same IEEE operations on every instruction set.
+// One lane block of blk <= kGnBlock values: L = gn_lanes<T> lanes of T (256 bytes: 8 AVX2 registers; value j to
+// lane j % L), widened to double and joined as the tree w = L / 2, ..., 1, then the tail in order.  The lane loop
+// vectorizes (the lanes are independent), and every lane does the same IEEE operations on every instruction set.
 template <bool kMax, class T>
 OK_KERNEL double gn_lane_block(const T* __restrict x, int64_t blk) {
-  const int64_t vec = blk / kGnLanes * kGnLanes;
-  T acc[kGnLanes] = {};
-  for (int64_t j = 0; j < vec; j += kGnLanes)
-    for (int l = 0; l < kGnLanes; ++l) acc[l] = gn_lane<kMax>(acc[l], x[j + l]);
-  double h[kGnLanes];
-  for (int l = 0; l < kGnLanes; ++l) h[l] = static_cast<double>(acc[l]);
-  for (int w = kGnLanes / 2; w >= 1; w /= 2)
+  constexpr int L = gn_lanes<T>;
+  const int64_t vec = blk / L * L;
+  T acc[L] = {};
+  for (int64_t j = 0; j < vec; j += L)
+    for (int l = 0; l < L; ++l) acc[l] = gn_lane<kMax>(acc[l], x[j + l]);
+  double h[L];
+  for (int l = 0; l < L; ++l) h[l] = static_cast<double>(acc[l]);
+  for (int w = L / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) h[l] = gn_join<kMax>(h[l], h[l + w]);
   double t = h[0];
   for (int64_t j = vec; j < blk; ++j) t = gn_join<kMax>(t, static_cast<double>(gn_lane<kMax>(T(0), x[j])));

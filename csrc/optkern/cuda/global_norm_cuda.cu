@@ -4,11 +4,12 @@
 // Two stream-ordered launches, no synchronization:
 //  1. gn_partials_kernel: a grid-stride loop over the parts of the host plan (gn_plan), grid sized from occupancy.
 //     A block of 256 threads is 16 groups of 16 threads; group g serves the part's slots g, g + 16, g + 32,
-//     g + 48 (lane blocks, or 0.0 padding).  Thread t of a group holds the lanes 4t .. 4t + 3 of the lane block
-//     (value j < vec to lane j % 64) and reads them with 16-byte loads (float4, or two double2) when the block
-//     start is 16-byte aligned, four at a time in flight, element loads otherwise; the 64 lanes are widened and
-//     joined by the tree w = 32, ..., 1 (shuffles for w >= 4, then in the thread), and thread 0 adds the tail in
-//     order.  The 64 slot totals are joined by one warp (the tree w = 32, ..., 1) into the part's partial.
+//     g + 48 (lane blocks, or 0.0 padding).  A lane row is 256 bytes (64 float or 32 double lanes); thread t of a
+//     group holds its 16 bytes (lanes K t .. K t + K - 1, K = 4 float or 2 double) and reads them with one
+//     16-byte load (float4 / double2) per row when the block start is 16-byte aligned, four rows in flight,
+//     element loads otherwise.  The lanes are widened and joined by the tree w = L / 2, ..., 1 (shuffles down to
+//     w = K, then in the thread), and thread 0 adds the tail in order.  The 64 slot totals are joined by one warp
+//     (the tree w = 32, ..., 1) into the part's partial.
 //  2. gn_combine_kernel (one block of 256 threads): thread s joins the partials s, s + 256, ... in order, the 256
 //     slots are joined by the tree w = 128, ..., 1; thread 0 writes the norm (sqrt for norm_type 2) and, for
 //     clip_grad_norm, the float32 grad_multiplier and found_inf.
@@ -31,9 +32,8 @@ namespace cuda_exec {
 namespace {
 
 constexpr int kThreads = 256;                        // partials blocks
-constexpr int kGroup = 16;                           // threads per lane block (4 lanes each)
+constexpr int kGroup = 16;                           // threads per lane block
 constexpr int kGroups = kThreads / kGroup;           // lane blocks served at once
-static_assert(kGroup * 4 == kGnLanes, "16 threads of 4 lanes make the 64 lanes of a lane block");
 static_assert(kGnPartBlocks % kGroups == 0, "every group serves the same number of slots (shuffles)");
 static_assert(kGnSlots == kThreads, "one combine thread per slot");
 
@@ -44,62 +44,76 @@ struct DevPiece {
   int32_t slot;
 };
 
-// Four consecutive values p[0..3]: one 16-byte load (float4), two (double2), or four element loads.
+// The 16 bytes of a thread's lanes in one row: K = 16 / sizeof(T) consecutive values (lanes K t .. K t + K - 1 of
+// the row's 256 bytes), one float4 / double2 load when aligned, element loads otherwise.
 template <class T>
-__device__ __forceinline__ void load4(const T* __restrict__ p, bool vec16, T (&v)[4]) {
+struct Lanes16B {
+  static constexpr int K = static_cast<int>(16 / sizeof(T));
+  static_assert(kGroup * K == gn_lanes<T>, "16 threads of 16 bytes make a lane row");
+  T v[K];
+};
+template <class T>
+__device__ __forceinline__ Lanes16B<T> load16B(const T* __restrict__ p, bool vec16) {
+  Lanes16B<T> r;
   if (vec16) {
     if constexpr (sizeof(T) == 4) {
       const float4 q = *reinterpret_cast<const float4*>(p);
-      v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+      r.v[0] = q.x; r.v[1] = q.y; r.v[2] = q.z; r.v[3] = q.w;
     } else {
-      const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
-      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+      const double2 q = *reinterpret_cast<const double2*>(p);
+      r.v[0] = q.x; r.v[1] = q.y;
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = p[e];
+    for (int e = 0; e < Lanes16B<T>::K; ++e) r.v[e] = p[e];
   }
+  return r;
 }
 
 // The lane block total of x[0, blk) (blk may be 0: a padding slot, total 0.0), valid in thread 0 of the group.
 // Every thread of the warp calls it together (shuffles of width 16).
 template <bool kMax, class T>
 __device__ __forceinline__ double lane_block_total(const T* __restrict__ x, int64_t blk, int t) {
-  T a[4] = {T(0), T(0), T(0), T(0)};
-  const int64_t vec = blk / kGnLanes * kGnLanes, rows = vec / kGnLanes;
+  constexpr int L = gn_lanes<T>, K = Lanes16B<T>::K, kInFlight = 4;
+  T a[K];
+#pragma unroll
+  for (int e = 0; e < K; ++e) a[e] = T(0);
+  const int64_t vec = blk / L * L, rows = vec / L;
   if (rows > 0) {
-    const bool vec16 = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-    const T* p = x + 4 * t;
+    const bool vec16 = (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // then every thread's 16 bytes are aligned
+    const T* p = x + K * t;
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {  // four rows' loads in flight, then the lanes in row order
-      T v[4][4];
+    for (; r + kInFlight <= rows; r += kInFlight) {  // four rows' loads in flight, then the lanes in row order
+      Lanes16B<T> v[kInFlight];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) load4(p + (r + u) * kGnLanes, vec16, v[u]);
+      for (int u = 0; u < kInFlight; ++u) v[u] = load16B(p + (r + u) * L, vec16);
 #pragma unroll
-      for (int u = 0; u < 4; ++u)
+      for (int u = 0; u < kInFlight; ++u)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[e] = gn_lane<kMax>(a[e], v[u][e]);
+        for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v[u].v[e]);
     }
     for (; r < rows; ++r) {
-      T v[4];
-      load4(p + r * kGnLanes, vec16, v);
+      const Lanes16B<T> v = load16B(p + r * L, vec16);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = gn_lane<kMax>(a[e], v[e]);
+      for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v.v[e]);
     }
   }
-  double h[4];
+  double h[K];
 #pragma unroll
-  for (int e = 0; e < 4; ++e) h[e] = static_cast<double>(a[e]);
-  // lanes 4t + e: w = 32, 16, 8, 4 are the threads t + 8, + 4, + 2, + 1; w = 2, 1 inside thread 0.
+  for (int e = 0; e < K; ++e) h[e] = static_cast<double>(a[e]);
+  // Lane K t + e: the tree's steps w = L / 2 .. K are the threads t + 8, + 4, + 2, + 1 (same e); then the steps
+  // w = K / 2 .. 1 inside thread 0.
 #pragma unroll
-  for (int d = 8; d >= 1; d /= 2)
+  for (int d = kGroup / 2; d >= 1; d /= 2)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) h[e] = gn_join<kMax>(h[e], __shfl_down_sync(0xffffffffu, h[e], d, kGroup));
+    for (int e = 0; e < K; ++e) h[e] = gn_join<kMax>(h[e], __shfl_down_sync(0xffffffffu, h[e], d, kGroup));
   double s = 0.0;
   if (t == 0) {
-    h[0] = gn_join<kMax>(h[0], h[2]);
-    h[1] = gn_join<kMax>(h[1], h[3]);
-    s = gn_join<kMax>(h[0], h[1]);
+#pragma unroll
+    for (int w = K / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int e = 0; e < w; ++e) h[e] = gn_join<kMax>(h[e], h[e + w]);
+    s = h[0];
     for (int64_t j = vec; j < blk; ++j) s = gn_join<kMax>(s, static_cast<double>(gn_lane<kMax>(T(0), x[j])));
   }
   return s;
