@@ -79,7 +79,7 @@ def gn_reference(arrays, norm_type=2.0, partial_order="tree"):
         body[i, :blk // LANES * LANES] = arrays[t][s:s + blk // LANES * LANES]
     acc = np.zeros((nb, LANES), T)
     lane_acc = np.zeros((len(with_lanes), LANES), T)
-    for r in range(BLOCK // LANES):  # lane j % 64 accumulates in T, in increasing j
+    for r in range(BLOCK // LANES):  # lane j % LANES accumulates in T, in increasing j
         lane_acc = lane(lane_acc, body[:, r * LANES:(r + 1) * LANES])
     acc[with_lanes] = lane_acc
     tot = _tree(acc.astype(np.float64), join)
