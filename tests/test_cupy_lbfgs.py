@@ -15,7 +15,10 @@ cupy = require_cupy_gpu("L-BFGS kernel")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n,k,nq", [(1, 1, 1), (17, 3, 2), (4097, 10, 1), (100003, 20, 3)])
+@pytest.mark.parametrize("n,k,nq", [(1, 1, 1), (17, 3, 2), (4097, 10, 1), (100003, 20, 3),
+                                    # the final fold (a warp per pair, 32 chunk partials per round): exactly 33
+                                    # chunks, 70 chunks and a tail, and more pairs than the 32 of a pair batch
+                                    (4096 * 33, 5, 2), (4096 * 70 + 13, 7, 5), (5000, 64, 2)])
 def test_dots_match_cpu_bitwise(rng, dtype, n, k, nq):
     stored = [rng.standard_normal(n).astype(dtype) + 0.5 for _ in range(k)]
     queries = [rng.standard_normal(n).astype(dtype) - 0.25 for _ in range(nq)]

@@ -67,12 +67,16 @@ struct CudaStep {
   bool step_dependent = true;  // the coefficients change with the count (capture then needs device counters)
 };
 
+// The global norm's reductions (global_norm_api.h: the order, the plan and the outputs).
+struct GnPlan;
+struct NormOutputs;
+
 #define OPTKERN_DECLARE_CPU_EXECUTOR(NS)                                     \
   namespace NS {                                                             \
   template <class Rule>                                                      \
   void run_rule(const StepBatch& b, const CoefD<Rule>& c);                   \
-  double sum_squares(const StepBatch& b);                                    \
-  double max_abs(const StepBatch& b);                                        \
+  double sum_squares(const StepBatch& b, const GnPlan& plan);                \
+  double max_abs(const StepBatch& b, const GnPlan& plan);                    \
   }
 
 OPTKERN_DECLARE_CPU_EXECUTOR(cpu_scalar)
@@ -82,8 +86,8 @@ OPTKERN_DECLARE_CPU_EXECUTOR(cpu_avx512)
 namespace cuda_exec {
 template <class Rule>
 void run_rule(const StepBatch& b, const CudaStep<Rule>& step);
-double sum_squares(const StepBatch& b);
-double max_abs(const StepBatch& b);
+double global_norm_host(const StepBatch& b, bool inf);  // the norm, copied to the host (one sync)
+void global_norm_device(const StepBatch& b, bool inf, const NormOutputs& out);  // no sync
 bool available();
 }  // namespace cuda_exec
 

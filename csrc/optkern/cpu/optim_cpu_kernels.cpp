@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../executors.h"
+#include "../global_norm_api.h"
 #include "thread_pool.h"
 #include "work_split.h"
 #include "isa_kernel.h"
@@ -56,77 +57,67 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
   for_each_range_parallel(b, body);
 }
 
-// Sum of squares of one range.  float32: squares are summed in float32 lanes over blocks of 1024 elements (64
-// per lane, so the block error stays near float32 epsilon), and each block sum is added in double; this runs
-// at the speed of the loads.  float64: double lanes throughout.
-template <class T>
-OK_KERNEL double sum_squares_range(const T* __restrict x, int64_t n) {
-  constexpr int kLanes = 16;
-  constexpr int64_t kBlock = 1024;
-  double total = 0.0;
-  int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    T acc[kLanes] = {};
-    for (int64_t j = 0; j < kBlock; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        T v = x[i + j + l];
-        acc[l] += v * v;
-      }
-    double block = 0.0;
-    for (int l = 0; l < kLanes; ++l) block += static_cast<double>(acc[l]);
-    total += block;
-  }
-  for (; i < n; ++i) {
-    double v = static_cast<double>(x[i]);
-    total += v * v;
-  }
-  return total;
+// ---- the global norm's reductions, in the order of global_norm_api.h ----
+
+// One lane block of blk <= kGnBlock values: L = gn_lanes<T> lanes of T (256 bytes: 8 AVX2 registers; value j to
+// lane j % L), widened to double and joined as the tree w = L / 2, ..., 1, then the tail in order.  The lane loop
+// vectorizes (the lanes are independent), and every lane does the same IEEE operations on every instruction set.
+template <bool kMax, class T>
+OK_KERNEL double gn_lane_block(const T* __restrict x, int64_t blk) {
+  constexpr int L = gn_lanes<T>;
+  const int64_t vec = blk / L * L;
+  T acc[L] = {};
+  for (int64_t j = 0; j < vec; j += L)
+    for (int l = 0; l < L; ++l) acc[l] = gn_lane<kMax>(acc[l], x[j + l]);
+  double h[L];
+  for (int l = 0; l < L; ++l) h[l] = static_cast<double>(acc[l]);
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) h[l] = gn_join<kMax>(h[l], h[l + w]);
+  double t = h[0];
+  for (int64_t j = vec; j < blk; ++j) t = gn_join<kMax>(t, static_cast<double>(gn_lane<kMax>(T(0), x[j])));
+  return t;
 }
 
-template <class T>
-OK_KERNEL double max_abs_range(const T* __restrict x, int64_t n) {
-  constexpr int kLanes = 16;
-  T acc[kLanes] = {};
-  int nan[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      T a = ok_abs(x[i + l]);
-      nan[l] |= (a != a);
-      acc[l] = ok_max(acc[l], a);
-    }
-  for (; i < n; ++i) {
-    T a = ok_abs(x[i]);
-    nan[0] |= (a != a);
-    acc[0] = ok_max(acc[0], a);
+// Part p's partial: its lane block totals in slots (padded with 0.0), joined by the tree w = 32, ..., 1.
+template <bool kMax, class T>
+double gn_part(const StepBatch& b, const GnPlan& plan, int p) {
+  double h[kGnPartBlocks] = {};
+  int slot = 0;
+  for (int32_t k = plan.part_begin[p]; k < plan.part_begin[p + 1]; ++k) {
+    const GnPiece& pc = plan.pieces[static_cast<size_t>(k)];
+    const T* x = static_cast<const T*>(b.tensors[static_cast<size_t>(pc.tensor)].ptr[0]) + pc.begin;
+    for (int64_t o = 0; o < pc.len; o += kGnBlock)
+      h[slot++] = gn_lane_block<kMax, T>(x + o, pc.len - o < kGnBlock ? pc.len - o : kGnBlock);
   }
-  T m = T(0);
-  int any_nan = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    m = ok_max(m, acc[l]);
-    any_nan |= nan[l];
-  }
-  return any_nan ? NAN : static_cast<double>(m);
+  for (int w = kGnPartBlocks / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) h[l] = gn_join<kMax>(h[l], h[l + w]);
+  return h[0];
 }
 
-template <class T, class F>
-double reduce_typed(const StepBatch& b, F range_fn, bool is_max) {
-  const int nt = max_threads_for(b);
-  std::vector<double> partial(static_cast<size_t>(nt), 0.0);
-  auto body = [&](const ElementRange& r, int tid) {
-    const T* x = static_cast<const T*>(b.tensors[r.tensor].ptr[0]) + r.begin;
-    double v = range_fn(x, r.end - r.begin);
-    double& acc = partial[static_cast<size_t>(tid)];
-    if (is_max)
-      acc = (std::isnan(v) || std::isnan(acc)) ? NAN : std::max(acc, v);
-    else
-      acc += v;
-  };
-  for_each_range_parallel_tid(b, nt, body);
-  double total = 0.0;
-  for (double v : partial) total = is_max ? ((std::isnan(v) || std::isnan(total)) ? NAN : std::max(total, v))
-                                          : total + v;
-  return total;
+// The parts are split across threads (each part's partial is computed by one thread, whatever the count), then
+// joined on the calling thread: kGnSlots strided slots in part order, and their tree.
+template <bool kMax, class T>
+double gn_reduce(const StepBatch& b, const GnPlan& plan) {
+  const int np = plan.nparts();
+  std::vector<double> partial(static_cast<size_t>(np));
+  int64_t total = 0;
+  for (const auto& t : b.tensors) total += t.numel;
+  int nt = threads_for_total(total);
+  if (nt > np) nt = np;
+  if (nt <= 1) {
+    for (int p = 0; p < np; ++p) partial[static_cast<size_t>(p)] = gn_part<kMax, T>(b, plan, p);
+  } else {
+    parallel_run(nt, [&](int tid, int n) {
+      int64_t lo, hi;
+      part_bounds(np, tid, n, 1, &lo, &hi);
+      for (int64_t p = lo; p < hi; ++p) partial[static_cast<size_t>(p)] = gn_part<kMax, T>(b, plan, static_cast<int>(p));
+    });
+  }
+  double slot[kGnSlots] = {};
+  for (int p = 0; p < np; ++p) slot[p % kGnSlots] = gn_join<kMax>(slot[p % kGnSlots], partial[static_cast<size_t>(p)]);
+  for (int w = kGnSlots / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) slot[l] = gn_join<kMax>(slot[l], slot[l + w]);
+  return slot[0];
 }
 
 }  // namespace
@@ -143,14 +134,14 @@ void run_rule(const StepBatch& b, const CoefD<Rule>& c) {
 OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 #undef OPTKERN_INSTANTIATE
 
-double sum_squares(const StepBatch& b) {
-  if (b.dtype == DType::f32) return reduce_typed<float>(b, sum_squares_range<float>, false);
-  return reduce_typed<double>(b, sum_squares_range<double>, false);
+double sum_squares(const StepBatch& b, const GnPlan& plan) {
+  if (b.dtype == DType::f32) return gn_reduce<false, float>(b, plan);
+  return gn_reduce<false, double>(b, plan);
 }
 
-double max_abs(const StepBatch& b) {
-  if (b.dtype == DType::f32) return reduce_typed<float>(b, max_abs_range<float>, true);
-  return reduce_typed<double>(b, max_abs_range<double>, true);
+double max_abs(const StepBatch& b, const GnPlan& plan) {
+  if (b.dtype == DType::f32) return gn_reduce<true, float>(b, plan);
+  return gn_reduce<true, double>(b, plan);
 }
 
 }  // namespace OPTKERN_ISA_NS

@@ -1,124 +1,261 @@
-// CUDA global norm (optkern::global_norm on CUDA arrays): per-block partials of sum x^2 or max |x|, then one
-// block combines them in a fixed order.  Moved out of optim_cuda.cu; see global_norm_api.cpp for the dispatch.
+// CUDA global norm (optkern::global_norm / global_norm_device on CUDA arrays), in the order of global_norm_api.h,
+// so the result equals the CPU executor's bit for bit on any GPU (no order depends on the SM count or the grid).
+//
+// Two stream-ordered launches, no synchronization:
+//  1. gn_partials_kernel: a grid-stride loop over the parts of the host plan (gn_plan), grid sized from occupancy.
+//     A block of 256 threads is 16 groups of 16 threads; group g serves the part's slots g, g + 16, g + 32,
+//     g + 48 (lane blocks, or 0.0 padding).  A lane row is 256 bytes (64 float or 32 double lanes); thread t of a
+//     group holds its 16 bytes (lanes K t .. K t + K - 1, K = 4 float or 2 double) and reads them with one
+//     16-byte load (float4 / double2) per row when the block start is 16-byte aligned, four rows in flight,
+//     element loads otherwise.  The lanes are widened and joined by the tree w = L / 2, ..., 1 (shuffles down to
+//     w = K, then in the thread), and thread 0 adds the tail in order.  The 64 slot totals are joined by one warp
+//     (the tree w = 32, ..., 1) into the part's partial.
+//  2. gn_combine_kernel (one block of 256 threads): thread s joins the partials s, s + 256, ... in order, the 256
+//     slots are joined by the tree w = 128, ..., 1; thread 0 writes the norm (sqrt for norm_type 2) and, for
+//     clip_grad_norm, the float32 grad_multiplier and found_inf.
+// The plan (pieces and part bounds) and the partials share one DeviceBuffer from optkern's pool.  Every CUDA call
+// and launch is checked, a failure throws, and nothing falls back to the CPU.  The host-result variant copies the
+// norm back and synchronizes the stream once.
 #include <cuda_runtime.h>
 
-#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
 
 #include "../executors.h"
-#include "../work_plan.h"
+#include "../global_norm_api.h"
 #include "cuda_util.cuh"
 
 namespace optkern {
 namespace cuda_exec {
 namespace {
 
-constexpr int64_t kChunk = 16384;
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;                        // partials blocks
+constexpr int kGroup = 16;                           // threads per lane block
+constexpr int kGroups = kThreads / kGroup;           // lane blocks served at once
+static_assert(kGnPartBlocks % kGroups == 0, "every group serves the same number of slots (shuffles)");
+static_assert(kGnSlots == kThreads, "one combine thread per slot");
 
-// The plan (tensor table + chunk table) in one owned stream-ordered allocation.
-struct ReducePlan {
-  DeviceBuffer mem;
-  const TensorSlots* tensors = nullptr;
-  const Chunk* chunks = nullptr;
-  int nchunks = 0;
-  ReducePlan(const StepBatch& b, cudaStream_t stream) {
-    std::vector<int64_t> numels(b.tensors.size());
-    for (size_t i = 0; i < b.tensors.size(); ++i) numels[i] = b.tensors[i].numel;
-    std::vector<Chunk> plan = cuda_chunk_plan(numels, kChunk);
-    nchunks = static_cast<int>(plan.size());
-    if (nchunks == 0) return;
-    const size_t tbytes = b.tensors.size() * sizeof(TensorSlots);
-    const size_t cbytes = plan.size() * sizeof(Chunk);
-    const size_t coff = (tbytes + 15) / 16 * 16;
-    std::vector<unsigned char> host(coff + cbytes);
-    std::memcpy(host.data(), b.tensors.data(), tbytes);
-    std::memcpy(host.data() + coff, plan.data(), cbytes);
-    mem.allocate(host.size(), stream);
-    OK_CUDA_CHECK(cudaMemcpyAsync(mem.as<void>(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
-    tensors = mem.as<const TensorSlots>();
-    chunks = reinterpret_cast<const Chunk*>(mem.as<unsigned char>() + coff);
-  }
+// A piece on the device: its first element, its length, and its first slot in its part.
+struct DevPiece {
+  const void* ptr;
+  int32_t len;
+  int32_t slot;
 };
 
-int grid_for(int nchunks) {
-  int dev = 0, sms = 0;
-  OK_CUDA_CHECK(cudaGetDevice(&dev));
-  OK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  int cap = sms * 8;
-  return nchunks < cap ? nchunks : cap;
+// The 16 bytes of a thread's lanes in one row: K = 16 / sizeof(T) consecutive values (lanes K t .. K t + K - 1 of
+// the row's 256 bytes), one float4 / double2 load when aligned, element loads otherwise.
+template <class T>
+struct Lanes16B {
+  static constexpr int K = static_cast<int>(16 / sizeof(T));
+  static_assert(kGroup * K == gn_lanes<T>, "16 threads of 16 bytes make a lane row");
+  T v[K];
+};
+template <class T>
+__device__ __forceinline__ Lanes16B<T> load16B(const T* __restrict__ p, bool vec16) {
+  Lanes16B<T> r;
+  if (vec16) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 q = *reinterpret_cast<const float4*>(p);
+      r.v[0] = q.x; r.v[1] = q.y; r.v[2] = q.z; r.v[3] = q.w;
+    } else {
+      const double2 q = *reinterpret_cast<const double2*>(p);
+      r.v[0] = q.x; r.v[1] = q.y;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < Lanes16B<T>::K; ++e) r.v[e] = p[e];
+  }
+  return r;
 }
 
-// ---- reductions for the global norm: per-block partials, then one block combines them in a fixed order ----
-template <class T, bool kMax>
-__global__ void partial_kernel(const TensorSlots* __restrict__ tensors, const Chunk* __restrict__ chunks, int nchunks,
-                               double* partials) {
-  __shared__ double sh[kThreads];
+// The lane block total of x[0, blk) (blk may be 0: a padding slot, total 0.0), valid in thread 0 of the group.
+// Every thread of the warp calls it together (shuffles of width 16).
+template <bool kMax, class T>
+__device__ __forceinline__ double lane_block_total(const T* __restrict__ x, int64_t blk, int t) {
+  constexpr int L = gn_lanes<T>, K = Lanes16B<T>::K, kInFlight = 4;
+  T a[K];
+#pragma unroll
+  for (int e = 0; e < K; ++e) a[e] = T(0);
+  const int64_t vec = blk / L * L, rows = vec / L;
+  if (rows > 0) {
+    const bool vec16 = (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // then every thread's 16 bytes are aligned
+    const T* p = x + K * t;
+    int64_t r = 0;
+    for (; r + kInFlight <= rows; r += kInFlight) {  // four rows' loads in flight, then the lanes in row order
+      Lanes16B<T> v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) v[u] = load16B(p + (r + u) * L, vec16);
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)
+#pragma unroll
+        for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v[u].v[e]);
+    }
+    for (; r < rows; ++r) {
+      const Lanes16B<T> v = load16B(p + r * L, vec16);
+#pragma unroll
+      for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v.v[e]);
+    }
+  }
+  double h[K];
+#pragma unroll
+  for (int e = 0; e < K; ++e) h[e] = static_cast<double>(a[e]);
+  // Lane K t + e: the tree's steps w = L / 2 .. K are the threads t + 8, + 4, + 2, + 1 (same e); then the steps
+  // w = K / 2 .. 1 inside thread 0.
+#pragma unroll
+  for (int d = kGroup / 2; d >= 1; d /= 2)
+#pragma unroll
+    for (int e = 0; e < K; ++e) h[e] = gn_join<kMax>(h[e], __shfl_down_sync(0xffffffffu, h[e], d, kGroup));
+  double s = 0.0;
+  if (t == 0) {
+#pragma unroll
+    for (int w = K / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int e = 0; e < w; ++e) h[e] = gn_join<kMax>(h[e], h[e + w]);
+    s = h[0];
+    for (int64_t j = vec; j < blk; ++j) s = gn_join<kMax>(s, static_cast<double>(gn_lane<kMax>(T(0), x[j])));
+  }
+  return s;
+}
+
+template <bool kMax, class T>
+__global__ void __launch_bounds__(kThreads) gn_partials_kernel(const DevPiece* __restrict__ pieces,
+                                                               const int32_t* __restrict__ part_begin, int nparts,
+                                                               double* __restrict__ partials) {
+  __shared__ DevPiece sp[kGnPartBlocks];  // a part has at most 64 pieces (each has >= 1 lane block)
+  __shared__ double red[kGnPartBlocks];
+  const int g = static_cast<int>(threadIdx.x) / kGroup, t = static_cast<int>(threadIdx.x) % kGroup;
+  for (int p = blockIdx.x; p < nparts; p += gridDim.x) {
+    const int k0 = part_begin[p], np = part_begin[p + 1] - k0;
+    if (static_cast<int>(threadIdx.x) < np) sp[threadIdx.x] = pieces[k0 + threadIdx.x];
+    __syncthreads();
+    for (int s = g; s < kGnPartBlocks; s += kGroups) {
+      int k = 0;  // the piece holding slot s: the last one starting at or before it
+      while (k + 1 < np && sp[k + 1].slot <= s) ++k;
+      const int64_t o = static_cast<int64_t>(s - sp[k].slot) * kGnBlock;
+      const int64_t len = sp[k].len;
+      const int64_t blk = o < len ? (len - o < kGnBlock ? len - o : kGnBlock) : 0;
+      const T* x = static_cast<const T*>(sp[k].ptr) + (blk > 0 ? o : 0);
+      const double total = lane_block_total<kMax, T>(x, blk, t);
+      if (t == 0) red[s] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // the slots' tree: w = 32 from shared memory, then 16 .. 1 by shuffles
+      double v = gn_join<kMax>(red[threadIdx.x], red[threadIdx.x + 32]);
+#pragma unroll
+      for (int w = 16; w >= 1; w /= 2) v = gn_join<kMax>(v, __shfl_down_sync(0xffffffffu, v, w));
+      if (threadIdx.x == 0) partials[p] = v;
+    }
+    __syncthreads();  // sp and red are reused by the block's next part
+  }
+}
+
+template <bool kMax>
+__global__ void __launch_bounds__(kGnSlots) gn_combine_kernel(const double* __restrict__ partials, int nparts,
+                                                              NormOutputs out) {
+  __shared__ double h[kGnSlots];
+  const int s = static_cast<int>(threadIdx.x);
   double acc = 0.0;
-  bool nan = false;
-  for (int ci = blockIdx.x; ci < nchunks; ci += gridDim.x) {
-    const Chunk ch = chunks[ci];
-    const T* x = static_cast<const T*>(tensors[ch.tensor].ptr[0]) + ch.begin;
-    for (int64_t i = threadIdx.x; i < ch.len; i += blockDim.x) {
-      double v = static_cast<double>(x[i]);
-      if (kMax) {
-        nan |= (v != v);
-        acc = fmax(acc, fabs(v));
-      } else {
-        acc += v * v;
+  for (int p = s; p < nparts; p += kGnSlots) acc = gn_join<kMax>(acc, partials[p]);
+  h[s] = acc;
+  __syncthreads();
+  for (int w = kGnSlots / 2; w >= 32; w /= 2) {
+    if (s < w) h[s] = gn_join<kMax>(h[s], h[s + w]);
+    __syncthreads();
+  }
+  if (s < 32) {
+    double v = h[s];
+#pragma unroll
+    for (int w = 16; w >= 1; w /= 2) v = gn_join<kMax>(v, __shfl_down_sync(0xffffffffu, v, w));
+    if (s == 0) {
+      const double norm = kMax ? v : sqrt(v);
+      *out.norm = norm;
+      if (out.grad_multiplier != nullptr) {
+        *out.grad_multiplier = static_cast<float>(gn_clip_multiplier(norm, out.max_norm));
+        *out.found_inf = gn_nonfinite(norm) ? 1.0f : 0.0f;
       }
     }
   }
-  if (kMax && nan) acc = NAN;
-  sh[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      double a = sh[threadIdx.x], o = sh[threadIdx.x + s];
-      sh[threadIdx.x] = kMax ? ((a != a || o != o) ? NAN : fmax(a, o)) : a + o;
+}
+
+template <bool kMax, class T>
+void launch(const StepBatch& b, const NormOutputs& out, cudaStream_t stream) {
+  const GnPlan plan = gn_plan(b);
+  const int np = plan.nparts();
+  // One allocation: the device pieces, the part bounds, the partials.
+  const size_t pbytes = plan.pieces.size() * sizeof(DevPiece);
+  const size_t bbytes = plan.part_begin.size() * sizeof(int32_t);
+  const size_t boff = pbytes, qoff = (pbytes + bbytes + 15) / 16 * 16;
+  DeviceBuffer mem(np > 0 ? qoff + static_cast<size_t>(np) * sizeof(double) : 0, stream);
+  double* partials = nullptr;
+  if (np > 0) {
+    std::vector<unsigned char> host(qoff);
+    DevPiece* hp = reinterpret_cast<DevPiece*>(host.data());
+    for (int p = 0; p < np; ++p) {
+      int32_t slot = 0;
+      for (int32_t k = plan.part_begin[p]; k < plan.part_begin[p + 1]; ++k) {
+        const GnPiece& pc = plan.pieces[static_cast<size_t>(k)];
+        hp[k].ptr = static_cast<const T*>(b.tensors[static_cast<size_t>(pc.tensor)].ptr[0]) + pc.begin;
+        hp[k].len = pc.len;
+        hp[k].slot = slot;
+        slot += static_cast<int32_t>(gn_blocks(pc.len));
+      }
     }
-    __syncthreads();
+    std::memcpy(host.data() + boff, plan.part_begin.data(), bbytes);
+    OK_CUDA_CHECK(cudaMemcpyAsync(mem.as<void>(), host.data(), qoff, cudaMemcpyHostToDevice, stream));
+    const DevPiece* pieces = mem.as<const DevPiece>();
+    const int32_t* bounds = reinterpret_cast<const int32_t*>(mem.as<unsigned char>() + boff);
+    partials = reinterpret_cast<double*>(mem.as<unsigned char>() + qoff);
+    const int cap = resident_blocks_per_sm(gn_partials_kernel<kMax, T>, kThreads) * sm_count(b.device.index);
+    const int grid = np < cap ? np : cap;
+    gn_partials_kernel<kMax, T><<<grid, kThreads, 0, stream>>>(pieces, bounds, np, partials);
+    OK_CUDA_CHECK(cudaGetLastError());
   }
-  if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+  gn_combine_kernel<kMax><<<1, kGnSlots, 0, stream>>>(partials, np, out);
+  OK_CUDA_CHECK(cudaGetLastError());
 }
 
-template <bool kMax>
-__global__ void combine_kernel(const double* partials, int n, double* out) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  double acc = 0.0;
-  for (int i = 0; i < n; ++i) acc = kMax ? ((acc != acc || partials[i] != partials[i]) ? NAN : fmax(acc, partials[i]))
-                                         : acc + partials[i];
-  *out = acc;
+// Refused before anything is enqueued: the plan upload from pageable host memory cannot be captured.
+void check_not_capturing(cudaStream_t stream) {
+  if (stream_capturing(stream))
+    throw std::invalid_argument(
+        "grads: the global norm cannot be captured into a CUDA graph (it uploads its plan from host memory); "
+        "compute it outside the capture");
 }
 
-template <bool kMax>
-double reduce(const StepBatch& b) {
-  DeviceGuard guard(b.device.index);
+void run(const StepBatch& b, bool inf, const NormOutputs& out) {
   cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
-  ReducePlan plan(b, stream);
-  if (plan.nchunks == 0) return 0.0;
-  const int grid = grid_for(plan.nchunks);
-  DeviceBuffer scratch((grid + 1) * sizeof(double), stream);
-  double* buf = scratch.as<double>();
-  if (b.dtype == DType::f32)
-    partial_kernel<float, kMax><<<grid, kThreads, 0, stream>>>(plan.tensors, plan.chunks, plan.nchunks, buf);
-  else
-    partial_kernel<double, kMax><<<grid, kThreads, 0, stream>>>(plan.tensors, plan.chunks, plan.nchunks, buf);
-  OK_CUDA_CHECK(cudaGetLastError());
-  combine_kernel<kMax><<<1, 1, 0, stream>>>(buf, grid, buf + grid);
-  OK_CUDA_CHECK(cudaGetLastError());
-  double result = 0.0;
-  OK_CUDA_CHECK(cudaMemcpyAsync(&result, buf + grid, sizeof(double), cudaMemcpyDeviceToHost, stream));
-  OK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the norm is returned to the host
-  return result;
+  if (inf) {
+    if (b.dtype == DType::f32) launch<true, float>(b, out, stream);
+    else launch<true, double>(b, out, stream);
+  } else {
+    if (b.dtype == DType::f32) launch<false, float>(b, out, stream);
+    else launch<false, double>(b, out, stream);
+  }
 }
 
 }  // namespace
 
-double sum_squares(const StepBatch& b) { return reduce<false>(b); }
-double max_abs(const StepBatch& b) { return reduce<true>(b); }
+void global_norm_device(const StepBatch& b, bool inf, const NormOutputs& out) {
+  DeviceGuard guard(b.device.index);
+  check_not_capturing(static_cast<cudaStream_t>(b.stream));
+  run(b, inf, out);
+}
+
+double global_norm_host(const StepBatch& b, bool inf) {
+  DeviceGuard guard(b.device.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
+  check_not_capturing(stream);
+  DeviceBuffer res(sizeof(double), stream);
+  NormOutputs out;
+  out.norm = res.as<double>();
+  run(b, inf, out);
+  double norm = 0.0;
+  OK_CUDA_CHECK(cudaMemcpyAsync(&norm, out.norm, sizeof(double), cudaMemcpyDeviceToHost, stream));
+  OK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the norm is returned to the host
+  return norm;
+}
 
 }  // namespace cuda_exec
 }  // namespace optkern

@@ -1,24 +1,26 @@
 // CUDA executor for the L-BFGS kernels: the rules and the reduction order of lbfgs_rules.h.
 //
 // dots: two stream-ordered launches and one copy back.
-//  1. dots_partials_kernel: one block per chunk of kLbChunk (4096) values.  The block's 256 threads are 16 slots
-//     of 16 lanes: slot s serves the chunk's lane block s (values [256 s, 256 s + 256)), lane l accumulates values
-//     j = l, l + 16, ... < vec in T (lb_dot_step), the 16 lanes are widened to double and added with shuffles as
-//     the tree 8 + 8, 4 + 4, 2 + 2, 1 + 1, and lane 0 adds the tail [vec, blk) in order: the CPU's lane-block
-//     total, bit for bit.  The block totals of up to 32 (query, stored) pairs wait in shared memory; one thread
-//     per pair adds them in block order from 0.0 and writes the chunk's partial to scratch (nchunks x nq*k).
-//     Pairs are walked stored-major, so a stored vector's chunk is read once from DRAM and reused (L1) for
-//     every query.
-//  2. dots_sum_kernel: one thread per (q, i) adds the chunk partials in chunk order from 0.0.
+//  1. dots_partials_kernel: a grid-stride loop over the chunks of kLbChunk (4096) values, grid sized from
+//     occupancy.  The block's 256 threads are 16 slots of 16 lanes: slot s serves the chunk's lane block s (values
+//     [256 s, 256 s + 256)), lane l accumulates values j = l, l + 16, ... < vec in T (lb_dot_step), the 16 lanes
+//     are widened to double and added with shuffles as the tree 8 + 8, 4 + 4, 2 + 2, 1 + 1, and lane 0 adds the
+//     tail [vec, blk) in order: the CPU's lane-block total, bit for bit.  The block totals of up to 32 (query,
+//     stored) pairs wait in shared memory; one thread per pair adds them in block order from 0.0 and writes the
+//     chunk's partial to scratch, pair-major (part[p * nchunks + c], p = q * k + i).  Pairs are walked
+//     stored-major, so a stored vector's chunk is read once from DRAM and reused (L1) for every query.
+//  2. dots_sum_kernel: one warp per pair folds its chunk partials strictly in chunk order from 0.0 (the CPU's
+//     order): the lanes load 32 consecutive partials at a time (coalesced, in flight together) and every lane
+//     takes them by shuffle, one by one (the batch-norm executor's ordered fold).
 //  The nq * k doubles are then copied to the host and the call synchronizes the stream once (the result is
 //  host memory); this is the only synchronization in the file.
-// lincomb: one grid-stride launch, the vector pointers and the coefficients (already cast to T) passed by value
-// as a kernel parameter (at most 64 of each, about 1 KB); 16-byte loads and stores when every array is 16-byte
-// aligned, one element at a time otherwise.  No synchronization.
+// lincomb: one grid-stride launch (grid from occupancy), the vector pointers and the coefficients (already cast
+// to T) passed by value as a kernel parameter (at most 64 of each, about 1 KB); 16-byte loads and stores when
+// every array is 16-byte aligned, one element at a time otherwise.  No synchronization.
 // No floating-point atomics and no order that depends on the grid: the results equal the CPU executor's bitwise
-// (the GPU is built with --fmad=false, the CPU with -ffp-contract=off).  Scratch is stream-ordered
-// (cudaMallocAsync / cudaFreeAsync), every CUDA call and launch is checked, a failure throws, and nothing falls
-// back to the CPU.
+// (the GPU is built with --fmad=false, the CPU with -ffp-contract=off).  Scratch is an owned DeviceBuffer from
+// optkern's pool (stream-ordered), every CUDA call and launch is checked, a failure throws, and nothing falls back
+// to the CPU.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -50,11 +52,10 @@ struct DotPtrs {
   const T* queries[kLbMaxVecs];
 };
 
+// One chunk c: the partials of every pair (see the file comment).
 template <class T>
-__global__ void __launch_bounds__(kThreads) dots_partials_kernel(DotPtrs<T> ptrs, int k, int nq, int64_t n,
-                                                                 double* __restrict__ part) {
-  __shared__ double red[kPairBatch][kSlots + 1];
-  const int64_t c = blockIdx.x;
+__device__ __forceinline__ void chunk_partials(const DotPtrs<T>& ptrs, int k, int nq, int64_t n, int64_t nchunks,
+                                               int64_t c, double (*red)[kSlots + 1], double* __restrict__ part) {
   const int64_t off = c * kLbChunk;
   const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
   const int slot = threadIdx.x / kLbLanes, lane = threadIdx.x % kLbLanes;
@@ -94,18 +95,33 @@ __global__ void __launch_bounds__(kThreads) dots_partials_kernel(DotPtrs<T> ptrs
       const int i = idx / nq, q = idx % nq;
       double s = 0.0;
       for (int s_ = 0; s_ < nblocks; ++s_) s += red[t][s_];
-      part[c * P + static_cast<int64_t>(q) * k + i] = s;
+      part[(static_cast<int64_t>(q) * k + i) * nchunks + c] = s;
     }
     __syncthreads();
   }
 }
 
-__global__ void dots_sum_kernel(const double* __restrict__ part, int64_t nchunks, int P, double* __restrict__ out) {
-  const int p = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (p >= P) return;
+template <class T>
+__global__ void __launch_bounds__(kThreads) dots_partials_kernel(DotPtrs<T> ptrs, int k, int nq, int64_t n,
+                                                                 int64_t nchunks, double* __restrict__ part) {
+  __shared__ double red[kPairBatch][kSlots + 1];
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) chunk_partials(ptrs, k, nq, n, nchunks, c, red, part);
+}
+
+// One warp per pair p: 0.0 plus the chunk partials part[p * nchunks + c] in chunk order.
+__global__ void __launch_bounds__(kThreads) dots_sum_kernel(const double* __restrict__ part, int64_t nchunks, int P,
+                                                            double* __restrict__ out) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (p >= P) return;  // whole warps
+  const double* pp = part + p * nchunks;
   double s = 0.0;
-  for (int64_t c = 0; c < nchunks; ++c) s += part[c * P + p];
-  out[p] = s;
+  for (int64_t base = 0; base < nchunks; base += 32) {
+    const double v = base + lane < nchunks ? pp[base + lane] : 0.0;
+    const int m = nchunks - base < 32 ? static_cast<int>(nchunks - base) : 32;
+    for (int j = 0; j < m; ++j) s += __shfl_sync(0xffffffffu, v, j);
+  }
+  if (lane == 0) out[p] = s;
 }
 
 template <class T>
@@ -123,9 +139,13 @@ void dots_typed(const VecBatch& stored, const VecBatch& queries, double* out) {
   DeviceBuffer buf(static_cast<size_t>(nchunks * P + P) * sizeof(double), stream);
   double* part = buf.as<double>();
   double* dev_out = part + nchunks * P;
-  dots_partials_kernel<T><<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(ptrs, k, nq, stored.n, part);
+  const int64_t cap =
+      static_cast<int64_t>(resident_blocks_per_sm(dots_partials_kernel<T>, kThreads)) * sm_count(stored.device.index);
+  const unsigned grid = static_cast<unsigned>(nchunks < cap ? nchunks : cap);
+  dots_partials_kernel<T><<<grid, kThreads, 0, stream>>>(ptrs, k, nq, stored.n, nchunks, part);
   OK_CUDA_CHECK(cudaGetLastError());
-  dots_sum_kernel<<<static_cast<unsigned>(ceil_div(P, kThreads)), kThreads, 0, stream>>>(part, nchunks, P, dev_out);
+  const unsigned sum_grid = static_cast<unsigned>(ceil_div(static_cast<int64_t>(P) * 32, kThreads));
+  dots_sum_kernel<<<sum_grid, kThreads, 0, stream>>>(part, nchunks, P, dev_out);
   OK_CUDA_CHECK(cudaGetLastError());
   OK_CUDA_CHECK(cudaMemcpyAsync(out, dev_out, static_cast<size_t>(P) * sizeof(double), cudaMemcpyDeviceToHost,
                                 stream));
@@ -211,7 +231,9 @@ void lincomb_typed(const VecBatch& vecs, const std::vector<double>& coef, void* 
   const int64_t n = vecs.n;
   const int64_t items = aligned ? ceil_div(n, Pack16<T>::kCount) : n;
   const int64_t need = ceil_div(items, kThreads);
-  const int64_t cap = static_cast<int64_t>(sm_count(vecs.device.index)) * 8;
+  const int resident = aligned ? resident_blocks_per_sm(lincomb_kernel<T, true>, kThreads)
+                                : resident_blocks_per_sm(lincomb_kernel<T, false>, kThreads);
+  const int64_t cap = static_cast<int64_t>(resident) * sm_count(vecs.device.index);
   const unsigned grid = static_cast<unsigned>(need < cap ? need : cap);
   if (aligned) lincomb_kernel<T, true><<<grid, kThreads, 0, stream>>>(A, out, n);
   else lincomb_kernel<T, false><<<grid, kThreads, 0, stream>>>(A, out, n);
