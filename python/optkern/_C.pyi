@@ -59,7 +59,7 @@ def nadam_step(params: Arrays, grads: Arrays, states: Sequence[Arrays], state_na
                hyper: NadamHyper, step: int, mu_product: float, grad_scale: float = ..., maximize: bool = ...,
                stream: int = ..., grad_scale_device: Any = ..., found_inf_device: Any = ..., counters: Any = ...,
                counters_f64: bool = ..., mu_product_float32: bool = ..., mu_products: Any = ...,
-               mu_products_f64: bool = ...) -> float: ...
+               mu_products_f64: bool = ..., step_counters: Any = ..., mu_product_counters: Any = ...) -> float: ...
 def adadelta_step(params: Arrays, grads: Arrays, states: Sequence[Arrays], state_names: Sequence[str],
                   hyper: AdadeltaHyper, step: int, grad_scale: float = ..., maximize: bool = ..., stream: int = ...,
                   grad_scale_device: Any = ..., found_inf_device: Any = ..., counters: Any = ...,
