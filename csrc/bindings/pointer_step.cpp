@@ -30,14 +30,16 @@ class PointerPlan {
   // params: tensors (written; their .grad is read each step); arrays: the same memory in a form collect_step
   // reads (torch: p.detach()); grads: their current gradients (read; validated with the rest, then re-read from
   // p.grad every step); states: one list per state kind (written); counters: addresses of host float scalars
-  // advanced by 1 after each kernel call (torch's step tensors), float64 when counters_f64.
+  // advanced by 1 after each kernel call (torch's step tensors), float64 when counters_f64; device_counters: they
+  // are device addresses instead (torch's capturable / fused step tensors on the params' CUDA device), read and
+  // advanced by the kernel (StepInfo::device_counters), never read here.
   // contiguous[i]: params[i] is C-contiguous (its grads are checked with is_contiguous(), else with stride()).
   // state_dicts[i] / watched[i]: params[i]'s state dict and the objects it must still hold under watch_keys
   // (a tensor replaced in the dict makes gather() report a stale plan).
   PointerPlan(py::list params, py::list arrays, py::list grads, py::list states, py::list state_names, int64_t stream,
               py::list counters, bool counters_f64, py::list contiguous, py::list strides, py::list shapes,
-              py::object dtype, py::list state_dicts, py::list watch_keys, py::list watched)
-      : dtype_(std::move(dtype)), counters_f64_(counters_f64) {
+              py::object dtype, py::list state_dicts, py::list watch_keys, py::list watched, bool device_counters)
+      : dtype_(std::move(dtype)), counters_f64_(counters_f64), device_counters_(device_counters) {
     optkern_py::CollectedStep cs =
         optkern_py::collect_step(arrays, grads, states, state_names, static_cast<int>(py::len(states)), stream);
     batch_ = cs.batch;
@@ -61,6 +63,15 @@ class PointerPlan {
       for (py::handle o : w) watched_.push_back(py::reinterpret_borrow<py::object>(o));
     }
     for (py::handle c : counters) counters_.push_back(reinterpret_cast<void*>(c.cast<uintptr_t>()));
+    if (device_counters_) {
+      if (batch_.device.kind != DeviceKind::cuda) throw py::value_error("device_counters: the params are not on CUDA");
+      if (counters_.size() != batch_.tensors.size())
+        throw py::value_error("counters: expected one device counter per param");
+      for (size_t i = 0; i < counters_.size(); ++i) {
+        if (counters_[i] == nullptr) throw py::value_error("counters: a null address");
+        batch_.tensors[i].step = counters_[i];
+      }
+    }
     // The writable ranges (params and states), sorted; collect_step has checked that none overlap.
     for (const auto& t : batch_.tensors) {
       if (t.numel == 0) continue;
@@ -88,7 +99,7 @@ class PointerPlan {
         if (v != watched_[i * nk + k].ptr()) return -2 - static_cast<int64_t>(i);
       }
     }
-    for (size_t i = 0; i < counters_.size(); ++i) {
+    for (size_t i = 0; i < counters_.size() && !device_counters_; ++i) {  // device counts are the kernel's
       const double v = counters_f64_ ? *static_cast<double*>(counters_[i]) : *static_cast<float*>(counters_[i]);
       if (v != steps_taken) return -2 - static_cast<int64_t>(i);
     }
@@ -162,6 +173,9 @@ class PointerPlan {
     info.maximize = maximize;
     info.grad_scale_device = reinterpret_cast<const float*>(gs_dev);
     info.found_inf_device = reinterpret_cast<const float*>(fi_dev);
+    info.device_counters = device_counters_;
+    info.counter_dtype = counters_f64_ ? DType::f64 : DType::f32;
+    info.product_dtype = products_f64_ ? DType::f64 : DType::f32;
     check(info);
     batch_.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(stream));
     decltype(fn(batch_, info)) r;
@@ -169,6 +183,7 @@ class PointerPlan {
       py::gil_scoped_release nogil;
       r = fn(batch_, info);
       for (void* p : counters_) {  // before the GIL is taken back: the counts advance with the buffers
+        if (device_counters_) break;  // advanced on the device by the step
         if (counters_f64_) *static_cast<double*>(p) += 1.0;
         else *static_cast<float*>(p) += 1.0f;
       }
@@ -178,6 +193,18 @@ class PointerPlan {
   }
 
   size_t size() const { return params_.size(); }
+  bool device_counters() const { return device_counters_; }
+
+  // NAdam with device counters: the params' device products (torch's capturable mu_product), set once.
+  void set_device_products(const std::vector<uintptr_t>& products, bool f64) {
+    if (!device_counters_ || products.size() != batch_.tensors.size())
+      throw py::value_error("mu_products: one device product per param, with device counters");
+    for (size_t i = 0; i < products.size(); ++i) {
+      if (products[i] == 0) throw py::value_error("mu_products: a null address");
+      batch_.tensors[i].mu_product = reinterpret_cast<void*>(products[i]);
+    }
+    products_f64_ = f64;
+  }
 
  private:
   bool same_shape(PyObject* t, size_t i, PyObject* attr) const {
@@ -195,6 +222,8 @@ class PointerPlan {
   StepBatch batch_;
   py::object dtype_;
   bool counters_f64_;
+  bool device_counters_ = false;
+  bool products_f64_ = false;
   int itemsize_ = 4;
   std::vector<py::object> params_, strides_, shapes_, keep_, grads_, state_dicts_, watch_keys_, watched_;
   std::vector<char> contiguous_;
@@ -223,12 +252,14 @@ void def_plan_step(py::module_& m, const char* name, Fn fn) {
 void register_pointer_step(py::module_& m) {
   py::class_<PointerPlan>(m, "PointerPlan")
       .def(py::init<py::list, py::list, py::list, py::list, py::list, int64_t, py::list, bool, py::list, py::list,
-                    py::list, py::object, py::list, py::list, py::list>(),
+                    py::list, py::object, py::list, py::list, py::list, bool>(),
            py::arg("params"), py::arg("arrays"), py::arg("grads"), py::arg("states"), py::arg("state_names"),
            py::arg("stream"), py::arg("counters"), py::arg("counters_f64"), py::arg("contiguous"), py::arg("strides"),
            py::arg("shapes"), py::arg("dtype"),
-           py::arg("state_dicts"), py::arg("watch_keys"), py::arg("watched"))
+           py::arg("state_dicts"), py::arg("watch_keys"), py::arg("watched"), py::arg("device_counters") = false)
       .def("gather", &PointerPlan::gather, py::arg("steps_taken"))
+      .def("set_device_products", &PointerPlan::set_device_products, py::arg("products"), py::arg("f64"))
+      .def_property_readonly("device_counters", &PointerPlan::device_counters)
       .def("release_grads", &PointerPlan::release_grads)
       .def("__len__", &PointerPlan::size);
   def_plan_step<SgdHyper>(m, "plan_sgd_step", [](auto& b, auto& h, auto& s) { sgd_step(b, h, s); });
@@ -247,6 +278,7 @@ void register_pointer_step(py::module_& m) {
         return plan.run(
             [&](const StepBatch& b, const StepInfo& s) {
               const double r = nadam_step(b, h, s, mu_product, mu_product_float32);
+              if (s.device_counters) return r;  // the products were advanced on the device
               for (uintptr_t a : mu_products) {
                 if (mu_products_f64) *reinterpret_cast<double*>(a) = r;
                 else *reinterpret_cast<float*>(a) = static_cast<float>(r);

@@ -296,23 +296,27 @@ class _FusedStep:
             for x in entries:
                 x.plan.release_grads()
             return False
-        skip, mult, mult_dev, fi_dev = self._amp_args()
+        skip, mult, mult_dev, fi_dev = self._amp_args(
+            self._has_step_tensor and all(e.taken == _DEVICE_COUNT for e in entries))
         if skip:
             for x in entries:
                 x.plan.release_grads()
             return True
         gs_ptr = 0 if mult_dev is None else mult_dev.data_ptr()
+        fi_ptr = 0 if fi_dev is None else fi_dev.data_ptr()
         for e in entries:
             group = self.param_groups[e.gi]
-            self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device), gs_ptr)
-            e.taken += 1
+            self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device), gs_ptr, fi_ptr)
+            if e.taken != _DEVICE_COUNT:
+                e.taken += 1
             torch.autograd.graph.increment_version(e.bump)
         if mult != 1.0 or mult_dev is not None:
             _unscale_grads([p.grad for e in entries for p in e.params], mult, mult_dev)
         return True
 
-    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr):
-        type(self)._plan_step(e.plan, hyper, e.taken + 1, mult, maximize, stream, gs_ptr, 0)
+    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr, fi_ptr):
+        type(self)._plan_step(e.plan, hyper, 1 if e.taken == _DEVICE_COUNT else e.taken + 1, mult, maximize, stream,
+                              gs_ptr, fi_ptr)
 
     def _build_plans(self):
         """Plans for the next steps, when every param with a grad has torch's state and host step counters."""
@@ -333,9 +337,11 @@ class _FusedStep:
                         return None
                 if self._has_step_tensor:
                     s = st.get("step")
-                    if not (isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.dtype in _COUNTER_DTYPES):
-                        return None  # device-resident (capturable) counters: the general path
-                    taken, cdt = int(s.item()), s.dtype
+                    if not (isinstance(s, torch.Tensor) and s.dtype in _COUNTER_DTYPES and s.numel() == 1
+                            and s.device.type in ("cpu", p.device.type)):
+                        return None
+                    # device-resident (capturable / fused) counts are never read here: the kernel's
+                    taken, cdt = (_DEVICE_COUNT if s.device.type == "cuda" else int(s.item())), s.dtype
                 else:
                     taken, cdt = self._sgd_taken(st), None
                 extra = self._bucket_extra(st)
@@ -344,7 +350,10 @@ class _FusedStep:
                 key = (p.dtype, p.device, taken, cdt, extra)
                 buckets.setdefault(key, []).append((f"param_groups[{gi}]['params'][{pi}]", p, st))
             for (dtype, device, taken, cdt, extra), items in buckets.items():
-                entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
+                try:
+                    entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
+                except LookupError:  # a state the plans cannot describe: every step takes the general path
+                    return None
         return _Plans(self.state, len(self.state), groups, entries, idle)
 
     def _make_plan(self, gi, keys, device, taken, cdt, items):
@@ -356,7 +365,8 @@ class _FusedStep:
         plan = _C.PointerPlan(ps, [p.detach() for p in ps], [p.grad.detach() for p in ps],
                               [[t.detach() for t in lst] for lst in lists], list(keys), _stream(device), counters,
                               cdt == torch.float64, [p.is_contiguous() for p in ps], [p.stride() for p in ps],
-                              [p.shape for p in ps], ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts])
+                              [p.shape for p in ps], ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts],
+                              taken == _DEVICE_COUNT)
         plan.release_grads()
         bump = list(ps)
         for k in self._scalar_keys:
@@ -793,18 +803,26 @@ class NAdam(_FusedStep, torch.optim.NAdam):
     _scalar_keys = ("step", "mu_product")
 
     def _plannable(self, st) -> bool:
-        t = st.get("mu_product")
-        return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in _COUNTER_DTYPES
+        t, s = st.get("mu_product"), st.get("step")
+        return (isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.device == s.device
+                and t.dtype in _COUNTER_DTYPES and t.numel() == 1)
 
     def _plan_extra(self, e, sts) -> None:
         products = [st["mu_product"] for st in sts]
         dt = products[0].dtype
         e.mu = (products[0], dt == torch.float32, [t.data_ptr() for t in products], dt == torch.float64)
+        if e.taken == _DEVICE_COUNT:
+            if len({t.dtype for t in products}) != 1:
+                raise LookupError  # mixed product dtypes: the general path refuses it by name
+            e.plan.set_device_products(e.mu[2], dt == torch.float64)
 
-    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr):
+    def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr, fi_ptr):
         first, f32, addrs, f64 = e.mu
+        if e.taken == _DEVICE_COUNT:  # the products live on the device: never read here
+            _C.plan_nadam_step(e.plan, hyper, 1, 1.0, f32, [], f64, mult, maximize, stream, gs_ptr, fi_ptr)
+            return
         _C.plan_nadam_step(e.plan, hyper, e.taken + 1, float(first.item()), f32, addrs, f64, mult, maximize, stream,
-                           gs_ptr, 0)
+                           gs_ptr, fi_ptr)
 
     def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
         r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
