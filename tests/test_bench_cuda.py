@@ -7,10 +7,9 @@ import json
 import math
 
 import numpy as np
+import optkern
 import pytest
 from conftest import AVAILABLE_ISAS
-
-import optkern
 from optkern.bench import cuda
 
 TINY = {"big_n": 4099, "transformer": {"layers": 1, "d": 24, "vocab": 101, "ctx": 33}, "many": (7, 1031),

@@ -5,10 +5,9 @@ table.  On a GPU bench/gpu_check.sh runs the same code with CuPy arrays and CUDA
 import json
 
 import numpy as np
+import optkern
 import pytest
 from conftest import AVAILABLE_ISAS
-
-import optkern
 from optkern.bench import host_cost
 
 
