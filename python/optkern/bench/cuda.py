@@ -1,7 +1,7 @@
 """``python -m optkern.bench --device cuda``: optkern's CUDA kernels against a device-to-device copy and torch.
 
-Rows (float32 unless named; medians of CUDA-event timings after a warm-up, optkern and torch timed in alternating
-blocks of the same run):
+Rows (float32; medians of CUDA-event timings after a warm-up, optkern and torch timed in the same run: in
+alternating blocks, except the L-BFGS case, which times each in one block):
 
 * copy: the faster of ``cudaMemcpyAsync`` device-to-device and CuPy's ``copyto`` at 2^28 elements, 8 B per element
   (read + write): the bandwidth every "% of copy" below is measured against;
@@ -197,7 +197,7 @@ def markdown(results: dict) -> str:
              f"{c.get('torch_cuda_version')}, cuDNN {c.get('cudnn_version')}), CuPy {c.get('cupy_version')}, driver "
              f"{c.get('driver_version')}, runtime {c.get('runtime_version')}; {meta.get('date')}; medians of "
              f"{c.get('reps')} CUDA-event timings after {c.get('warmup')} warm-up calls, optkern and the reference "
-             f"in alternating blocks.", ""]
+             f"in the same run. Targets marked \"check:\" are agreement checks, not speed targets.", ""]
     if c.get("copy_gbs"):
         lines.append(f"Device-to-device copy at {_fmt_n(c['copy_n'])} float32: {c['copy_gbs']:.0f} GB/s counting read + "
                      f"write (" + ", ".join(f"{k} {v:.0f}" for k, v in c.get("copy_each_gbs", {}).items()) +
