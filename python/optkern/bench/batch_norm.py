@@ -164,12 +164,3 @@ def device_case(cp, torch, label, shape, layout, reps, warmup, cp_time, torch_ti
         row.update(torch_s=t_t, torch_path="cuDNN/aten", ratio=t_t / t_ok)
         row["targets"] = [{"what": ">= 1x torch (CUDA)", "value": row["ratio"], "met": row["ratio"] >= 1.0}]
     return row
-
-
-def run_cuda(cp, torch, quick: bool, reps: int, warmup: int, cp_time, torch_time) -> list:
-    """Forward + backward in training on the GPU, optkern (CuPy arrays) vs torch (cuDNN), CUDA events."""
-    rows = []
-    for label, shape, layout in (QUICK_SHAPES if quick else SHAPES):
-        rows.append(device_case(cp, torch, label, shape, layout, reps, warmup, cp_time, torch_time))
-        cp.get_default_memory_pool().free_all_blocks()
-    return rows

@@ -276,13 +276,16 @@ class Ctx:
             return torch_event_times(self.torch, fn, reps, warmup)
         return wall_times(fn, reps, warmup)
 
-    def randn(self, shape, seed: int, scale: float = 1.0):
-        """Standard normal float32 of the given shape (fresh data, never zeros), times scale, on xp's device."""
+    def randn(self, shapes, seed: int, scale: float = 1.0) -> list:
+        """Standard normal float32 arrays of the given shapes (fresh data, never zeros), times scale, on xp's
+        device; one generator for the whole list (creating a cuRAND generator per tensor costs milliseconds)."""
         if self.device == "cuda":
-            a = self.xp.random.RandomState(seed).standard_normal(shape, dtype=self.xp.float32)
+            rs = self.xp.random.RandomState(seed)
+            out = [rs.standard_normal(s, dtype=self.xp.float32) for s in shapes]
         else:
-            a = self.xp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
-        return a * self.xp.float32(scale) if scale != 1.0 else a
+            rng = np.random.default_rng(seed)
+            out = [self.xp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+        return [a * self.xp.float32(scale) for a in out] if scale != 1.0 else out
 
     def memcpy(self, dst, src):
         """A plain device-to-device copy (cudaMemcpyAsync on the current stream)."""
@@ -316,8 +319,7 @@ def _torch_params(ctx, ps, gs):
 
 def _adam_row(ctx, case, shapes, *, pct_target=None, ratio_target=None, seed=0):
     xp = ctx.xp
-    ps = [ctx.randn(s, seed + 2 * i) for i, s in enumerate(shapes)]
-    gs = [ctx.randn(s, seed + 2 * i + 1, 1e-2) for i, s in enumerate(shapes)]
+    ps, gs = ctx.randn(shapes, seed), ctx.randn(shapes, seed + 1, 1e-2)
     ms, vs = [xp.zeros_like(x) for x in ps], [xp.zeros_like(x) for x in ps]
     t = [0]
 
@@ -342,7 +344,7 @@ def section_copy_and_big_adam(ctx) -> list:
     """The copy's bandwidth (the reference of every "% copy"), then Adam on one tensor of the same size."""
     xp = ctx.xp
     n = ctx.sizes["big_n"]
-    src = ctx.randn(n, 1)
+    (src,) = ctx.randn([n], 1)
     dst = xp.empty_like(src)
     entries = {"cudaMemcpyAsync": (lambda: ctx.memcpy(dst, src), ctx.xp_timer),
                "copyto": (lambda: xp.copyto(dst, src), ctx.xp_timer)}
@@ -365,7 +367,7 @@ def section_adam_lists(ctx) -> list:
 def section_global_norm(ctx) -> list:
     xp, torch = ctx.xp, ctx.torch
     shapes = transformer_shapes(**ctx.sizes["transformer"])
-    gs = [ctx.randn(s, 30 + i, 1e-2) for i, s in enumerate(shapes)]
+    gs = ctx.randn(shapes, 30, 1e-2)
     entries = {"optkern": (lambda: optkern.global_norm(gs), ctx.xp_timer)}
     ref = None
     if torch is not None:
