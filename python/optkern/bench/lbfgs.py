@@ -6,9 +6,9 @@
 * optkern two-loop: ``LBFGSHistory.direction_two_loop`` (the classic recursion as a kernel sequence, the reference);
 * torch two-loop: the recursion written with per-vector torch ops, as ``torch.optim.LBFGS`` does it.
 
-``--device cuda`` runs the same cases with the history in CuPy arrays (the CUDA kernels) against the torch
-two-loop on CUDA tensors, CUDA events, and a device in-place add as the roofline (``bench_direction_device``;
-the tests run that code with NumPy and CPU torch).
+``--device cuda`` (:mod:`optkern.bench.cuda`) runs n = 2^24 in float32 with the history in CuPy arrays (the CUDA
+kernels) against the torch two-loop on CUDA tensors, CUDA events, and a device in-place add as the roofline
+(``bench_direction_device``; the tests run that code with NumPy and CPU torch).
 
 Minimal bytes for the two passes: (4m + 3) n elements (2m + 1 vectors read in each pass, d written once).
 
@@ -242,17 +242,6 @@ def bench_direction_device(xp, torch, device, n, m, dtype, reps, warmup, xp_time
         row["targets"].append({"what": f">= {ratio_target:g}x torch two-loop ({device})", "value": row["ratio"],
                                "met": row["ratio"] >= ratio_target})
     return row
-
-
-def run_cuda(cp, torch, quick: bool, reps: int, warmup: int, cp_time, torch_time) -> list:
-    """The L-BFGS direction on the GPU (CuPy arrays) against the torch two-loop on CUDA tensors (None: no
-    torch CUDA), the same cases as on the CPU."""
-    rows = []
-    for n, dtype, extra in _cases(quick):
-        rows.append(bench_direction_device(cp, torch, "cuda", n, 10, dtype, reps, warmup, cp_time, torch_time,
-                                           torch_only_ratio=extra))
-        cp.get_default_memory_pool().free_all_blocks()
-    return rows
 
 
 def _cases(quick: bool):

@@ -11,6 +11,7 @@ For every algorithm and size, in one process and one run:
   threads) at the same n, 12 B per element, timed round-robin with each algorithm's steps (same background load).
 
 All timings are medians over repetitions after a warm-up; the raw per-repetition times go into the JSON.
+``--device cuda`` runs the CUDA suite instead (:mod:`optkern.bench.cuda`, run by ``bench/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -447,128 +447,6 @@ def torch_event_times(torch, fn, reps, warmup) -> list:
     return ts
 
 
-def run_cuda(args, results: dict, bar_disable: bool) -> bool:
-    """Adam at 2^28 vs a device-to-device copy, and optkern vs torch fused Adam on tensor lists (CUDA events)."""
-    if not optkern.cuda_available():
-        print("--device cuda: optkern was built without CUDA or no CUDA device is present; skipping.")
-        return False
-    try:
-        import cupy as cp
-    except ImportError:
-        print("--device cuda: CuPy is not importable; skipping.")
-        return False
-    try:
-        import torch
-        has_torch_cuda = torch.cuda.is_available()
-    except ImportError:
-        torch, has_torch_cuda = None, False
-
-    reps, warmup = (5, 2) if args.quick else (20, 3)
-    rows = []
-
-    def cp_time(fn, reps, warmup):
-        return cupy_event_times(cp, fn, reps, warmup)
-
-    def torch_time(fn, reps, warmup):
-        return torch_event_times(torch, fn, reps, warmup)
-
-    # 1) one big tensor vs copy bandwidth
-    n = (1 << 24) if args.quick else (1 << 28)
-    src = cp.random.standard_normal(n, dtype=cp.float32)
-    dst = cp.empty_like(src)
-    raw_copy = cp_time(lambda: dst.__setitem__(Ellipsis, src), reps, warmup)
-    copy_gbs = 8 * n / _median(raw_copy) / 1e9
-    del dst
-    if args.suite not in ("all", "optim"):
-        del src
-        cp.get_default_memory_pool().free_all_blocks()
-    else:  # Adam: one big tensor, then lists
-        p, g = src, cp.random.standard_normal(n, dtype=cp.float32) * 1e-2
-        m, v = cp.zeros_like(p), cp.zeros_like(p)
-        ctr = [0]
-
-        def ok_big():
-            ctr[0] += 1
-            optkern.adam_step([p], [g], [m], [v], step=ctr[0], lr=1e-3)
-
-        raw_ok = cp_time(ok_big, reps, warmup)
-        t_ok = _median(raw_ok)
-        gbs = 28 * n / t_ok / 1e9
-        row = {"kind": "cuda", "case": "CUDA Adam, one tensor", "n": n,
-               "raw_s": {"optkern": raw_ok, "copy": raw_copy}, "optkern_s": t_ok, "optkern_gbs": gbs,
-               "roofline_gbs": copy_gbs, "optkern_pct_roofline": 100 * gbs / copy_gbs}
-        if has_torch_cuda:
-            tp = torch.as_tensor(p, device="cuda").clone()
-            tp.grad = torch.as_tensor(g, device="cuda").clone()
-            topt = torch.optim.Adam([tp], lr=1e-3, fused=True)
-            raw_t = torch_time(topt.step, reps, warmup)
-            row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / t_ok)
-            row["raw_s"]["torch"] = raw_t
-            del tp, topt
-        row["targets"] = [{"what": f">= {ROOFLINE_TARGET:.0f}% of copy bandwidth",
-                           "value": row["optkern_pct_roofline"], "met": row["optkern_pct_roofline"] >= ROOFLINE_TARGET}]
-        rows.append(row)
-        del p, g, m, v, src
-        cp.get_default_memory_pool().free_all_blocks()
-
-        # 2) lists: transformer-like (~200 tensors) and 1000 x 4096
-        def transformer_shapes(layers=16, d=768, vocab=50257, ctx=1024):
-            shapes = [(vocab, d), (ctx, d)]
-            for _ in range(layers):
-                shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
-                           (4 * d, d), (d,)]
-            return shapes + [(d,), (d,)]
-
-        cases = [("transformer-like", transformer_shapes(layers=2 if args.quick else 16)),
-                 ("1000 x 4096", [(4096,)] * 1000)]
-        for label, shapes in cases:
-            ps = [cp.random.standard_normal(s, dtype=cp.float32) for s in shapes]
-            gs = [cp.random.standard_normal(s, dtype=cp.float32) * 1e-2 for s in shapes]
-            ms, vs = [cp.zeros_like(x) for x in ps], [cp.zeros_like(x) for x in ps]
-            c = [0]
-
-            def ok_list():
-                c[0] += 1
-                optkern.adam_step(ps, gs, ms, vs, step=c[0], lr=1e-3)
-
-            raw_ok = cp_time(ok_list, reps, warmup)
-            numel = int(sum(int(np.prod(s)) for s in shapes))
-            row = {"kind": "cuda", "case": f"CUDA Adam, {label} ({len(shapes)} tensors)", "n": numel,
-                   "raw_s": {"optkern": raw_ok}, "optkern_s": _median(raw_ok),
-                   "optkern_gbs": 28 * numel / _median(raw_ok) / 1e9, "roofline_gbs": copy_gbs}
-            row["optkern_pct_roofline"] = 100 * row["optkern_gbs"] / copy_gbs
-            if has_torch_cuda:
-                tps = []
-                for x, gx in zip(ps, gs):
-                    t = torch.as_tensor(x, device="cuda").clone()
-                    t.grad = torch.as_tensor(gx, device="cuda").clone()
-                    tps.append(t)
-                topt = torch.optim.Adam(tps, lr=1e-3, fused=True)
-                raw_t = torch_time(topt.step, reps, warmup)
-                row.update(torch_s=_median(raw_t), torch_path="fused", ratio=_median(raw_t) / row["optkern_s"])
-                row["raw_s"]["torch"] = raw_t
-                row["targets"] = [{"what": ">= 1x torch fused (CUDA)", "value": row["ratio"],
-                                   "met": row["ratio"] >= 1.0}]
-                del tps, topt
-            rows.append(row)
-            del ps, gs, ms, vs
-            cp.get_default_memory_pool().free_all_blocks()
-    if args.suite in ("all", "batch_norm"):
-        from . import batch_norm as bn_bench
-
-        rows.extend(bn_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
-                                      torch_time))
-    if args.suite in ("all", "lbfgs"):
-        from . import lbfgs as lbfgs_bench
-
-        rows.extend(lbfgs_bench.run_cuda(cp, torch if has_torch_cuda else None, args.quick, reps, warmup, cp_time,
-                                         torch_time))
-    results["cuda"] = {"device_name": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(errors="replace"),
-                       "copy_gbs": copy_gbs, "torch_cuda": has_torch_cuda, "reps": reps, "warmup": warmup}
-    results["rows"].extend(rows)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------- report
 def _fmt_time(s: float) -> str:
     if s is None:
@@ -589,11 +467,6 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     lines.append(f"optkern {meta['optkern_version']} ({meta['optkern_cpu_isa']}) vs torch {meta['torch_version']}, "
                  f"{meta['cpu_model']}, {meta['threads']} threads, float32, medians of {meta['reps']} reps")
-    if results.get("cuda"):
-        c = results["cuda"]
-        lines.append(f"CUDA device: {c['device_name']} (device-to-device copy {c['copy_gbs']:.0f} GB/s; torch CUDA: "
-                     f"{c['torch_cuda']}); the CUDA rows are CUDA-event medians of {c.get('reps')} reps after "
-                     f"{c.get('warmup')} warmup calls")
     lines.append("")
     for r in results["roofline"]:
         gb = ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["gbs"].items())
@@ -733,12 +606,6 @@ def run(args) -> dict:
     t_start = time.perf_counter()
 
     results["meta"]["suite"] = args.suite
-    if args.device == "cuda":
-        ran = run_cuda(args, results, args.no_progress)
-        results["meta"]["cuda_ran"] = ran
-        results["meta"]["wall_s"] = time.perf_counter() - t_start
-        return results
-
     from . import batch_norm as bn_bench
     from . import lbfgs as lbfgs_bench
 
@@ -790,27 +657,41 @@ def run(args) -> dict:
     return results
 
 
+def main_cuda(args) -> int:
+    """--device cuda: the CUDA suite of :mod:`optkern.bench.cuda` (its own table; exit status 1 when a section
+    failed, 2 when nothing could be measured)."""
+    from . import cuda
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if args.reps is None:
+        args.reps = 6 if args.quick else 21
+    results = {"meta": metadata(args, torch), "rows": []}
+    results["meta"]["suite"] = args.suite
+    return cuda.run(args, results)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device == "cuda":
+        return main_cuda(args)
     results = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_cuda" if args.device == "cuda" else "bench_cpu"
+    stem = "bench_cpu"
     jpath = out / f"{stem}.json"
     with open(jpath, "w") as f:
         json.dump(results, f, indent=1, default=float)
-    if args.device == "cuda" and not results["meta"].get("cuda_ran"):
-        print(f"wrote {jpath} (CUDA skipped)")
-        return 0
     table = markdown(results)
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     print()
     print(f"wrote {jpath}, {out / f'{stem}.md'}", end="")
-    if args.device == "cpu":
-        ppath = out / f"{stem}.png"
-        if plot(results, ppath):
-            print(f", {ppath}", end="")
+    ppath = out / f"{stem}.png"
+    if plot(results, ppath):
+        print(f", {ppath}", end="")
     print(f"  ({results['meta']['wall_s']:.0f} s)")
     return 0
 
