@@ -168,7 +168,7 @@ def test_the_suite_end_to_end_on_the_cpu(tmp_path):
         assert r["optkern_gbs"] == pytest.approx(r["bytes"] / r["optkern_s"] / 1e9)
         assert len(r["raw_s"]["optkern"]) >= 3
     norm = res["rows"][3]
-    assert norm["rel_diff"] <= 1e-9 and norm["norm_torch"] == pytest.approx(norm["norm_float64"], rel=1e-5)
+    assert norm["rel_diff"] <= 8 * 2**-24 and norm["norm_torch"] == pytest.approx(norm["norm_float64"], rel=1e-5)
     assert res["rows"][4]["rel_diff_vs_torch"] <= 1e-4
     assert all(t["status"] == "met" for r in res["rows"] for t in r["targets"] if t["what"].startswith("check"))
     hc = res["host_cost"]
