@@ -56,13 +56,22 @@ struct BnArgs {
 // How the reduction work is cut (host code, shared by the CPU and CUDA executors and tested from Python).
 // Channels-first layouts (inner >= kBnMinInner) reduce each channel's N slices of `inner` contiguous values;
 // row layouts (small inner, e.g. (N, C) and channels-last) view the tensor as rows of width C * inner and reduce
-// down the columns in fixed blocks of rows, so the result never depends on the thread or block count.
+// down the columns in row blocks of kBnRowBlock rows (one partial per column, summed in T in row order), whose
+// partials are folded in order into row groups of `group` blocks (at most kBnMaxGroup: 256 rows), whose partials
+// are folded in order per channel.  Both executors compute every partial and every fold the same way, so the
+// result never depends on the thread count, the grid or the device.  Small row blocks give a GPU many
+// independent column chains (one thread per (row block, 16 bytes of columns)); the groups keep the per-channel
+// fold short (at most ~rows / 256 steps, and about 16 for small batches).
 constexpr int64_t kBnMinInner = 64;
 constexpr int64_t kBnChunk = 16384;  // channels-first: values per reduction unit (one CUDA block, one CPU call)
+constexpr int64_t kBnRowBlock = 16;  // rows: rows per row block
+constexpr int64_t kBnMaxGroup = 16;  // rows: row blocks per row group, at most (a power of two)
 struct BnPlan {
   bool channels_first = false;
   int64_t rows = 0, width = 0;           // row layout: rows x width (= outer x channels*inner)
-  int64_t row_block = 0, nblocks = 0;    // row layout: rows per partial, number of partials
+  int64_t row_block = 0, nblocks = 0;    // row layout: rows per block, number of blocks
+  int64_t group = 0, ngroups = 0;        // row layout: blocks per group (a power of two), number of groups
+  int64_t group_rows() const { return group * row_block; }
 };
 BnPlan bn_plan(const BnShape& s, DType dtype);
 
