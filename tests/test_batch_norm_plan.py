@@ -16,7 +16,7 @@ import optkern
 from optkern import _C
 
 F32, F64 = np.float32, np.float64
-ROW_BLOCK, MAX_GROUP = 16, 16
+ROW_BLOCK, SLICE, MAX_GROUP = 64, 16, 4
 
 
 def plan(outer, channels, inner):
@@ -35,21 +35,21 @@ def test_rows_plan_blocks_and_groups(outer, channels, inner):
     assert p["row_block"] == ROW_BLOCK
     assert p["nblocks"] == -(-outer // ROW_BLOCK)
     g = p["group"]
-    assert g in (1, 2, 4, 8, 16)
+    assert g in (1, 2, 4)
     assert p["ngroups"] == -(-p["nblocks"] // g)
     # the fewest blocks per group that keep about 16 groups (so small batches still split over threads), and
-    # groups of at most 256 rows (so the per-channel fold stays short)
+    # groups of at most 256 rows (so the per-channel fold stays short); blocks of 4 slices of 16 rows
     assert g == MAX_GROUP or p["nblocks"] <= 16 * g
     assert g == 1 or p["nblocks"] > 16 * (g // 2)
     assert g * ROW_BLOCK <= 256
 
 
 def test_rows_plan_gives_the_gpu_many_threads():
-    """One CUDA thread per (row block, 16 bytes of columns): the issue's shapes get 4x (and 8x) the threads of
-    the old 256-row blocks, each moving 16 bytes per load."""
+    """One CUDA thread per (16-row slice, 16 bytes of columns): the issue's shapes get 4x the threads of the old
+    256-row blocks, each moving 16 bytes per load."""
     for (rows, C), want in (((12544, 256), 784 * 64), ((32 * 56 * 56, 64), 6272 * 16)):
         p = plan(rows, C, 1)
-        assert p["nblocks"] * -(-C // 4) == want  # float32: 4 columns per thread
+        assert p["nblocks"] * (ROW_BLOCK // SLICE) * -(-C // 4) == want  # float32: 4 columns per thread
         old = -(-rows // 256) * C                 # the old plan: one thread per (256-row block, column)
         assert want >= 4 * old
 
@@ -95,19 +95,23 @@ class Acc:
         return np.where(v > 0.0, v, 0.0)
 
 
+def slice_sums(xb, T, term):
+    """sum over the block's rows of term(row) in T: each 16-row slice in row order from 0, the 4 slices added as
+    (s0 + s1) + (s2 + s3) (bn_slices_sum; an empty slice is 0)."""
+    s = [np.zeros(xb.shape[-1], T) for _ in range(4)]
+    for q in range(4):
+        for r in range(q * SLICE, min(len(xb), (q + 1) * SLICE)):
+            s[q] = s[q] + term(r)
+    return (s[0] + s[1]) + (s[2] + s[3])
+
+
 def block_moments(xb, T):
-    """One row block: per column, sweep 1 sums x in T in row order, K = sum * T(1 / nr) (bn_block_shift); sweep 2
-    sums d = x - K and d^2 in T.  The partial: (K, sum d, sum d^2) widened to double."""
+    """One row block: sweep 1 sums x (slice sums in T), K = sum * T(1 / nr) (bn_block_shift); sweep 2 sums
+    d = x - K and d^2 in T the same way.  The partial: (K, sum d, sum d^2) widened to double."""
     nr = float(xb.shape[0])
-    s = np.zeros(xb.shape[1], T)
-    for r in xb:
-        s = s + r
-    K = s * T(1.0 / nr)
-    a1, a2 = np.zeros_like(s), np.zeros_like(s)
-    for r in xb:
-        d = r - K
-        a1 = a1 + d
-        a2 = a2 + d * d
+    K = slice_sums(xb, T, lambda r: xb[r]) * T(1.0 / nr)
+    a1 = slice_sums(xb, T, lambda r: xb[r] - K)
+    a2 = slice_sums(xb, T, lambda r: (xb[r] - K) * (xb[r] - K))
     return K.astype(F64), a1.astype(F64), a2.astype(F64)
 
 
@@ -138,10 +142,9 @@ class GroupFold:
 
 
 def block_grad_sums(gb, xb, mh, ml):
-    a1, a2 = np.zeros(xb.shape[1], xb.dtype), np.zeros(xb.shape[1], xb.dtype)
-    for g, r in zip(gb, xb):
-        a1 = a1 + g
-        a2 = a2 + g * ((r - mh) - ml)
+    T = xb.dtype.type
+    a1 = slice_sums(xb, T, lambda r: gb[r])
+    a2 = slice_sums(xb, T, lambda r: gb[r] * ((xb[r] - mh) - ml))
     return None, a1.astype(F64), a2.astype(F64)
 
 

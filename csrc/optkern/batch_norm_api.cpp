@@ -2,7 +2,6 @@
 #include "batch_norm_api.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -67,13 +66,14 @@ BnPlan bn_plan(const BnShape& s, DType) {
   p.rows = s.outer;
   p.width = s.channels * s.inner;
   if (!p.channels_first) {
-    // Fixed by the shape alone (never by the thread count or the device): blocks of 16 rows; groups of 1, 2, 4,
-    // 8 or 16 blocks, the fewest that keep the groups to about 16 (so a small batch still splits over threads).
+    // Fixed by the shape alone (never by the thread count or the device): blocks of 64 rows (4 slices of 16);
+    // groups of 1, 2 or 4 blocks, the fewest that keep the groups to about 16 (so a small batch still splits over
+    // threads).
     p.row_block = kBnRowBlock;
-    if (const char* e = std::getenv("OPTKERN_BN_RB_TMP")) p.row_block = std::atoi(e);  // TEMP bench
     p.nblocks = s.outer > 0 ? (s.outer + p.row_block - 1) / p.row_block : 0;
     p.group = 1;
     while (p.group < kBnMaxGroup && p.nblocks > 16 * p.group) p.group *= 2;
+    p.slices = kBnRowBlock / kBnRowSlice;
     p.ngroups = (p.nblocks + p.group - 1) / p.group;
   }
   return p;

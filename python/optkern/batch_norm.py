@@ -104,15 +104,25 @@ def _per_channel(name: str, v, C: int):
 _STAT_DTYPES = ("float32", "float64")
 
 
+def _stat_dtype(v):
+    """None when v's dtype is float32 or float64, else its name (NumPy/CuPy dtypes by their char: str(dtype) costs
+    microseconds)."""
+    dt = getattr(v, "dtype", None)
+    if isinstance(dt, np.dtype):
+        return None if dt.char in "fd" else dt.name
+    name = str(dt).rsplit(".", 1)[-1]
+    return None if name in _STAT_DTYPES else name
+
+
 def _stat(name: str, v, x, C: int):
     """Per-channel statistics passed in: shape (C,) and float32/float64 checked first, then float64 in x's library
     (a copy only when the dtype differs)."""
     v = _array(name, v, required=True)
     if tuple(v.shape) != (C,):
         raise ValueError(f"{name}: expected shape ({C},) (one value per channel of x), got {tuple(v.shape)}")
-    dtype = str(getattr(v, "dtype", "?")).rsplit(".", 1)[-1]
-    if dtype not in _STAT_DTYPES:
-        raise TypeError(f"{name}: expected float32 or float64 statistics, got {dtype}")
+    bad = _stat_dtype(v)
+    if bad is not None:
+        raise TypeError(f"{name}: expected float32 or float64 statistics, got {bad}")
     return as_float64_vector(v, x)
 
 
@@ -253,16 +263,16 @@ def _shard_rows(name: str, rows):
         for i, r in enumerate(out):
             if len(r.shape) != 1 or tuple(r.shape) != C:
                 raise ValueError(f"{name}[{i}]: expected shape {C} like {name}[0], got {tuple(r.shape)}")
-            dtype = str(getattr(r, "dtype", "?")).rsplit(".", 1)[-1]
-            if dtype not in _STAT_DTYPES:
-                raise TypeError(f"{name}[{i}]: expected float32 or float64 statistics, got {dtype}")
+            bad = _stat_dtype(r)
+            if bad is not None:
+                raise TypeError(f"{name}[{i}]: expected float32 or float64 statistics, got {bad}")
         return out
     rows = _array(name, rows, required=True)
     if len(rows.shape) != 2:
         raise ValueError(f"{name}: expected a 2-D array (shards, channels), got shape {tuple(rows.shape)}")
-    dtype = str(getattr(rows, "dtype", "?")).rsplit(".", 1)[-1]
-    if dtype not in _STAT_DTYPES:
-        raise TypeError(f"{name}: expected float32 or float64 statistics, got {dtype}")
+    bad = _stat_dtype(rows)
+    if bad is not None:
+        raise TypeError(f"{name}: expected float32 or float64 statistics, got {bad}")
     return rows
 
 

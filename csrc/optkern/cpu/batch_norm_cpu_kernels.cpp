@@ -7,10 +7,10 @@
 //    takes whole channels and does reduce -> per-channel scalars -> elementwise pass channel by channel, so the
 //    second read of a channel comes from L2 (a channel of (32, 64, 56, 56) float32 is 401 KB; L2 is 2 MB).
 //    Otherwise the units are reduced in parallel into a partial buffer, combined, then applied in parallel.
-//  - rows (small inner, e.g. (N, C) and channels-last NHWC): rows of width C * inner; each block of 16 rows
-//    reduces down its columns in vector registers (one partial per column), the blocks of a row group (up to 256
-//    rows, the plan's) are folded in order, one partial per group, and the elementwise pass streams rows with
-//    per-column coefficients.
+//  - rows (small inner, e.g. (N, C) and channels-last NHWC): rows of width C * inner; each block of 64 rows
+//    (4 slices of 16, the plan's) reduces down its columns in vector registers (one partial per column), the
+//    blocks of a row group (up to 256 rows) are folded in order, one partial per group, and the elementwise pass
+//    streams rows with per-column coefficients.
 // Reductions accumulate in T lanes over short blocks and in double across blocks, always in the same order,
 // so the result does not depend on the instruction set or the thread count.
 #include <algorithm>
@@ -189,12 +189,21 @@ inline __attribute__((always_inline)) void fold_column(const GroupFold& f, int64
   }
 }
 
-// Column reductions over a block's rows, streaming whole rows (contiguous, prefetch-friendly) into per-column
-// accumulators kept in L1, a chunk of kColChunk columns at a time.  Kind 0: each column's block partial from two
-// sweeps (the block stays in L1/L2): K = bn_block_shift(sum x), sum (x - K) and sum (x - K)^2 in T, folded into
-// the group's fold f (no division: the fold takes shifted sums); kind 1: gradient sums p1 = sum dy, p2 = sum dy (x - mean[j]) with the mean
-// split in c0 (hi) and c1 (lo); kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).  Each column is
-// accumulated in T in row order, whatever the instruction set.
+// Column reductions over a row block (at most 64 rows: 4 slices of 16, the plan's), streaming whole rows
+// (contiguous, prefetch-friendly) into per-column accumulators kept in registers or L1, one set per slice, a chunk
+// of kColChunk columns at a time; the slices' sums are added as bn_slices_sum and folded into the group's fold f.
+// Kind 0: two sweeps (the block stays in L1/L2): K = bn_block_shift(sum x), then sum (x - K) and sum (x - K)^2;
+// kind 1: gradient sums, sum dy and sum dy (x - mean[j]) with the mean split in c0 (hi) and c1 (lo); kind 2:
+// kind 1 plus dx = c2[j] dy (eval backward, one pass).  Each column of each slice is accumulated in T in row
+// order, whatever the instruction set (the CUDA rows kernel's order).
+constexpr int kSlices = static_cast<int>(kBnRowBlock / kBnRowSlice);
+static_assert(kSlices == 4, "bn_slices_sum adds four slices");
+
+inline void slice_rows(int64_t rows, int q, int64_t* lo, int64_t* hi) {
+  *lo = std::min<int64_t>(rows, q * kBnRowSlice);
+  *hi = std::min<int64_t>(rows, *lo + kBnRowSlice);
+}
+
 // Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the whole row's accumulators stay
 // in registers and the block is read strictly sequentially.  Same per-column operations and order as below.
 template <class T, int Kind, int NV>
@@ -203,13 +212,19 @@ inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict 
                                                             const T* c2, const GroupFold& f) {
   constexpr int64_t W = NV * kLanes;
   const double nr = static_cast<double>(rows);
-  V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
+  V16<T> a1[kSlices][NV] = {}, a2[kSlices][NV] = {}, k0[NV], k1[NV], k2[NV];
   if constexpr (Kind == 0) {
-    V16<T> sum[NV] = {};
-    for (int64_t r = 0; r < rows; ++r)
-      for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * W + v * kLanes);
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < kLanes; ++l) k0[v][l] = bn_block_shift<T>(sum[v][l], nr);
+    V16<T> sum[kSlices][NV] = {};
+    for (int q = 0; q < kSlices; ++q) {
+      int64_t lo, hi;
+      slice_rows(rows, q, &lo, &hi);
+      for (int64_t r = lo; r < hi; ++r)
+        for (int v = 0; v < NV; ++v) sum[q][v] += load16(x + r * W + v * kLanes);
+    }
+    for (int v = 0; v < NV; ++v) {
+      const V16<T> t = (sum[0][v] + sum[1][v]) + (sum[2][v] + sum[3][v]);  // bn_slices_sum, lane by lane
+      for (int l = 0; l < kLanes; ++l) k0[v][l] = bn_block_shift<T>(t[l], nr);
+    }
   } else {
     for (int v = 0; v < NV; ++v) {
       k0[v] = load16(c0 + v * kLanes);
@@ -217,28 +232,33 @@ inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict 
       if constexpr (Kind == 2) k2[v] = load16(c2 + v * kLanes);
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (Kind == 0) {
-        V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
-        a1[v] += d;
-        a2[v] += d * d;
-      } else {
-        V16<T> d = load16(dy + r * W + v * kLanes);
-        if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
-        a1[v] += d;
-        a2[v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+  for (int q = 0; q < kSlices; ++q) {
+    int64_t lo, hi;
+    slice_rows(rows, q, &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r)
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (Kind == 0) {
+          V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
+          a1[q][v] += d;
+          a2[q][v] += d * d;
+        } else {
+          V16<T> d = load16(dy + r * W + v * kLanes);
+          if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
+          a1[q][v] += d;
+          a2[q][v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+        }
       }
-    }
-  for (int v = 0; v < NV; ++v)
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t j = v * kLanes + l;
-      fold_column<Kind == 0 ? 0 : 1>(f, j, Kind == 0 ? static_cast<double>(k0[v][l]) : 0.0,
-                                     static_cast<double>(a1[v][l]), static_cast<double>(a2[v][l]));
-    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const V16<T> t1 = (a1[0][v] + a1[1][v]) + (a1[2][v] + a1[3][v]);  // bn_slices_sum, lane by lane
+    const V16<T> t2 = (a2[0][v] + a2[1][v]) + (a2[2][v] + a2[3][v]);
+    for (int l = 0; l < kLanes; ++l)
+      fold_column<Kind == 0 ? 0 : 1>(f, v * kLanes + l, Kind == 0 ? static_cast<double>(k0[v][l]) : 0.0,
+                                     static_cast<double>(t1[l]), static_cast<double>(t2[l]));
+  }
 }
 
-constexpr int64_t kColChunk = 1024;
+constexpr int64_t kColChunk = 256;
 template <class T, int Kind>
 OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
                          int64_t width, const T* __restrict c0, const T* __restrict c1, const T* __restrict c2,
@@ -250,46 +270,60 @@ OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __res
     case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, f);
     default: break;
   }
-  alignas(64) T s1[kColChunk], s2[kColChunk], kk[kColChunk];
+  alignas(64) T s1[kSlices][kColChunk], s2[kSlices][kColChunk], kk[kColChunk];
   const double nr = static_cast<double>(rows);
   for (int64_t j0 = 0; j0 < width; j0 += kColChunk) {
     const int64_t w = std::min(kColChunk, width - j0);
     if constexpr (Kind == 0) {
-      for (int64_t j = 0; j < w; ++j) s1[j] = T(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * width + j0;
-        for (int64_t j = 0; j < w; ++j) s1[j] += xr[j];
+      for (int q = 0; q < kSlices; ++q) {
+        int64_t lo, hi;
+        slice_rows(rows, q, &lo, &hi);
+        T* s = s1[q];
+        for (int64_t j = 0; j < w; ++j) s[j] = T(0);
+        for (int64_t r = lo; r < hi; ++r) {
+          const T* xr = x + r * width + j0;
+          for (int64_t j = 0; j < w; ++j) s[j] += xr[j];
+        }
       }
-      for (int64_t j = 0; j < w; ++j) kk[j] = bn_block_shift<T>(s1[j], nr);
+      for (int64_t j = 0; j < w; ++j)
+        kk[j] = bn_block_shift<T>(bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]), nr);
     }
-    for (int64_t j = 0; j < w; ++j) s1[j] = s2[j] = T(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* xr = x + r * width + j0;
-      if constexpr (Kind == 0) {
-        for (int64_t j = 0; j < w; ++j) {
-          T d = xr[j] - kk[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
-      } else {
-        const T* gr = dy + r * width + j0;
-        const T* m0 = c0 + j0;
-        const T* m1 = c1 + j0;
-        if constexpr (Kind == 2) {
-          T* orow = dx + r * width + j0;
-          const T* a = c2 + j0;
-          for (int64_t j = 0; j < w; ++j) orow[j] = a[j] * gr[j];
-        }
-        for (int64_t j = 0; j < w; ++j) {
-          T d = gr[j];
-          s1[j] += d;
-          s2[j] += d * bn_center(xr[j], m0[j], m1[j]);
+    for (int q = 0; q < kSlices; ++q) {
+      int64_t lo, hi;
+      slice_rows(rows, q, &lo, &hi);
+      T* t1 = s1[q];
+      T* t2 = s2[q];
+      for (int64_t j = 0; j < w; ++j) t1[j] = t2[j] = T(0);
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* xr = x + r * width + j0;
+        if constexpr (Kind == 0) {
+          for (int64_t j = 0; j < w; ++j) {
+            T d = xr[j] - kk[j];
+            t1[j] += d;
+            t2[j] += d * d;
+          }
+        } else {
+          const T* gr = dy + r * width + j0;
+          const T* m0 = c0 + j0;
+          const T* m1 = c1 + j0;
+          if constexpr (Kind == 2) {
+            T* orow = dx + r * width + j0;
+            const T* a = c2 + j0;
+            for (int64_t j = 0; j < w; ++j) orow[j] = a[j] * gr[j];
+          }
+          for (int64_t j = 0; j < w; ++j) {
+            T d = gr[j];
+            t1[j] += d;
+            t2[j] += d * bn_center(xr[j], m0[j], m1[j]);
+          }
         }
       }
     }
     for (int64_t j = 0; j < w; ++j) {
+      const T t1 = bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]);
+      const T t2 = bn_slices_sum<T>(s2[0][j], s2[1][j], s2[2][j], s2[3][j]);
       fold_column<Kind == 0 ? 0 : 1>(f, j0 + j, Kind == 0 ? static_cast<double>(kk[j]) : 0.0,
-                                     static_cast<double>(s1[j]), static_cast<double>(s2[j]));
+                                     static_cast<double>(t1), static_cast<double>(t2));
     }
   }
 }

@@ -16,17 +16,16 @@
 //       blocks' totals added in double in order; the unit partial is (n, sum dy, sum dy (x - mean)).
 //       A CUDA block of 256 threads holds 16 lane blocks: one unit of up to 16384 values, or several shorter
 //       units side by side.
-//     - rows (small inner, e.g. (N, C) and channels-last NHWC): the plan's row blocks of 16 rows and row groups
-//       of `group` blocks.  One thread per (row block, column group of P = 16 / sizeof(T) adjacent columns)
-//       walks its P columns down the block's rows in T, in row order, with one 16-byte load per row when every
-//       row of every array is 16-byte aligned (scalar loads otherwise: the same values, the same order), as the
-//       CPU's rows_sums does per column.  Statistics: sweep 1 sums each column, K = bn_block_shift(sum); sweep 2
-//       accumulates d = x - K and d^2; the block partial is (K, sum d, sum d^2).  Gradient sums: the two sums.
-//       A CUDA block holds whole row groups of a span of column groups: the block partials go to shared memory,
-//       and one thread per (group, column) folds the group's blocks in order (bn_group_add, as the CPU's
-//       rows_reduce does) into the group partial (mean, m2) or (sum, sum), its count implied by the group.
-//       (12544, 256) float32 runs 784 x 64 = 50k threads, (32 * 56 * 56, 64) 6272 x 16 = 100k threads, each
-//       moving 16 bytes per load.
+//     - rows (small inner, e.g. (N, C) and channels-last NHWC): the plan's row blocks of 64 rows (4 slices of
+//       16) and row groups of `group` blocks.  One thread per (slice, column group of P = 16 / sizeof(T)
+//       adjacent columns) walks its P columns down the slice's rows in T, in row order, with one 16-byte load
+//       per row when every row of every array is 16-byte aligned (scalar loads otherwise: the same values, the
+//       same order).  The slices' sums meet in shared memory and are added as the CPU adds them
+//       (bn_slices_sum).  Statistics: sweep 1 sums x, K = bn_block_shift(block sum); sweep 2 sums d = x - K and
+//       d^2.  Gradient sums: the two sums in one sweep.  One thread per (group, column) then folds the group's
+//       blocks in order (bn_group_add, as the CPU's rows_reduce does) into the group partial (mean, m2) or
+//       (sum, sum), its count implied by the group.  (12544, 256) float32 runs 784 x 64 = 50k threads,
+//       (32 * 56 * 56, 64) 6272 x 16 = 100k threads, each moving 16 bytes per load.
 //  2. a per-channel kernel (one warp per channel when it folds partials) that folds the channel's partials in
 //     the plan's fixed order (channels-first: units u = n kc + k in order; rows: block by block, column by
 //     column) exactly as the CPU's Acc / acc_add does: moments as shifted sums around the first partial's
@@ -429,14 +428,17 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, P>& v) {
 }
 
 // Rows geometry (host-computed from the plan).  Column group q is the P columns [q P, q P + P) (the last one may
-// be cut by the width); a tile is one row group x tc column groups, served by group x tc threads (thread
-// (rbi, cgl) of a tile: row block rbi of the group, column group cgl of the tile); a CUDA block holds tpb tiles.
+// be cut by the width); a tile is one row group x tc column groups, served by group x 4 x tc threads: thread
+// (rbi, q, cgl) of a tile takes slice q (16 rows) of row block rbi of the group, for column group cgl of the
+// tile.  A CUDA block holds tpb tiles.
+constexpr int kRowSlices = static_cast<int>(kBnRowBlock / kBnRowSlice);
+static_assert(kRowSlices == 4, "bn_slices_sum adds four slices");
 struct RowGeom {
   int64_t rows = 0, width = 0, row_block = 0, nblocks = 0, group = 1, ngroups = 0;
   int64_t ntc = 0;    // tiles across the width
   int64_t tiles = 0;  // ngroups x ntc
-  int tc = 1;         // column groups per tile (a power of two; tc x group <= kRowThreads)
-  int tpb = 1;        // tiles per CUDA block: kRowThreads / (tc x group)
+  int tc = 1;         // column groups per tile (a power of two; tc x 4 x group <= kRowThreads)
+  int tpb = 1;        // tiles per CUDA block: kRowThreads / (tc x 4 x group)
   bool vec = false;   // 16-byte loads: every row of every array read or written is 16-byte aligned
 };
 
@@ -470,142 +472,141 @@ __device__ __forceinline__ void store_cols(T* base, const RowGeom& g, int64_t r,
   }
 }
 
-// One row block's partials of the P columns at j0 (rows [r0, r1), r0 == r1: nothing read, zeros), each column in
-// T in row order, as the CPU's rows_sums.  Kind 0: (K, sum (x - K), sum (x - K)^2) from the two sweeps, K =
-// bn_block_shift(sum x); Kind 1: (-, sum dy, sum dy (x - mean)), with dx = a dy written when in.dx is set.
-template <class T, int Kind, int P>
-__device__ __forceinline__ void rows_block_partial(const ReduceIn<T>& in, const RowGeom& g, int64_t r0, int64_t r1,
-                                                   int64_t j0, double* q0, double* q1, double* q2) {
-  const int m = static_cast<int>(imin(P, g.width - j0));
-  const double nr = static_cast<double>(r1 - r0);
-  T v[P], a1[P], a2[P];
-#pragma unroll
-  for (int l = 0; l < P; ++l) a1[l] = a2[l] = T(0);
-  if constexpr (Kind == 0) {
-    T sum[P], K[P];
-#pragma unroll
-    for (int l = 0; l < P; ++l) sum[l] = T(0);
-#pragma unroll 4
-    for (int64_t r = r0; r < r1; ++r) {
-      load_cols<T, P>(in.x, g, r, j0, m, v);
-#pragma unroll
-      for (int l = 0; l < P; ++l) sum[l] += v[l];
-    }
-#pragma unroll
-    for (int l = 0; l < P; ++l) K[l] = r1 > r0 ? bn_block_shift<T>(sum[l], nr) : T(0);
-#pragma unroll 4
-    for (int64_t r = r0; r < r1; ++r) {
-      load_cols<T, P>(in.x, g, r, j0, m, v);
-#pragma unroll
-      for (int l = 0; l < P; ++l) {
-        const T d = v[l] - K[l];
-        a1[l] += d;
-        a2[l] += d * d;
-      }
-    }
-#pragma unroll
-    for (int l = 0; l < P; ++l) {
-      q0[l] = static_cast<double>(K[l]);
-      q1[l] = static_cast<double>(a1[l]);
-      q2[l] = static_cast<double>(a2[l]);
-    }
-  } else {
-    GradRunCoef<T> k[P];
-#pragma unroll
-    for (int l = 0; l < P; ++l) {
-      k[l] = GradRunCoef<T>{T(0), T(0), T(0)};
-      if (l < m && r1 > r0) k[l] = grad_run_coef<T>(in, in.inner == 1 ? j0 + l : (j0 + l) / in.inner);
-    }
-    T d[P], o[P];
-#pragma unroll 4
-    for (int64_t r = r0; r < r1; ++r) {
-      load_cols<T, P>(in.dy, g, r, j0, m, d);
-      load_cols<T, P>(in.x, g, r, j0, m, v);
-      if (in.dx != nullptr) {
-#pragma unroll
-        for (int l = 0; l < P; ++l) o[l] = k[l].a * d[l];
-        store_cols<T, P>(in.dx, g, r, j0, m, o);
-      }
-#pragma unroll
-      for (int l = 0; l < P; ++l) {
-        a1[l] += d[l];
-        a2[l] += d[l] * bn_center(v[l], k[l].k0, k[l].k1);
-      }
-    }
-#pragma unroll
-    for (int l = 0; l < P; ++l) {
-      q0[l] = 0.0;
-      q1[l] = static_cast<double>(a1[l]);
-      q2[l] = static_cast<double>(a2[l]);
-    }
-  }
+// Shared index of slice q of block k of tile tl, column cl of the tile (cols = tc P columns per tile): the slot
+// of thread ((tl group + k) 4 + q) tc + cl / P, value cl % P.
+__device__ __forceinline__ int slice_slot(int tl, int k, int q, int cl, int group, int cols) {
+  return ((tl * group + k) * kRowSlices + q) * cols + cl;
 }
 
-// Rows: group partials partial[2 grp W + col] and partial[(2 grp + 1) W + col].  Step 1: every thread computes its
-// (row block, column group)'s block partials into shared memory; step 2: one thread per (tile, column) folds the
-// group's blocks in block order (the CPU's rows_fold_block: bn_group_add, then bn_group_moments) into (mean, m2)
-// (Kind 0), or adds the two sums from 0 (Kind 1).
-// Grid-stride over sets of tpb tiles; every thread runs every set (the block synchronizes between the steps).
+// Rows: group partials partial[2 grp W + col] and partial[(2 grp + 1) W + col], each sum as the CPU's rows_sums
+// and rows_reduce take it.  Each thread walks its slice's rows for its P columns in T, in row order (16-byte loads
+// when g.vec), and leaves its slice sums in shared memory.  Kind 0: sweep 1 sums x; every thread then takes its
+// block's K = bn_block_shift(bn_slices_sum(the 4 slices), nr); sweep 2 sums d = x - K and d^2.  Kind 1: sum dy and
+// sum dy (x - mean) in one sweep, with dx = a dy written when in.dx is set.  Then one thread per (tile, column)
+// folds the group's blocks in block order: bn_slices_sum of the slices, widened, bn_group_add then
+// bn_group_moments (Kind 0), or added from 0 (Kind 1).  Grid-stride over sets of tpb tiles; every thread runs
+// every set (the block synchronizes between the steps).
 template <class T, int Kind>
 __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, ReduceIn<T> in, double* partial) {
   constexpr int P = 16 / static_cast<int>(sizeof(T));
-  __shared__ double sh0[Kind == 0 ? kRowThreads * P : 1], sh1[kRowThreads * P], sh2[kRowThreads * P];
+  __shared__ T shS[Kind == 0 ? kRowThreads * P : 1], shA[kRowThreads * P], shB[kRowThreads * P];
   const int t = static_cast<int>(threadIdx.x);
-  const int grp_threads = g.tc * static_cast<int>(g.group);
-  const int tl = t / grp_threads, rbi = (t / g.tc) % static_cast<int>(g.group), cgl = t % g.tc;
-  const int cols = g.tc * P;           // columns per tile
-  const int nfold = g.tpb * cols;      // fold tasks per set of tiles
+  const int G = static_cast<int>(g.group);
+  const int cols = g.tc * P;  // columns per tile
+  const int tile_threads = g.tc * kRowSlices * G;
+  const int tl = t / tile_threads, rbi = (t / (g.tc * kRowSlices)) % G, q = (t / g.tc) % kRowSlices;
+  const int cgl = t % g.tc;
+  const int nfold = g.tpb * cols;  // fold tasks per set of tiles
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * g.tpb; first < g.tiles;
        first += static_cast<int64_t>(gridDim.x) * g.tpb) {
-    {
-      int64_t r0 = 0, r1 = 0, j0 = 0;
-      const int64_t tile = first + tl;
-      if (tl < g.tpb && tile < g.tiles) {
-        const int64_t grp = tile / g.ntc, ct = tile - grp * g.ntc;
-        const int64_t b = grp * g.group + rbi;
-        j0 = (ct * g.tc + cgl) * P;
-        if (b < g.nblocks && j0 < g.width) {
-          r0 = b * g.row_block;
-          r1 = imin(g.rows, r0 + g.row_block);
-        }
-      }
-      double q0[P], q1[P], q2[P];
-      rows_block_partial<T, Kind, P>(in, g, r0, r1, j0, q0, q1, q2);
-#pragma unroll
-      for (int l = 0; l < P; ++l) {
-        if constexpr (Kind == 0) sh0[t * P + l] = q0[l];
-        sh1[t * P + l] = q1[l];
-        sh2[t * P + l] = q2[l];
+    // 1. This thread's slice: rows [lo, hi) of block b, columns [j0, j0 + m).
+    int64_t lo = 0, hi = 0, j0 = 0, nr = 0;
+    const int64_t tile = first + tl;
+    if (tl < g.tpb && tile < g.tiles) {
+      const int64_t grp = tile / g.ntc, ct = tile - grp * g.ntc;
+      const int64_t b = grp * g.group + rbi;
+      j0 = (ct * g.tc + cgl) * P;
+      if (b < g.nblocks && j0 < g.width) {
+        const int64_t r0 = b * g.row_block, r1 = imin(g.rows, r0 + g.row_block);
+        nr = r1 - r0;
+        lo = imin(r1, r0 + q * kBnRowSlice);
+        hi = imin(r1, lo + kBnRowSlice);
       }
     }
+    const int m = static_cast<int>(imin(P, g.width - j0));
+    T v[P], a1[P], a2[P];
+#pragma unroll
+    for (int l = 0; l < P; ++l) a1[l] = a2[l] = T(0);
+    if constexpr (Kind == 0) {
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+#pragma unroll
+        for (int l = 0; l < P; ++l) a1[l] += v[l];
+      }
+#pragma unroll
+      for (int l = 0; l < P; ++l) shS[t * P + l] = a1[l];
+      __syncthreads();
+      T K[P];
+      const int s0 = t - q * g.tc;  // this block's slice 0 (same column group)
+#pragma unroll
+      for (int l = 0; l < P; ++l) {
+        const T tot = bn_slices_sum<T>(shS[s0 * P + l], shS[(s0 + g.tc) * P + l], shS[(s0 + 2 * g.tc) * P + l],
+                                       shS[(s0 + 3 * g.tc) * P + l]);
+        K[l] = nr > 0 ? bn_block_shift<T>(tot, static_cast<double>(nr)) : T(0);
+        a1[l] = a2[l] = T(0);
+      }
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+#pragma unroll
+        for (int l = 0; l < P; ++l) {
+          const T d = v[l] - K[l];
+          a1[l] += d;
+          a2[l] += d * d;
+        }
+      }
+    } else {
+      GradRunCoef<T> k[P];
+#pragma unroll
+      for (int l = 0; l < P; ++l) {
+        k[l] = GradRunCoef<T>{T(0), T(0), T(0)};
+        if (l < m && hi > lo) k[l] = grad_run_coef<T>(in, in.inner == 1 ? j0 + l : (j0 + l) / in.inner);
+      }
+      T d[P], o[P];
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.dy, g, r, j0, m, d);
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+        if (in.dx != nullptr) {
+#pragma unroll
+          for (int l = 0; l < P; ++l) o[l] = k[l].a * d[l];
+          store_cols<T, P>(in.dx, g, r, j0, m, o);
+        }
+#pragma unroll
+        for (int l = 0; l < P; ++l) {
+          a1[l] += d[l];
+          a2[l] += d[l] * bn_center(v[l], k[l].k0, k[l].k1);
+        }
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < P; ++l) {
+      shA[t * P + l] = a1[l];
+      shB[t * P + l] = a2[l];
+    }
     __syncthreads();
+    // 2. One thread per (tile, column): the group's blocks in order.
     for (int f = t; f < nfold; f += kRowThreads) {
       const int ftl = f / cols, cl = f - ftl * cols;
-      const int64_t tile = first + ftl;
-      if (tile >= g.tiles) continue;
-      const int64_t grp = tile / g.ntc, ct = tile - grp * g.ntc;
+      const int64_t ftile = first + ftl;
+      if (ftile >= g.tiles) continue;
+      const int64_t grp = ftile / g.ntc, ct = ftile - grp * g.ntc;
       const int64_t col = ct * cols + cl;
       if (col >= g.width) continue;
       const int64_t b0 = grp * g.group;
       const int nb = static_cast<int>(imin(g.group, g.nblocks - b0));
-      const int idx0 = ftl * static_cast<int>(g.group) * cols + cl;  // block k's partial: idx0 + k cols
-      double n = 0.0, G = 0.0, a = 0.0, b = 0.0;
-      if constexpr (Kind == 0) G = sh0[idx0];
+      double n = 0.0, Gs = 0.0, a = 0.0, b = 0.0;
       for (int k = 0; k < nb; ++k) {
         const int64_t r0 = (b0 + k) * g.row_block;
-        const double nr = static_cast<double>(imin(g.rows, r0 + g.row_block) - r0);
-        const int idx = idx0 + k * cols;
+        const double nrk = static_cast<double>(imin(g.rows, r0 + g.row_block) - r0);
+        const int i0 = slice_slot(ftl, k, 0, cl, G, cols), di = cols;  // slice q at i0 + q di
+        const T A = bn_slices_sum<T>(shA[i0], shA[i0 + di], shA[i0 + 2 * di], shA[i0 + 3 * di]);
+        const T B = bn_slices_sum<T>(shB[i0], shB[i0 + di], shB[i0 + 2 * di], shB[i0 + 3 * di]);
         if constexpr (Kind == 0) {
-          bn_group_add(nr, sh0[idx], sh1[idx], sh2[idx], G, &a, &b);
+          const T K = bn_block_shift<T>(bn_slices_sum<T>(shS[i0], shS[i0 + di], shS[i0 + 2 * di], shS[i0 + 3 * di]),
+                                        nrk);
+          if (k == 0) Gs = static_cast<double>(K);
+          bn_group_add(nrk, static_cast<double>(K), static_cast<double>(A), static_cast<double>(B), Gs, &a, &b);
         } else {
-          a = a + sh1[idx];
-          b = b + sh2[idx];
+          a = a + static_cast<double>(A);
+          b = b + static_cast<double>(B);
         }
-        n += nr;
+        n += nrk;
       }
       double* out = partial + 2 * grp * g.width + col;
       if constexpr (Kind == 0) {
-        bn_group_moments(n, G, a, b, &out[0], &out[g.width]);
+        bn_group_moments(n, Gs, a, b, &out[0], &out[g.width]);
       } else {
         out[0] = a;
         out[g.width] = b;
@@ -962,10 +963,10 @@ struct Exec {
       g.group = plan.group;
       g.ngroups = plan.ngroups;
       const int64_t ncg = ceil_div(plan.width, Pc);
-      while (g.tc * 2 * g.group <= kRowThreads && g.tc < ncg) g.tc *= 2;
+      while (g.tc * 2 * kRowSlices * g.group <= kRowThreads && g.tc < ncg) g.tc *= 2;
       g.ntc = ceil_div(ncg, g.tc);
       g.tiles = g.ngroups * g.ntc;
-      g.tpb = kRowThreads / (g.tc * static_cast<int>(g.group));
+      g.tpb = kRowThreads / (g.tc * kRowSlices * static_cast<int>(g.group));
       g.vec = plan.width % Pc == 0 && aligned16(in.x) &&
               (Kind == 0 || (aligned16(in.dy) && (in.dx == nullptr || aligned16(in.dx))));
       buf.allocate(static_cast<size_t>(2 * plan.ngroups * plan.width) * sizeof(double), stream);
