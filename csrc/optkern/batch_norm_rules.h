@@ -73,9 +73,10 @@ struct BnAcc {
 // A row block's partial for one column of nb values: its shift K = T(sum of x) * T(1 / nb) (a rough mean from
 // sweep 1, in T) and the shifted sums s1 = sum (x - K), s2 = sum (x - K)^2 (sweep 2), widened to double.  Each
 // sum over the block is taken in T over its 4 slices of 16 rows (each in row order; an empty slice is 0) and
-// the slices added as bn_slices_sum.  A row group folds its blocks in block order as shifted sums around G, the first block's K, with no
-// division per block (exact algebra: sum (x - G) = s1 + nb (K - G), sum (x - G)^2 = s2 + 2 (K - G) s1 +
-// nb (K - G)^2), and ends as (mean, m2); the groups' (n, mean, m2) are then folded per channel by BnAcc.
+// the slices added as bn_slices_sum.  A row group folds its blocks in block order as shifted sums around G, the
+// first block's K, with no division per block (exact algebra: sum (x - G) = s1 + nb (K - G), sum (x - G)^2 =
+// s2 + 2 (K - G) s1 + nb (K - G)^2), and ends as (mean, m2); the groups' (n, mean, m2) are then folded per
+// channel by BnAcc.
 template <class T>
 OK_HD T bn_slices_sum(T s0, T s1, T s2, T s3) {
   return (s0 + s1) + (s2 + s3);

@@ -173,19 +173,30 @@ struct GroupFold {
   double* b;
 };
 
-template <int Kind>
-inline __attribute__((always_inline)) void fold_column(const GroupFold& f, int64_t j, double K, double s1,
-                                                       double s2) {
-  if (f.first) {
-    if (Kind == 0) f.G[j] = K;
-    f.a[j] = 0.0;
-    f.b[j] = 0.0;
-  }
+// Fold w columns [j0, j0 + w) of a block into the group: K (kind 0), t1, t2 the block's per-column sums in T.
+// Restrict pointers and the `first` test out of the loop, so the loop vectorizes.
+template <class T, int Kind>
+inline __attribute__((always_inline)) void fold_columns(const GroupFold& f, int64_t j0, int64_t w, const T* K,
+                                                        const T* t1, const T* t2) {
+  double* __restrict G = f.G + j0;
+  double* __restrict a = f.a + j0;
+  double* __restrict b = f.b + j0;
+  const double nr = f.nr;
+  if (f.first)
+    for (int64_t j = 0; j < w; ++j) {
+      if (Kind == 0) G[j] = static_cast<double>(K[j]);
+      a[j] = 0.0;
+      b[j] = 0.0;
+    }
   if (Kind == 0) {
-    bn_group_add(f.nr, K, s1, s2, f.G[j], &f.a[j], &f.b[j]);
+    for (int64_t j = 0; j < w; ++j)
+      bn_group_add(nr, static_cast<double>(K[j]), static_cast<double>(t1[j]), static_cast<double>(t2[j]), G[j],
+                   &a[j], &b[j]);
   } else {
-    f.a[j] = f.a[j] + s1;
-    f.b[j] = f.b[j] + s2;
+    for (int64_t j = 0; j < w; ++j) {
+      a[j] = a[j] + static_cast<double>(t1[j]);
+      b[j] = b[j] + static_cast<double>(t2[j]);
+    }
   }
 }
 
@@ -204,26 +215,35 @@ inline void slice_rows(int64_t rows, int q, int64_t* lo, int64_t* hi) {
   *hi = std::min<int64_t>(rows, *lo + kBnRowSlice);
 }
 
-// Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the whole row's accumulators stay
-// in registers and the block is read strictly sequentially.  Same per-column operations and order as below.
+// Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the current slice's accumulators
+// stay in registers and the block is read strictly sequentially; the finished slices wait on the stack for the
+// tree (p = s0 + s1, then p + (s2 + s3)).  Same per-column operations and order as below.
 template <class T, int Kind, int NV>
 inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict x, const T* __restrict dy,
                                                             T* __restrict dx, int64_t rows, const T* c0, const T* c1,
                                                             const T* c2, const GroupFold& f) {
   constexpr int64_t W = NV * kLanes;
   const double nr = static_cast<double>(rows);
-  V16<T> a1[kSlices][NV] = {}, a2[kSlices][NV] = {}, k0[NV], k1[NV], k2[NV];
+  V16<T> k0[NV], k1[NV], k2[NV];
+  alignas(64) T kk[W], t1[W], t2[W];
   if constexpr (Kind == 0) {
-    V16<T> sum[kSlices][NV] = {};
+    V16<T> p[NV], h[NV];  // the tree: p = s0 + s1, h = s2 (then s2 + s3)
     for (int q = 0; q < kSlices; ++q) {
       int64_t lo, hi;
       slice_rows(rows, q, &lo, &hi);
+      V16<T> sum[NV] = {};
       for (int64_t r = lo; r < hi; ++r)
-        for (int v = 0; v < NV; ++v) sum[q][v] += load16(x + r * W + v * kLanes);
+        for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * W + v * kLanes);
+      for (int v = 0; v < NV; ++v) {
+        if (q == 0) p[v] = sum[v];
+        else if (q == 1) p[v] = p[v] + sum[v];
+        else if (q == 2) h[v] = sum[v];
+        else p[v] = p[v] + (h[v] + sum[v]);  // bn_slices_sum: (s0 + s1) + (s2 + s3)
+      }
     }
     for (int v = 0; v < NV; ++v) {
-      const V16<T> t = (sum[0][v] + sum[1][v]) + (sum[2][v] + sum[3][v]);  // bn_slices_sum, lane by lane
-      for (int l = 0; l < kLanes; ++l) k0[v][l] = bn_block_shift<T>(t[l], nr);
+      for (int l = 0; l < kLanes; ++l) k0[v][l] = bn_block_shift<T>(p[v][l], nr);
+      store16(kk + v * kLanes, k0[v]);
     }
   } else {
     for (int v = 0; v < NV; ++v) {
@@ -232,48 +252,60 @@ inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict 
       if constexpr (Kind == 2) k2[v] = load16(c2 + v * kLanes);
     }
   }
+  V16<T> p1[NV], p2[NV], h1[NV], h2[NV];
   for (int q = 0; q < kSlices; ++q) {
     int64_t lo, hi;
     slice_rows(rows, q, &lo, &hi);
+    V16<T> a1[NV] = {}, a2[NV] = {};
     for (int64_t r = lo; r < hi; ++r)
       for (int v = 0; v < NV; ++v) {
         if constexpr (Kind == 0) {
           V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
-          a1[q][v] += d;
-          a2[q][v] += d * d;
+          a1[v] += d;
+          a2[v] += d * d;
         } else {
           V16<T> d = load16(dy + r * W + v * kLanes);
           if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
-          a1[q][v] += d;
-          a2[q][v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+          a1[v] += d;
+          a2[v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
         }
       }
+    for (int v = 0; v < NV; ++v) {
+      if (q == 0) {
+        p1[v] = a1[v];
+        p2[v] = a2[v];
+      } else if (q == 1) {
+        p1[v] = p1[v] + a1[v];
+        p2[v] = p2[v] + a2[v];
+      } else if (q == 2) {
+        h1[v] = a1[v];
+        h2[v] = a2[v];
+      } else {
+        p1[v] = p1[v] + (h1[v] + a1[v]);  // bn_slices_sum: (s0 + s1) + (s2 + s3)
+        p2[v] = p2[v] + (h2[v] + a2[v]);
+      }
+    }
   }
   for (int v = 0; v < NV; ++v) {
-    const V16<T> t1 = (a1[0][v] + a1[1][v]) + (a1[2][v] + a1[3][v]);  // bn_slices_sum, lane by lane
-    const V16<T> t2 = (a2[0][v] + a2[1][v]) + (a2[2][v] + a2[3][v]);
-    for (int l = 0; l < kLanes; ++l)
-      fold_column<Kind == 0 ? 0 : 1>(f, v * kLanes + l, Kind == 0 ? static_cast<double>(k0[v][l]) : 0.0,
-                                     static_cast<double>(t1[l]), static_cast<double>(t2[l]));
+    store16(t1 + v * kLanes, p1[v]);
+    store16(t2 + v * kLanes, p2[v]);
   }
+  fold_columns<T, Kind == 0 ? 0 : 1>(f, 0, W, kk, t1, t2);
 }
 
-constexpr int64_t kColChunk = 256;
-template <class T, int Kind>
-OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
-                         int64_t width, const T* __restrict c0, const T* __restrict c1, const T* __restrict c2,
-                         GroupFold f) {
-  switch (width) {
-    case 16: return rows_sums_narrow<T, Kind, 1>(x, dy, dx, rows, c0, c1, c2, f);
-    case 32: return rows_sums_narrow<T, Kind, 2>(x, dy, dx, rows, c0, c1, c2, f);
-    case 48: return rows_sums_narrow<T, Kind, 3>(x, dy, dx, rows, c0, c1, c2, f);
-    case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, f);
-    default: break;
-  }
+// The general path, for any width (WC == 0) or for one small width known at compile time (WC = width, 1..8: the
+// column loops unroll, so very narrow rows such as channels-last with 3 channels pay no loop overhead per row).
+constexpr int64_t kColChunk = 512;
+template <class T, int Kind, int WC>
+inline __attribute__((always_inline)) void rows_sums_cols(const T* __restrict x, const T* __restrict dy,
+                                                          T* __restrict dx, int64_t rows, int64_t width,
+                                                          const T* __restrict c0, const T* __restrict c1,
+                                                          const T* __restrict c2, const GroupFold& f) {
+  if constexpr (WC > 0) width = WC;
   alignas(64) T s1[kSlices][kColChunk], s2[kSlices][kColChunk], kk[kColChunk];
   const double nr = static_cast<double>(rows);
   for (int64_t j0 = 0; j0 < width; j0 += kColChunk) {
-    const int64_t w = std::min(kColChunk, width - j0);
+    const int64_t w = WC > 0 ? WC : std::min(kColChunk, width - j0);
     if constexpr (Kind == 0) {
       for (int q = 0; q < kSlices; ++q) {
         int64_t lo, hi;
@@ -319,13 +351,30 @@ OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __res
         }
       }
     }
-    for (int64_t j = 0; j < w; ++j) {
-      const T t1 = bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]);
-      const T t2 = bn_slices_sum<T>(s2[0][j], s2[1][j], s2[2][j], s2[3][j]);
-      fold_column<Kind == 0 ? 0 : 1>(f, j0 + j, Kind == 0 ? static_cast<double>(kk[j]) : 0.0,
-                                     static_cast<double>(t1), static_cast<double>(t2));
+    for (int64_t j = 0; j < w; ++j) {  // the slices' tree, into slice 0's arrays
+      s1[0][j] = bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]);
+      s2[0][j] = bn_slices_sum<T>(s2[0][j], s2[1][j], s2[2][j], s2[3][j]);
     }
+    fold_columns<T, Kind == 0 ? 0 : 1>(f, j0, w, kk, s1[0], s2[0]);
   }
+}
+
+template <class T, int Kind>
+OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
+                         int64_t width, const T* __restrict c0, const T* __restrict c1, const T* __restrict c2,
+                         GroupFold f) {
+#define OK_BN_SMALL(W) \
+  case W: return rows_sums_cols<T, Kind, W>(x, dy, dx, rows, width, c0, c1, c2, f);
+  switch (width) {
+    case 16: return rows_sums_narrow<T, Kind, 1>(x, dy, dx, rows, c0, c1, c2, f);
+    case 32: return rows_sums_narrow<T, Kind, 2>(x, dy, dx, rows, c0, c1, c2, f);
+    case 48: return rows_sums_narrow<T, Kind, 3>(x, dy, dx, rows, c0, c1, c2, f);
+    case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, f);
+    OK_BN_SMALL(1) OK_BN_SMALL(2) OK_BN_SMALL(3) OK_BN_SMALL(4) OK_BN_SMALL(5) OK_BN_SMALL(6) OK_BN_SMALL(7)
+    OK_BN_SMALL(8)
+    default: return rows_sums_cols<T, Kind, 0>(x, dy, dx, rows, width, c0, c1, c2, f);
+  }
+#undef OK_BN_SMALL
 }
 
 template <class T>

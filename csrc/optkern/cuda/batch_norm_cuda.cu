@@ -58,7 +58,7 @@ namespace cuda_exec {
 namespace {
 
 constexpr int kThreads = 256;            // reduction (channels-first) and elementwise blocks
-constexpr int kRowThreads = 256;         // rows reduction blocks: whole row groups (up to 16 blocks) x column groups
+constexpr int kRowThreads = 256;         // rows reduction blocks: whole row groups (up to 4 blocks x 4 slices) x column groups
 constexpr int kChanThreads = 128;        // per-channel kernels (4 warps = 4 channels when adding partials)
 constexpr int kLanes = 16;               // threads per lane block (the CPU executor's 16-lane vectors)
 constexpr int kAcc = 4;                  // accumulators per thread (the CPU's four 16-lane accumulators)
