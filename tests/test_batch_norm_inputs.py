@@ -8,9 +8,8 @@ inputs follow torch (torch.nn.functional.batch_norm is the reference where it is
 import tracemalloc
 
 import numpy as np
-import pytest
-
 import optkern
+import pytest
 
 F32, F64 = np.float32, np.float64
 C = 3
@@ -24,8 +23,8 @@ def data(rng, shape=(6, C, 5), dtype=F32):
     rm = (rng.standard_normal(C) * 0.3 + 0.2).astype(dtype)
     rv = rng.uniform(0.5, 1.5, C).astype(dtype)
     _, m, s = optkern.batch_norm_forward(x, w, b, None, None)
-    return dict(x=x, dy=dy, w=w, b=b, rm=rm, rv=rv, m=m, s=s, out=np.full_like(x, 7.0),
-                sdy=rng.standard_normal(C), sdyx=rng.standard_normal(C))
+    return {"x": x, "dy": dy, "w": w, "b": b, "rm": rm, "rv": rv, "m": m, "s": s, "out": np.full_like(x, 7.0),
+                "sdy": rng.standard_normal(C), "sdyx": rng.standard_normal(C)}
 
 
 def expect_rejected(exc, match, fn, *buffers):

@@ -10,9 +10,8 @@ the plan's order is pinned down on the CPU, and tests/test_cupy_batch_norm.py ho
 import math
 
 import numpy as np
-import pytest
-
 import optkern
+import pytest
 from optkern import _C
 
 F32, F64 = np.float32, np.float64
@@ -22,7 +21,7 @@ ROW_BLOCK, SLICE, MAX_GROUP = 64, 16, 4
 def plan(outer, channels, inner):
     cf, rows, width, row_block, nblocks = _C._bn_plan(outer, channels, inner)
     group, ngroups = _C._bn_row_groups(outer, channels, inner)
-    return dict(cf=cf, rows=rows, width=width, row_block=row_block, nblocks=nblocks, group=group, ngroups=ngroups)
+    return {"cf": cf, "rows": rows, "width": width, "row_block": row_block, "nblocks": nblocks, "group": group, "ngroups": ngroups}
 
 
 @pytest.mark.parametrize("outer,channels,inner", [(1, 3, 1), (15, 3, 1), (16, 3, 1), (17, 5, 1), (256, 1000, 1),

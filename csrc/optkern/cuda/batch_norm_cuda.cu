@@ -24,10 +24,10 @@
 //       (bn_slices_sum).  Statistics: sweep 1 sums x, K = bn_block_shift(block sum); sweep 2 sums d = x - K and
 //       d^2.  Gradient sums: the two sums in one sweep.  One thread per (group, column) then folds the group's
 //       blocks in order (bn_group_add, as the CPU's rows_reduce does) into the group partial (mean, m2) or
-//       (sum, sum), its count implied by the group.  (12544, 256) float32 runs 784 x 64 = 50k threads,
+//       (sum, sum), its count implied by the group.  (12544, 256) float32 runs 784 slices x 64 = 50k threads,
 //       (32 * 56 * 56, 64) 6272 x 16 = 100k threads, each moving 16 bytes per load.
 //  2. a per-channel kernel (one warp per channel when it folds partials) that folds the channel's partials in
-//     the plan's fixed order (channels-first: units u = n kc + k in order; rows: block by block, column by
+//     the plan's fixed order (channels-first: units u = n kc + k in order; rows: group by group, column by
 //     column) exactly as the CPU's Acc / acc_add does: moments as shifted sums around the first partial's
 //     mean (mean = K + a / n, m2 = max(b - a^2 / n, 0)), gradient sums added.  It then applies the
 //     per-channel rules: moments, invstd, the running-stat update (over the fold's count), weight gradients,
