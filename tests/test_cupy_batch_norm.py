@@ -224,3 +224,95 @@ def test_torch_cuda_channels_last(rng):
     assert rel_err(db.cpu().numpy(), bt.grad.cpu().numpy()) <= tol
     assert rel_err(rm2.cpu().numpy(), rmt.cpu().numpy()) <= tol
     assert rel_err(rv2.cpu().numpy(), rvt.cpu().numpy()) <= tol
+
+
+# ---- the rows scheme: CUDA equals the CPU bitwise ------------------------------------------------------------------
+def offset_view(a, offset):
+    """A CuPy copy of the C-contiguous array a that starts `offset` elements into its allocation (offset 1: not
+    16-byte aligned, so the rows kernel takes scalar loads)."""
+    flat = cupy.empty(a.size + offset, a.dtype)
+    view = flat[offset:].reshape(a.shape)
+    view[...] = cupy.asarray(a)
+    return view
+
+
+def all_ops(x, dy, w, b, rm, rv, axis, lib):
+    """Every batch-norm op on one set of arrays (running statistics copied), results as NumPy arrays by name."""
+    to_host = host if lib is cupy else (lambda a: a)
+    out = {}
+    RM, RV = rm.copy(), rv.copy()
+    y, m, s = optkern.batch_norm_forward(x, w, b, RM, RV, axis=axis)
+    out.update(y=y, mean=m, invstd=s, rm=RM, rv=RV)
+    out["dx"], out["dw"], out["db"] = optkern.batch_norm_backward(dy, x, w, m, s, axis=axis)
+    ye, me, se = optkern.batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis)
+    out["y_eval"] = ye
+    out["dx_eval"], out["dw_eval"], out["db_eval"] = optkern.batch_norm_backward(dy, x, w, me, se, training=False,
+                                                                                  axis=axis)
+    n, sm, sm2 = optkern.batch_norm_stats(x, axis=axis)
+    out["stats_mean"], out["stats_m2"] = sm, sm2
+    out["sum_dy"], out["sum_dy_xmu"] = optkern.batch_norm_backward_reduce(dy, x, m, axis=axis)
+    out["dx_staged"], _, _ = optkern.batch_norm_backward_dx(dy, x, w, m, s, n, out["sum_dy"], out["sum_dy_xmu"],
+                                                            axis=axis)
+    return {k: to_host(v) for k, v in out.items()}
+
+
+def assert_bitwise(got, want):
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert np.array_equal(np.ascontiguousarray(got[k]).view(np.uint8),
+                              np.ascontiguousarray(want[k]).view(np.uint8)), f"{k} differs from the CPU's"
+
+
+# (rows, C): several row blocks and groups (64-row blocks, groups of up to 4), odd and even column counts, widths
+# the CPU's narrow path takes (16..64), a partial last block and a partial last column group.
+ROWS_CASES = [(1000, 7), (4099, 130), (12544, 256), (3000, 64), (257, 33), (64, 4), (65, 1), (20, 5), (9001, 3)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("rows,C", ROWS_CASES, ids=[f"{r}x{c}" for r, c in ROWS_CASES])
+def test_rows_scheme_equals_cpu_bitwise(rng, rows, C, offset, dtype):
+    x, dy, w, b, rm, rv = make(rng, (rows, C), 1, dtype)
+    want = all_ops(x, dy, w, b, rm, rv, 1, np)
+    X, DY = offset_view(x, offset), offset_view(dy, offset)
+    assert (X.data.ptr % 16 == 0) == (offset == 0)
+    got = all_ops(X, DY, gpu(w), gpu(b), gpu(rm), gpu(rv), 1, cupy)
+    assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis", [((8, 28, 28, 64), -1), ((4, 9, 7, 6), -1), ((33, 5, 3), 1), ((6, 3, 40), 1),
+                                        ((2, 3, 16385), 1), ((4, 5, 9, 9), 1)],
+                         ids=["NHWC64", "NHWC6", "rows-inner3", "rows-inner40", "cf-2chunks", "cf"])
+def test_layouts_equal_cpu_bitwise(rng, shape, axis, dtype):
+    """Channels-last (axis=-1), rows layouts with inner > 1, and channels-first: CUDA equals the CPU bitwise."""
+    x, dy, w, b, rm, rv = make(rng, shape, axis, dtype)
+    want = all_ops(x, dy, w, b, rm, rv, axis, np)
+    got = all_ops(gpu(x), gpu(dy), gpu(w), gpu(b), gpu(rm), gpu(rv), axis, cupy)
+    assert_bitwise(got, want)
+
+
+def test_torch_like_channels_last_view_equals_cpu_bitwise(rng):
+    """An NCHW view of NHWC memory (axis=1) is the rows layout too."""
+    x, dy, w, b, rm, rv = make(rng, (4, 6, 5, 7), 1, F32)
+    xv = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, 3, 1, 2)
+    dyv = np.ascontiguousarray(np.moveaxis(dy, 1, -1)).transpose(0, 3, 1, 2)
+    want = all_ops(xv, dyv, w, b, rm, rv, 1, np)
+    got = all_ops(gpu_like(xv), gpu_like(dyv), gpu(w), gpu(b), gpu(rm), gpu(rv), 1, cupy)
+    assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 3, 0), 1), ((0, 3, 80), 1),
+                                        ((0, 4, 4, 3), -1)], ids=["N0", "N0-rows", "width0", "N0-cf", "N0-NHWC"])
+def test_zero_size_inputs_equal_cpu(rng, shape, axis):
+    """Empty inputs on the GPU: y empty, running statistics untouched, zero statistics and weight gradients, as
+    on the CPU (and as torch)."""
+    x = np.empty(shape, F32)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(F32), rng.standard_normal(3).astype(F32)
+    rm, rv = rng.standard_normal(3).astype(F32), rng.uniform(0.5, 1.5, 3).astype(F32)
+    want = all_ops(x, x, w, b, rm, rv, axis, np)
+    got = all_ops(gpu(x), gpu(x), gpu(w), gpu(b), gpu(rm), gpu(rv), axis, cupy)
+    assert_bitwise(got, want)
+    np.testing.assert_array_equal(got["rm"], rm)
+    np.testing.assert_array_equal(got["rv"], rv)
+    assert np.all(got["dw"] == 0) and np.all(got["db"] == 0) and np.all(got["invstd"] == 0)

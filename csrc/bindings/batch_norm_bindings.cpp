@@ -77,6 +77,24 @@ BnShape channel_layout(const ArrayView& x, int axis) {
   return s;
 }
 
+// x's checks that need no other argument (rank, axis, density, alignment, layout; its dtype is checked first by
+// the caller): the (outer, channels, inner) view, or the error naming x or axis.
+BnShape x_layout(const ArrayView& ref, int axis) {
+  if (ref.ndim < 2) value_error("x: expected at least 2 dimensions (batch, channels, ...), got shape " + optkern_py::shape_str(ref));
+  if (axis < -ref.ndim || axis >= ref.ndim)
+    value_error("axis: expected an axis of x in [" + std::to_string(-ref.ndim) + ", " + std::to_string(ref.ndim - 1) +
+                "], got " + std::to_string(axis));
+  const int ax = axis < 0 ? axis + ref.ndim : axis;
+  if (ref.numel > 0 && !ref.dense())
+    value_error("x: expected a dense array (strides that neither skip nor repeat elements)");
+  if (ref.numel > 0 && reinterpret_cast<uintptr_t>(ref.data) % static_cast<uintptr_t>(ref.itemsize) != 0)
+    value_error("x: data pointer is not aligned to its itemsize");
+  if (ref.shape[ax] < 1)
+    value_error("x: expected at least one channel (axis " + std::to_string(axis) + " of shape " +
+                optkern_py::shape_str(ref) + " is empty)");
+  return channel_layout(ref, ax);
+}
+
 enum Role { kX, kDy, kOut, kChanT, kChanF64, kStacked };
 
 struct Slot {
@@ -185,16 +203,7 @@ Parsed parse(const std::string& op, const py::dict& arrays, int axis, int64_t st
     p.shards = ref.shape[0];
     a.shape = BnShape{1, ref.shape[1], 1};
   } else {
-    if (ref.ndim < 2) value_error("x: expected at least 2 dimensions (batch, channels, ...), got shape " + optkern_py::shape_str(ref));
-    if (axis < -ref.ndim || axis >= ref.ndim)
-      value_error("axis: expected an axis of x in [" + std::to_string(-ref.ndim) + ", " + std::to_string(ref.ndim - 1) +
-                  "], got " + std::to_string(axis));
-    const int ax = axis < 0 ? axis + ref.ndim : axis;
-    if (ref.numel > 0 && !ref.dense())
-      value_error("x: expected a dense array (strides that neither skip nor repeat elements)");
-    if (ref.numel > 0 && reinterpret_cast<uintptr_t>(ref.data) % static_cast<uintptr_t>(ref.itemsize) != 0)
-      value_error("x: data pointer is not aligned to its itemsize");
-    a.shape = channel_layout(ref, ax);
+    a.shape = x_layout(ref, axis);
   }
   const int64_t C = a.shape.channels;
   std::vector<Range> ranges;
@@ -304,10 +313,28 @@ void register_batch_norm(py::module_& m) {
       },
       py::arg("x"), py::arg("axis"), "The (outer, channels, inner) memory view of x for a channel axis.");
   m.def(
+      "_bn_check_x",
+      [](py::handle x, int axis) {
+        ArrayView v = ArrayView::from(x, "x", -1, 0);
+        if (!v.dtype_ok) type_error(std::string("x: expected float32 or float64, got ") + v.dtype_str);
+        BnShape s = x_layout(v, axis);
+        return py::make_tuple(s.outer, s.channels, s.inner);
+      },
+      py::arg("x"), py::arg("axis"),
+      "x's own checks (dtype, rank, axis, density, alignment, layout; the errors of batch_norm), before anything is "
+      "allocated: its (outer, channels, inner) view.");
+  m.def(
       "_bn_plan",
       [](int64_t outer, int64_t channels, int64_t inner) {
         BnPlan p = bn_plan(BnShape{outer, channels, inner}, DType::f32);
         return py::make_tuple(p.channels_first, p.rows, p.width, p.row_block, p.nblocks);
       },
       "The reduction plan for an (outer, channels, inner) layout: (channels_first, rows, width, row_block, nblocks).");
+  m.def(
+      "_bn_row_groups",
+      [](int64_t outer, int64_t channels, int64_t inner) {
+        BnPlan p = bn_plan(BnShape{outer, channels, inner}, DType::f32);
+        return py::make_tuple(p.group, p.ngroups);
+      },
+      "The rows plan's row groups for an (outer, channels, inner) layout: (blocks per group, groups).");
 }

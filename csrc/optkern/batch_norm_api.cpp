@@ -46,6 +46,18 @@ struct HostScratch {
   }
 };
 
+// Staged calls: the global count covers the local values (count 0 only for an empty local batch).
+void check_global_count(const BnArgs& a) {
+  const int64_t local = a.shape.count();
+  if (a.count < local) {
+    std::ostringstream os;
+    os << "count: expected the number of values per channel over all shards (at least the local " << local
+       << "), got " << a.count;
+    throw std::invalid_argument(os.str());
+  }
+  bn_check_training_count(a.count, a.shape.channels);
+}
+
 }  // namespace
 
 BnPlan bn_plan(const BnShape& s, DType) {
@@ -54,11 +66,15 @@ BnPlan bn_plan(const BnShape& s, DType) {
   p.rows = s.outer;
   p.width = s.channels * s.inner;
   if (!p.channels_first) {
-    // Fixed by the shape alone (never by the thread count): about 16 blocks, 16..256 rows each.
-    int64_t rb = (s.outer + 15) / 16;
-    rb = rb < 16 ? 16 : (rb > 256 ? 256 : rb);
-    p.row_block = rb;
-    p.nblocks = s.outer > 0 ? (s.outer + rb - 1) / rb : 0;
+    // Fixed by the shape alone (never by the thread count or the device): blocks of 64 rows (4 slices of 16);
+    // groups of 1, 2 or 4 blocks, the fewest that keep the groups to about 16 (so a small batch still splits over
+    // threads).
+    p.row_block = kBnRowBlock;
+    p.nblocks = s.outer > 0 ? (s.outer + p.row_block - 1) / p.row_block : 0;
+    p.group = 1;
+    while (p.group < kBnMaxGroup && p.nblocks > 16 * p.group) p.group *= 2;
+    p.slices = kBnRowBlock / kBnRowSlice;
+    p.ngroups = (p.nblocks + p.group - 1) / p.group;
   }
   return p;
 }
@@ -69,8 +85,10 @@ void bn_check_eps(double eps) {
 void bn_check_factor(double factor) {
   if (!std::isfinite(factor)) bad("momentum", "a finite number", factor);
 }
+// torch refuses exactly one value per channel; an empty batch (count 0) is allowed: no statistics (see
+// bn_invstd), running statistics untouched, zero weight gradients.
 void bn_check_training_count(int64_t count, int64_t channels) {
-  if (count <= 1) {
+  if (count == 1 || count < 0) {
     std::ostringstream os;
     os << "x: Expected more than 1 value per channel when training, got " << count << " value"
        << (count == 1 ? "" : "s") << " for each of " << channels << " channels";
@@ -129,7 +147,7 @@ void bn_normalize(const BnArgs& a) {
   check_shape(a.shape);
   bn_check_eps(a.eps);
   bn_check_factor(a.factor);
-  bn_check_training_count(a.count, a.shape.channels);
+  check_global_count(a);
   if (!a.mean || !a.m2) throw std::invalid_argument("mean: the combined statistics are required");
   HostScratch h(a, false, true, false, false);
   OPTKERN_DISPATCH(a.device, bn_normalize(h.args));
@@ -144,7 +162,7 @@ void bn_backward_reduce(const BnArgs& a) {
 
 void bn_backward_dx(const BnArgs& a) {
   check_shape(a.shape);
-  bn_check_training_count(a.count, a.shape.channels);
+  check_global_count(a);
   if (!a.mean || !a.invstd || !a.sum_dy || !a.sum_dy_xmu)
     throw std::invalid_argument("sum_dy: the saved statistics and the reduced sums are required");
   OPTKERN_DISPATCH(a.device, bn_backward_dx(a));

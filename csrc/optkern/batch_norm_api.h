@@ -56,13 +56,25 @@ struct BnArgs {
 // How the reduction work is cut (host code, shared by the CPU and CUDA executors and tested from Python).
 // Channels-first layouts (inner >= kBnMinInner) reduce each channel's N slices of `inner` contiguous values;
 // row layouts (small inner, e.g. (N, C) and channels-last) view the tensor as rows of width C * inner and reduce
-// down the columns in fixed blocks of rows, so the result never depends on the thread or block count.
+// down the columns in row blocks of kBnRowBlock = 64 rows, each summed in T as 4 slices of 16 rows (each slice
+// in row order) added as the tree (s0 + s1) + (s2 + s3); a block's partials (one per column) are folded in order
+// into row groups of `group` blocks (at most kBnMaxGroup: 256 rows), whose partials are folded in order per
+// channel.  Both executors compute every sum and every fold the same way, so the result never depends on the
+// thread count, the grid or the device.  A GPU gives each (slice, 16 bytes of columns) its own thread (many
+// independent chains); the CPU adds the slices in registers and pays the double-precision fold once per 64 rows;
+// the groups keep the per-channel fold short (at most ~rows / 256 steps, and about 16 for small batches).
 constexpr int64_t kBnMinInner = 64;
 constexpr int64_t kBnChunk = 16384;  // channels-first: values per reduction unit (one CUDA block, one CPU call)
+constexpr int64_t kBnRowSlice = 16;  // rows: rows per slice (summed in T in row order)
+constexpr int64_t kBnRowBlock = 64;  // rows: rows per row block (4 slices, added as a tree in T)
+constexpr int64_t kBnMaxGroup = 4;   // rows: row blocks per row group, at most (a power of two)
 struct BnPlan {
   bool channels_first = false;
   int64_t rows = 0, width = 0;           // row layout: rows x width (= outer x channels*inner)
-  int64_t row_block = 0, nblocks = 0;    // row layout: rows per partial, number of partials
+  int64_t row_block = 0, nblocks = 0;    // row layout: rows per block, number of blocks
+  int64_t group = 0, ngroups = 0;        // row layout: blocks per group (a power of two), number of groups
+  int64_t slices = 0;                    // row layout: slices of kBnRowSlice rows per block
+  int64_t group_rows() const { return group * row_block; }
 };
 BnPlan bn_plan(const BnShape& s, DType dtype);
 

@@ -12,8 +12,8 @@
 // a float "hi" part and the remainder "lo" (x - hi is exact for x near mu, by Sterbenz's lemma), so y keeps
 // float32 precision relative to sigma, not to |mu|.  Statistics: each block of values (1024 of a run, or a block of
 // rows of one column) is swept twice while in cache, first for a rough mean K, then for the shifted sums of x - K
-// and (x - K)^2 in T lanes; the blocks' (n, mean, m2) are combined in double (BnAcc), so neither the data's offset
-// nor its order costs precision.
+// and (x - K)^2 in T lanes; the blocks' partials are combined in double (BnAcc; row blocks first into row groups,
+// bn_group_add), so neither the data's offset nor its order costs precision.
 #pragma once
 
 #include "common.h"
@@ -69,13 +69,46 @@ struct BnAcc {
   }
 };
 
+// ---- rows layout: row blocks folded into row groups --------------------------------------------------------
+// A row block's partial for one column of nb values: its shift K = T(sum of x) * T(1 / nb) (a rough mean from
+// sweep 1, in T) and the shifted sums s1 = sum (x - K), s2 = sum (x - K)^2 (sweep 2), widened to double.  Each
+// sum over the block is taken in T over its 4 slices of 16 rows (each in row order; an empty slice is 0) and
+// the slices added as bn_slices_sum.  A row group folds its blocks in block order as shifted sums around G, the
+// first block's K, with no division per block (exact algebra: sum (x - G) = s1 + nb (K - G), sum (x - G)^2 =
+// s2 + 2 (K - G) s1 + nb (K - G)^2), and ends as (mean, m2); the groups' (n, mean, m2) are then folded per
+// channel by BnAcc.
+template <class T>
+OK_HD T bn_slices_sum(T s0, T s1, T s2, T s3) {
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <class T>
+OK_HD T bn_block_shift(T sum, double nb) {
+  return sum * static_cast<T>(1.0 / nb);
+}
+
+OK_HD void bn_group_add(double nb, double K, double s1, double s2, double G, double* a, double* b) {
+  const double e = K - G;
+  *a = *a + (s1 + nb * e);
+  *b = *b + (s2 + (2.0 * e) * s1 + (nb * e) * e);
+}
+
+OK_HD void bn_group_moments(double n, double G, double a, double b, double* mean, double* m2) {
+  *mean = G + a / n;
+  const double v = b - a * (a / n);
+  *m2 = v > 0.0 ? v : 0.0;
+}
+
+// An empty batch (count 0: numel 0 with C >= 1, which torch accepts) has no statistics: mean 0, invstd 0, and the
+// running statistics are left as they are (as torch leaves them).
 OK_HD double bn_invstd(double m2, double count, double eps) {
-  return 1.0 / OK_SQRT(m2 / count + eps);
+  return count > 0.0 ? 1.0 / OK_SQRT(m2 / count + eps) : 0.0;
 }
 
 // Running statistics update with factor f (momentum, or 1/num_batches for the cumulative average).
 template <class T>
 OK_HD void bn_update_running(T* rm, T* rv, double mean, double m2, double count, double f) {
+  if (count <= 0.0) return;  // an empty batch: nothing to learn from
   double unbiased = m2 / (count - 1.0);
   *rm = static_cast<T>((1.0 - f) * static_cast<double>(*rm) + f * mean);
   *rv = static_cast<T>((1.0 - f) * static_cast<double>(*rv) + f * unbiased);
@@ -83,8 +116,10 @@ OK_HD void bn_update_running(T* rm, T* rv, double mean, double m2, double count,
 
 // ---- elementwise forward ------------------------------------------------------------------------------------
 
+// The coefficient structs are aligned to their size (rounded up to a power of two), so that a CUDA thread loads
+// one with one 16-byte load (float; two for double and for BnGradCoef<float>), not four or five scalar loads.
 template <class T>
-struct BnNormCoef {
+struct alignas(4 * sizeof(T)) BnNormCoef {
   T mean_hi, mean_lo;  // mean = mean_hi + mean_lo (exactly, to double precision)
   T scale, shift;      // gamma invstd, beta
 };
@@ -112,7 +147,7 @@ OK_HD T bn_normalize(const BnNormCoef<T>& c, T x) {
 // ---- elementwise backward -----------------------------------------------------------------------------------
 
 template <class T>
-struct BnGradCoef {
+struct alignas(8 * sizeof(T)) BnGradCoef {
   T mean_hi, mean_lo;
   T a, b, c;  // dx = a dy + b (x - mean) + c
 };

@@ -7,9 +7,10 @@
 //    takes whole channels and does reduce -> per-channel scalars -> elementwise pass channel by channel, so the
 //    second read of a channel comes from L2 (a channel of (32, 64, 56, 56) float32 is 401 KB; L2 is 2 MB).
 //    Otherwise the units are reduced in parallel into a partial buffer, combined, then applied in parallel.
-//  - rows (small inner, e.g. (N, C) and channels-last NHWC): rows of width C * inner; each fixed block of rows
-//    reduces down its columns in vector registers, one partial per block, and the elementwise pass streams
-//    rows with per-column coefficients.
+//  - rows (small inner, e.g. (N, C) and channels-last NHWC): rows of width C * inner; each block of 64 rows
+//    (4 slices of 16, the plan's) reduces down its columns in vector registers (one partial per column), the
+//    blocks of a row group (up to 256 rows) are folded in order, one partial per group, and the elementwise pass
+//    streams rows with per-column coefficients.
 // Reductions accumulate in T lanes over short blocks and in double across blocks, always in the same order,
 // so the result does not depend on the instruction set or the thread count.
 #include <algorithm>
@@ -161,27 +162,89 @@ OK_KERNEL void run_grad_input(const T* __restrict dy, const T* __restrict x, T* 
 
 // ---- rows kernels (a block of rows of `width` columns) --------------------------------------------------------
 
-// Column reductions over a block's rows, streaming whole rows (contiguous, prefetch-friendly) into per-column
-// accumulators kept in L1, a chunk of kColChunk columns at a time.  Kind 0: moments of each column, p1 = mean
-// and p2 = m2 over the block's rows, from two sweeps (a rough mean K per column, then the sums of x - K and
-// (x - K)^2; the block stays in L2); kind 1: gradient sums p1 = sum dy, p2 = sum dy (x - mean[j]) with the mean
-// split in c0 (hi) and c1 (lo); kind 2: kind 1 plus dx = c2[j] dy (eval backward, one pass).  Each column is
-// accumulated in T in row order, whatever the instruction set.
-// Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the whole row's accumulators stay
-// in registers and the block is read strictly sequentially.  Same per-column operations and order as below.
+// A row group's running fold, per column (G = the first block's K, a, b: bn_group_add), which each block's
+// column sums are added into as they leave the accumulators (no partial buffer in between).  The same
+// per-column operations, in the same block order, as the CUDA rows kernel.
+struct GroupFold {
+  double nr;     // the block's rows
+  bool first;    // the group's first block: start the fold
+  double* G;     // moments only
+  double* a;
+  double* b;
+};
+
+// Fold w columns [j0, j0 + w) of a block into the group: K (kind 0), t1, t2 the block's per-column sums in T.
+// Restrict pointers and the `first` test out of the loop, so the loop vectorizes.
+template <class T, int Kind>
+inline __attribute__((always_inline)) void fold_columns(const GroupFold& f, int64_t j0, int64_t w, const T* K,
+                                                        const T* t1, const T* t2) {
+  double* __restrict G = f.G + j0;
+  double* __restrict a = f.a + j0;
+  double* __restrict b = f.b + j0;
+  const double nr = f.nr;
+  if (f.first)
+    for (int64_t j = 0; j < w; ++j) {
+      if (Kind == 0) G[j] = static_cast<double>(K[j]);
+      a[j] = 0.0;
+      b[j] = 0.0;
+    }
+  if (Kind == 0) {
+    for (int64_t j = 0; j < w; ++j)
+      bn_group_add(nr, static_cast<double>(K[j]), static_cast<double>(t1[j]), static_cast<double>(t2[j]), G[j],
+                   &a[j], &b[j]);
+  } else {
+    for (int64_t j = 0; j < w; ++j) {
+      a[j] = a[j] + static_cast<double>(t1[j]);
+      b[j] = b[j] + static_cast<double>(t2[j]);
+    }
+  }
+}
+
+// Column reductions over a row block (at most 64 rows: 4 slices of 16, the plan's), streaming whole rows
+// (contiguous, prefetch-friendly) into per-column accumulators kept in registers or L1, one set per slice, a chunk
+// of kColChunk columns at a time; the slices' sums are added as bn_slices_sum and folded into the group's fold f.
+// Kind 0: two sweeps (the block stays in L1/L2): K = bn_block_shift(sum x), then sum (x - K) and sum (x - K)^2;
+// kind 1: gradient sums, sum dy and sum dy (x - mean[j]) with the mean split in c0 (hi) and c1 (lo); kind 2:
+// kind 1 plus dx = c2[j] dy (eval backward, one pass).  Each column of each slice is accumulated in T in row
+// order, whatever the instruction set (the CUDA rows kernel's order).
+constexpr int kSlices = static_cast<int>(kBnRowBlock / kBnRowSlice);
+static_assert(kSlices == 4, "bn_slices_sum adds four slices");
+
+inline void slice_rows(int64_t rows, int q, int64_t* lo, int64_t* hi) {
+  *lo = std::min<int64_t>(rows, q * kBnRowSlice);
+  *hi = std::min<int64_t>(rows, *lo + kBnRowSlice);
+}
+
+// Narrow rows (width = NV * 16 <= 64, e.g. channels-last with 16..64 channels): the current slice's accumulators
+// stay in registers and the block is read strictly sequentially; the finished slices wait on the stack for the
+// tree (p = s0 + s1, then p + (s2 + s3)).  Same per-column operations and order as below.
 template <class T, int Kind, int NV>
 inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict x, const T* __restrict dy,
                                                             T* __restrict dx, int64_t rows, const T* c0, const T* c1,
-                                                            const T* c2, double* p1, double* p2) {
+                                                            const T* c2, const GroupFold& f) {
   constexpr int64_t W = NV * kLanes;
   const double nr = static_cast<double>(rows);
-  V16<T> a1[NV] = {}, a2[NV] = {}, k0[NV], k1[NV], k2[NV];
+  V16<T> k0[NV], k1[NV], k2[NV];
+  alignas(64) T kk[W], t1[W], t2[W];
   if constexpr (Kind == 0) {
-    V16<T> sum[NV] = {};
-    for (int64_t r = 0; r < rows; ++r)
-      for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * W + v * kLanes);
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < kLanes; ++l) k0[v][l] = static_cast<T>(static_cast<double>(sum[v][l]) / nr);
+    V16<T> p[NV], h[NV];  // the tree: p = s0 + s1, h = s2 (then s2 + s3)
+    for (int q = 0; q < kSlices; ++q) {
+      int64_t lo, hi;
+      slice_rows(rows, q, &lo, &hi);
+      V16<T> sum[NV] = {};
+      for (int64_t r = lo; r < hi; ++r)
+        for (int v = 0; v < NV; ++v) sum[v] += load16(x + r * W + v * kLanes);
+      for (int v = 0; v < NV; ++v) {
+        if (q == 0) p[v] = sum[v];
+        else if (q == 1) p[v] = p[v] + sum[v];
+        else if (q == 2) h[v] = sum[v];
+        else p[v] = p[v] + (h[v] + sum[v]);  // bn_slices_sum: (s0 + s1) + (s2 + s3)
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      for (int l = 0; l < kLanes; ++l) k0[v][l] = bn_block_shift<T>(p[v][l], nr);
+      store16(kk + v * kLanes, k0[v]);
+    }
   } else {
     for (int v = 0; v < NV; ++v) {
       k0[v] = load16(c0 + v * kLanes);
@@ -189,91 +252,129 @@ inline __attribute__((always_inline)) void rows_sums_narrow(const T* __restrict 
       if constexpr (Kind == 2) k2[v] = load16(c2 + v * kLanes);
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
+  V16<T> p1[NV], p2[NV], h1[NV], h2[NV];
+  for (int q = 0; q < kSlices; ++q) {
+    int64_t lo, hi;
+    slice_rows(rows, q, &lo, &hi);
+    V16<T> a1[NV] = {}, a2[NV] = {};
+    for (int64_t r = lo; r < hi; ++r)
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (Kind == 0) {
+          V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
+          a1[v] += d;
+          a2[v] += d * d;
+        } else {
+          V16<T> d = load16(dy + r * W + v * kLanes);
+          if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
+          a1[v] += d;
+          a2[v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+        }
+      }
     for (int v = 0; v < NV; ++v) {
-      if constexpr (Kind == 0) {
-        V16<T> d = load16(x + r * W + v * kLanes) - k0[v];
-        a1[v] += d;
-        a2[v] += d * d;
+      if (q == 0) {
+        p1[v] = a1[v];
+        p2[v] = a2[v];
+      } else if (q == 1) {
+        p1[v] = p1[v] + a1[v];
+        p2[v] = p2[v] + a2[v];
+      } else if (q == 2) {
+        h1[v] = a1[v];
+        h2[v] = a2[v];
       } else {
-        V16<T> d = load16(dy + r * W + v * kLanes);
-        if constexpr (Kind == 2) store16(dx + r * W + v * kLanes, k2[v] * d);
-        a1[v] += d;
-        a2[v] += d * ((load16(x + r * W + v * kLanes) - k0[v]) - k1[v]);
+        p1[v] = p1[v] + (h1[v] + a1[v]);  // bn_slices_sum: (s0 + s1) + (s2 + s3)
+        p2[v] = p2[v] + (h2[v] + a2[v]);
       }
     }
-  for (int v = 0; v < NV; ++v)
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t j = v * kLanes + l;
-      if constexpr (Kind == 0) {
-        bn_shifted_to_moments(nr, static_cast<double>(k0[v][l]), static_cast<double>(a1[v][l]),
-                              static_cast<double>(a2[v][l]), &p1[j], &p2[j]);
-      } else {
-        p1[j] = static_cast<double>(a1[v][l]);
-        p2[j] = static_cast<double>(a2[v][l]);
-      }
-    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    store16(t1 + v * kLanes, p1[v]);
+    store16(t2 + v * kLanes, p2[v]);
+  }
+  fold_columns<T, Kind == 0 ? 0 : 1>(f, 0, W, kk, t1, t2);
 }
 
-constexpr int64_t kColChunk = 1024;
+// The general path, for any width (WC == 0) or for one small width known at compile time (WC = width, 1..8: the
+// column loops unroll, so very narrow rows such as channels-last with 3 channels pay no loop overhead per row).
+constexpr int64_t kColChunk = 512;
+template <class T, int Kind, int WC>
+inline __attribute__((always_inline)) void rows_sums_cols(const T* __restrict x, const T* __restrict dy,
+                                                          T* __restrict dx, int64_t rows, int64_t width,
+                                                          const T* __restrict c0, const T* __restrict c1,
+                                                          const T* __restrict c2, const GroupFold& f) {
+  if constexpr (WC > 0) width = WC;
+  alignas(64) T s1[kSlices][kColChunk], s2[kSlices][kColChunk], kk[kColChunk];
+  const double nr = static_cast<double>(rows);
+  for (int64_t j0 = 0; j0 < width; j0 += kColChunk) {
+    const int64_t w = WC > 0 ? WC : std::min(kColChunk, width - j0);
+    if constexpr (Kind == 0) {
+      for (int q = 0; q < kSlices; ++q) {
+        int64_t lo, hi;
+        slice_rows(rows, q, &lo, &hi);
+        T* s = s1[q];
+        for (int64_t j = 0; j < w; ++j) s[j] = T(0);
+        for (int64_t r = lo; r < hi; ++r) {
+          const T* xr = x + r * width + j0;
+          for (int64_t j = 0; j < w; ++j) s[j] += xr[j];
+        }
+      }
+      for (int64_t j = 0; j < w; ++j)
+        kk[j] = bn_block_shift<T>(bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]), nr);
+    }
+    for (int q = 0; q < kSlices; ++q) {
+      int64_t lo, hi;
+      slice_rows(rows, q, &lo, &hi);
+      T* t1 = s1[q];
+      T* t2 = s2[q];
+      for (int64_t j = 0; j < w; ++j) t1[j] = t2[j] = T(0);
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* xr = x + r * width + j0;
+        if constexpr (Kind == 0) {
+          for (int64_t j = 0; j < w; ++j) {
+            T d = xr[j] - kk[j];
+            t1[j] += d;
+            t2[j] += d * d;
+          }
+        } else {
+          const T* gr = dy + r * width + j0;
+          const T* m0 = c0 + j0;
+          const T* m1 = c1 + j0;
+          if constexpr (Kind == 2) {
+            T* orow = dx + r * width + j0;
+            const T* a = c2 + j0;
+            for (int64_t j = 0; j < w; ++j) orow[j] = a[j] * gr[j];
+          }
+          for (int64_t j = 0; j < w; ++j) {
+            T d = gr[j];
+            t1[j] += d;
+            t2[j] += d * bn_center(xr[j], m0[j], m1[j]);
+          }
+        }
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) {  // the slices' tree, into slice 0's arrays
+      s1[0][j] = bn_slices_sum<T>(s1[0][j], s1[1][j], s1[2][j], s1[3][j]);
+      s2[0][j] = bn_slices_sum<T>(s2[0][j], s2[1][j], s2[2][j], s2[3][j]);
+    }
+    fold_columns<T, Kind == 0 ? 0 : 1>(f, j0, w, kk, s1[0], s2[0]);
+  }
+}
+
 template <class T, int Kind>
 OK_KERNEL void rows_sums(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t rows,
                          int64_t width, const T* __restrict c0, const T* __restrict c1, const T* __restrict c2,
-                         double* __restrict p1, double* __restrict p2) {
+                         GroupFold f) {
+#define OK_BN_SMALL(W) \
+  case W: return rows_sums_cols<T, Kind, W>(x, dy, dx, rows, width, c0, c1, c2, f);
   switch (width) {
-    case 16: return rows_sums_narrow<T, Kind, 1>(x, dy, dx, rows, c0, c1, c2, p1, p2);
-    case 32: return rows_sums_narrow<T, Kind, 2>(x, dy, dx, rows, c0, c1, c2, p1, p2);
-    case 48: return rows_sums_narrow<T, Kind, 3>(x, dy, dx, rows, c0, c1, c2, p1, p2);
-    case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, p1, p2);
-    default: break;
+    case 16: return rows_sums_narrow<T, Kind, 1>(x, dy, dx, rows, c0, c1, c2, f);
+    case 32: return rows_sums_narrow<T, Kind, 2>(x, dy, dx, rows, c0, c1, c2, f);
+    case 48: return rows_sums_narrow<T, Kind, 3>(x, dy, dx, rows, c0, c1, c2, f);
+    case 64: return rows_sums_narrow<T, Kind, 4>(x, dy, dx, rows, c0, c1, c2, f);
+    OK_BN_SMALL(1) OK_BN_SMALL(2) OK_BN_SMALL(3) OK_BN_SMALL(4) OK_BN_SMALL(5) OK_BN_SMALL(6) OK_BN_SMALL(7)
+    OK_BN_SMALL(8)
+    default: return rows_sums_cols<T, Kind, 0>(x, dy, dx, rows, width, c0, c1, c2, f);
   }
-  alignas(64) T s1[kColChunk], s2[kColChunk], kk[kColChunk];
-  const double nr = static_cast<double>(rows);
-  for (int64_t j0 = 0; j0 < width; j0 += kColChunk) {
-    const int64_t w = std::min(kColChunk, width - j0);
-    if constexpr (Kind == 0) {
-      for (int64_t j = 0; j < w; ++j) s1[j] = T(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * width + j0;
-        for (int64_t j = 0; j < w; ++j) s1[j] += xr[j];
-      }
-      for (int64_t j = 0; j < w; ++j) kk[j] = static_cast<T>(static_cast<double>(s1[j]) / nr);
-    }
-    for (int64_t j = 0; j < w; ++j) s1[j] = s2[j] = T(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* xr = x + r * width + j0;
-      if constexpr (Kind == 0) {
-        for (int64_t j = 0; j < w; ++j) {
-          T d = xr[j] - kk[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
-      } else {
-        const T* gr = dy + r * width + j0;
-        const T* m0 = c0 + j0;
-        const T* m1 = c1 + j0;
-        if constexpr (Kind == 2) {
-          T* orow = dx + r * width + j0;
-          const T* a = c2 + j0;
-          for (int64_t j = 0; j < w; ++j) orow[j] = a[j] * gr[j];
-        }
-        for (int64_t j = 0; j < w; ++j) {
-          T d = gr[j];
-          s1[j] += d;
-          s2[j] += d * bn_center(xr[j], m0[j], m1[j]);
-        }
-      }
-    }
-    for (int64_t j = 0; j < w; ++j) {
-      if constexpr (Kind == 0) {
-        bn_shifted_to_moments(nr, static_cast<double>(kk[j]), static_cast<double>(s1[j]),
-                              static_cast<double>(s2[j]), &p1[j0 + j], &p2[j0 + j]);
-      } else {
-        p1[j0 + j] = static_cast<double>(s1[j]);
-        p2[j0 + j] = static_cast<double>(s2[j]);
-      }
-    }
-  }
+#undef OK_BN_SMALL
 }
 
 template <class T>
@@ -448,35 +549,65 @@ void cf_apply_all(const BnShape& s, Apply&& apply) {
   });
 }
 
-// Rows: block_sums(r0, r1, p1, p2) fills one partial per column for rows [r0, r1); channel c's value combines its
-// columns' partials block by block, column by column.  Then finish(c, Acc) per channel.
+// A row group's partial per column from its fold: (mean, m2) (bn_group_moments) or the two sums.
+template <bool kMoments>
+OK_KERNEL void rows_group_out(int64_t W, double n, const double* __restrict G, const double* __restrict a,
+                              const double* __restrict b, double* __restrict p1, double* __restrict p2) {
+  for (int64_t j = 0; j < W; ++j) {
+    if (kMoments) {
+      bn_group_moments(n, G[j], a[j], b[j], &p1[j], &p2[j]);
+    } else {
+      p1[j] = a[j];
+      p2[j] = b[j];
+    }
+  }
+}
+
+// Rows: block_sums(r0, r1, fold) adds the row block [r0, r1)'s column sums into the group's fold, block after
+// block (as the CUDA rows kernel does); the group's partial is then one per column; channel c's value folds its columns' group partials group by group, column by column (BnAcc).  Then
+// finish(c, Acc) per channel.  Threads take whole groups.
 template <bool kMoments, class BlockSums, class Finish>
 void rows_reduce(const BnShape& s, const BnPlan& plan, BlockSums&& block_sums, Finish&& finish) {
-  const int64_t W = plan.width, nb = plan.nblocks;
-  std::vector<double> partial(static_cast<size_t>(2 * nb * W));
-  auto run_blocks = [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const int64_t r0 = b * plan.row_block, r1 = std::min(plan.rows, r0 + plan.row_block);
-      block_sums(r0, r1, &partial[static_cast<size_t>(2 * b * W)], &partial[static_cast<size_t>((2 * b + 1) * W)]);
+  const int64_t W = plan.width, ng = plan.ngroups;
+  std::vector<Acc> tot(static_cast<size_t>(s.channels));
+  if (W == 0 || ng == 0) {  // no values (numel 0): every channel's fold is empty
+    for (int64_t c = 0; c < s.channels; ++c) finish(c, tot[static_cast<size_t>(c)]);
+    return;
+  }
+  std::vector<double> partial(static_cast<size_t>(2 * ng * W));
+  auto run_groups = [&](int64_t lo, int64_t hi) {
+    std::vector<double> scratch(static_cast<size_t>(3 * W));  // the group's fold (G, a, b)
+    double *G = scratch.data(), *ga = G + W, *gb = ga + W;
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t b0 = g * plan.group, b1 = std::min(plan.nblocks, b0 + plan.group);
+      double n = 0.0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * plan.row_block, r1 = std::min(plan.rows, r0 + plan.row_block);
+        const double nr = static_cast<double>(r1 - r0);
+        block_sums(r0, r1, GroupFold{nr, b == b0, G, ga, gb});
+        n += nr;
+      }
+      double* p1 = partial.data() + 2 * g * W;
+      rows_group_out<kMoments>(W, n, G, ga, gb, p1, p1 + W);
     }
   };
-  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), nb));
+  const int nt = static_cast<int>(std::min<int64_t>(threads_for(s), ng));
   if (nt <= 1) {
-    run_blocks(0, nb);
+    run_groups(0, ng);
   } else {
     parallel_run(nt, [&](int tid, int n) {
       int64_t lo, hi;
-      part_bounds(nb, tid, n, 1, &lo, &hi);
-      run_blocks(lo, hi);
+      part_bounds(ng, tid, n, 1, &lo, &hi);
+      run_groups(lo, hi);
     });
   }
-  // Each channel takes its partials block by block, column by column; the loops run block-major so the partial
+  // Each channel takes its partials group by group, column by column; the loops run group-major so the partial
   // buffer is read sequentially.
-  std::vector<Acc> tot(static_cast<size_t>(s.channels));
-  for (int64_t b = 0; b < nb; ++b) {
-    const double nr = static_cast<double>(std::min(plan.rows, (b + 1) * plan.row_block) - b * plan.row_block);
-    const double* p1 = &partial[static_cast<size_t>(2 * b * W)];
-    const double* p2 = &partial[static_cast<size_t>((2 * b + 1) * W)];
+  const int64_t gr = plan.group_rows();
+  for (int64_t g = 0; g < ng; ++g) {
+    const double nr = static_cast<double>(std::min(plan.rows, (g + 1) * gr) - g * gr);
+    const double* p1 = partial.data() + 2 * g * W;
+    const double* p2 = p1 + W;
     for (int64_t c = 0; c < s.channels; ++c)
       for (int64_t i = 0; i < s.inner; ++i)
         acc_add<kMoments>(&tot[static_cast<size_t>(c)], nr, p1[c * s.inner + i], p2[c * s.inner + i]);
@@ -578,9 +709,8 @@ struct Typed {
     }
     rows_reduce<true>(
         s, plan,
-        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
-          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, nullptr, nullptr, nullptr,
-                          p1, p2);
+        [&](int64_t r0, int64_t r1, const GroupFold& f) {
+          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, nullptr, nullptr, nullptr, f);
         },
         [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); });
     if (normalize) rows_normalize_all();
@@ -634,9 +764,9 @@ struct Typed {
     auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
     rows_reduce<false>(
         s, plan,
-        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+        [&](int64_t r0, int64_t r1, const GroupFold& f) {
           const int64_t o = r0 * plan.width;
-          rows_sums<T, 1>(x + o, dy + o, nullptr, r1 - r0, plan.width, mh.data(), ml.data(), nullptr, p1, p2);
+          rows_sums<T, 1>(x + o, dy + o, nullptr, r1 - r0, plan.width, mh.data(), ml.data(), nullptr, f);
         },
         finish);
     if (then_dx) rows_dx_all();
@@ -703,9 +833,9 @@ struct Typed {
     auto ml = per_column([&](int64_t c) { return kk[c].mean_lo; });
     rows_reduce<false>(
         s, plan,
-        [&](int64_t r0, int64_t r1, double* p1, double* p2) {
+        [&](int64_t r0, int64_t r1, const GroupFold& f) {
           const int64_t o = r0 * plan.width;
-          rows_sums<T, 2>(x + o, dy + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), p1, p2);
+          rows_sums<T, 2>(x + o, dy + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), f);
         },
         finish);
   }

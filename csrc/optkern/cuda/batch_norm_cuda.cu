@@ -16,29 +16,37 @@
 //       blocks' totals added in double in order; the unit partial is (n, sum dy, sum dy (x - mean)).
 //       A CUDA block of 256 threads holds 16 lane blocks: one unit of up to 16384 values, or several shorter
 //       units side by side.
-//     - rows (small inner, e.g. (N, C) and channels-last NHWC): one thread per (row block, column) walks its
-//       column down the block's nr rows in T, in row order (coalesced across columns), as the CPU does.
-//       Statistics: sweep 1 sums the column, K = T(sum / nr); sweep 2 accumulates d = x - K and d^2; the
-//       partial is (mean, m2) = bn_shifted_to_moments(nr, K, sum d, sum d^2), its count nr implied by the
-//       block.  Gradient sums: the two sums.
+//     - rows (small inner, e.g. (N, C) and channels-last NHWC): the plan's row blocks of 64 rows (4 slices of
+//       16) and row groups of `group` blocks.  One thread per (slice, column group of P = 16 / sizeof(T)
+//       adjacent columns) walks its P columns down the slice's rows in T, in row order, with one 16-byte load
+//       per row when every row of every array is 16-byte aligned (scalar loads otherwise: the same values, the
+//       same order).  The slices' sums meet in shared memory and are added as the CPU adds them
+//       (bn_slices_sum).  Statistics: sweep 1 sums x, K = bn_block_shift(block sum); sweep 2 sums d = x - K and
+//       d^2.  Gradient sums: the two sums in one sweep.  One thread per (group, column) then folds the group's
+//       blocks in order (bn_group_add, as the CPU's rows_reduce does) into the group partial (mean, m2) or
+//       (sum, sum), its count implied by the group.  (12544, 256) float32 runs 784 slices x 64 = 50k threads,
+//       (32 * 56 * 56, 64) 6272 x 16 = 100k threads, each moving 16 bytes per load.
 //  2. a per-channel kernel (one warp per channel when it folds partials) that folds the channel's partials in
-//     the plan's fixed order (channels-first: units u = n kc + k in order; rows: block by block, column by
+//     the plan's fixed order (channels-first: units u = n kc + k in order; rows: group by group, column by
 //     column) exactly as the CPU's Acc / acc_add does: moments as shifted sums around the first partial's
 //     mean (mean = K + a / n, m2 = max(b - a^2 / n, 0)), gradient sums added.  It then applies the
 //     per-channel rules: moments, invstd, the running-stat update (over the fold's count), weight gradients,
 //     and the per-channel coefficients of the elementwise pass (written to scratch).
-//  3. a grid-stride elementwise kernel (normalize, grad input, or dx = a dy) that reads the coefficients;
-//     the channel of each element is tracked incrementally (no division per element), with 16-byte loads
-//     when every array is aligned.  Channels-last needs no transpose.
+//  3. a grid-stride elementwise kernel (normalize, grad input, or dx = a dy) that reads the coefficients
+//     (16-byte aligned structs); the channel of each element is tracked incrementally (no division per
+//     element), with 16-byte loads when every array is aligned.  With inner == 1 ((N, C), channels-last) the
+//     grid stride is a multiple of C, so a thread's channels never change and it loads its coefficients once.
+//     Channels-last needs no transpose.
+// Grids are sized from the kernels' occupancy (cudaOccupancyMaxActiveBlocksPerMultiprocessor) and the SM count.
 // No floating-point atomics and no order that depends on the grid: results are the same run to run, and every
 // value is computed with the CPU executor's operations in its order (the GPU is built with --fmad=false, the
-// CPU with -ffp-contract=off).  Scratch is stream-ordered (cudaMallocAsync / cudaFreeAsync), every CUDA call and
-// launch is checked, a failure throws, and nothing falls back to the CPU.  No call synchronizes the stream.
+// CPU with -ffp-contract=off).  Scratch is owned (DeviceBuffer: stream-ordered, from optkern's pool, freed also
+// when a later call throws), every CUDA call and launch is checked, a failure throws, and nothing falls back to
+// the CPU.  No call synchronizes the stream.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
 #include "../batch_norm_executors.h"
@@ -50,7 +58,7 @@ namespace cuda_exec {
 namespace {
 
 constexpr int kThreads = 256;            // reduction (channels-first) and elementwise blocks
-constexpr int kRowThreads = 128;         // rows reduction blocks (often few columns: spread them over SMs)
+constexpr int kRowThreads = 256;         // rows reduction blocks: whole row groups (up to 4 blocks x 4 slices) x column groups
 constexpr int kChanThreads = 128;        // per-channel kernels (4 warps = 4 channels when adding partials)
 constexpr int kLanes = 16;               // threads per lane block (the CPU executor's 16-lane vectors)
 constexpr int kAcc = 4;                  // accumulators per thread (the CPU's four 16-lane accumulators)
@@ -67,11 +75,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---- host helpers ---------------------------------------------------------------------------------------------
 
 
-// Grid for a grid-stride kernel over `work` items of `per_block` each: enough blocks to fill the device.
+// Grid for a grid-stride kernel over `work` items of `per_block` each: enough blocks to fill the device (the SM
+// count times the kernel's resident blocks per SM), no more than the work needs.
 unsigned grid_for(int64_t work, int64_t per_block, int sms, int blocks_per_sm) {
   const int64_t need = ceil_div(work, per_block);
   return static_cast<unsigned>(imin(need, static_cast<int64_t>(sms) * blocks_per_sm));
 }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---- per-channel arguments (device pointers; null = not wanted) ---------------------------------------------
 
@@ -188,21 +199,48 @@ __device__ __forceinline__ GradRunCoef<T> grad_run_coef(const ReduceIn<T>& in, i
 // Channels-first geometry.  Unit g (0 <= g < total) is (c, u) = (g / units, g % units), u = n kc + k: the
 // values [(n C + c) inner + k kBnChunk, + len).  A unit spans up to `lbp` lane blocks (a power of two); a CUDA
 // block holds `upb` = kSlots / lbp units, each served by tpu = kLanes lbp threads (kLanes per lane block).
+// The grid steps `step` units at a time; step's digits (sc, sn, sk) let a cursor advance without division.
 struct CfGeom {
-  int64_t C = 0, inner = 0, kc = 0, units = 0, total = 0;
+  int64_t C = 0, outer = 0, inner = 0, kc = 0, units = 0, total = 0;
   int lbp = 1, tpu = kLanes, upb = kSlots;
+  int64_t step = 0, sc = 0, sn = 0, sk = 0;  // step = sc units + sn kc + sk
 };
 
 struct Unit {
   int64_t c, offset, len;
 };
 
-__device__ __forceinline__ Unit cf_unit(const CfGeom& g, int64_t gu) {
-  const int64_t c = gu / g.units, u = gu - c * g.units;
-  const int64_t n = u / g.kc, k = u - n * g.kc;
-  const int64_t begin = k * kBnChunk;
-  return Unit{c, (n * g.C + c) * g.inner + begin, imin(kBnChunk, g.inner - begin)};
-}
+// A unit index as its digits (c, n, k): divided out once per thread, then advanced by the grid step with
+// additions and carries only (sk < kc and sn < outer, so one subtraction per digit suffices).
+struct UnitCursor {
+  int64_t g, c, n, k;
+  __device__ __forceinline__ void init(const CfGeom& G, int64_t gu) {
+    g = gu;
+    c = gu / G.units;
+    const int64_t u = gu - c * G.units;
+    n = u / G.kc;
+    k = u - n * G.kc;
+  }
+  __device__ __forceinline__ void advance(const CfGeom& G) {
+    g += G.step;
+    k += G.sk;
+    int64_t carry = 0;
+    if (k >= G.kc) {
+      k -= G.kc;
+      carry = 1;
+    }
+    n += G.sn + carry;
+    if (n >= G.outer) {
+      n -= G.outer;
+      c += 1;
+    }
+    c += G.sc;
+  }
+  __device__ __forceinline__ Unit unit(const CfGeom& G) const {
+    const int64_t begin = k * kBnChunk;
+    return Unit{c, (n * G.C + c) * G.inner + begin, imin(kBnChunk, G.inner - begin)};
+  }
+};
 
 // A lane block of blk values is served by the kLanes threads of one 16-thread group (lane = thread % 16).  The
 // CPU's 64 accumulator lanes (value j < vec to lane j % 64, vec = blk / 64 * 64) are split as its 16-lane
@@ -303,14 +341,18 @@ __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<
   __shared__ double blk1[kSlots], blk2[kSlots];
   const int t = static_cast<int>(threadIdx.x);
   const int slot = t / g.tpu, lb = (t % g.tpu) / kLanes, lane = t % kLanes, q = t / kLanes;
+  // Cursors on unit first + slot (step 1) and unit first + t (step 2), advanced by the grid step g.step.
+  UnitCursor u1, u2;
+  u1.init(g, static_cast<int64_t>(blockIdx.x) * g.upb + slot);
+  u2.init(g, static_cast<int64_t>(blockIdx.x) * g.upb + t);
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * g.upb; first < g.total;
-       first += static_cast<int64_t>(gridDim.x) * g.upb) {
+       first += g.step, u1.advance(g), u2.advance(g)) {
     // 1. Each 16-thread group: lane block lb of unit `slot` (blk = 0 past the unit's end or the last unit).
     {
-      const int64_t gu = first + slot;
+      const int64_t gu = u1.g;
       int64_t off = 0, blk = 0, c = 0;
       if (gu < g.total) {
-        const Unit u = cf_unit(g, gu);
+        const Unit u = u1.unit(g);
         const int64_t begin = lb * kLaneBlock;
         c = u.c;
         if (begin < u.len) {
@@ -334,9 +376,9 @@ __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<
     __syncthreads();
     // 2. Thread s < upb: unit s's lane blocks, in order.
     if (t < g.upb) {
-      const int64_t gu = first + t;
+      const int64_t gu = u2.g;
       if (gu < g.total) {
-        const Unit u = cf_unit(g, gu);
+        const Unit u = u2.unit(g);
         const int64_t nlb = (u.len + kLaneBlock - 1) / kLaneBlock;
         double* out = partial + 3 * gu;
         if constexpr (Kind == 0) {
@@ -370,59 +412,207 @@ __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<
   }
 }
 
-// Rows: one thread per (row block b, column col): partial[2 b W + col], partial[(2 b + 1) W + col], each column
-// down the block's rows in row order (coalesced across columns), as the CPU's rows_sums.  Kind 0: sweep 1 sums
-// the column in T, K = T(sum / nr); sweep 2 accumulates d = x - K and d^2 in T; the partial is (mean, m2) =
-// bn_shifted_to_moments(nr, K, a1, a2), its count nr implied by the block.  Kind 1: the two gradient sums.
+// 16-byte packs of P = 16 / sizeof(T) values (rows reduction and elementwise kernels).
+template <class T, int P>
+struct alignas(sizeof(T) * P) Vec {
+  T v[P];
+};
+
+template <class T, int P>
+__device__ __forceinline__ Vec<T, P> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, P>*>(p);
+}
+template <class T, int P>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, P>& v) {
+  *reinterpret_cast<Vec<T, P>*>(p) = v;
+}
+
+// Rows geometry (host-computed from the plan).  Column group q is the P columns [q P, q P + P) (the last one may
+// be cut by the width); a tile is one row group x tc column groups, served by group x 4 x tc threads: thread
+// (rbi, q, cgl) of a tile takes slice q (16 rows) of row block rbi of the group, for column group cgl of the
+// tile.  A CUDA block holds tpb tiles.
+constexpr int kRowSlices = static_cast<int>(kBnRowBlock / kBnRowSlice);
+static_assert(kRowSlices == 4, "bn_slices_sum adds four slices");
+struct RowGeom {
+  int64_t rows = 0, width = 0, row_block = 0, nblocks = 0, group = 1, ngroups = 0;
+  int64_t ntc = 0;    // tiles across the width
+  int64_t tiles = 0;  // ngroups x ntc
+  int tc = 1;         // column groups per tile (a power of two; tc x 4 x group <= kRowThreads)
+  int tpb = 1;        // tiles per CUDA block: kRowThreads / (tc x 4 x group)
+  bool vec = false;   // 16-byte loads: every row of every array read or written is 16-byte aligned
+};
+
+// The P values of row r of `base` at columns [j0, j0 + P): one 16-byte load, or scalar loads of the m columns
+// inside the width (zeros past it, never used).
+template <class T, int P>
+__device__ __forceinline__ void load_cols(const T* base, const RowGeom& g, int64_t r, int64_t j0, int m, T* v) {
+  const T* p = base + r * g.width + j0;
+  if (g.vec) {
+    const Vec<T, P> u = load_vec<T, P>(p);
+#pragma unroll
+    for (int l = 0; l < P; ++l) v[l] = u.v[l];
+  } else {
+#pragma unroll
+    for (int l = 0; l < P; ++l) v[l] = l < m ? p[l] : T(0);
+  }
+}
+
+template <class T, int P>
+__device__ __forceinline__ void store_cols(T* base, const RowGeom& g, int64_t r, int64_t j0, int m, const T* v) {
+  T* p = base + r * g.width + j0;
+  if (g.vec) {
+    Vec<T, P> u;
+#pragma unroll
+    for (int l = 0; l < P; ++l) u.v[l] = v[l];
+    store_vec<T, P>(p, u);
+  } else {
+#pragma unroll
+    for (int l = 0; l < P; ++l)
+      if (l < m) p[l] = v[l];
+  }
+}
+
+// Shared index of slice q of block k of tile tl, column cl of the tile (cols = tc P columns per tile): the slot
+// of thread ((tl group + k) 4 + q) tc + cl / P, value cl % P.
+__device__ __forceinline__ int slice_slot(int tl, int k, int q, int cl, int group, int cols) {
+  return ((tl * group + k) * kRowSlices + q) * cols + cl;
+}
+
+// Rows: group partials partial[2 grp W + col] and partial[(2 grp + 1) W + col], each sum as the CPU's rows_sums
+// and rows_reduce take it.  Each thread walks its slice's rows for its P columns in T, in row order (16-byte loads
+// when g.vec), and leaves its slice sums in shared memory.  Kind 0: sweep 1 sums x; every thread then takes its
+// block's K = bn_block_shift(bn_slices_sum(the 4 slices), nr); sweep 2 sums d = x - K and d^2.  Kind 1: sum dy and
+// sum dy (x - mean) in one sweep, with dx = a dy written when in.dx is set.  Then one thread per (tile, column)
+// folds the group's blocks in block order: bn_slices_sum of the slices, widened, bn_group_add then
+// bn_group_moments (Kind 0), or added from 0 (Kind 1).  Grid-stride over sets of tpb tiles; every thread runs
+// every set (the block synchronizes between the steps).
 template <class T, int Kind>
-__global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(ReduceIn<T> in, int64_t rows, int64_t width,
-                                                                  int64_t row_block, int64_t nblocks,
-                                                                  double* partial) {
-  const int64_t items = nblocks * width;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
-    const int64_t b = it / width, col = it - b * width;
-    if constexpr (Kind == 0) {
-      const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
-      T sum = T(0);
-      const T* xp = in.x + r0 * width + col;
-#pragma unroll 4
-      for (int64_t r = r0; r < r1; ++r, xp += width) sum += *xp;
-      const double nr = static_cast<double>(r1 - r0);
-      const T K = static_cast<T>(static_cast<double>(sum) / nr);
-      T a1 = T(0), a2 = T(0);
-      xp = in.x + r0 * width + col;
-#pragma unroll 4
-      for (int64_t r = r0; r < r1; ++r, xp += width) {
-        const T d = *xp - K;
-        a1 += d;
-        a2 += d * d;
+__global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, ReduceIn<T> in, double* partial) {
+  constexpr int P = 16 / static_cast<int>(sizeof(T));
+  __shared__ T shS[Kind == 0 ? kRowThreads * P : 1], shA[kRowThreads * P], shB[kRowThreads * P];
+  const int t = static_cast<int>(threadIdx.x);
+  const int G = static_cast<int>(g.group);
+  const int cols = g.tc * P;  // columns per tile
+  const int tile_threads = g.tc * kRowSlices * G;
+  const int tl = t / tile_threads, rbi = (t / (g.tc * kRowSlices)) % G, q = (t / g.tc) % kRowSlices;
+  const int cgl = t % g.tc;
+  const int nfold = g.tpb * cols;  // fold tasks per set of tiles
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * g.tpb; first < g.tiles;
+       first += static_cast<int64_t>(gridDim.x) * g.tpb) {
+    // 1. This thread's slice: rows [lo, hi) of block b, columns [j0, j0 + m).
+    int64_t lo = 0, hi = 0, j0 = 0, nr = 0;
+    const int64_t tile = first + tl;
+    if (tl < g.tpb && tile < g.tiles) {
+      const int64_t grp = tile / g.ntc, ct = tile - grp * g.ntc;
+      const int64_t b = grp * g.group + rbi;
+      j0 = (ct * g.tc + cgl) * P;
+      if (b < g.nblocks && j0 < g.width) {
+        const int64_t r0 = b * g.row_block, r1 = imin(g.rows, r0 + g.row_block);
+        nr = r1 - r0;
+        lo = imin(r1, r0 + q * kBnRowSlice);
+        hi = imin(r1, lo + kBnRowSlice);
       }
-      double mean, m2;
-      bn_shifted_to_moments(nr, static_cast<double>(K), static_cast<double>(a1), static_cast<double>(a2), &mean,
-                            &m2);
-      partial[2 * b * width + col] = mean;
-      partial[(2 * b + 1) * width + col] = m2;
-    } else {
-      const GradRunCoef<T> k = grad_run_coef<T>(in, col / in.inner);
-      const int64_t r0 = b * row_block, r1 = imin(rows, r0 + row_block);
-      T a1 = T(0), a2 = T(0);
-      const T* xp = in.x + r0 * width + col;
-      const T* gp = in.dy + r0 * width + col;
-      T* op = in.dx != nullptr ? in.dx + r0 * width + col : nullptr;
-#pragma unroll 4
-      for (int64_t r = r0; r < r1; ++r, xp += width, gp += width) {
-        const T d = *gp;
-        if (op) {
-          *op = k.a * d;
-          op += width;
-        }
-        a1 += d;
-        a2 += d * bn_center(*xp, k.k0, k.k1);
-      }
-      partial[2 * b * width + col] = static_cast<double>(a1);
-      partial[(2 * b + 1) * width + col] = static_cast<double>(a2);
     }
+    const int m = static_cast<int>(imin(P, g.width - j0));
+    T v[P], a1[P], a2[P];
+#pragma unroll
+    for (int l = 0; l < P; ++l) a1[l] = a2[l] = T(0);
+    if constexpr (Kind == 0) {
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+#pragma unroll
+        for (int l = 0; l < P; ++l) a1[l] += v[l];
+      }
+#pragma unroll
+      for (int l = 0; l < P; ++l) shS[t * P + l] = a1[l];
+      __syncthreads();
+      T K[P];
+      const int s0 = t - q * g.tc;  // this block's slice 0 (same column group)
+#pragma unroll
+      for (int l = 0; l < P; ++l) {
+        const T tot = bn_slices_sum<T>(shS[s0 * P + l], shS[(s0 + g.tc) * P + l], shS[(s0 + 2 * g.tc) * P + l],
+                                       shS[(s0 + 3 * g.tc) * P + l]);
+        K[l] = nr > 0 ? bn_block_shift<T>(tot, static_cast<double>(nr)) : T(0);
+        a1[l] = a2[l] = T(0);
+      }
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+#pragma unroll
+        for (int l = 0; l < P; ++l) {
+          const T d = v[l] - K[l];
+          a1[l] += d;
+          a2[l] += d * d;
+        }
+      }
+    } else {
+      GradRunCoef<T> k[P];
+#pragma unroll
+      for (int l = 0; l < P; ++l) {
+        k[l] = GradRunCoef<T>{T(0), T(0), T(0)};
+        if (l < m && hi > lo) k[l] = grad_run_coef<T>(in, in.inner == 1 ? j0 + l : (j0 + l) / in.inner);
+      }
+      T d[P], o[P];
+#pragma unroll 4
+      for (int64_t r = lo; r < hi; ++r) {
+        load_cols<T, P>(in.dy, g, r, j0, m, d);
+        load_cols<T, P>(in.x, g, r, j0, m, v);
+        if (in.dx != nullptr) {
+#pragma unroll
+          for (int l = 0; l < P; ++l) o[l] = k[l].a * d[l];
+          store_cols<T, P>(in.dx, g, r, j0, m, o);
+        }
+#pragma unroll
+        for (int l = 0; l < P; ++l) {
+          a1[l] += d[l];
+          a2[l] += d[l] * bn_center(v[l], k[l].k0, k[l].k1);
+        }
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < P; ++l) {
+      shA[t * P + l] = a1[l];
+      shB[t * P + l] = a2[l];
+    }
+    __syncthreads();
+    // 2. One thread per (tile, column): the group's blocks in order.
+    for (int f = t; f < nfold; f += kRowThreads) {
+      const int ftl = f / cols, cl = f - ftl * cols;
+      const int64_t ftile = first + ftl;
+      if (ftile >= g.tiles) continue;
+      const int64_t grp = ftile / g.ntc, ct = ftile - grp * g.ntc;
+      const int64_t col = ct * cols + cl;
+      if (col >= g.width) continue;
+      const int64_t b0 = grp * g.group;
+      const int nb = static_cast<int>(imin(g.group, g.nblocks - b0));
+      double n = 0.0, Gs = 0.0, a = 0.0, b = 0.0;
+      for (int k = 0; k < nb; ++k) {
+        const int64_t r0 = (b0 + k) * g.row_block;
+        const double nrk = static_cast<double>(imin(g.rows, r0 + g.row_block) - r0);
+        const int i0 = slice_slot(ftl, k, 0, cl, G, cols), di = cols;  // slice q at i0 + q di
+        const T A = bn_slices_sum<T>(shA[i0], shA[i0 + di], shA[i0 + 2 * di], shA[i0 + 3 * di]);
+        const T B = bn_slices_sum<T>(shB[i0], shB[i0 + di], shB[i0 + 2 * di], shB[i0 + 3 * di]);
+        if constexpr (Kind == 0) {
+          const T K = bn_block_shift<T>(bn_slices_sum<T>(shS[i0], shS[i0 + di], shS[i0 + 2 * di], shS[i0 + 3 * di]),
+                                        nrk);
+          if (k == 0) Gs = static_cast<double>(K);
+          bn_group_add(nrk, static_cast<double>(K), static_cast<double>(A), static_cast<double>(B), Gs, &a, &b);
+        } else {
+          a = a + static_cast<double>(A);
+          b = b + static_cast<double>(B);
+        }
+        n += nrk;
+      }
+      double* out = partial + 2 * grp * g.width + col;
+      if constexpr (Kind == 0) {
+        bn_group_moments(n, Gs, a, b, &out[0], &out[g.width]);
+      } else {
+        out[0] = a;
+        out[g.width] = b;
+      }
+    }
+    __syncthreads();  // the shared arrays are reused by the next set
   }
 }
 
@@ -431,13 +621,13 @@ struct Partials {
   const double* p = nullptr;
   int64_t per_channel = 0;               // partials per channel
   bool rows = false;
-  int64_t width = 0, inner = 0;          // rows: partial k = (block k / inner, column c inner + k % inner)
-  int64_t nrows = 0, row_block = 0;      // rows: block b covers rows [b row_block, min(nrows, (b + 1) row_block))
+  int64_t width = 0, inner = 0;          // rows: partial k = (group k / inner, column c inner + k % inner)
+  int64_t nrows = 0, group_rows = 0;     // rows: group g covers rows [g group_rows, min(nrows, (g + 1) group_rows))
   __device__ __forceinline__ void load(int64_t c, int64_t k, double* n, double* a, double* b) const {
     if (rows) {
-      const int64_t blk = k / inner, i = k - blk * inner;
-      const double* q = p + 2 * blk * width + c * inner + i;
-      *n = static_cast<double>(imin(nrows, (blk + 1) * row_block) - blk * row_block);
+      const int64_t grp = inner == 1 ? k : k / inner, i = k - grp * inner;
+      const double* q = p + 2 * grp * width + c * inner + i;
+      *n = static_cast<double>(imin(nrows, (grp + 1) * group_rows) - grp * group_rows);
       *a = q[0];
       *b = q[width];
     } else {
@@ -561,69 +751,58 @@ __global__ void __launch_bounds__(kChanThreads) combine_kernel(ShardCounts sc, i
 
 // ---- elementwise kernels ------------------------------------------------------------------------------------
 
-template <class T, int P>
-struct alignas(sizeof(T) * P) Vec {
-  T v[P];
-};
-
-template <class T, int P>
-__device__ __forceinline__ Vec<T, P> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, P>*>(p);
-}
-template <class T, int P>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, P>& v) {
-  *reinterpret_cast<Vec<T, P>*>(p) = v;
-}
-
-// Each op applies the rule to the P values at i (16-byte aligned when P > 1), element l in channel ch[l].
+// Each op applies the rule to the P values at i (16-byte aligned when P > 1), element l with coefficients k[l].
 template <class T>
 struct NormOp {
+  using Coef = BnNormCoef<T>;
   const T* x;
   T* y;
-  const BnNormCoef<T>* coef;
+  const Coef* coef;
   uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y); }
   template <int P>
-  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+  __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
     const Vec<T, P> xv = load_vec<T, P>(x + i);
     Vec<T, P> yv;
 #pragma unroll
-    for (int l = 0; l < P; ++l) yv.v[l] = bn_normalize(coef[ch[l]], xv.v[l]);
+    for (int l = 0; l < P; ++l) yv.v[l] = bn_normalize(k[l], xv.v[l]);
     store_vec<T, P>(y + i, yv);
   }
 };
 
 template <class T>
 struct GradOp {
+  using Coef = BnGradCoef<T>;
   const T* dy;
   const T* x;
   T* dx;
-  const BnGradCoef<T>* coef;
+  const Coef* coef;
   uintptr_t address_bits() const {
     return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(dx);
   }
   template <int P>
-  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+  __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
     const Vec<T, P> gv = load_vec<T, P>(dy + i);
     const Vec<T, P> xv = load_vec<T, P>(x + i);
     Vec<T, P> ov;
 #pragma unroll
-    for (int l = 0; l < P; ++l) ov.v[l] = bn_grad_input(coef[ch[l]], gv.v[l], xv.v[l]);
+    for (int l = 0; l < P; ++l) ov.v[l] = bn_grad_input(k[l], gv.v[l], xv.v[l]);
     store_vec<T, P>(dx + i, ov);
   }
 };
 
 template <class T>
 struct ScaleOp {  // eval backward: dx = a dy
+  using Coef = BnGradCoef<T>;
   const T* dy;
   T* dx;
-  const BnGradCoef<T>* coef;
+  const Coef* coef;
   uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(dx); }
   template <int P>
-  __device__ __forceinline__ void apply(int64_t i, const int64_t* ch) const {
+  __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
     const Vec<T, P> gv = load_vec<T, P>(dy + i);
     Vec<T, P> ov;
 #pragma unroll
-    for (int l = 0; l < P; ++l) ov.v[l] = coef[ch[l]].a * gv.v[l];
+    for (int l = 0; l < P; ++l) ov.v[l] = k[l].a * gv.v[l];
     store_vec<T, P>(dx + i, ov);
   }
 };
@@ -639,17 +818,17 @@ __device__ __forceinline__ void walk(const Op& op, int64_t npacks, int64_t C, in
   int64_t r = e0 % inner, c = (e0 / inner) % C;
   const int64_t step = stride * P, dr = step % inner, dc = (step / inner) % C;
   for (; p < npacks; p += stride) {
-    int64_t ch[P];
+    typename Op::Coef k[P];
     int64_t rr = r, cc = c;
 #pragma unroll
     for (int l = 0; l < P; ++l) {
-      ch[l] = cc;
+      k[l] = op.coef[cc];
       if (++rr == inner) {
         rr = 0;
         if (++cc == C) cc = 0;
       }
     }
-    op.template apply<P>(p * P, ch);
+    op.template apply<P>(p * P, k);
     r += dr;
     int64_t carry = 0;
     if (r >= inner) {
@@ -661,21 +840,51 @@ __device__ __forceinline__ void walk(const Op& op, int64_t npacks, int64_t C, in
   }
 }
 
+// inner == 1: element e is in channel e mod C.  The host makes the stride S (in packs) a multiple of
+// C / gcd(C, P), so S P is a multiple of C and pack p + S has the channels of pack p: the thread loads its P
+// coefficient structs once and keeps them in registers.
+template <int P, class Op>
+__device__ __forceinline__ void walk_fixed(const Op& op, int64_t npacks, int64_t C, int64_t S) {
+  int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= npacks || p >= S) return;
+  typename Op::Coef k[P];
+  int64_t cc = (p * P) % C;
+#pragma unroll
+  for (int l = 0; l < P; ++l) {
+    k[l] = op.coef[cc];
+    if (++cc == C) cc = 0;
+  }
+  for (; p < npacks; p += S) op.template apply<P>(p * P, k);
+}
+
+// fixed_stride > 0: inner == 1 and walk_fixed with that stride; 0: the general walk (grid stride).
 template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(Op op, int64_t numel, int64_t C, int64_t inner,
-                                                               bool packed) {
+                                                               bool packed, int64_t fixed_stride) {
   constexpr int W = 16 / static_cast<int>(sizeof(T));
-  if (!packed) {
-    walk<1>(op, numel, C, inner);
+  const int64_t npacks = packed ? numel / W : numel;
+  if (packed) {
+    if (fixed_stride > 0) walk_fixed<W>(op, npacks, C, fixed_stride);
+    else walk<W>(op, npacks, C, inner);
+  } else {
+    if (fixed_stride > 0) walk_fixed<1>(op, npacks, C, fixed_stride);
+    else walk<1>(op, npacks, C, inner);
     return;
   }
-  const int64_t npacks = numel / W;
-  walk<W>(op, npacks, C, inner);
   const int64_t i = npacks * W + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // the tail
   if (i < numel) {
-    const int64_t ch = (i / inner) % C;
-    op.template apply<1>(i, &ch);
+    const typename Op::Coef k = op.coef[(i / inner) % C];
+    op.template apply<1>(i, &k);
   }
+}
+
+int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
 }
 
 // ---- host drivers -------------------------------------------------------------------------------------------
@@ -710,11 +919,12 @@ struct Exec {
 
   // Launch the plan's reduction into `buf` (allocated here) and say where each channel's partials are.
   template <int Kind>
-  Partials reduce(const ReduceIn<T>& in, std::unique_ptr<DeviceBuffer>& buf) const {
+  Partials reduce(const ReduceIn<T>& in, DeviceBuffer& buf) const {
     Partials P;
     if (plan.channels_first) {
       CfGeom g;
       g.C = s.channels;
+      g.outer = s.outer;
       g.inner = s.inner;
       g.kc = ceil_div(s.inner, kBnChunk);
       g.units = s.outer * g.kc;
@@ -725,23 +935,45 @@ struct Exec {
       g.upb = kSlots / g.lbp;
       P.per_channel = g.units;
       if (g.total == 0) return P;
-      buf.reset(new DeviceBuffer(static_cast<size_t>(3 * g.total) * sizeof(double), stream));
-      P.p = buf->as<double>();
-      cf_reduce_kernel<T, Kind><<<grid_for(g.total, g.upb, sms, 8), kThreads, 0, stream>>>(g, in, buf->as<double>());
+      buf.allocate(static_cast<size_t>(3 * g.total) * sizeof(double), stream);
+      P.p = buf.as<double>();
+      const unsigned grid =
+          grid_for(g.total, g.upb, sms, resident_blocks_per_sm(cf_reduce_kernel<T, Kind>, kThreads));
+      g.step = static_cast<int64_t>(grid) * g.upb;  // the grid step's digits, for the kernel's cursors
+      g.sc = g.step / g.units;
+      const int64_t su = g.step - g.sc * g.units;
+      g.sn = su / g.kc;
+      g.sk = su - g.sn * g.kc;
+      cf_reduce_kernel<T, Kind><<<grid, kThreads, 0, stream>>>(g, in, buf.as<double>());
       OK_CUDA_CHECK(cudaGetLastError());
     } else {
       P.rows = true;
       P.width = plan.width;
       P.inner = s.inner;
       P.nrows = plan.rows;
-      P.row_block = plan.row_block;
-      P.per_channel = plan.nblocks * s.inner;
-      const int64_t items = plan.nblocks * plan.width;
-      if (items == 0) return P;
-      buf.reset(new DeviceBuffer(static_cast<size_t>(2 * items) * sizeof(double), stream));
-      P.p = buf->as<double>();
-      rows_reduce_kernel<T, Kind><<<grid_for(items, kRowThreads, sms, 16), kRowThreads, 0, stream>>>(
-          in, plan.rows, plan.width, plan.row_block, plan.nblocks, buf->as<double>());
+      P.group_rows = plan.group_rows();
+      P.per_channel = plan.ngroups * s.inner;
+      if (P.per_channel == 0) return P;  // no rows, or width 0: every channel's fold is empty
+      constexpr int Pc = 16 / static_cast<int>(sizeof(T));
+      RowGeom g;
+      g.rows = plan.rows;
+      g.width = plan.width;
+      g.row_block = plan.row_block;
+      g.nblocks = plan.nblocks;
+      g.group = plan.group;
+      g.ngroups = plan.ngroups;
+      const int64_t ncg = ceil_div(plan.width, Pc);
+      while (g.tc * 2 * kRowSlices * g.group <= kRowThreads && g.tc < ncg) g.tc *= 2;
+      g.ntc = ceil_div(ncg, g.tc);
+      g.tiles = g.ngroups * g.ntc;
+      g.tpb = kRowThreads / (g.tc * kRowSlices * static_cast<int>(g.group));
+      g.vec = plan.width % Pc == 0 && aligned16(in.x) &&
+              (Kind == 0 || (aligned16(in.dy) && (in.dx == nullptr || aligned16(in.dx))));
+      buf.allocate(static_cast<size_t>(2 * plan.ngroups * plan.width) * sizeof(double), stream);
+      P.p = buf.as<double>();
+      const unsigned grid =
+          grid_for(g.tiles, g.tpb, sms, resident_blocks_per_sm(rows_reduce_kernel<T, Kind>, kRowThreads));
+      rows_reduce_kernel<T, Kind><<<grid, kRowThreads, 0, stream>>>(g, in, buf.as<double>());
       OK_CUDA_CHECK(cudaGetLastError());
     }
     return P;
@@ -753,20 +985,30 @@ struct Exec {
     if (numel == 0) return;
     constexpr int W = 16 / static_cast<int>(sizeof(T));
     const bool packed = (op.address_bits() & 15u) == 0 && numel >= W;
-    const unsigned grid = grid_for(packed ? numel / W : numel, kThreads, sms, 8);
-    elementwise_kernel<T, Op><<<grid, kThreads, 0, stream>>>(op, numel, s.channels, s.inner, packed);
+    const int64_t work = packed ? numel / W : numel;
+    const int bpsm = resident_blocks_per_sm(elementwise_kernel<T, Op>, kThreads);
+    int64_t fixed = 0;  // inner == 1: a stride (in packs) under which every thread keeps its channels
+    unsigned grid;
+    if (s.inner == 1) {
+      const int64_t m = s.channels / gcd64(s.channels, packed ? W : 1);
+      const int64_t cap = static_cast<int64_t>(sms) * bpsm * kThreads;
+      fixed = cap >= m ? cap / m * m : m;
+      grid = static_cast<unsigned>(ceil_div(imin(fixed, work), kThreads));
+    } else {
+      grid = grid_for(work, kThreads, sms, bpsm);
+    }
+    elementwise_kernel<T, Op><<<grid, kThreads, 0, stream>>>(op, numel, s.channels, s.inner, packed, fixed);
     OK_CUDA_CHECK(cudaGetLastError());
   }
 
   // ---- ops ----
   void stats(bool forward) const {  // bn_stats, or (forward) bn_forward_train
     ChanArgs<T> A = chan_args<T>(a, static_cast<double>(s.count()));
-    std::unique_ptr<DeviceBuffer> coef;
+    DeviceBuffer coef, partial;
     if (forward) {
-      coef.reset(new DeviceBuffer(static_cast<size_t>(s.channels) * sizeof(BnNormCoef<T>), stream));
-      A.norm = coef->as<BnNormCoef<T>>();
+      coef.allocate(static_cast<size_t>(s.channels) * sizeof(BnNormCoef<T>), stream);
+      A.norm = coef.as<BnNormCoef<T>>();
     }
-    std::unique_ptr<DeviceBuffer> partial;
     const Partials P = reduce<0>(reduce_in(), partial);
     stats_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
@@ -805,15 +1047,14 @@ struct Exec {
 
   void grad_sums(bool then_dx) const {  // bn_backward_train (then_dx) or bn_backward_reduce
     ChanArgs<T> A = chan_args<T>(a, static_cast<double>(global_count(a)));
-    std::unique_ptr<DeviceBuffer> coef;
+    DeviceBuffer coef, partial;
     if (then_dx) {
-      coef.reset(new DeviceBuffer(static_cast<size_t>(s.channels) * sizeof(BnGradCoef<T>), stream));
-      A.grad = coef->as<BnGradCoef<T>>();
+      coef.allocate(static_cast<size_t>(s.channels) * sizeof(BnGradCoef<T>), stream);
+      A.grad = coef.as<BnGradCoef<T>>();
     } else {
       A.dweight = nullptr;  // bn_backward_reduce writes the sums only
       A.dbias = nullptr;
     }
-    std::unique_ptr<DeviceBuffer> partial;
     const Partials P = reduce<1>(grad_in(false), partial);
     grad_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
@@ -845,7 +1086,7 @@ struct Exec {
       return;
     }
     // One pass writes dx = a dy and reduces the gradient sums; then dweight = invstd sum_dy_xmu, dbias = sum_dy.
-    std::unique_ptr<DeviceBuffer> partial;
+    DeviceBuffer partial;
     const Partials P = reduce<1>(grad_in(true), partial);
     grad_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
