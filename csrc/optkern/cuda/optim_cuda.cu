@@ -180,48 +180,53 @@ struct DeviceTable {
   DType dtype = DType::f32;
   bool counters = false;
   std::vector<TensorSlots> key;  // the slots it was built from, compared in full on lookup
+  std::vector<int64_t> row_of;   // key index -> row in the device table (-1: a zero-size tensor, not uploaded)
   DeviceBuffer mem;  // [DevTensor x n][int64 starts x n][DevCounter x ncounters][coefficient slots x ncounters]
   const DevTensor* tensors = nullptr;
   const int64_t* starts = nullptr;
   const DevCounter* counter_list = nullptr;
   unsigned char* coefs = nullptr;
   int64_t ntensors = 0, nchunks = 0, ncounters = 0;
+  size_t upload_bytes = 0;
+  // Used by a CUDA graph being captured: a replay reads it, so it is never evicted (nor freed) afterwards.
+  bool pinned = false;
+  // Its grad pointers were re-pointed inside a capture (patch_grads_kernel, run by the graph's replays): its device
+  // rows match `key` only once a replay has run, so an eager step that finds it uploads the rows again first.
+  bool patched_in_capture = false;
 };
 
-bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots>& b) {
+bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots>& b, bool grads_too) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i) {
     const TensorSlots &x = a[i], &y = b[i];
     if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product) return false;
     for (int k = 0; k < 5; ++k)
-      if (x.ptr[k] != y.ptr[k]) return false;
+      if (x.ptr[k] != y.ptr[k] && (grads_too || k != 1)) return false;
   }
   return true;
 }
 
-std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cudaStream_t stream) {
-  auto t = std::make_shared<DeviceTable>();
-  t->device = b.device.index;
-  t->dtype = b.dtype;
-  t->counters = counters;
-  t->key = b.tensors;
-  // Zero-size tensors own no chunk and stay out of the table (their counters still advance).
+// The rows, starts and counters of a table for these slots (what is uploaded), and its sizes.
+std::vector<unsigned char> table_bytes(const StepBatch& b, bool counters, DeviceTable* t, size_t* coef_offset) {
   std::vector<DevTensor> rows;
   std::vector<int64_t> numels;
   std::vector<DevCounter> distinct;
   std::unordered_map<const void*, int64_t> slot_of;
-  for (const TensorSlots& s : b.tensors) {
+  t->row_of.assign(b.tensors.size(), -1);
+  for (size_t i = 0; i < b.tensors.size(); ++i) {
+    const TensorSlots& s = b.tensors[i];
     int64_t slot = -1;
     if (counters) {
       auto ins = slot_of.emplace(s.step, static_cast<int64_t>(distinct.size()));
       if (ins.second) distinct.push_back(DevCounter{s.step, s.mu_product});
       slot = ins.first->second;
     }
-    if (s.numel == 0) continue;
+    if (s.numel == 0) continue;  // zero-size tensors own no chunk and stay out (their counters still advance)
     DevTensor r;
     for (int k = 0; k < 5; ++k) r.ptr[k] = s.ptr[k];
     r.numel = s.numel;
     r.coef_index = slot;
+    t->row_of[i] = static_cast<int64_t>(rows.size());
     rows.push_back(r);
     numels.push_back(s.numel);
   }
@@ -230,16 +235,29 @@ std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cuda
   t->ncounters = static_cast<int64_t>(distinct.size());
   const size_t tb = rows.size() * sizeof(DevTensor), sb = starts.size() * sizeof(int64_t),
                cb = distinct.size() * sizeof(DevCounter);
-  const size_t coff = (tb + sb + cb + 15) / 16 * 16;  // coefficient slots, 16-byte aligned, not uploaded
+  *coef_offset = (tb + sb + cb + 15) / 16 * 16;  // coefficient slots, 16-byte aligned, not uploaded
   std::vector<unsigned char> host(tb + sb + cb);
   if (tb) std::memcpy(host.data(), rows.data(), tb);
   if (sb) std::memcpy(host.data() + tb, starts.data(), sb);
   if (cb) std::memcpy(host.data() + tb + sb, distinct.data(), cb);
+  return host;
+}
+
+std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cudaStream_t stream) {
+  auto t = std::make_shared<DeviceTable>();
+  t->device = b.device.index;
+  t->dtype = b.dtype;
+  t->counters = counters;
+  t->key = b.tensors;
+  size_t coff = 0;
+  std::vector<unsigned char> host = table_bytes(b, counters, t.get(), &coff);
+  t->upload_bytes = host.size();
   if (!host.empty()) {
-    t->mem.allocate(coff + distinct.size() * kCoefSlot, stream);
+    t->mem.allocate(coff + static_cast<size_t>(t->ncounters) * kCoefSlot, stream);
     // Pageable source, once per table: the driver stages the bytes before the call returns.
     OK_CUDA_CHECK(cudaMemcpyAsync(t->mem.as<void>(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
     unsigned char* base = t->mem.as<unsigned char>();
+    const size_t tb = static_cast<size_t>(t->ntensors) * sizeof(DevTensor), sb = tb / sizeof(DevTensor) * 8;
     t->tensors = reinterpret_cast<const DevTensor*>(base);
     t->starts = reinterpret_cast<const int64_t*>(base + tb);
     t->counter_list = reinterpret_cast<const DevCounter*>(base + tb + sb);
@@ -248,31 +266,109 @@ std::shared_ptr<DeviceTable> build_table(const StepBatch& b, bool counters, cuda
   return t;
 }
 
-// The table for this step: a cached one when the slots are unchanged, else a new one (refused under capture).
+// Re-point rows' grads inside a capture: the new pointers travel as kernel parameters (captured with the graph),
+// so every replay writes them before its step kernels read the rows.  kPatch pairs per launch (< 4 KB).
+constexpr int kPatch = 240;
+struct GradPatch {
+  int64_t row[kPatch];
+  const void* grad[kPatch];
+  int n;
+};
+__global__ void patch_grads_kernel(DevTensor* rows, const GradPatch patch) {
+  const int i = static_cast<int>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < patch.n) rows[patch.row[i]].ptr[1] = const_cast<void*>(patch.grad[i]);
+}
+
+void patch_grads_captured(DeviceTable& t, const StepBatch& b, cudaStream_t stream) {
+  GradPatch patch;
+  patch.n = 0;
+  auto flush = [&] {
+    if (patch.n == 0) return;
+    patch_grads_kernel<<<(patch.n + 127) / 128, 128, 0, stream>>>(const_cast<DevTensor*>(t.tensors), patch);
+    OK_CUDA_CHECK(cudaGetLastError());
+    patch.n = 0;
+  };
+  for (size_t i = 0; i < b.tensors.size(); ++i) {
+    if (t.row_of[i] < 0 || t.key[i].ptr[1] == b.tensors[i].ptr[1]) continue;
+    patch.row[patch.n] = t.row_of[i];
+    patch.grad[patch.n] = b.tensors[i].ptr[1];
+    if (++patch.n == kPatch) flush();
+  }
+  flush();
+  for (size_t i = 0; i < b.tensors.size(); ++i) t.key[i].ptr[1] = b.tensors[i].ptr[1];
+  t.patched_in_capture = true;
+}
+
+// Eager: upload a table's rows again from its key (after a capture re-pointed them; see patched_in_capture).
+void refresh_rows(DeviceTable& t, const StepBatch& b, cudaStream_t stream) {
+  size_t coff = 0;
+  DeviceTable scratch;
+  std::vector<unsigned char> host = table_bytes(b, t.counters, &scratch, &coff);
+  if (!host.empty())
+    OK_CUDA_CHECK(cudaMemcpyAsync(t.mem.as<void>(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+  t.patched_in_capture = false;
+}
+
+// The table for this step: a cached one when the slots are unchanged, else a new one.  Under capture, a table that
+// differs only in its grads (torch's recipe: zero_grad(set_to_none=True), then backward allocates the grads inside
+// the capture) is re-pointed by a captured kernel; anything else new is refused.  Tables a capture used are pinned.
 std::shared_ptr<DeviceTable> table_for(const StepBatch& b, bool counters, cudaStream_t stream) {
   static std::mutex mu;
   static std::list<std::shared_ptr<DeviceTable>> cache;  // most recently used first
+  const bool capturing = stream_capturing(stream);
+  auto matches = [&](const DeviceTable& t, bool grads_too) {
+    return t.device == b.device.index && t.dtype == b.dtype && t.counters == counters &&
+           same_slots(t.key, b.tensors, grads_too);
+  };
+  std::vector<std::shared_ptr<DeviceTable>> evicted;  // freed outside the lock, each under its own device
+  std::shared_ptr<DeviceTable> found;
   {
     std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end(); ++it) {
-      const DeviceTable& t = **it;
-      if (t.device == b.device.index && t.dtype == b.dtype && t.counters == counters && same_slots(t.key, b.tensors)) {
-        std::shared_ptr<DeviceTable> hit = *it;
-        if (it != cache.begin()) cache.splice(cache.begin(), cache, it);
-        hit->mem.set_stream(stream);  // freed, when evicted, after this step's work
-        return hit;
+    for (auto it = cache.begin(); it != cache.end() && !found; ++it)
+      if (matches(**it, true)) {
+        found = *it;
+        cache.splice(cache.begin(), cache, it);
       }
+    if (!found && capturing)
+      for (auto it = cache.begin(); it != cache.end() && !found; ++it)
+        if (matches(**it, false)) {
+          found = *it;
+          cache.splice(cache.begin(), cache, it);
+          patch_grads_captured(*found, b, stream);
+        }
+    if (found) {
+      if (capturing) found->pinned = true;
+      else if (found->patched_in_capture) refresh_rows(*found, b, stream);
+      if (!found->pinned) found->mem.set_stream(stream);  // freed, when evicted, after this step's work
+      return found;
     }
   }
-  if (stream_capturing(stream))
+  if (capturing)
     throw std::runtime_error(
-        "optkern: this step's arrays (params, grads, states) are not the ones of any step run before, and its "
-        "work plan cannot be uploaded while the stream is being captured into a CUDA graph: run one step with the "
-        "same arrays outside the capture first (a warm-up step, as torch's capturable optimizers need)");
+        "optkern: this step's params and states are not the ones of any step run before, and its work plan cannot "
+        "be uploaded while the stream is being captured into a CUDA graph: run one step with the same params and "
+        "states outside the capture first (a warm-up step, as torch's capturable optimizers need; the grads may "
+        "change)");
   std::shared_ptr<DeviceTable> t = build_table(b, counters, stream);
-  std::lock_guard<std::mutex> lock(mu);
-  cache.push_front(t);
-  while (cache.size() > kPlanCacheSize) cache.pop_back();  // freed stream-ordered on its last stream
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    cache.push_front(t);
+    size_t unpinned = 0;
+    for (const auto& e : cache) unpinned += e->pinned ? 0 : 1;
+    for (auto it = std::prev(cache.end()); unpinned > kPlanCacheSize && it != cache.begin();) {
+      auto cur = it--;
+      if ((*cur)->pinned) continue;
+      evicted.push_back(*cur);  // least recently used first
+      cache.erase(cur);
+      --unpinned;
+    }
+  }
+  for (auto& e : evicted) {
+    if (e.use_count() == 1) {  // freed stream-ordered on its last stream, with its own device current
+      DeviceGuard guard(e->device);
+      e.reset();
+    }
+  }
   return t;
 }
 

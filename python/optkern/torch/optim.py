@@ -154,6 +154,10 @@ class _FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if "capturable" in self.defaults and _cuda_usable():
+            # torch's own check (its capturable optimizers make it): capture with capturable=False is refused,
+            # since host step counts would be frozen into the graph; capturable=True run eagerly warns once.
+            self._cuda_graph_capture_health_check()
         with self._step_lock():
             self._fused_step()
         return loss
@@ -302,11 +306,12 @@ class _FusedStep:
             for x in entries:
                 x.plan.release_grads()
             return True
-        gs_ptr = 0 if mult_dev is None else mult_dev.data_ptr()
-        fi_ptr = 0 if fi_dev is None else fi_dev.data_ptr()
         for e in entries:
             group = self.param_groups[e.gi]
-            self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device), gs_ptr, fi_ptr)
+            gs = _on_device(mult_dev, e.device)  # GradScaler's scalars live on one device: a copy per device
+            fi = _on_device(fi_dev, e.device)
+            self._plan_call(e, hypers[e.gi], mult, bool(group["maximize"]), _stream(e.device),
+                            0 if gs is None else gs.data_ptr(), 0 if fi is None else fi.data_ptr())
             if e.taken != _DEVICE_COUNT:
                 e.taken += 1
             torch.autograd.graph.increment_version(e.bump)
@@ -490,7 +495,7 @@ class _FusedStep:
         on_device = self._device_steps(states)
         args = (ps, gs, lists, list(keys), hyper, 1 if on_device else taken + 1)
         kw = dict(grad_scale=mult, maximize=bool(group["maximize"]), stream=_stream(device),
-                  grad_scale_device=mult_dev, found_inf_device=fi_dev)
+                  grad_scale_device=_on_device(mult_dev, device), found_inf_device=_on_device(fi_dev, device))
         if on_device:  # torch's capturable/fused step tensors (also fresh ones): read and advanced by the kernel
             kw["step_counters"] = [st["step"].detach() for st in states]
         else:
@@ -579,6 +584,23 @@ def _filled_like(ps, value: float) -> list:
         total += -(-n // _ALIGN) * _ALIGN
     flat = torch.full((max(total, 1),), value, dtype=ps[0].dtype, device=ps[0].device)
     return [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(ps, offsets)]
+
+
+def _on_device(t, device):
+    """A device scalar (GradScaler's scale / found_inf) on ``device``: itself, or a stream-ordered copy there."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+_CUDA_USABLE = None
+
+
+def _cuda_usable() -> bool:
+    global _CUDA_USABLE
+    if _CUDA_USABLE is None:
+        _CUDA_USABLE = bool(torch.cuda.is_available())
+    return _CUDA_USABLE
 
 
 def _stream(device: torch.device) -> int:
