@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "../optkern/optim_api.h"
@@ -139,6 +140,16 @@ auto bind_step(NumStates num_states, Step step_fn) {
           throw py::value_error("mu_product_counters: expected one product per step counter");
         info.product_dtype = dp.dtype;
         for (size_t i = 0; i < n; ++i) cs.batch.tensors[i].mu_product = dp.views[dp.views.size() == 1 ? 0 : i].data;
+        // The kernel advances each distinct counter once, with its product: the pairing must be one to one.
+        std::unordered_map<const void*, const void*> product_of, step_of;
+        for (size_t i = 0; i < n; ++i) {
+          const TensorSlots& t = cs.batch.tensors[i];
+          auto a = product_of.emplace(t.step, t.mu_product);
+          auto b = step_of.emplace(t.mu_product, t.step);
+          if (a.first->second != t.mu_product || b.first->second != t.step)
+            throw py::value_error("mu_product[" + std::to_string(i) + "]: each step counter needs its own product "
+                                  "(a counter shared by several params shares one product, and only then)");
+        }
       }
     } else if (!mu_product_counters.is_none()) {
       throw py::value_error("mu_product_counters: device products go with step_counters");

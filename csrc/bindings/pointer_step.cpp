@@ -179,6 +179,10 @@ class PointerPlan {
     check(info);
     batch_.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(stream));
     decltype(fn(batch_, info)) r;
+    struct Release {  // the plan keeps no gradient alive between steps, also when the step throws
+      PointerPlan* plan;
+      ~Release() { plan->release_grads(); }
+    } release{this};
     {
       py::gil_scoped_release nogil;
       r = fn(batch_, info);
@@ -188,8 +192,7 @@ class PointerPlan {
         else *static_cast<float*>(p) += 1.0f;
       }
     }
-    release_grads();  // the plan keeps no gradient alive between steps (zero_grad(set_to_none) frees them)
-    return r;
+    return r;  // (release: zero_grad(set_to_none) can then free the grads)
   }
 
   size_t size() const { return params_.size(); }
