@@ -3,8 +3,7 @@
 The CUDA executor uploads an O(tensors) table (each tensor's first chunk) and each block finds its chunk's tensor by
 a binary search (work_plan.h: chunk_starts, chunk_tensor, chunk_range).  `_C._cuda_chunk_lookup` walks that table
 exactly as the kernel does; it must produce the chunks of the reference plan (`_C._cuda_chunk_plan`, one entry per
-chunk) in the same order, for 1 to 10^5 tensors, zero-size tensors included.  Device step counters are refused on
-CPU arrays before anything is written.
+chunk) in the same order, for 1 to 10^5 tensors, zero-size tensors included.
 """
 
 import numpy as np
@@ -56,29 +55,9 @@ def test_lookup_bad_chunk(chunk):
         _C._cuda_chunk_lookup([10], chunk)
 
 
-def test_device_step_counter_refused_on_cpu_arrays(rng):
-    """A device counter goes with CUDA params: refused (naming step) before anything is written."""
-    p = rng.standard_normal(33).astype(np.float32)
-    g, m, v = (rng.standard_normal(33).astype(np.float32) for _ in range(3))
-    before = [a.copy() for a in (p, m, v)]
-    counter = np.zeros(1, np.float32)
-    with pytest.raises(ValueError, match="step"):
-        _C.adam_step([p], [g], [[m], [v]], ["exp_avgs", "exp_avg_sqs"], optkern.functional.build_hyper("adam"), 1,
-                     step_counters=[counter])
-    for a, b in zip((p, m, v), before):
-        np.testing.assert_array_equal(a, b)
-    assert counter[0] == 0
-
-
 def test_host_and_device_counters_exclusive(rng):
     p = rng.standard_normal(8).astype(np.float32)
     g, m, v = (rng.standard_normal(8).astype(np.float32) for _ in range(3))
     with pytest.raises(ValueError, match="counters"):
         _C.adam_step([p], [g], [[m], [v]], ["exp_avgs", "exp_avg_sqs"], optkern.functional.build_hyper("adam"), 1,
                      counters=[np.zeros(1).ctypes.data], step_counters=[np.zeros(1, np.float32)])
-
-
-def test_functional_refuses_a_float_step():
-    p = np.ones(4, np.float32)
-    with pytest.raises(TypeError, match="step"):
-        optkern.adam_step(p, p.copy(), np.zeros(4, np.float32), np.zeros(4, np.float32), step=np.zeros(1))

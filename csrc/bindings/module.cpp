@@ -70,9 +70,9 @@ void bump(const HostCounters& c) {
   }
 }
 
-// Device-resident step counters (StepInfo::device_counters): one-element float32/float64 CUDA arrays on the
-// params' device, one per param or one shared by all, written by the kernel (the steps taken, advanced by one
-// unless found_inf skips the step).  Held as views for the call.
+// Step counters kept in memory (StepInfo::device_counters): one-element float32/float64 arrays on the params'
+// device (CUDA, or host memory for CPU params), one per param or one shared by all, written by the step (the
+// steps taken, advanced by one unless found_inf skips the step).  Held as views for the call.
 struct DeviceCounters {
   std::vector<ArrayView> views;
   DType dtype = DType::f32;
@@ -89,8 +89,8 @@ void parse_device_counters(py::handle seq, const char* name, size_t nparams, con
   for (py::handle c : seq) {
     ArrayView v = ArrayView::from(c, name, static_cast<int64_t>(i), stream);
     const std::string who = std::string(name) + "[" + std::to_string(i) + "]";
-    if (v.device.kind != DeviceKind::cuda || !(v.device == device))
-      throw py::value_error(who + ": a step counter must be on the params' CUDA device (" +
+    if (!(v.device == device))
+      throw py::value_error(who + ": a step counter must be on the params' device (" +
                             optkern_py::device_str(device) + "), got " + optkern_py::device_str(v.device));
     if (!v.dtype_ok || v.numel != 1)
       throw py::type_error(who + ": expected a one-element float32 or float64 array");
@@ -127,8 +127,6 @@ auto bind_step(NumStates num_states, Step step_fn) {
     DeviceCounters dc, dp;
     if (!step_counters.is_none()) {
       if (!counters.is_none()) throw py::value_error("counters: host counters and step_counters exclude each other");
-      if (cs.batch.device.kind != DeviceKind::cuda)
-        throw py::value_error("step: a device step counter is for CUDA params; pass the count (an int) on the CPU");
       const size_t n = cs.batch.tensors.size();
       parse_device_counters(step_counters, "step", n, cs.batch.device, stream, &dc);
       info.device_counters = true;

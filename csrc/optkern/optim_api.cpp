@@ -5,6 +5,8 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "cpu/thread_pool.h"
 #include "executors.h"
@@ -41,6 +43,61 @@ CpuIsa& current_isa() {
   return isa;
 }
 
+template <class Rule>
+void run_cpu(const StepBatch& b, const CoefD<Rule>& c) {
+  switch (current_isa()) {
+    case CpuIsa::avx512: cpu_avx512::run_rule<Rule>(b, c); break;
+    case CpuIsa::avx2: cpu_avx2::run_rule<Rule>(b, c); break;
+    default: cpu_scalar::run_rule<Rule>(b, c); break;
+  }
+}
+
+double load_count(const void* p, DType dt) {
+  return dt == DType::f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
+void store_count(void* p, DType dt, double v) {
+  if (dt == DType::f64) *static_cast<double*>(p) = v;
+  else *static_cast<float*>(p) = static_cast<float>(v);
+}
+
+// CPU arrays whose step counts are kept in (host) memory, as the CUDA executor keeps device counts: per distinct
+// counter, counter_step (optim_coefs.h, what each GPU thread runs) makes the coefficients of its count + 1; the
+// tensors sharing it take one executor call; then every counter (and NAdam product) takes its next value.
+template <class Rule>
+void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& sc, const StepInfo& s) {
+  std::vector<void*> order;                               // distinct counters, first use first
+  std::unordered_map<void*, StepBatch> groups;
+  for (const TensorSlots& t : b.tensors) {
+    if (t.step == nullptr) throw std::invalid_argument("step: a tensor without its step counter");
+    auto it = groups.find(t.step);
+    if (it == groups.end()) {
+      order.push_back(t.step);
+      it = groups.emplace(t.step, StepBatch{b.dtype, b.device, b.stream, {}}).first;
+    }
+    it->second.tensors.push_back(t);
+  }
+  struct Next {
+    void* step;
+    void* product;
+    double taken, mu;
+  };
+  std::vector<Next> next;
+  for (void* key : order) {
+    const StepBatch& g = groups[key];
+    void* prod = g.tensors.front().mu_product;
+    CoefD<Rule> c;
+    Next n{key, prod, 0.0, 1.0};
+    counter_step(h, sc, load_count(key, s.counter_dtype), prod != nullptr,
+                 prod != nullptr ? load_count(prod, s.product_dtype) : 1.0, &c, &n.taken, &n.mu);
+    run_cpu<Rule>(g, c);
+    next.push_back(n);
+  }
+  for (const Next& n : next) {  // after every update: a counter is read once, before any is written
+    if (n.product != nullptr) store_count(n.product, s.product_dtype, n.mu);
+    store_count(n.step, s.counter_dtype, n.taken);
+  }
+}
+
 // Make the rule's coefficients on the host (optim_coefs.h) and run the executor.  A CUDA step gets the
 // hyperparameters and scalars too: with device counters its kernel makes the same coefficients on the device.
 template <class Rule>
@@ -63,13 +120,11 @@ void run(const StepBatch& b, const HyperT<Rule>& h, const StepInfo& s, const Ste
   }
   if (s.grad_scale_device || s.found_inf_device)
     throw std::invalid_argument("grad_scale/found_inf: device scalars are for CUDA arrays; pass numbers on the CPU");
-  if (s.device_counters)
-    throw std::invalid_argument("step: device step counters are for CUDA arrays; pass the count on the CPU");
-  switch (current_isa()) {
-    case CpuIsa::avx512: cpu_avx512::run_rule<Rule>(b, c); break;
-    case CpuIsa::avx2: cpu_avx2::run_rule<Rule>(b, c); break;
-    default: cpu_scalar::run_rule<Rule>(b, c); break;
+  if (s.device_counters) {
+    run_counted<Rule>(b, h, sc, s);
+    return;
   }
+  run_cpu<Rule>(b, c);
 }
 
 double grad_sign_scale(const StepInfo& s) { return s.maximize ? -s.grad_scale : s.grad_scale; }

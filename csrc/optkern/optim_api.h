@@ -49,13 +49,14 @@ struct StepInfo {
   // skips the whole step when non-zero (AMP's found_inf).  Read by the kernel: no host synchronisation.
   const float* grad_scale_device = nullptr;
   const float* found_inf_device = nullptr;
-  // CUDA only: the step counts live on the device, as torch's capturable state["step"] tensors (and NAdam's
-  // mu_product) do.  Every tensor's slots.step (and, for NAdam, slots.mu_product) points at its counter in
-  // device memory, of counter_dtype (product_dtype); several tensors may share one.  The kernel computes each
+  // The step counts live in memory: on a CUDA device, as torch's capturable state["step"] tensors (and NAdam's
+  // mu_product) do, or in host memory for CPU arrays.  Every tensor's slots.step (and, for NAdam,
+  // slots.mu_product) points at its counter, of counter_dtype (product_dtype); several tensors may share one.  The kernel computes each
   // tensor's coefficients on the device from its count + 1 (optim_coefs.h, the same functions as the host's), and
   // a second launch advances every distinct counter by one (and the products) unless found_inf_device is
-  // non-zero: a skipped step changes nothing, counts included.  `step` is then unused.  Nothing is read back to
-  // the host, so the step can be captured in a CUDA graph and replayed.
+  // non-zero: a skipped step changes nothing, counts included.  `step` is then unused.  On CUDA nothing is read
+  // back to the host, so the step can be captured in a CUDA graph and replayed.  The CPU runs the same per-counter
+  // function (optim_coefs.h: counter_step).
   bool device_counters = false;
   DType counter_dtype = DType::f32;
   DType product_dtype = DType::f32;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "optim_api.h"
@@ -170,6 +171,24 @@ OK_HD void make_coef(const RpropHyper& h, const StepScalars& s, RpropRule::Coef<
   c->etaplus = h.etaplus;
   c->step_min = h.step_size_min;
   c->step_max = h.step_size_max;
+}
+
+// ---- step counters kept in memory (StepInfo::device_counters) ------------------------------------------------------
+// One counter's work in a step: the coefficients of step `taken + 1` (with NAdam's running product when the counter
+// has one) and the counter's next values.  The CUDA executor runs it in one thread per distinct counter; the CPU
+// executor (host-memory counters) runs it per distinct counter too, so the CPU tests check what each GPU thread does.
+template <class Hyper, class CoefDT>
+OK_HD void counter_step(const Hyper& h, const StepScalars& base, double taken, bool has_product, double product,
+                        CoefDT* c, double* next_taken, double* next_product) {
+  StepScalars s = base;
+  s.t = taken + 1.0;
+  if (has_product) s.mu_product = product;
+  make_coef(h, s, c);
+  *next_taken = taken + 1.0;
+  *next_product = product;
+  if constexpr (std::is_same<Hyper, NadamHyper>::value) {  // the only hyperparameters with a running product
+    if (has_product) *next_product = nadam_product_after(h, s);
+  }
 }
 
 }  // namespace optkern

@@ -19,15 +19,16 @@ Numbers: hyperparameters are real numbers (int, float, a NumPy integer or floati
 value out of float range with a ValueError.  ``step`` is an integer (Python or NumPy, not a bool or a float)
 >= 1 and < 2**62.
 
-Device step counts (CUDA arrays): ``step`` may instead be a one-element float32 or float64 CUDA array holding the
-count of steps *taken* so far (torch's ``state["step"]`` / ``state_steps``, 0 before the first step).  The kernel
-reads it on the device, computes this step's coefficients from it + 1 there (with the same code and in the same
-order as the host, so CPU and GPU agree bit for bit), and advances it by one after the update, unless the device
-``found_inf`` is non-zero, in which case nothing changes, the count included (as torch's capturable optimizers
-do).  Nothing is read back to the host, so such a step can be captured in a CUDA graph and replayed (after one
-eager warm-up step with the same arrays, which uploads the step's work plan).  A host ``step`` with a device
-``found_inf`` is allowed but the caller's count then advances even when the step is skipped; keep the count on
-the device to avoid that.  NAdam's ``mu_product`` is then a one-element CUDA array too (advanced the same way).
+Step counts kept in an array: ``step`` may instead be a one-element float32 or float64 array on the params' device
+(CUDA or CPU) holding the count of steps *taken* so far (torch's ``state["step"]`` / ``state_steps``, 0 before the
+first step), one for all params or a list with one per param.  The step reads it, computes this step's
+coefficients from it + 1 (on a GPU: on the device, with the same code and in the same order as the host, so CPU
+and GPU agree bit for bit) and advances it by one after the update, unless ``found_inf`` is true or, on a GPU, a
+non-zero device flag; then nothing changes, the count included (as torch's capturable optimizers do).  On a GPU
+nothing is read back to the host, so such a step can be captured in a CUDA graph and replayed (after one eager
+warm-up step with the same params and states, which uploads the step's work plan).  A host ``step`` with a device
+``found_inf`` is allowed, but the caller's count then advances even when the step is skipped; keep the count in an
+array to avoid that.  NAdam's ``mu_product`` is then a one-element array too (advanced the same way).
 
 All arrays of one call share a dtype (float32 or float64) and a device; grads and states match their param's
 shape and layout.  Bad input raises ValueError or TypeError naming the argument before anything is written.
@@ -169,14 +170,18 @@ def _lists(params, grads, states):
     return _plain_list(params), _plain_list(grads), [_plain_list(s) for s in states]
 
 
-def _is_device_array(x) -> bool:
-    return hasattr(x, "__cuda_array_interface__") or _is_torch_cuda(x)
+def _is_counter_array(x) -> bool:
+    """An array given where a count is due (step=, NAdam's mu_product=): a counter the step reads and advances."""
+    if isinstance(x, (bool, int, float, np.generic)):
+        return False
+    return hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack__") or hasattr(x, "__array_interface__")
 
 
 def _run(fn, params, grads, states, names, hyper, step, grad_multiplier, found_inf, maximize, **extra):
     if type(step) is not int or not 0 < step < MAX_STEP:
-        if _is_device_array(step):  # the steps taken, on the device: read and advanced by the kernel
-            extra["step_counters"] = [plain(step)]
+        if _is_counter_array(step) or (type(step) in (list, tuple) and step and _is_counter_array(step[0])):
+            # the steps taken, in memory: read and advanced by the step itself
+            extra["step_counters"] = [plain(c) for c in step] if type(step) in (list, tuple) else [plain(step)]
             step = 1
         else:
             step = step_count("step", step)
@@ -442,15 +447,19 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     """
     if kw:
         refuse_keywords("nadam_step", kw)
-    if _is_device_array(step) or _is_device_array(mu_product):
-        if not (_is_device_array(step) and _is_device_array(mu_product)):
-            raise ValueError("mu_product: with a device step count (step= a CUDA array) mu_product must be a "
-                             "one-element CUDA array too, and the other way round")
+    def counted(x):
+        return _is_counter_array(x) or (type(x) in (list, tuple) and bool(x) and _is_counter_array(x[0]))
+
+    if counted(step) or counted(mu_product):
+        if not (counted(step) and counted(mu_product)):
+            raise ValueError("mu_product: with a step count in an array (step= an array) mu_product must be a "
+                             "one-element array too, and the other way round")
         h = build_hyper("nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
                         momentum_schedule=momentum_schedule)
+        products = [plain(c) for c in mu_product] if type(mu_product) in (list, tuple) else [plain(mu_product)]
         _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
-             grad_multiplier, found_inf, maximize, mu_product=1.0, mu_product_counters=[plain(mu_product)])
+             grad_multiplier, found_inf, maximize, mu_product=1.0, mu_product_counters=products)
         return mu_product
     mu_product = real_number("mu_product", mu_product)
     if not 0.0 <= mu_product <= 1.0:

@@ -161,17 +161,14 @@ __global__ void coef_kernel(const DevCounter* counters, int64_t n, const CudaSte
   if (i >= n) return;
   if (st.found_inf != nullptr && *st.found_inf != 0.0f) return;
   const DevCounter c = counters[i];
-  StepScalars s = st.scalars;
-  const double taken = load_scalar(c.step, st.counter_dtype);
-  s.t = taken + 1.0;
-  if (c.mu_product != nullptr) s.mu_product = load_scalar(c.mu_product, st.product_dtype);
+  const bool has_product = c.mu_product != nullptr;
   CoefD<Rule> cd;
-  make_coef(st.hyper, s, &cd);
+  double next_taken, next_product;
+  counter_step(st.hyper, st.scalars, load_scalar(c.step, st.counter_dtype), has_product,
+               has_product ? load_scalar(c.mu_product, st.product_dtype) : 1.0, &cd, &next_taken, &next_product);
   *reinterpret_cast<typename Rule::template Coef<T>*>(coefs + i * kCoefSlot) = typename Rule::template Coef<T>(cd);
-  if constexpr (std::is_same<HyperT<Rule>, NadamHyper>::value) {
-    if (c.mu_product != nullptr) store_scalar(c.mu_product, st.product_dtype, nadam_product_after(st.hyper, s));
-  }
-  store_scalar(c.step, st.counter_dtype, taken + 1.0);
+  if (has_product) store_scalar(c.mu_product, st.product_dtype, next_product);
+  store_scalar(c.step, st.counter_dtype, next_taken);
 }
 
 // ---- the cached device table -------------------------------------------------------------------------------------
