@@ -3,7 +3,6 @@ CuPy and CUDA tensors) run on the CPU with NumPy and CPU torch: the row it repor
 from its own timings, and optkern's direction agrees with the torch two-loop's.  The CuPy run is in
 tests/test_cupy_lbfgs.py."""
 
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from conftest import AVAILABLE_ISAS
 
 torch = pytest.importorskip("torch", reason="torch==2.13.0 is the benchmark's reference")
 from optkern.bench import lbfgs as lbfgs_bench
+from optkern.bench.cuda import wall_times
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +19,7 @@ def _once(cpu_isa):
         pytest.skip("ISA-independent: runs once under the best path (the kernels are checked per path elsewhere)")
 
 
-def _timer(fn, reps, warmup):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+_timer = wall_times  # the benchmark's own host-clock timer (its CPU stand-in for CUDA events)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
