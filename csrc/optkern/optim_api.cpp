@@ -52,14 +52,6 @@ void run_cpu(const StepBatch& b, const CoefD<Rule>& c) {
   }
 }
 
-double load_count(const void* p, DType dt) {
-  return dt == DType::f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
-}
-void store_count(void* p, DType dt, double v) {
-  if (dt == DType::f64) *static_cast<double*>(p) = v;
-  else *static_cast<float*>(p) = static_cast<float>(v);
-}
-
 // CPU arrays whose step counts are kept in (host) memory, as the CUDA executor keeps device counts: per distinct
 // counter, counter_step (optim_coefs.h, what each GPU thread runs) makes the coefficients of its count + 1; the
 // tensors sharing it take one executor call; then every counter (and NAdam product) takes its next value.
@@ -87,14 +79,14 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
     void* prod = g.tensors.front().mu_product;
     CoefD<Rule> c;
     Next n{key, prod, 0.0, 1.0};
-    counter_step(h, sc, load_count(key, s.counter_dtype), prod != nullptr,
-                 prod != nullptr ? load_count(prod, s.product_dtype) : 1.0, &c, &n.taken, &n.mu);
+    counter_step(h, sc, load_counter(key, s.counter_dtype), prod != nullptr,
+                 prod != nullptr ? load_counter(prod, s.product_dtype) : 1.0, &c, &n.taken, &n.mu);
     run_cpu<Rule>(g, c);
     next.push_back(n);
   }
   for (const Next& n : next) {  // after every update: a counter is read once, before any is written
-    if (n.product != nullptr) store_count(n.product, s.product_dtype, n.mu);
-    store_count(n.step, s.counter_dtype, n.taken);
+    if (n.product != nullptr) store_counter(n.product, s.product_dtype, n.mu);
+    store_counter(n.step, s.counter_dtype, n.taken);
   }
 }
 

@@ -69,15 +69,21 @@ OK_HD void make_coef(const SgdHyper& h, const StepScalars& s, SgdVelocityRule::C
   c->nesterov = h.nesterov;
 }
 
-OK_HD void make_coef(const AdamHyper& h, const StepScalars& s, AdamCoef<double>* c) {
-  const double bc1 = h.bias_correction ? 1.0 - ok_powi(h.beta1, s.t) : 1.0;
-  const double bc2 = h.bias_correction ? 1.0 - ok_powi(h.beta2, s.t) : 1.0;
+// The fields Adam and NAdam share: weight decay (decoupled or L2) and the two moments' weights.
+template <class Hyper, class CoefDT>
+OK_HD void moment_coefs(const Hyper& h, const StepScalars& s, CoefDT* c) {
   c->gscale = s.gscale;
   c->decay = h.decoupled_weight_decay ? 1.0 - h.lr * h.weight_decay : 1.0;
   c->wd = h.decoupled_weight_decay ? 0.0 : h.weight_decay;
   c->beta1_w = 1.0 - h.beta1;
   c->beta2 = h.beta2;
   c->one_minus_beta2 = 1.0 - h.beta2;
+}
+
+OK_HD void make_coef(const AdamHyper& h, const StepScalars& s, AdamCoef<double>* c) {
+  const double bc1 = h.bias_correction ? 1.0 - ok_powi(h.beta1, s.t) : 1.0;
+  const double bc2 = h.bias_correction ? 1.0 - ok_powi(h.beta2, s.t) : 1.0;
+  moment_coefs(h, s, c);
   if (h.eps_inside_sqrt) {  // Algorithm 8.7: sqrt(r / (1 - rho2^t) + delta)
     c->bc2_in = bc2;
     c->eps_in = h.eps;
@@ -135,12 +141,7 @@ OK_HD double nadam_product_after(const NadamHyper& h, const StepScalars& s) {
 }
 
 OK_HD void make_coef(const NadamHyper& h, const StepScalars& s, NadamRule::Coef<double>* c) {
-  c->gscale = s.gscale;
-  c->decay = h.decoupled_weight_decay ? 1.0 - h.lr * h.weight_decay : 1.0;
-  c->wd = h.decoupled_weight_decay ? 0.0 : h.weight_decay;
-  c->beta1_w = 1.0 - h.beta1;
-  c->beta2 = h.beta2;
-  c->one_minus_beta2 = 1.0 - h.beta2;
+  moment_coefs(h, s, c);
   c->bc2 = 1.0 - ok_powi(h.beta2, s.t);
   c->eps = h.eps;
   if (h.momentum_schedule) {  // torch: coef_g = -lr (1 - mu_t) / (1 - prod mu), coef_m = -lr mu_{t+1} / (1 - prod mu_{t+1})
@@ -174,6 +175,15 @@ OK_HD void make_coef(const RpropHyper& h, const StepScalars& s, RpropRule::Coef<
 }
 
 // ---- step counters kept in memory (StepInfo::device_counters) ------------------------------------------------------
+// A counter's value (a float32 or float64 element), read and written the same way on host and device.
+OK_HD double load_counter(const void* p, DType dt) {
+  return dt == DType::f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
+}
+OK_HD void store_counter(void* p, DType dt, double v) {
+  if (dt == DType::f64) *static_cast<double*>(p) = v;
+  else *static_cast<float*>(p) = static_cast<float>(v);
+}
+
 // One counter's work in a step: the coefficients of step `taken + 1` (with NAdam's running product when the counter
 // has one) and the counter's next values.  The CUDA executor runs it in one thread per distinct counter; the CPU
 // executor (host-memory counters) runs it per distinct counter too, so the CPU tests check what each GPU thread does.

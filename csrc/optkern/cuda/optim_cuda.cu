@@ -10,9 +10,11 @@
 // The table is cached, keyed on the step's exact slots (device, dtype, every pointer, size and counter), so a
 // training loop whose arrays stay put uploads it once: per-step host work is one comparison of the slots, no
 // allocation, no copy.  A step whose grads moved (a new allocation) uploads a new table, O(tensors) bytes.
-// The upload is refused while the stream is being captured into a CUDA graph (run one step outside the capture
-// first, as torch's own capturable optimizers ask); with device counters nothing else in a step needs the host,
-// so a captured step replays with the counts advancing on the device.
+// Under capture into a CUDA graph nothing is uploaded: a table that differs only in its grads (backward allocated
+// them inside the capture) is re-pointed by a captured kernel, anything else new is refused (run one step outside
+// the capture first, as torch's own capturable optimizers ask), and the tables a graph uses are pinned.  With
+// device counters nothing else in a step needs the host, so a captured step replays with the counts advancing on
+// the device.
 //
 // Coefficients: a host-counted step takes the host's Coef (optim_coefs.h) as a kernel parameter; with device
 // counters a one-thread-per-counter launch reads each distinct count (and NAdam's product), makes the
@@ -66,14 +68,6 @@ struct DevCounter {
   void* step;
   void* mu_product;
 };
-
-__device__ __forceinline__ double load_scalar(const void* p, DType dt) {
-  return dt == DType::f64 ? *static_cast<const double*>(p) : static_cast<double>(*static_cast<const float*>(p));
-}
-__device__ __forceinline__ void store_scalar(void* p, DType dt, double v) {
-  if (dt == DType::f64) *static_cast<double*>(p) = v;
-  else *static_cast<float*>(p) = static_cast<float>(v);
-}
 
 template <class Rule, class T>
 __device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>& c, T* p, const T* g, T* s0, T* s1,
@@ -164,11 +158,11 @@ __global__ void coef_kernel(const DevCounter* counters, int64_t n, const CudaSte
   const bool has_product = c.mu_product != nullptr;
   CoefD<Rule> cd;
   double next_taken, next_product;
-  counter_step(st.hyper, st.scalars, load_scalar(c.step, st.counter_dtype), has_product,
-               has_product ? load_scalar(c.mu_product, st.product_dtype) : 1.0, &cd, &next_taken, &next_product);
+  counter_step(st.hyper, st.scalars, load_counter(c.step, st.counter_dtype), has_product,
+               has_product ? load_counter(c.mu_product, st.product_dtype) : 1.0, &cd, &next_taken, &next_product);
   *reinterpret_cast<typename Rule::template Coef<T>*>(coefs + i * kCoefSlot) = typename Rule::template Coef<T>(cd);
-  if (has_product) store_scalar(c.mu_product, st.product_dtype, next_product);
-  store_scalar(c.step, st.counter_dtype, next_taken);
+  if (has_product) store_counter(c.mu_product, st.product_dtype, next_product);
+  store_counter(c.step, st.counter_dtype, next_taken);
 }
 
 // ---- the cached device table -------------------------------------------------------------------------------------
@@ -309,10 +303,9 @@ void refresh_rows(DeviceTable& t, const StepBatch& b, cudaStream_t stream) {
 // The table for this step: a cached one when the slots are unchanged, else a new one.  Under capture, a table that
 // differs only in its grads (torch's recipe: zero_grad(set_to_none=True), then backward allocates the grads inside
 // the capture) is re-pointed by a captured kernel; anything else new is refused.  Tables a capture used are pinned.
-std::shared_ptr<DeviceTable> table_for(const StepBatch& b, bool counters, cudaStream_t stream) {
+std::shared_ptr<DeviceTable> table_for(const StepBatch& b, bool counters, cudaStream_t stream, bool capturing) {
   static std::mutex mu;
   static std::list<std::shared_ptr<DeviceTable>> cache;  // most recently used first
-  const bool capturing = stream_capturing(stream);
   auto matches = [&](const DeviceTable& t, bool grads_too) {
     return t.device == b.device.index && t.dtype == b.dtype && t.counters == counters &&
            same_slots(t.key, b.tensors, grads_too);
@@ -390,12 +383,13 @@ template <class Rule, class T>
 void launch(const StepBatch& b, const CudaStep<Rule>& s) {
   DeviceGuard guard(b.device.index);
   cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
-  if (s.step_dependent && !s.device_counters && stream_capturing(stream))
+  const bool capturing = stream_capturing(stream);
+  if (s.step_dependent && !s.device_counters && capturing)
     throw std::runtime_error(
         "optkern: a step captured in a CUDA graph needs its step count on the device (torch: capturable=True; "
         "functional: step= a one-element CUDA array of the steps taken): a host count would be frozen into the "
         "graph and every replay would repeat this step's coefficients");
-  std::shared_ptr<DeviceTable> table = table_for(b, s.device_counters, stream);
+  std::shared_ptr<DeviceTable> table = table_for(b, s.device_counters, stream, capturing);
   static_assert(sizeof(typename Rule::template Coef<double>) <= kCoefSlot, "a coefficient slot holds a Coef");
   if (s.device_counters && table->ncounters > 0) {  // coefficients from the device counts, counts advanced
     const int threads = 128;

@@ -355,10 +355,7 @@ class _FusedStep:
                 key = (p.dtype, p.device, taken, cdt, extra)
                 buckets.setdefault(key, []).append((f"param_groups[{gi}]['params'][{pi}]", p, st))
             for (dtype, device, taken, cdt, extra), items in buckets.items():
-                try:
-                    entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
-                except LookupError:  # a state the plans cannot describe: every step takes the general path
-                    return None
+                entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
         return _Plans(self.state, len(self.state), groups, entries, idle)
 
     def _make_plan(self, gi, keys, device, taken, cdt, items):
@@ -833,9 +830,7 @@ class NAdam(_FusedStep, torch.optim.NAdam):
         products = [st["mu_product"] for st in sts]
         dt = products[0].dtype
         e.mu = (products[0], dt == torch.float32, [t.data_ptr() for t in products], dt == torch.float64)
-        if e.taken == _DEVICE_COUNT:
-            if len({t.dtype for t in products}) != 1:
-                raise LookupError  # mixed product dtypes: the general path refuses it by name
+        if e.taken == _DEVICE_COUNT:  # (one product dtype per plan: _bucket_extra keys on it)
             e.plan.set_device_products(e.mu[2], dt == torch.float64)
 
     def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr, fi_ptr):
