@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -29,9 +30,36 @@ bool parse_format(const char* f, int itemsize, DType* out) {
   if (f[0] == '\0' || f[1] != '\0') return false;
   if (*f == 'f' && itemsize == 4) { *out = DType::f32; return true; }
   if (*f == 'd' && itemsize == 8) { *out = DType::f64; return true; }
+  if (*f == 'e' && itemsize == 2) { *out = DType::f16; return true; }
+  if (*f == 'h' && itemsize == 2) { *out = DType::i16; return true; }
   return false;
 }
 
+// A dtype optkern knows: the flags and its name.
+void set_dtype(ArrayView& v, DType d) {
+  v.dtype = d;
+  v.known = true;
+  v.dtype_ok = d == DType::f32 || d == DType::f64;
+  v.itemsize = optkern::dtype_size(d);
+  std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", optkern::dtype_name(d));
+}
+
+// A DLPack dtype in words, as NumPy and torch name it ("int32", "bfloat16", "complex64", "bool").
+void dlpack_dtype_words(int code, int bits, int lanes, char* out, size_t n) {
+  const char* kind = code == 0 ? "int" : code == 1 ? "uint" : code == 2 ? "float" : code == 4 ? "bfloat"
+                   : code == 5 ? "complex" : code == 6 ? "bool" : nullptr;
+  if (kind == nullptr) std::snprintf(out, n, "an unknown DLPack dtype (code %d, %d bits)", code, bits);
+  else if (code == 6) std::snprintf(out, n, "bool");
+  else std::snprintf(out, n, "%s%d", kind, bits);
+  if (lanes != 1) {
+    const size_t len = std::strlen(out);
+    std::snprintf(out + len, n - len, " x %d lanes", lanes);
+  }
+}
+
+}  // namespace
+
+namespace {
 const char* kDLPackName = "dltensor";
 const char* kDLPackUsed = "used_dltensor";
 const char* kDLPackVersionedName = "dltensor_versioned";
@@ -46,6 +74,7 @@ ArrayView& ArrayView::operator=(ArrayView&& o) noexcept {
     release();
     data = o.data;
     dtype_ok = o.dtype_ok;
+    known = o.known;
     dtype = o.dtype;
     std::memcpy(dtype_str, o.dtype_str, sizeof(dtype_str));
     ndim = o.ndim;
@@ -226,12 +255,24 @@ struct ArrayReader {
     constexpr int kNpyFloat = 11, kNpyDouble = 12;
     constexpr int kWriteable = 0x0400;
     const bool native = d->byteorder != '>';
-    if (d->type_num == kNpyFloat && native) { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
-    else if (d->type_num == kNpyDouble && native) { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
+    constexpr int kNpyShort = 3, kNpyHalf = 23, kNpyUserDef = 256;
+    if (d->type_num == kNpyFloat && native) set_dtype(v, DType::f32);
+    else if (d->type_num == kNpyDouble && native) set_dtype(v, DType::f64);
+    else if (d->type_num == kNpyHalf && native) set_dtype(v, DType::f16);
+    else if (d->type_num == kNpyShort && native) set_dtype(v, DType::i16);
     else {
       v.itemsize = 1;
-      std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", std::string(py::str(obj.attr("dtype"))).c_str());
-      if (!native) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "a non-native byte order");
+      py::object dt = obj.attr("dtype");
+      const std::string name = py::str(dt.attr("name"));
+      // ml_dtypes.bfloat16 (NumPy's bfloat16: a user-defined dtype of 2 bytes named "bfloat16")
+      if (d->type_num >= kNpyUserDef && name == "bfloat16" && py::int_(dt.attr("itemsize")).cast<int>() == 2)
+        set_dtype(v, DType::bf16);
+      else
+        std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", name.c_str());
+      if (!native) {
+        v.known = v.dtype_ok = false;
+        std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s in a non-native byte order", name.c_str());
+      }
     }
     check_ndim(a->nd, what);
     v.data = a->data;
@@ -256,8 +297,9 @@ struct ArrayReader {
     v.data = b.buf;
     v.itemsize = static_cast<int>(b.itemsize);
     v.readonly = b.readonly != 0;
-    v.dtype_ok = parse_format(b.format, v.itemsize, &v.dtype);
-    if (!v.dtype_ok) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "buffer format '%.40s'", b.format ? b.format : "?");
+    DType bd;
+    if (parse_format(b.format, v.itemsize, &bd)) set_dtype(v, bd);
+    else std::snprintf(v.dtype_str, sizeof(v.dtype_str), "buffer format '%.40s'", b.format ? b.format : "?");
     check_ndim(b.ndim, what);
     if (b.ndim > 0 && !b.shape) type_error(what + ": its buffer has no shape");
     v.ndim = b.ndim;
@@ -310,9 +352,18 @@ struct ArrayReader {
     if (!typestr) missing("typestr");
     if (!PyUnicode_Check(typestr.ptr())) bad("typestr", typestr, "a str");
     const std::string ts = py::str(typestr);
-    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "typestr '%.40s'", ts.c_str());
-    if (ts == "<f4") { v.dtype = DType::f32; v.itemsize = 4; v.dtype_ok = true; }
-    else if (ts == "<f8") { v.dtype = DType::f64; v.itemsize = 8; v.dtype_ok = true; }
+    {  // the typestr in words ("<i4" -> int32), for messages
+      const char k = ts.size() >= 3 ? ts[1] : '?';
+      const int bytes = ts.size() >= 3 ? std::atoi(ts.c_str() + 2) : 0;
+      const char* kind = k == 'i' ? "int" : k == 'u' ? "uint" : k == 'f' ? "float" : k == 'c' ? "complex" : nullptr;
+      if (k == 'b') std::snprintf(v.dtype_str, sizeof(v.dtype_str), "bool");
+      else if (kind && bytes > 0) std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s%d", kind, 8 * bytes);
+      else std::snprintf(v.dtype_str, sizeof(v.dtype_str), "typestr '%.40s'", ts.c_str());
+    }
+    if (ts == "<f4") set_dtype(v, DType::f32);
+    else if (ts == "<f8") set_dtype(v, DType::f64);
+    else if (ts == "<f2") set_dtype(v, DType::f16);
+    else if (ts == "<i2") set_dtype(v, DType::i16);
     else { v.itemsize = 1; }
 
     py::object shape_o = field("shape");
@@ -420,12 +471,16 @@ struct ArrayReader {
     } else {
       type_error(what + ": __dlpack__ did not return a DLPack capsule");
     }
-    if (t->dtype.code == kDLFloat && t->dtype.lanes == 1 && (t->dtype.bits == 32 || t->dtype.bits == 64)) {
-      v.dtype_ok = true;
-      v.dtype = t->dtype.bits == 32 ? DType::f32 : DType::f64;
-    }
     v.itemsize = t->dtype.bits / 8 > 0 ? t->dtype.bits / 8 : 1;
-    std::snprintf(v.dtype_str, sizeof(v.dtype_str), "DLPack dtype (code %d, bits %d)", int(t->dtype.code), int(t->dtype.bits));
+    dlpack_dtype_words(int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes), v.dtype_str, sizeof(v.dtype_str));
+    if (t->dtype.lanes == 1) {
+      const int code = t->dtype.code, bits = t->dtype.bits;
+      if (code == kDLFloat && bits == 32) set_dtype(v, DType::f32);
+      else if (code == kDLFloat && bits == 64) set_dtype(v, DType::f64);
+      else if (code == kDLFloat && bits == 16) set_dtype(v, DType::f16);
+      else if (code == kDLBfloat && bits == 16) set_dtype(v, DType::bf16);
+      else if (code == kDLInt && bits == 16) set_dtype(v, DType::i16);
+    }
     check_ndim(t->ndim, what);
     if (t->ndim > 0 && !t->shape) type_error(what + ": its DLPack tensor has no shape");
     v.ndim = t->ndim;
@@ -526,7 +581,7 @@ std::string view_name(const std::vector<std::string>& names, size_t nt, size_t v
 }  // namespace
 
 CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle states_h, py::handle names_h,
-                           int nstates, int64_t cuda_stream) {
+                           int nstates, int64_t cuda_stream, const StepStorage& storage) {
   py::sequence params = as_sequence(params_h, "params");
   py::sequence grads = as_sequence(grads_h, "grads");
   py::sequence states = as_sequence(states_h, "states");
@@ -536,11 +591,29 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   if (static_cast<int>(py::len(states)) != nstates || static_cast<int>(py::len(names_seq)) != nstates)
     value_error("states: expected " + std::to_string(nstates) + " state lists for these hyperparameters, got " +
                 std::to_string(py::len(states)));
+  using optkern::MasterMode;
+  const bool want_masters = storage.master != MasterMode::none;
+  if (want_masters && storage.masters.is_none())
+    value_error(std::string("masters: master_weights=\"") + optkern::master_mode_name(storage.master) +
+                "\" needs one master array per param");
+  if (!want_masters && !storage.masters.is_none())
+    value_error("masters: given without master_weights (\"fp32\" or \"split\")");
   std::vector<std::string> names = {"params", "grads"};
   std::vector<py::sequence> lists = {params, grads};
   for (int k = 0; k < nstates; ++k) {
     names.push_back(py::str(names_seq[k]));
     lists.push_back(as_sequence(states[k], names.back().c_str()));
+  }
+  size_t k_master = 0, k_copy = 0;  // kinds of the extra lists (0: absent)
+  if (want_masters) {
+    k_master = lists.size();
+    names.push_back("masters");
+    lists.push_back(as_sequence(storage.masters, "masters"));
+  }
+  if (!storage.copies.is_none()) {
+    k_copy = lists.size();
+    names.push_back("param_copies");
+    lists.push_back(as_sequence(storage.copies, "param_copies"));
   }
   for (size_t k = 1; k < lists.size(); ++k)
     if (py::len(lists[k]) != nt)
@@ -558,16 +631,91 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
       out.views.push_back(ArrayView::parse(item, names[k].c_str(), static_cast<int64_t>(i), cuda_stream));
     }
   }
-  // Per-tensor checks: dtype, shape, layout, device, writability, alignment.
+  // The storage types: params float32/float64/bfloat16/float16, one dtype per call; grads in the params' dtype or,
+  // for float32 params, 16-bit (the offload step); states in the params' dtype or, for 16-bit params, float32 or
+  // bfloat16, one dtype for every state of the call; masters float32 ("fp32") or int16 ("split"); copies 16-bit.
+  const DType pd = nt ? out.views[0].dtype : DType::f32;
+  const bool half = nt && optkern::is_half(pd);
+  DType gd = pd, sd = pd, cd = DType::bf16;
+  auto dtype_words = [](const ArrayView& a) { return std::string(a.dtype_str); };
+  for (size_t k = 0; k < nkinds && nt; ++k) {
+    for (size_t i = 0; i < nt; ++i) {
+      const ArrayView& a = out.views[k * nt + i];
+      auto an_str = [&] { return names[k] + "[" + std::to_string(i) + "]"; };
+      const bool first_of_kind = i == 0 && (k < 2 || k == k_master || k == k_copy || k == 2);
+      if (k == 0) {
+        if (!a.known || a.dtype == DType::i16)
+          type_error(an_str() + ": expected float32, float64, bfloat16 or float16, got " + dtype_words(a));
+        if (i > 0 && a.dtype != pd)
+          type_error(an_str() + ": expected " + optkern::dtype_name(pd) + " like params[0] (one dtype per call), got " +
+                     dtype_words(a));
+      } else if (k == 1) {
+        if (i == 0) {
+          const bool ok = a.known && (a.dtype == pd || (pd == DType::f32 && optkern::is_half(a.dtype)));
+          if (!ok)
+            type_error(an_str() + ": expected " + optkern::dtype_name(pd) + " like params[0]" +
+                       (pd == DType::f32 ? " (or bfloat16/float16 grads for float32 params)" : "") + ", got " +
+                       dtype_words(a));
+          gd = a.dtype;
+        } else if (!a.known || a.dtype != gd) {
+          type_error(an_str() + ": expected " + optkern::dtype_name(gd) + " like grads[0] (one dtype per call), got " +
+                     dtype_words(a));
+        }
+      } else if (k == k_master && k_master) {
+        const DType want = storage.master == MasterMode::split ? DType::i16 : DType::f32;
+        if (!a.known || a.dtype != want)
+          type_error(an_str() + ": expected " + optkern::dtype_name(want) + " (master_weights=\"" +
+                     optkern::master_mode_name(storage.master) + "\" keeps " +
+                     (want == DType::i16 ? "the float32 master's low halves" : "a float32 master") + "), got " +
+                     dtype_words(a));
+      } else if (k == k_copy && k_copy) {
+        if (i == 0) {
+          if (!a.known || !optkern::is_half(a.dtype))
+            type_error(an_str() + ": expected a bfloat16 or float16 array (the 16-bit copy of params[0]), got " +
+                       dtype_words(a));
+          cd = a.dtype;
+        } else if (!a.known || a.dtype != cd) {
+          type_error(an_str() + ": expected " + optkern::dtype_name(cd) + " like param_copies[0], got " +
+                     dtype_words(a));
+        }
+      } else {  // a state
+        if (k == 2 && i == 0) {
+          const bool ok = a.known && (a.dtype == pd || (half && (a.dtype == DType::f32 || a.dtype == DType::bf16)));
+          if (!ok)
+            type_error(an_str() + ": expected " + optkern::dtype_name(pd) + " like params[0]" +
+                       (half ? std::string(" (or float32/bfloat16 state for ") + optkern::dtype_name(pd) + " params)"
+                             : std::string()) +
+                       ", got " + dtype_words(a));
+          sd = a.dtype;
+        } else if (!a.known || a.dtype != sd) {
+          type_error(an_str() + ": expected " + optkern::dtype_name(sd) + " like " + names[2] +
+                     "[0] (one state dtype per call), got " + dtype_words(a));
+        }
+      }
+      (void)first_of_kind;
+    }
+  }
+  if (storage.master == MasterMode::split && nt && pd != DType::bf16)
+    value_error(std::string("master_weights: \"split\" needs bfloat16 params (the float32 master's high half), got ") +
+                optkern::dtype_name(pd) + " params; use \"fp32\"");
+  if (want_masters && nt && !half)
+    value_error(std::string("master_weights: a master copy is for 16-bit params; ") + optkern::dtype_name(pd) +
+                " params are their own master (use None)");
+  if (storage.stochastic && nt && !half)
+    value_error(std::string("stochastic_rounding: applies to 16-bit params, got ") + optkern::dtype_name(pd));
+  if (storage.stochastic && want_masters)
+    value_error(std::string("stochastic_rounding: only without a master copy (master_weights=None), got "
+                            "master_weights=\"") + optkern::master_mode_name(storage.master) + "\"");
+  if (k_copy && nt && pd != DType::f32)
+    value_error(std::string("param_copies: only for float32 params (the offload step), got ") +
+                optkern::dtype_name(pd) + " params");
+
+  // Per-tensor checks: shape, layout, device, writability, alignment.
   Device device;
   bool have_device = false;
   for (size_t i = 0; i < nt; ++i) {
     const ArrayView& p = out.views[i];
     auto pn_str = [&] { return "params[" + std::to_string(i) + "]"; };
-    if (!p.dtype_ok) type_error(pn_str() + ": expected float32 or float64, got " + p.dtype_str);
-    if (i > 0 && p.dtype != out.views[0].dtype)
-      type_error(pn_str() + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like params[0] (one dtype per call), got " +
-                 optkern::dtype_name(p.dtype));
     if (!have_device) {
       device = p.device;
       have_device = true;
@@ -576,9 +724,6 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
       const ArrayView& a = out.views[k * nt + i];
       auto an_str = [&] { return names[k] + "[" + std::to_string(i) + "]"; };
       if (k > 0) {
-        if (!a.dtype_ok || a.dtype != p.dtype)
-          type_error(an_str() + ": expected " + optkern::dtype_name(p.dtype) + " like " + pn_str() + ", got " +
-                     (a.dtype_ok ? std::string(optkern::dtype_name(a.dtype)) : a.dtype_str));
         bool same_shape = a.ndim == p.ndim;
         for (int d = 0; same_shape && d < p.ndim; ++d) same_shape = a.shape[d] == p.shape[d];
         if (!same_shape) value_error(an_str() + ": expected shape " + shape_str(p) + " like " + pn_str() + ", got " + shape_str(a));
@@ -592,8 +737,8 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
         if (!a.dense())
           value_error(an_str() + ": expected a contiguous (dense) array; got strides that skip or repeat elements");
         if (k > 0)
-          for (int d = 0; d < p.ndim; ++d)
-            if (p.shape[d] > 1 && a.strides[d] != p.strides[d])
+          for (int d = 0; d < p.ndim; ++d)  // compared in elements: the dtypes may differ
+            if (p.shape[d] > 1 && a.strides[d] * p.itemsize != p.strides[d] * a.itemsize)
               value_error(an_str() + ": has a different memory layout (strides) from " + pn_str() +
                           "; elementwise steps need the same layout (e.g. both C-contiguous)");
       }
@@ -624,15 +769,28 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   }
 
   optkern::StepBatch& b = out.batch;
-  b.dtype = nt ? out.views[0].dtype : DType::f32;
+  b.dtype = nt ? pd : DType::f32;
   b.device = device;
   b.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(cuda_stream));
   b.tensors.resize(nt);
+  const size_t nbase = 2 + static_cast<size_t>(nstates);
   for (size_t i = 0; i < nt; ++i) {
     optkern::TensorSlots& s = b.tensors[i];
     s.numel = out.views[i].numel;
-    for (size_t k = 0; k < nkinds; ++k) s.ptr[k] = out.views[k * nt + i].data;
+    for (size_t k = 0; k < nbase; ++k) s.ptr[k] = out.views[k * nt + i].data;
+    if (k_master) s.master = out.views[k_master * nt + i].data;
+    if (k_copy) s.copy = out.views[k_copy * nt + i].data;
   }
+  optkern::Precision& pr = b.prec;
+  pr.mixed = half || gd != pd || k_copy != 0;
+  pr.grad = gd;
+  pr.state = nstates > 0 ? sd : (half ? DType::f32 : pd);
+  pr.master = storage.master;
+  pr.copy = k_copy != 0;
+  pr.copy_dtype = cd;
+  pr.stochastic = storage.stochastic && nt;
+  pr.seed = storage.seed;
+  if (nt == 0) pr = optkern::Precision{};
   order_after_producers(out.views, device, cuda_stream);  // everything checked: now order the step's stream
   return out;
 }
@@ -647,7 +805,8 @@ CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_s
   for (size_t i = 0; i < n; ++i) {
     const ArrayView& a = out.views[i];
     auto an_str = [&] { return std::string(name) + "[" + std::to_string(i) + "]"; };
-    if (!a.dtype_ok) type_error(an_str() + ": expected float32 or float64, got " + a.dtype_str);
+    if (!a.known || a.dtype == DType::i16)
+      type_error(an_str() + ": expected float32, float64, bfloat16 or float16, got " + a.dtype_str);
     if (a.dtype != out.views[0].dtype)
       type_error(an_str() + ": expected " + optkern::dtype_name(out.views[0].dtype) + " like " + name + "[0], got " +
                  optkern::dtype_name(a.dtype));

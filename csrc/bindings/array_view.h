@@ -39,9 +39,10 @@ class ArrayView {
   static ArrayView from(py::handle obj, const char* kind, int64_t index, int64_t cuda_stream);
 
   void* data = nullptr;
-  bool dtype_ok = false;  // float32 or float64
+  bool dtype_ok = false;  // float32 or float64 (what every float32/float64-only kernel accepts)
+  bool known = false;     // one of optkern's DTypes: float32, float64, bfloat16, float16, int16
   DType dtype = DType::f32;
-  char dtype_str[64] = {0};  // for messages when unsupported
+  char dtype_str[64] = {0};  // the dtype in words ("bfloat16", "int32", "complex64"), for messages
   int ndim = 0;
   int64_t shape[kMaxDims] = {0};
   int64_t strides[kMaxDims] = {0};  // bytes
@@ -86,8 +87,18 @@ struct CollectedStep {
 // params: sequence of arrays (written); grads: sequence (read); states: sequence of sequences (written), one
 // per state buffer kind, named by state_names.  nstates must equal len(states).  Every array is parsed and
 // checked first; only then is cuda_stream ordered after the arrays' producer streams.
+// storage: 16-bit extras (optim_api.h: Precision): masters (a list, one per param: float32 for "fp32", int16 for
+// "split"), param copies (a list of 16-bit arrays, float32 params only), stochastic rounding and its seed.  The
+// storage types are checked here (TypeError naming the array) and set in the batch's Precision.
+struct StepStorage {
+  py::handle masters = py::none();
+  optkern::MasterMode master = optkern::MasterMode::none;
+  py::handle copies = py::none();
+  bool stochastic = false;
+  uint64_t seed = 0;
+};
 CollectedStep collect_step(py::handle params, py::handle grads, py::handle states, py::handle state_names,
-                           int nstates, int64_t cuda_stream);
+                           int nstates, int64_t cuda_stream, const StepStorage& storage = StepStorage());
 
 // A read-only list of arrays (for norms).
 CollectedStep collect_read(py::handle arrays, const char* name, int64_t cuda_stream);

@@ -1,6 +1,7 @@
 // optkern._C: the only file that sees both Python and the core.  Each step function validates the
 // hyperparameters, then every array (array_view.cpp), then releases the GIL and runs the fused kernel.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
@@ -102,19 +103,38 @@ void parse_device_counters(py::handle seq, const char* name, size_t nparams, con
   }
 }
 
+// master_weights: None, "fp32" or "split" (optim_api.h: MasterMode).
+MasterMode parse_master_mode(py::handle obj) {
+  if (obj.is_none()) return MasterMode::none;
+  if (PyUnicode_Check(obj.ptr())) {
+    const std::string s = py::str(obj);
+    if (s == "fp32") return MasterMode::fp32;
+    if (s == "split") return MasterMode::split;
+  }
+  throw py::value_error("master_weights: expected None, \"fp32\" or \"split\", got " + std::string(py::repr(obj)));
+}
+
 template <class Hyper, class NumStates, class Step>
 auto bind_step(NumStates num_states, Step step_fn) {
   return [num_states, step_fn](py::handle params, py::handle grads, py::handle states, py::handle state_names,
                                const Hyper& h, int64_t step, double grad_scale, bool maximize, int64_t stream,
                                py::handle grad_scale_device, py::handle found_inf_device, py::handle counters,
-                               bool counters_f64, py::handle step_counters, py::handle mu_product_counters) {
+                               bool counters_f64, py::handle step_counters, py::handle mu_product_counters,
+                               py::handle masters, py::handle master_weights, py::handle param_copies,
+                               bool stochastic_rounding, uint64_t seed) {
     check(h);  // hyperparameters first: they decide how many state lists are expected
     StepInfo info;
     info.step = step;
     info.grad_scale = grad_scale;
     info.maximize = maximize;
     check(info);
-    CollectedStep cs = collect_step(params, grads, states, state_names, num_states(h), stream);
+    optkern_py::StepStorage storage;
+    storage.master = parse_master_mode(master_weights);
+    storage.masters = masters;
+    storage.copies = param_copies;
+    storage.stochastic = stochastic_rounding;
+    storage.seed = seed;
+    CollectedStep cs = collect_step(params, grads, states, state_names, num_states(h), stream, storage);
     DeviceScalarArg gs, fi;
     parse_device_scalar(grad_scale_device, "grad_scale", stream, &gs);
     parse_device_scalar(found_inf_device, "found_inf", stream, &fi);
@@ -167,12 +187,16 @@ auto bind_step(NumStates num_states, Step step_fn) {
   };
 }
 
+#define STORAGE_ARGS                                                                                 \
+  py::arg("masters") = py::none(), py::arg("master_weights") = py::none(), py::arg("param_copies") = py::none(), \
+      py::arg("stochastic_rounding") = false, py::arg("seed") = 0
+
 #define STEP_ARGS                                                                                       \
   py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),     \
       py::arg("step"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false, py::arg("stream") = 0, \
       py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),             \
       py::arg("counters") = py::none(), py::arg("counters_f64") = false, py::arg("step_counters") = py::none(), \
-      py::arg("mu_product_counters") = py::none()
+      py::arg("mu_product_counters") = py::none(), STORAGE_ARGS
 
 CpuIsa isa_from_name(const std::string& s) {
   if (s == "avx512") return CpuIsa::avx512;
@@ -283,7 +307,9 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle params, py::handle grads, py::handle states, py::handle state_names, const NadamHyper& h,
          int64_t step, double mu_product, double grad_scale, bool maximize, int64_t stream, py::handle grad_scale_device,
          py::handle found_inf_device, py::handle counters, bool counters_f64, bool mu_product_float32,
-         py::handle mu_products, bool mu_products_f64, py::handle step_counters, py::handle mu_product_counters) {
+         py::handle mu_products, bool mu_products_f64, py::handle step_counters, py::handle mu_product_counters,
+         py::handle masters, py::handle master_weights, py::handle param_copies, bool stochastic_rounding,
+         uint64_t seed) {
         if (!step_counters.is_none() && mu_product_counters.is_none())
           throw py::value_error("mu_product_counters: NAdam with step_counters needs its products on the device too");
         std::vector<void*> products = parse_addresses(mu_products, "mu_products");
@@ -298,14 +324,15 @@ PYBIND11_MODULE(_C, m) {
               }
               return r;
             })(params, grads, states, state_names, h, step, grad_scale, maximize, stream, grad_scale_device,
-               found_inf_device, counters, counters_f64, step_counters, mu_product_counters);
+               found_inf_device, counters, counters_f64, step_counters, mu_product_counters, masters,
+               master_weights, param_copies, stochastic_rounding, seed);
       },
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("state_names"), py::arg("hyper"),
       py::arg("step"), py::arg("mu_product"), py::arg("grad_scale") = 1.0, py::arg("maximize") = false,
       py::arg("stream") = 0, py::arg("grad_scale_device") = py::none(), py::arg("found_inf_device") = py::none(),
       py::arg("counters") = py::none(), py::arg("counters_f64") = false, py::arg("mu_product_float32") = false,
       py::arg("mu_products") = py::none(), py::arg("mu_products_f64") = false,
-      py::arg("step_counters") = py::none(), py::arg("mu_product_counters") = py::none(),
+      py::arg("step_counters") = py::none(), py::arg("mu_product_counters") = py::none(), STORAGE_ARGS,
       "Returns the updated product of NAdam's momentum coefficients.  counters: addresses of host float scalars "
       "incremented after the kernel; mu_products: addresses the new product is written to (float32 unless "
       "mu_products_f64); mu_product_float32: keep the product in float32 as torch's state tensor does.");
@@ -322,6 +349,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("cuda_built", &cuda_built);
   m.def("cuda_available", &cuda_available);
+
+  // ---- 16-bit conversions (precision.h, run by the CPU path in use; exposed for tests) ----
+  m.def(
+      "_convert_half",
+      [](py::array src, py::array dst, const std::string& dtype, int op, uint64_t seed, uint32_t step,
+         uint32_t tensor, uint64_t index0) {
+        const DType d = dtype == "bfloat16" ? DType::bf16 : dtype == "float16" ? DType::f16 : DType::f32;
+        if (d == DType::f32) throw py::value_error("dtype: expected 'bfloat16' or 'float16'");
+        const size_t in_size = op == 0 ? 2 : 4, out_size = op == 0 ? 4 : 2;
+        if (!(src.flags() & py::array::c_style) || !(dst.flags() & py::array::c_style) || !dst.writeable() ||
+            src.itemsize() != static_cast<py::ssize_t>(in_size) || dst.itemsize() != static_cast<py::ssize_t>(out_size) ||
+            src.size() != dst.size())
+          throw py::value_error("src/dst: C-contiguous arrays of equal size, 2- and 4-byte items as op needs");
+        cpu_convert_half(op, d, src.data(), dst.mutable_data(), static_cast<int64_t>(src.size()), seed, step, tensor,
+                         index0);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("op"), py::arg("seed") = 0, py::arg("step") = 0,
+      py::arg("tensor") = 0, py::arg("index0") = 0);
 
   // ---- work plans (host code shared with the executors; exposed for tests) ----
   m.def("_cpu_plan", [](const std::vector<int64_t>& numels, int nparts, int64_t align) {

@@ -11,10 +11,21 @@
 
 namespace optkern {
 
-enum class DType : int { f32 = 0, f64 = 1 };
+// Element types.  f32/f64 are computed in themselves; bf16/f16 are storage types, loaded into float32 and rounded
+// back by precision.h (the executors' load/store layer); i16 holds the low halves of "split" float32 masters.
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3, i16 = 4 };
 
-inline int dtype_size(DType d) { return d == DType::f32 ? 4 : 8; }
-inline const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
+inline int dtype_size(DType d) { return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2); }
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::f32: return "float32";
+    case DType::f64: return "float64";
+    case DType::bf16: return "bfloat16";
+    case DType::f16: return "float16";
+    default: return "int16";
+  }
+}
+inline bool is_half(DType d) { return d == DType::bf16 || d == DType::f16; }  // a 16-bit float
 
 // Branch-free helpers written as plain ternaries so that the CPU compiler turns them into
 // vector blends / min / max and the CUDA compiler into selects.

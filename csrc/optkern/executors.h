@@ -77,6 +77,8 @@ struct NormOutputs;
   void run_rule(const StepBatch& b, const CoefD<Rule>& c);                   \
   double sum_squares(const StepBatch& b, const GnPlan& plan);                \
   double max_abs(const StepBatch& b, const GnPlan& plan);                    \
+  void convert_half(int op, DType d, const void* src, void* dst, int64_t n,  \
+                    uint64_t seed, uint32_t step, uint32_t tensor, uint64_t index0); \
   }
 
 OPTKERN_DECLARE_CPU_EXECUTOR(cpu_scalar)

@@ -34,7 +34,8 @@ CpuIsa detect_best() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
     return CpuIsa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return CpuIsa::avx2;
 #endif
   return CpuIsa::scalar;
 }
@@ -64,7 +65,7 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
     auto it = groups.find(t.step);
     if (it == groups.end()) {
       order.push_back(t.step);
-      it = groups.emplace(t.step, StepBatch{b.dtype, b.device, b.stream, {}}).first;
+      it = groups.emplace(t.step, StepBatch{b.dtype, b.device, b.stream, {}, b.prec}).first;
     }
     it->second.tensors.push_back(t);
   }
@@ -79,9 +80,12 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
     void* prod = g.tensors.front().mu_product;
     CoefD<Rule> c;
     Next n{key, prod, 0.0, 1.0};
-    counter_step(h, sc, load_counter(key, s.counter_dtype), prod != nullptr,
-                 prod != nullptr ? load_counter(prod, s.product_dtype) : 1.0, &c, &n.taken, &n.mu);
-    run_cpu<Rule>(g, c);
+    const double taken = load_counter(key, s.counter_dtype);
+    counter_step(h, sc, taken, prod != nullptr, prod != nullptr ? load_counter(prod, s.product_dtype) : 1.0, &c,
+                 &n.taken, &n.mu);
+    StepBatch& gm = groups[key];
+    gm.prec.sr_step = static_cast<int64_t>(taken) + 1;  // stochastic rounding's key: this step's count
+    run_cpu<Rule>(gm, c);
     next.push_back(n);
   }
   for (const Next& n : next) {  // after every update: a counter is read once, before any is written
@@ -93,7 +97,20 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
 // Make the rule's coefficients on the host (optim_coefs.h) and run the executor.  A CUDA step gets the
 // hyperparameters and scalars too: with device counters its kernel makes the same coefficients on the device.
 template <class Rule>
-void run(const StepBatch& b, const HyperT<Rule>& h, const StepInfo& s, const StepScalars& sc) {
+void run(const StepBatch& b_in, const HyperT<Rule>& h, const StepInfo& s, const StepScalars& sc) {
+  check_precision(b_in);
+  const StepBatch* bp = &b_in;
+  StepBatch keyed;
+  if (b_in.prec.stochastic) {  // the rounding's key takes this step's count
+    if (s.device_counters && b_in.device.kind == DeviceKind::cuda)
+      throw std::invalid_argument(
+          "stochastic_rounding: needs the step count on the host (the key of the rounding); device step counters "
+          "are not supported with it");
+    keyed = b_in;
+    keyed.prec.sr_step = s.step;
+    bp = &keyed;
+  }
+  const StepBatch& b = *bp;
   CoefD<Rule> c;
   make_coef(h, sc, &c);
   if (b.device.kind == DeviceKind::cuda) {
@@ -131,6 +148,58 @@ StepScalars scalars_of(const StepInfo& s) {
 }  // namespace
 
 // ---- checks -------------------------------------------------------------------------------------------
+const char* master_mode_name(MasterMode m) {
+  switch (m) {
+    case MasterMode::fp32: return "fp32";
+    case MasterMode::split: return "split";
+    default: return "None";
+  }
+}
+
+void check_precision(const StepBatch& b) {
+  const Precision& p = b.prec;
+  if (!p.mixed) {
+    if (b.dtype != DType::f32 && b.dtype != DType::f64 && !is_half(b.dtype))
+      throw std::invalid_argument(std::string("params: ") + dtype_name(b.dtype) + " params are not supported");
+    if (is_half(b.dtype))
+      throw std::invalid_argument("params: 16-bit params need their storage types described (Precision::mixed)");
+    return;
+  }
+  const std::string pd = dtype_name(b.dtype);
+  if (b.dtype == DType::f64) throw std::invalid_argument("params: float64 params take float64 grads and states only");
+  if (b.dtype == DType::f32) {
+    if (!(p.grad == DType::f32 || is_half(p.grad)))
+      throw std::invalid_argument(std::string("grads: expected float32, bfloat16 or float16 for float32 params, got ") +
+                                  dtype_name(p.grad));
+    if (p.state != DType::f32)
+      throw std::invalid_argument(std::string("states: float32 params keep float32 state, got ") + dtype_name(p.state));
+    if (p.master != MasterMode::none)
+      throw std::invalid_argument("master_weights: float32 params are their own master (use None)");
+    if (p.stochastic) throw std::invalid_argument("stochastic_rounding: applies to 16-bit params only");
+    if (p.copy && !is_half(p.copy_dtype))
+      throw std::invalid_argument(std::string("param_copies: expected bfloat16 or float16 copies, got ") +
+                                  dtype_name(p.copy_dtype));
+    return;
+  }
+  if (!is_half(b.dtype)) throw std::invalid_argument("params: " + pd + " params are not supported");
+  if (p.grad != b.dtype)
+    throw std::invalid_argument("grads: expected " + pd + " like the params (16-bit params take grads of their own "
+                                "dtype), got " + dtype_name(p.grad));
+  if (!(p.state == DType::f32 || p.state == b.dtype || p.state == DType::bf16))
+    throw std::invalid_argument("states: expected float32, bfloat16 or " + pd + " state for " + pd +
+                                " params, got " + dtype_name(p.state));
+  if (p.master == MasterMode::split && b.dtype != DType::bf16)
+    throw std::invalid_argument("master_weights: \"split\" needs bfloat16 params (the float32 master's high half is "
+                                "a bfloat16), got " + pd + "; use \"fp32\"");
+  if (p.stochastic && p.master != MasterMode::none)
+    throw std::invalid_argument(std::string("stochastic_rounding: only without a master copy (master_weights=None); "
+                                            "got master_weights=") + master_mode_name(p.master));
+  if (p.copy) throw std::invalid_argument("param_copies: only for float32 params (16-bit params are the copy)");
+  for (size_t i = 0; i < b.tensors.size(); ++i)
+    if (p.master != MasterMode::none && b.tensors[i].numel > 0 && b.tensors[i].master == nullptr)
+      throw std::invalid_argument("masters[" + std::to_string(i) + "]: missing");
+}
+
 void check(const StepInfo& s) {
   if (s.step < 1) bad("step", "an integer >= 1 (the count of steps including this one)", double(s.step));
   if (!std::isfinite(s.grad_scale)) bad("grad_scale", "a finite number", s.grad_scale);
@@ -284,6 +353,16 @@ void set_cpu_isa(CpuIsa isa) {
     throw std::invalid_argument(std::string("isa: ") + cpu_isa_name(isa) + " is not supported by this CPU (best: " +
                                 cpu_isa_name(cpu_best_isa()) + ")");
   current_isa() = isa;
+}
+void cpu_convert_half(int op, DType d, const void* src, void* dst, int64_t n, uint64_t seed, uint32_t step,
+                      uint32_t tensor, uint64_t index0) {
+  if (!is_half(d)) throw std::invalid_argument("dtype: expected bfloat16 or float16");
+  if (op < 0 || op > 2) throw std::invalid_argument("op: expected 0, 1 or 2");
+  switch (current_isa()) {
+    case CpuIsa::avx512: cpu_avx512::convert_half(op, d, src, dst, n, seed, step, tensor, index0); break;
+    case CpuIsa::avx2: cpu_avx2::convert_half(op, d, src, dst, n, seed, step, tensor, index0); break;
+    default: cpu_scalar::convert_half(op, d, src, dst, n, seed, step, tensor, index0); break;
+  }
 }
 void set_num_threads(int n) { pool_set_num_threads(n); }
 int get_num_threads() { return pool_num_threads(); }

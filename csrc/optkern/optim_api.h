@@ -24,19 +24,54 @@ struct Device {
 
 // One tensor of a step: ptr[0] = param, ptr[1] = grad, ptr[2..] = state buffers in the rule's order.
 // step / mu_product: the tensor's device-resident counters (StepInfo::device_counters), else unused.
+// master / copy: see Precision (unused unless it asks for them).
 struct TensorSlots {
   void* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   int64_t numel = 0;
   void* step = nullptr;        // one float32/float64 element: the steps this tensor has taken (torch's state["step"])
   void* mu_product = nullptr;  // NAdam: one float32/float64 element, the product of mu_1..mu_{taken}
+  void* master = nullptr;      // float32 master (MasterMode::fp32) or int16 low halves (MasterMode::split)
+  void* copy = nullptr;        // a 16-bit copy of the updated param (Precision::copy)
+};
+
+// How a 16-bit param's float32 result is kept between steps (precision.h defines every rounding).
+//   none:  rounded into the param (to nearest even, or stochastically with Precision::stochastic);
+//   fp32:  slots.master holds a float32 master the step reads and writes; the param gets it rounded to nearest even;
+//   split: bfloat16 params only: the param is the float32 master's high half (rounded toward zero) and
+//          slots.master (int16) its low half, so the pair is the float32 master bit for bit.
+enum class MasterMode : int { none = 0, fp32 = 1, split = 2 };
+const char* master_mode_name(MasterMode m);
+
+// The storage types of a step.  Every rule computes in float32 for 16-bit and float32 params (float64 for float64
+// params); the executors convert on load and store.  Allowed (check_precision):
+//   params float64:           everything float64;
+//   params float32:           grads float32, bfloat16 or float16 (the CPU-offload step); states float32;
+//                             optionally a 16-bit copy of each updated param (slots.copy, rounded to nearest even);
+//   params bfloat16/float16:  grads in the param dtype; states float32, bfloat16 or the param dtype; a master mode;
+//                             stochastic rounding (master none only).
+struct Precision {
+  bool mixed = false;  // false: grads and states in the params' dtype, no master, no copy (the fields below unused)
+  DType grad = DType::f32, state = DType::f32;
+  MasterMode master = MasterMode::none;
+  bool copy = false;
+  DType copy_dtype = DType::bf16;
+  bool stochastic = false;  // round the param stochastically, keyed by (seed, step, tensor index, element)
+  uint64_t seed = 0;
+  int64_t sr_step = 0;  // the step count of the key: set by the step from StepInfo::step (or the memory counter)
 };
 
 struct StepBatch {
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;  // the params'
   Device device;
   void* stream = nullptr;  // cudaStream_t on CUDA devices (nullptr: the legacy default stream)
   std::vector<TensorSlots> tensors;
+  Precision prec;
+  DType grad_dtype() const { return prec.mixed ? prec.grad : dtype; }
+  DType state_dtype() const { return prec.mixed ? prec.state : dtype; }
 };
+
+// Check a step's storage types (std::invalid_argument naming what is wrong), before anything is touched.
+void check_precision(const StepBatch& b);
 
 // What every step has in common.  `step` counts steps including this one (1 on the first step), as
 // torch's state["step"] after its increment.  grad_scale multiplies the gradient inside the pass (a
@@ -148,6 +183,11 @@ void set_cpu_isa(CpuIsa isa);     // throws std::invalid_argument if unsupported
 const char* cpu_isa_name(CpuIsa isa);
 void set_num_threads(int n);
 int get_num_threads();
+
+// precision.h's conversions as the CPU path in use runs them (for tests): op 0: 16-bit -> float32; 1: float32 ->
+// 16-bit, to nearest even; 2: stochastic, keyed by (seed, step, tensor, element index0 + i).  d: bf16 or f16.
+void cpu_convert_half(int op, DType d, const void* src, void* dst, int64_t n, uint64_t seed, uint32_t step,
+                      uint32_t tensor, uint64_t index0);
 
 // CUDA availability (false when built without CUDA or when no driver/device is present).
 bool cuda_built();

@@ -12,12 +12,12 @@
 // OK_ISA_INLINE: a helper inlined into kernels that may use the instruction set's intrinsics.
 #if defined(OPTKERN_ISA_AVX512)
 #define OK_KERNEL \
-  __attribute__((noinline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
+  __attribute__((noinline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c,prefer-vector-width=512")))
 #define OK_ISA_INLINE \
-  inline __attribute__((always_inline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
+  inline __attribute__((always_inline, target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c,prefer-vector-width=512")))
 #elif defined(OPTKERN_ISA_AVX2)
-#define OK_KERNEL __attribute__((noinline, target("avx2,fma")))
-#define OK_ISA_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+#define OK_KERNEL __attribute__((noinline, target("avx2,fma,f16c")))
+#define OK_ISA_INLINE inline __attribute__((always_inline, target("avx2,fma,f16c")))
 #else
 #define OK_KERNEL __attribute__((noinline))
 #define OK_ISA_INLINE inline __attribute__((always_inline))

@@ -6,6 +6,7 @@
 // run time by CPUID.  All builds use -ffp-contract=off, so the three give bitwise-identical results.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../executors.h"
@@ -13,7 +14,7 @@
 #include "thread_pool.h"
 #include "work_split.h"
 #include "isa_kernel.h"
-
+#include "convert16.h"
 
 namespace optkern {
 namespace OPTKERN_ISA_NS {
@@ -57,6 +58,61 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
   for_each_range_parallel(b, body);
 }
 
+// ---- 16-bit storage, masters and copies (StepBatch::prec): the load/store layer around the same rule ----
+//
+// A range is walked in tiles of kTile elements.  Each buffer not stored as float32 is converted into a float32 tile
+// on the stack (convert16.h); float32 buffers (float32 params, a float32 master, float32 states or grads) are used
+// in place.  The rule runs on the tiles in float32 (apply_range, as for float32 params), then each converted buffer
+// is stored back with its rounding.  Memory is read and written once; the tiles stay in L1.
+constexpr int64_t kTile = 512;
+static_assert(kTile <= kSrMaxTile, "stochastic rounding's words cover a tile");
+
+template <class Rule>
+void run_mixed(const StepBatch& b, const CoefD<Rule>& cd) {
+  const typename Rule::template Coef<float> c(cd);
+  const Precision& pr = b.prec;
+  const bool half_params = b.dtype != DType::f32;
+  const DType gd = pr.grad, sd = pr.state;
+  const SrKey key{pr.seed, static_cast<uint32_t>(pr.sr_step)};
+  auto body = [&](const ElementRange& r) {
+    const TensorSlots& t = b.tensors[r.tensor];
+    alignas(64) float pt[kTile], gt[kTile], st[3][kTile];
+    for (int64_t off = r.begin; off < r.end; off += kTile) {
+      const int64_t m = r.end - off < kTile ? r.end - off : kTile;
+      float* P = pt;
+      if (!half_params) P = static_cast<float*>(t.ptr[0]) + off;
+      else if (pr.master == MasterMode::fp32) P = static_cast<float*>(t.master) + off;
+      else if (pr.master == MasterMode::split)
+        load_tile_split(static_cast<const uint16_t*>(t.ptr[0]) + off, static_cast<const uint16_t*>(t.master) + off, m, pt);
+      else load_tile16(b.dtype, static_cast<const uint16_t*>(t.ptr[0]) + off, m, pt);
+      const float* G = gt;
+      if (gd == DType::f32) G = static_cast<const float*>(t.ptr[1]) + off;
+      else load_tile16(gd, static_cast<const uint16_t*>(t.ptr[1]) + off, m, gt);
+      float* S[3] = {nullptr, nullptr, nullptr};
+      for (int k = 0; k < Rule::kStates; ++k) {
+        if (sd == DType::f32) {
+          S[k] = static_cast<float*>(t.ptr[2 + k]) + off;
+        } else {
+          S[k] = st[k];
+          load_tile16(sd, static_cast<const uint16_t*>(t.ptr[2 + k]) + off, m, st[k]);
+        }
+      }
+      apply_range<Rule, float>(c, P, G, S[0], S[1], S[2], m);
+      if (sd != DType::f32)
+        for (int k = 0; k < Rule::kStates; ++k) store_tile16_rne(sd, static_cast<uint16_t*>(t.ptr[2 + k]) + off, st[k], m);
+      if (half_params) {
+        uint16_t* dst = static_cast<uint16_t*>(t.ptr[0]) + off;
+        if (pr.master == MasterMode::split) store_tile_split(dst, static_cast<uint16_t*>(t.master) + off, P, m);
+        else if (pr.stochastic)
+          store_tile16_sr(b.dtype, dst, P, m, key, static_cast<uint32_t>(r.tensor), static_cast<uint64_t>(off));
+        else store_tile16_rne(b.dtype, dst, P, m);  // from the float32 result or the float32 master
+      }
+      if (pr.copy) store_tile16_rne(pr.copy_dtype, static_cast<uint16_t*>(t.copy) + off, P, m);
+    }
+  };
+  for_each_range_parallel(b, body);
+}
+
 // ---- the global norm's reductions, in the order of global_norm_api.h ----
 
 // One lane block of blk <= kGnBlock values: L = gn_lanes<T> lanes of T (256 bytes: 8 AVX2 registers; value j to
@@ -85,9 +141,17 @@ double gn_part(const StepBatch& b, const GnPlan& plan, int p) {
   int slot = 0;
   for (int32_t k = plan.part_begin[p]; k < plan.part_begin[p + 1]; ++k) {
     const GnPiece& pc = plan.pieces[static_cast<size_t>(k)];
-    const T* x = static_cast<const T*>(b.tensors[static_cast<size_t>(pc.tensor)].ptr[0]) + pc.begin;
-    for (int64_t o = 0; o < pc.len; o += kGnBlock)
-      h[slot++] = gn_lane_block<kMax, T>(x + o, pc.len - o < kGnBlock ? pc.len - o : kGnBlock);
+    const void* base = b.tensors[static_cast<size_t>(pc.tensor)].ptr[0];
+    for (int64_t o = 0; o < pc.len; o += kGnBlock) {
+      const int64_t blk = pc.len - o < kGnBlock ? pc.len - o : kGnBlock;
+      if constexpr (std::is_same<T, uint16_t>::value) {  // 16-bit grads: the block in float32, summed as float32
+        alignas(64) float tile[kGnBlock];
+        load_tile16(b.dtype, static_cast<const uint16_t*>(base) + pc.begin + o, blk, tile);
+        h[slot++] = gn_lane_block<kMax, float>(tile, blk);
+      } else {
+        h[slot++] = gn_lane_block<kMax, T>(static_cast<const T*>(base) + pc.begin + o, blk);
+      }
+    }
   }
   for (int w = kGnPartBlocks / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) h[l] = gn_join<kMax>(h[l], h[l + w]);
@@ -124,7 +188,9 @@ double gn_reduce(const StepBatch& b, const GnPlan& plan) {
 
 template <class Rule>
 void run_rule(const StepBatch& b, const CoefD<Rule>& c) {
-  if (b.dtype == DType::f32)
+  if (b.prec.mixed)
+    run_mixed<Rule>(b, c);
+  else if (b.dtype == DType::f32)
     run_typed<Rule, float>(b, c);
   else
     run_typed<Rule, double>(b, c);
@@ -136,12 +202,26 @@ OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 
 double sum_squares(const StepBatch& b, const GnPlan& plan) {
   if (b.dtype == DType::f32) return gn_reduce<false, float>(b, plan);
+  if (is_half(b.dtype)) return gn_reduce<false, uint16_t>(b, plan);
   return gn_reduce<false, double>(b, plan);
 }
 
 double max_abs(const StepBatch& b, const GnPlan& plan) {
   if (b.dtype == DType::f32) return gn_reduce<true, float>(b, plan);
+  if (is_half(b.dtype)) return gn_reduce<true, uint16_t>(b, plan);
   return gn_reduce<true, double>(b, plan);
+}
+
+void convert_half(int op, DType d, const void* src, void* dst, int64_t n, uint64_t seed, uint32_t step,
+                  uint32_t tensor, uint64_t index0) {
+  const SrKey key{seed, step};
+  for (int64_t o = 0; o < n; o += kTile) {  // in tiles, as the steps convert
+    const int64_t m = n - o < kTile ? n - o : kTile;
+    if (op == 0) load_tile16(d, static_cast<const uint16_t*>(src) + o, m, static_cast<float*>(dst) + o);
+    else if (op == 1) store_tile16_rne(d, static_cast<uint16_t*>(dst) + o, static_cast<const float*>(src) + o, m);
+    else store_tile16_sr(d, static_cast<uint16_t*>(dst) + o, static_cast<const float*>(src) + o, m, key, tensor,
+                         index0 + static_cast<uint64_t>(o));
+  }
 }
 
 }  // namespace OPTKERN_ISA_NS

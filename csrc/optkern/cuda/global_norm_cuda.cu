@@ -25,6 +25,7 @@
 
 #include "../executors.h"
 #include "../global_norm_api.h"
+#include "../precision.h"
 #include "cuda_util.cuh"
 
 namespace optkern {
@@ -45,17 +46,38 @@ struct DevPiece {
 };
 
 // The 16 bytes of a thread's lanes in one row: K = 16 / sizeof(T) consecutive values (lanes K t .. K t + K - 1 of
-// the row's 256 bytes), one float4 / double2 load when aligned, element loads otherwise.
+// the row's 256 bytes), one float4 / double2 load when aligned, element loads otherwise.  16-bit grads (kHalf:
+// the DType of the storage, T = float, the lanes' type) are read as K = 4 values of 8 bytes and converted by
+// precision.h's functions, so the lanes hold the float32 values the CPU's tiles hold.
 template <class T>
 struct Lanes16B {
   static constexpr int K = static_cast<int>(16 / sizeof(T));
   static_assert(kGroup * K == gn_lanes<T>, "16 threads of 16 bytes make a lane row");
   T v[K];
 };
-template <class T>
-__device__ __forceinline__ Lanes16B<T> load16B(const T* __restrict__ p, bool vec16) {
+constexpr int kNoHalf = -1;
+template <class T, int kHalf>
+__device__ __forceinline__ T elem(const void* __restrict__ x, int64_t j) {
+  if constexpr (kHalf == kNoHalf) return static_cast<const T*>(x)[j];
+  else return half_to_f32(static_cast<DType>(kHalf), static_cast<const uint16_t*>(x)[j]);
+}
+template <class T, int kHalf>
+__device__ __forceinline__ Lanes16B<T> load16B(const void* __restrict__ x, int64_t j, bool vec16) {
   Lanes16B<T> r;
-  if (vec16) {
+  if constexpr (kHalf != kNoHalf) {
+    const uint16_t* p = static_cast<const uint16_t*>(x) + j;
+    if (vec16) {
+      const uint2 q = *reinterpret_cast<const uint2*>(p);
+      const uint16_t h[4] = {static_cast<uint16_t>(q.x), static_cast<uint16_t>(q.x >> 16), static_cast<uint16_t>(q.y),
+                             static_cast<uint16_t>(q.y >> 16)};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) r.v[e] = half_to_f32(static_cast<DType>(kHalf), h[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) r.v[e] = half_to_f32(static_cast<DType>(kHalf), p[e]);
+    }
+  } else if (vec16) {
+    const T* p = static_cast<const T*>(x) + j;
     if constexpr (sizeof(T) == 4) {
       const float4 q = *reinterpret_cast<const float4*>(p);
       r.v[0] = q.x; r.v[1] = q.y; r.v[2] = q.z; r.v[3] = q.w;
@@ -64,6 +86,7 @@ __device__ __forceinline__ Lanes16B<T> load16B(const T* __restrict__ p, bool vec
       r.v[0] = q.x; r.v[1] = q.y;
     }
   } else {
+    const T* p = static_cast<const T*>(x) + j;
 #pragma unroll
     for (int e = 0; e < Lanes16B<T>::K; ++e) r.v[e] = p[e];
   }
@@ -72,28 +95,29 @@ __device__ __forceinline__ Lanes16B<T> load16B(const T* __restrict__ p, bool vec
 
 // The lane block total of x[0, blk) (blk may be 0: a padding slot, total 0.0), valid in thread 0 of the group.
 // Every thread of the warp calls it together (shuffles of width 16).
-template <bool kMax, class T>
-__device__ __forceinline__ double lane_block_total(const T* __restrict__ x, int64_t blk, int t) {
+template <bool kMax, class T, int kHalf>
+__device__ __forceinline__ double lane_block_total(const void* __restrict__ x, int64_t blk, int t) {
   constexpr int L = gn_lanes<T>, K = Lanes16B<T>::K, kInFlight = 4;
   T a[K];
 #pragma unroll
   for (int e = 0; e < K; ++e) a[e] = T(0);
   const int64_t vec = blk / L * L, rows = vec / L;
   if (rows > 0) {
-    const bool vec16 = (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // then every thread's 16 bytes are aligned
-    const T* p = x + K * t;
+    const unsigned align = kHalf != kNoHalf ? 7u : 15u;  // then every thread's lanes are aligned
+    const bool vec16 = (reinterpret_cast<uintptr_t>(x) & align) == 0;
+    const int64_t j0 = K * t;
     int64_t r = 0;
     for (; r + kInFlight <= rows; r += kInFlight) {  // four rows' loads in flight, then the lanes in row order
       Lanes16B<T> v[kInFlight];
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) v[u] = load16B(p + (r + u) * L, vec16);
+      for (int u = 0; u < kInFlight; ++u) v[u] = load16B<T, kHalf>(x, j0 + (r + u) * L, vec16);
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)
 #pragma unroll
         for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v[u].v[e]);
     }
     for (; r < rows; ++r) {
-      const Lanes16B<T> v = load16B(p + r * L, vec16);
+      const Lanes16B<T> v = load16B<T, kHalf>(x, j0 + r * L, vec16);
 #pragma unroll
       for (int e = 0; e < K; ++e) a[e] = gn_lane<kMax>(a[e], v.v[e]);
     }
@@ -114,12 +138,12 @@ __device__ __forceinline__ double lane_block_total(const T* __restrict__ x, int6
 #pragma unroll
       for (int e = 0; e < w; ++e) h[e] = gn_join<kMax>(h[e], h[e + w]);
     s = h[0];
-    for (int64_t j = vec; j < blk; ++j) s = gn_join<kMax>(s, static_cast<double>(gn_lane<kMax>(T(0), x[j])));
+    for (int64_t j = vec; j < blk; ++j) s = gn_join<kMax>(s, static_cast<double>(gn_lane<kMax>(T(0), elem<T, kHalf>(x, j))));
   }
   return s;
 }
 
-template <bool kMax, class T>
+template <bool kMax, class T, int kHalf>
 __global__ void __launch_bounds__(kThreads) gn_partials_kernel(const DevPiece* __restrict__ pieces,
                                                                const int32_t* __restrict__ part_begin, int nparts,
                                                                double* __restrict__ partials) {
@@ -136,8 +160,9 @@ __global__ void __launch_bounds__(kThreads) gn_partials_kernel(const DevPiece* _
       const int64_t o = static_cast<int64_t>(s - sp[k].slot) * kGnBlock;
       const int64_t len = sp[k].len;
       const int64_t blk = o < len ? (len - o < kGnBlock ? len - o : kGnBlock) : 0;
-      const T* x = static_cast<const T*>(sp[k].ptr) + (blk > 0 ? o : 0);
-      const double total = lane_block_total<kMax, T>(x, blk, t);
+      const int64_t esize = kHalf != kNoHalf ? 2 : static_cast<int64_t>(sizeof(T));
+      const void* x = static_cast<const char*>(sp[k].ptr) + (blk > 0 ? o : 0) * esize;
+      const double total = lane_block_total<kMax, T, kHalf>(x, blk, t);
       if (t == 0) red[s] = total;
     }
     __syncthreads();
@@ -179,8 +204,9 @@ __global__ void __launch_bounds__(kGnSlots) gn_combine_kernel(const double* __re
   }
 }
 
-template <bool kMax, class T>
+template <bool kMax, class T, int kHalf>
 void launch(const StepBatch& b, const NormOutputs& out, cudaStream_t stream) {
+  const int64_t esize = kHalf != kNoHalf ? 2 : static_cast<int64_t>(sizeof(T));
   const GnPlan plan = gn_plan(b);
   const int np = plan.nparts();
   // One allocation: the device pieces, the part bounds, the partials.
@@ -196,7 +222,7 @@ void launch(const StepBatch& b, const NormOutputs& out, cudaStream_t stream) {
       int32_t slot = 0;
       for (int32_t k = plan.part_begin[p]; k < plan.part_begin[p + 1]; ++k) {
         const GnPiece& pc = plan.pieces[static_cast<size_t>(k)];
-        hp[k].ptr = static_cast<const T*>(b.tensors[static_cast<size_t>(pc.tensor)].ptr[0]) + pc.begin;
+        hp[k].ptr = static_cast<const char*>(b.tensors[static_cast<size_t>(pc.tensor)].ptr[0]) + pc.begin * esize;
         hp[k].len = pc.len;
         hp[k].slot = slot;
         slot += static_cast<int32_t>(gn_blocks(pc.len));
@@ -207,9 +233,9 @@ void launch(const StepBatch& b, const NormOutputs& out, cudaStream_t stream) {
     const DevPiece* pieces = mem.as<const DevPiece>();
     const int32_t* bounds = reinterpret_cast<const int32_t*>(mem.as<unsigned char>() + boff);
     partials = reinterpret_cast<double*>(mem.as<unsigned char>() + qoff);
-    const int cap = resident_blocks_per_sm(gn_partials_kernel<kMax, T>, kThreads) * sm_count(b.device.index);
+    const int cap = resident_blocks_per_sm(gn_partials_kernel<kMax, T, kHalf>, kThreads) * sm_count(b.device.index);
     const int grid = np < cap ? np : cap;
-    gn_partials_kernel<kMax, T><<<grid, kThreads, 0, stream>>>(pieces, bounds, np, partials);
+    gn_partials_kernel<kMax, T, kHalf><<<grid, kThreads, 0, stream>>>(pieces, bounds, np, partials);
     OK_CUDA_CHECK(cudaGetLastError());
   }
   gn_combine_kernel<kMax><<<1, kGnSlots, 0, stream>>>(partials, np, out);
@@ -226,12 +252,17 @@ void check_not_capturing(cudaStream_t stream) {
 
 void run(const StepBatch& b, bool inf, const NormOutputs& out) {
   cudaStream_t stream = static_cast<cudaStream_t>(b.stream);
+  constexpr int kBf = static_cast<int>(DType::bf16), kHf = static_cast<int>(DType::f16);
   if (inf) {
-    if (b.dtype == DType::f32) launch<true, float>(b, out, stream);
-    else launch<true, double>(b, out, stream);
+    if (b.dtype == DType::f32) launch<true, float, kNoHalf>(b, out, stream);
+    else if (b.dtype == DType::bf16) launch<true, float, kBf>(b, out, stream);
+    else if (b.dtype == DType::f16) launch<true, float, kHf>(b, out, stream);
+    else launch<true, double, kNoHalf>(b, out, stream);
   } else {
-    if (b.dtype == DType::f32) launch<false, float>(b, out, stream);
-    else launch<false, double>(b, out, stream);
+    if (b.dtype == DType::f32) launch<false, float, kNoHalf>(b, out, stream);
+    else if (b.dtype == DType::bf16) launch<false, float, kBf>(b, out, stream);
+    else if (b.dtype == DType::f16) launch<false, float, kHf>(b, out, stream);
+    else launch<false, double, kNoHalf>(b, out, stream);
   }
 }
 

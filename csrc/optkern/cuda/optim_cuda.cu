@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../executors.h"
+#include "../precision.h"
 #include "../work_plan.h"
 #include "cuda_util.cuh"
 
@@ -59,8 +60,11 @@ constexpr size_t kCoefSlot = 128;  // bytes per coefficient slot (one per distin
 // One tensor in the device table.
 struct DevTensor {
   void* ptr[5];
+  void* master;  // StepBatch::prec: the float32 master or the int16 low halves
+  void* copy;    // the 16-bit copy of the updated param
   int64_t numel;
   int64_t coef_index;  // device counters: its counter's slot in the table's coefficient array
+  int64_t index;       // its index in the step's list (stochastic rounding's key)
 };
 
 // One distinct counter (a tensor's step count, and NAdam's product next to it) for the advance launch.
@@ -146,6 +150,75 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule, T
   }
 }
 
+// 16-bit storage, masters and copies (StepBatch::prec): the same rule in float32 between precision.h's loads and
+// stores, one element per thread and iteration (2-byte elements: a warp reads 64 contiguous bytes per buffer).
+struct MixedLayout {
+  DType param, grad, state, copy_dtype;
+  MasterMode master;
+  bool copy, stochastic;
+  SrKey key;
+};
+__device__ __forceinline__ float load_f32(DType d, const void* p, int64_t i) {
+  return d == DType::f32 ? static_cast<const float*>(p)[i] : half_to_f32(d, static_cast<const uint16_t*>(p)[i]);
+}
+__device__ __forceinline__ void store_f32_rne(DType d, void* p, int64_t i, float x) {
+  if (d == DType::f32) static_cast<float*>(p)[i] = x;
+  else static_cast<uint16_t*>(p)[i] = f32_to_half_rne(d, x);
+}
+
+template <class Rule, bool kCounters>
+__global__ void __launch_bounds__(kThreads) mixed_step_kernel(const KernelArgs<Rule, float> a, const MixedLayout L) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
+  typename Rule::template Coef<float> c = a.coef;
+  const float gmul = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+  if (a.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+  int64_t coef_slot = -1;
+  const bool half_params = L.param != DType::f32;
+  for (int64_t ci = blockIdx.x; ci < a.nchunks; ci += gridDim.x) {
+    const int64_t ti = chunk_tensor(a.starts, a.ntensors, ci);
+    const DevTensor& t = a.tensors[ti];
+    if (kCounters && t.coef_index != coef_slot) {
+      c = *reinterpret_cast<const typename Rule::template Coef<float>*>(a.coefs + t.coef_index * kCoefSlot);
+      if (a.grad_scale != nullptr) c.gscale = c.gscale * gmul;
+      coef_slot = t.coef_index;
+    }
+    int64_t begin, len;
+    chunk_range(a.starts, ti, t.numel, kChunk, ci, &begin, &len);
+    for (int64_t i = begin + threadIdx.x; i < begin + len; i += blockDim.x) {
+      float p;
+      if (!half_params) p = static_cast<const float*>(t.ptr[0])[i];
+      else if (L.master == MasterMode::fp32) p = static_cast<const float*>(t.master)[i];
+      else if (L.master == MasterMode::split)
+        p = f32_from_halves(static_cast<const uint16_t*>(t.ptr[0])[i], static_cast<const uint16_t*>(t.master)[i]);
+      else p = half_to_f32(L.param, static_cast<const uint16_t*>(t.ptr[0])[i]);
+      const float g = load_f32(L.grad, t.ptr[1], i);
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f;
+      if (Rule::kStates > 0) s0 = load_f32(L.state, t.ptr[2], i);
+      if (Rule::kStates > 1) s1 = load_f32(L.state, t.ptr[3], i);
+      if (Rule::kStates > 2) s2 = load_f32(L.state, t.ptr[4], i);
+      Rule::apply(c, p, g, s0, s1, s2);
+      if (Rule::kStates > 0) store_f32_rne(L.state, t.ptr[2], i, s0);
+      if (Rule::kStates > 1) store_f32_rne(L.state, t.ptr[3], i, s1);
+      if (Rule::kStates > 2) store_f32_rne(L.state, t.ptr[4], i, s2);
+      if (!half_params) {
+        static_cast<float*>(t.ptr[0])[i] = p;
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(t.ptr[0]);
+        if (L.master == MasterMode::split) {
+          dst[i] = f32_high_half(p);
+          static_cast<uint16_t*>(t.master)[i] = f32_low_half(p);
+        } else {
+          if (L.master == MasterMode::fp32) static_cast<float*>(t.master)[i] = p;
+          dst[i] = L.stochastic
+                       ? f32_to_half_sr(L.param, p, sr_word(L.key, static_cast<uint32_t>(t.index), static_cast<uint64_t>(i)))
+                       : f32_to_half_rne(L.param, p);
+        }
+      }
+      if (L.copy) static_cast<uint16_t*>(t.copy)[i] = f32_to_half_rne(L.copy_dtype, p);
+    }
+  }
+}
+
 // Before the update (same stream), one thread per distinct device counter: make the coefficients of its count + 1
 // (the host's functions, optim_coefs.h) into its slot, then advance the count by one and NAdam's product by mu_t,
 // unless found_inf skips the step (the update kernel then skips too, and reads no slot).
@@ -190,7 +263,9 @@ bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i) {
     const TensorSlots &x = a[i], &y = b[i];
-    if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product) return false;
+    if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product || x.master != y.master ||
+        x.copy != y.copy)
+      return false;
     for (int k = 0; k < 5; ++k)
       if (x.ptr[k] != y.ptr[k] && (grads_too || k != 1)) return false;
   }
@@ -215,8 +290,11 @@ std::vector<unsigned char> table_bytes(const StepBatch& b, bool counters, Device
     if (s.numel == 0) continue;  // zero-size tensors own no chunk and stay out (their counters still advance)
     DevTensor r;
     for (int k = 0; k < 5; ++k) r.ptr[k] = s.ptr[k];
+    r.master = s.master;
+    r.copy = s.copy;
     r.numel = s.numel;
     r.coef_index = slot;
+    r.index = static_cast<int64_t>(i);
     t->row_of[i] = static_cast<int64_t>(rows.size());
     rows.push_back(r);
     numels.push_back(s.numel);
@@ -399,7 +477,20 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
   }
   KernelArgs<Rule, T> a{typename Rule::template Coef<T>(s.coef), s.grad_scale, s.found_inf, table->tensors,
                         table->starts, table->ntensors, table->nchunks, table->coefs};
-  if (table->nchunks > 0) {
+  if (table->nchunks > 0 && b.prec.mixed) {
+    if constexpr (std::is_same<T, float>::value) {
+      const Precision& pr = b.prec;
+      const MixedLayout L{b.dtype, pr.grad, pr.state, pr.copy_dtype, pr.master, pr.copy, pr.stochastic,
+                          SrKey{pr.seed, static_cast<uint32_t>(pr.sr_step)}};
+      if (s.device_counters)
+        mixed_step_kernel<Rule, true><<<grid_for(mixed_step_kernel<Rule, true>, table->nchunks, b.device.index),
+                                        kThreads, 0, stream>>>(a, L);
+      else
+        mixed_step_kernel<Rule, false><<<grid_for(mixed_step_kernel<Rule, false>, table->nchunks, b.device.index),
+                                         kThreads, 0, stream>>>(a, L);
+      OK_CUDA_CHECK(cudaGetLastError());
+    }
+  } else if (table->nchunks > 0) {
     if (s.device_counters)
       step_kernel<Rule, T, true><<<grid_for(step_kernel<Rule, T, true>, table->nchunks, b.device.index), kThreads, 0,
                                    stream>>>(a);
@@ -414,7 +505,7 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
 
 template <class Rule>
 void run_rule(const StepBatch& b, const CudaStep<Rule>& s) {
-  if (b.dtype == DType::f32)
+  if (b.prec.mixed || b.dtype == DType::f32)  // 16-bit storage computes in float32
     launch<Rule, float>(b, s);
   else
     launch<Rule, double>(b, s);
