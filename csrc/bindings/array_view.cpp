@@ -658,8 +658,9 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
                        dtype_words(a));
           gd = a.dtype;
         } else if (!a.known || a.dtype != gd) {
-          type_error(an_str() + ": expected " + optkern::dtype_name(gd) + " like grads[0] (one dtype per call), got " +
-                     dtype_words(a));
+          type_error(an_str() + ": expected " + optkern::dtype_name(gd) +
+                     (gd == pd ? " like params[" + std::to_string(i) + "]" : std::string(" like grads[0] (one grad dtype per call)")) +
+                     ", got " + dtype_words(a));
         }
       } else if (k == k_master && k_master) {
         const DType want = storage.master == MasterMode::split ? DType::i16 : DType::f32;
@@ -688,8 +689,10 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
                        ", got " + dtype_words(a));
           sd = a.dtype;
         } else if (!a.known || a.dtype != sd) {
-          type_error(an_str() + ": expected " + optkern::dtype_name(sd) + " like " + names[2] +
-                     "[0] (one state dtype per call), got " + dtype_words(a));
+          type_error(an_str() + ": expected " + optkern::dtype_name(sd) +
+                     (sd == pd ? " like params[" + std::to_string(i) + "]"
+                               : " like " + names[2] + "[0] (one state dtype per call)") +
+                     ", got " + dtype_words(a));
         }
       }
       (void)first_of_kind;

@@ -337,9 +337,22 @@ PYBIND11_MODULE(_C, m) {
       "incremented after the kernel; mu_products: addresses the new product is written to (float32 unless "
       "mu_products_f64); mu_product_float32: keep the product in float32 as torch's state tensor does.");
 
-  m.def("check_arrays", [](py::handle params, py::handle grads, py::handle states, py::handle names, int nstates,
-                           int64_t stream) { collect_step(params, grads, states, names, nstates, stream); },
-        "Validate a step's arrays without running it (raises like a step would).");
+  m.def(
+      "check_arrays",
+      [](py::handle params, py::handle grads, py::handle states, py::handle names, int nstates, int64_t stream,
+         py::handle masters, py::handle master_weights, py::handle param_copies, bool stochastic_rounding,
+         uint64_t seed) {
+        optkern_py::StepStorage storage;
+        storage.master = parse_master_mode(master_weights);
+        storage.masters = masters;
+        storage.copies = param_copies;
+        storage.stochastic = stochastic_rounding;
+        storage.seed = seed;
+        CollectedStep cs = collect_step(params, grads, states, names, nstates, stream, storage);
+        check_precision(cs.batch);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("names"), py::arg("nstates"),
+      py::arg("stream") = 0, STORAGE_ARGS, "Validate a step's arrays without running it (raises like a step would).");
 
   // ---- CPU control ----
   m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); });

@@ -23,7 +23,8 @@ if _isa:
     except ValueError as e:  # a forced path this CPU lacks, or a typo: fail loudly, never fall back
         raise ImportError(f"OPTKERN_CPU_ISA={_isa!r}: {e}") from None
 
-from . import batch_norm, functional, lbfgs, optim, schedules  # noqa: E402
+from . import batch_norm, functional, lbfgs, optim, precision, schedules  # noqa: E402
+from .precision import init_masters, master_values  # noqa: E402
 from .batch_norm import (  # noqa: E402
     batch_norm_backward,
     batch_norm_backward_dx,
@@ -94,5 +95,5 @@ __all__ = [
     "adagrad_step", "rmsprop_step", "adamax_step", "nadam_step", "adadelta_step", "rprop_step",
     "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_combine",
     "batch_norm_normalize", "batch_norm_backward_reduce", "batch_norm_backward_dx",
-    "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize",
+    "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize", "precision", "init_masters", "master_values",
 ]

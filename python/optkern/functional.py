@@ -118,6 +118,41 @@ def refuse_keywords(fn: str, kw: dict) -> None:
     raise TypeError(f"{fn}() got an unexpected keyword argument {next(iter(kw))!r}")
 
 
+_STORAGE_KEYS = ("masters", "master_weights", "param_copies", "stochastic_rounding", "seed")
+_MAX_SEED = 2**64
+
+
+def storage_args(kw: dict) -> dict:
+    """Pop and check the 16-bit storage keywords (see the module docstring) from ``kw``: the binding's keywords."""
+    st = {}
+    for k in _STORAGE_KEYS:
+        if k in kw:
+            st[k] = kw.pop(k)
+    if not st:
+        return st
+    mw = st.get("master_weights")
+    if mw is not None and mw not in ("fp32", "split"):
+        raise ValueError(f"master_weights: expected None, 'fp32' or 'split', got {mw!r}")
+    if "masters" in st:
+        st["masters"] = None if st["masters"] is None else _plain_list(st["masters"])
+    if mw is not None and st.get("masters") is None:
+        raise ValueError(f"masters: master_weights={mw!r} needs masters= (one array per param: float32 for 'fp32', "
+                         f"int16 for 'split'; optkern.init_masters makes them)")
+    if "param_copies" in st:
+        st["param_copies"] = None if st["param_copies"] is None else _plain_list(st["param_copies"])
+    sr = st.get("stochastic_rounding", False)
+    if type(sr) not in (bool, np.bool_):
+        raise TypeError(f"stochastic_rounding: expected a bool, got {_describe(sr)}")
+    st["stochastic_rounding"] = bool(sr)
+    seed = st.get("seed", 0)
+    if type(seed) is not int and not isinstance(seed, np.integer) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed: expected an integer in [0, 2**64), got {_describe(seed)}")
+    if not 0 <= int(seed) < _MAX_SEED:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {int(seed)}")
+    st["seed"] = int(seed)
+    return st
+
+
 def _scalar_args(grad_multiplier, found_inf):
     """-> (skip, multiplier float, multiplier device array or None, found_inf device array or None)."""
     gm_dev = fi_dev = None
@@ -194,7 +229,8 @@ def _run(fn, params, grads, states, names, hyper, step, grad_multiplier, found_i
     try:
         if skip:  # validate everything anyway, so that a skipped step still reports bad input
             check_device_scalars(ps, gm_dev, fi_dev)
-            _C.check_arrays(ps, gr, ss, names, len(ss), stream)
+            _C.check_arrays(ps, gr, ss, names, len(ss), stream,
+                            **{k: extra[k] for k in _STORAGE_KEYS if k in extra})
             return None
         return fn(ps, gr, ss, names, hyper, step, grad_scale=gm, maximize=bool(maximize), stream=stream,
                   grad_scale_device=gm_dev, found_inf_device=fi_dev, **extra)
@@ -328,6 +364,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.
     caller evaluates the gradient; theta is recovered as params - momentum v.  ``momentum_buffers`` holds v
     (start from zeros).
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("sgd_step", kw)
     h = build_hyper("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -336,7 +373,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.
     if n and momentum_buffers is None:
         raise ValueError("momentum_buffers: required when momentum != 0 or velocity=True")
     states = [momentum_buffers] if n else []
-    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_multiplier, found_inf, maximize)
+    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_multiplier, found_inf, maximize, **st)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -351,6 +388,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
     ``bias_correction=False`` drops both corrections (with amsgrad, seed 002's AMSGrad).
     ``decoupled_weight_decay=True`` is AdamW: p <- p (1 - lr wd) before the step.
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("adam_step", kw)
     h = build_hyper("adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -363,17 +401,18 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
             raise ValueError("max_exp_avg_sqs: required when amsgrad=True")
         states.append(max_exp_avg_sqs)
         names += ("max_exp_avg_sqs",)
-    _run(_C.adam_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize)
+    _run(_C.adam_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize, **st)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
                eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, grad_multiplier=1.0, found_inf=None, **kw):
     """AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW): Adam with decoupled weight decay p <- p (1 - lr wd)."""
+    st = storage_args(kw)
     if kw:
         refuse_keywords("adamw_step", kw)
     adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, betas=betas, eps=eps,
               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-              grad_multiplier=grad_multiplier, found_inf=found_inf, **kw)
+              grad_multiplier=grad_multiplier, found_inf=found_inf, **st)
 
 
 def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
@@ -383,10 +422,11 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
     r <- r + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) g / (sqrt(r) + eps).  ``state_sums`` start at
     ``initial_accumulator_value``.
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("adagrad_step", kw)
     h = build_hyper("adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
-    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_multiplier, found_inf, maximize)
+    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_multiplier, found_inf, maximize, **st)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, step, lr=1e-2, alpha=0.99,
@@ -401,6 +441,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=No
     ``nesterov=True`` (needs momentum > 0) is Algorithm 8.6: v <- momentum v - lr g / denom, and ``params`` hold the
     interim point theta + momentum v where the caller evaluates the gradient.
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("rmsprop_step", kw)
     h = build_hyper("rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
@@ -416,7 +457,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=No
             raise ValueError("momentum_buffers: required when momentum > 0")
         states.append(momentum_buffers)
         names += ("momentum_buffers",)
-    _run(_C.rmsprop_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize)
+    _run(_C.rmsprop_step, params, grads, states, names, h, step, grad_multiplier, found_inf, maximize, **st)
 
 
 def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -425,11 +466,12 @@ def adamax_step(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, betas=(0.9,
 
     m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g| + eps);  p <- p - lr / (1 - beta1^t) m / u.
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("adamax_step", kw)
     h = build_hyper("adamax", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     _run(_C.adamax_step, params, grads, [exp_avgs, exp_infs], ("exp_avgs", "exp_infs"), h, step, grad_multiplier,
-         found_inf, maximize)
+         found_inf, maximize, **st)
 
 
 def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -445,6 +487,7 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     ``momentum_schedule=False`` is seed 002's form with a constant beta1:
     p <- p - lr / denom (beta1 m + (1 - beta1) g) / (1 - beta1^t).
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("nadam_step", kw)
     def counted(x):
@@ -459,7 +502,7 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
                         momentum_schedule=momentum_schedule)
         products = [plain(c) for c in mu_product] if type(mu_product) in (list, tuple) else [plain(mu_product)]
         _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
-             grad_multiplier, found_inf, maximize, mu_product=1.0, mu_product_counters=products)
+             grad_multiplier, found_inf, maximize, mu_product=1.0, mu_product_counters=products, **st)
         return mu_product
     mu_product = real_number("mu_product", mu_product)
     if not 0.0 <= mu_product <= 1.0:
@@ -468,7 +511,7 @@ def nadam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product=1.0, lr
     h = build_hyper("nadam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                     decoupled_weight_decay=decoupled_weight_decay, momentum_schedule=momentum_schedule)
     out = _run(_C.nadam_step, params, grads, [exp_avgs, exp_avg_sqs], ("exp_avgs", "exp_avg_sqs"), h, step,
-               grad_multiplier, found_inf, maximize, mu_product=mu_product)
+               grad_multiplier, found_inf, maximize, mu_product=mu_product, **st)
     return mu_product if out is None else out
 
 
@@ -479,11 +522,12 @@ def adadelta_step(params, grads, square_avgs, acc_deltas, *, step, lr=1.0, rho=0
     sq <- rho sq + (1 - rho) g^2;  dx <- sqrt(acc + eps) / sqrt(sq + eps) g;  acc <- rho acc + (1 - rho) dx^2;
     p <- p - lr dx.
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("adadelta_step", kw)
     h = build_hyper("adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
     _run(_C.adadelta_step, params, grads, [square_avgs, acc_deltas], ("square_avgs", "acc_deltas"), h, step,
-         grad_multiplier, found_inf, maximize)
+         grad_multiplier, found_inf, maximize, **st)
 
 
 def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0),
@@ -494,8 +538,9 @@ def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.
     g <- 0 where s < 0;  p <- p - sign(g) step;  prev <- g.  ``prevs`` start at 0, ``step_sizes`` at lr (``lr`` is
     only used to check the value; the step sizes carry it).
     """
+    st = storage_args(kw)
     if kw:
         refuse_keywords("rprop_step", kw)
     h = build_hyper("rprop", lr=lr, etas=etas, step_size_limits=step_size_limits)
     _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_multiplier,
-         found_inf, maximize)
+         found_inf, maximize, **st)
