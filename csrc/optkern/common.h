@@ -15,7 +15,7 @@ namespace optkern {
 // back by precision.h (the executors' load/store layer); i16 holds the low halves of "split" float32 masters.
 enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3, i16 = 4 };
 
-inline int dtype_size(DType d) { return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2); }
+OK_HD int dtype_size(DType d) { return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2); }
 inline const char* dtype_name(DType d) {
   switch (d) {
     case DType::f32: return "float32";
@@ -25,7 +25,7 @@ inline const char* dtype_name(DType d) {
     default: return "int16";
   }
 }
-inline bool is_half(DType d) { return d == DType::bf16 || d == DType::f16; }  // a 16-bit float
+OK_HD bool is_half(DType d) { return d == DType::bf16 || d == DType::f16; }  // a 16-bit float
 
 // Branch-free helpers written as plain ternaries so that the CPU compiler turns them into
 // vector blends / min / max and the CUDA compiler into selects.

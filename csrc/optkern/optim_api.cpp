@@ -60,7 +60,9 @@ template <class Rule>
 void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& sc, const StepInfo& s) {
   std::vector<void*> order;                               // distinct counters, first use first
   std::unordered_map<void*, StepBatch> groups;
-  for (const TensorSlots& t : b.tensors) {
+  for (size_t i = 0; i < b.tensors.size(); ++i) {
+    TensorSlots t = b.tensors[i];
+    if (t.key_index < 0) t.key_index = static_cast<int64_t>(i);  // its position in the call, kept when regrouped
     if (t.step == nullptr) throw std::invalid_argument("step: a tensor without its step counter");
     auto it = groups.find(t.step);
     if (it == groups.end()) {

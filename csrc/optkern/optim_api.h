@@ -32,6 +32,7 @@ struct TensorSlots {
   void* mu_product = nullptr;  // NAdam: one float32/float64 element, the product of mu_1..mu_{taken}
   void* master = nullptr;      // float32 master (MasterMode::fp32) or int16 low halves (MasterMode::split)
   void* copy = nullptr;        // a 16-bit copy of the updated param (Precision::copy)
+  int64_t key_index = -1;      // stochastic rounding's tensor index (-1: the tensor's position in the batch)
 };
 
 // How a 16-bit param's float32 result is kept between steps (precision.h defines every rounding).

@@ -30,8 +30,28 @@ warm-up step with the same params and states, which uploads the step's work plan
 ``found_inf`` is allowed, but the caller's count then advances even when the step is skipped; keep the count in an
 array to avoid that.  NAdam's ``mu_product`` is then a one-element array too (advanced the same way).
 
-All arrays of one call share a dtype (float32 or float64) and a device; grads and states match their param's
-shape and layout.  Bad input raises ValueError or TypeError naming the argument before anything is written.
+All arrays of one call share a device; grads and states match their param's shape and layout.  Bad input raises
+ValueError or TypeError naming the argument before anything is written.
+
+Dtypes and 16-bit training (the roundings are defined once, in ``csrc/optkern/precision.h``; see
+:mod:`optkern.precision`):
+    params: float32, float64, bfloat16 or float16, one dtype per call.  16-bit params are computed in float32:
+        each element is widened, updated by the same rule as float32 params and rounded back.
+    grads: the params' dtype, or bfloat16/float16 for float32 params (the CPU-offload step).
+    states: the params' dtype; for 16-bit params also float32 (the usual choice) or bfloat16.  One dtype for every
+        state array of a call.
+    master_weights (16-bit params): None (the float32 result rounded to nearest even into the param; torch's fused
+        optimizers' behaviour), ``"fp32"`` (``masters=`` float32 arrays hold the master; the param is written as its
+        rounding in the same pass) or ``"split"`` (bfloat16 params; ``masters=`` int16 arrays hold the float32
+        master's low halves, the param its high half: the same master as ``"fp32"`` bit for bit, 2 bytes per
+        element instead of 4).  :func:`optkern.init_masters` makes the arrays, :func:`optkern.master_values` reads
+        the float32 master back.
+    stochastic_rounding (16-bit params, master_weights None): round the param stochastically, from a Philox4x32-10
+        stream keyed by ``seed`` and counted by (step, the tensor's position in the list, element): deterministic,
+        the same on every instruction set, thread count and device.  On a GPU the step count must be a number
+        (not a device counter).
+    param_copies (float32 params): a list of bfloat16/float16 arrays written with the updated params rounded to
+        nearest even, in the same pass (the offload step's 16-bit model copy).
 """
 
 from __future__ import annotations
@@ -373,7 +393,8 @@ def sgd_step(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.
     if n and momentum_buffers is None:
         raise ValueError("momentum_buffers: required when momentum != 0 or velocity=True")
     states = [momentum_buffers] if n else []
-    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_multiplier, found_inf, maximize, **st)
+    _run(_C.sgd_step, params, grads, states, ("momentum_buffers",)[:n], h, step, grad_multiplier, found_inf,
+         maximize, **st)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -426,7 +447,8 @@ def adagrad_step(params, grads, state_sums, *, step, lr=1e-2, lr_decay=0.0, weig
     if kw:
         refuse_keywords("adagrad_step", kw)
     h = build_hyper("adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
-    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_multiplier, found_inf, maximize, **st)
+    _run(_C.adagrad_step, params, grads, [state_sums], ("state_sums",), h, step, grad_multiplier, found_inf,
+         maximize, **st)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, step, lr=1e-2, alpha=0.99,

@@ -104,7 +104,9 @@ void run_mixed(const StepBatch& b, const CoefD<Rule>& cd) {
         uint16_t* dst = static_cast<uint16_t*>(t.ptr[0]) + off;
         if (pr.master == MasterMode::split) store_tile_split(dst, static_cast<uint16_t*>(t.master) + off, P, m);
         else if (pr.stochastic)
-          store_tile16_sr(b.dtype, dst, P, m, key, static_cast<uint32_t>(r.tensor), static_cast<uint64_t>(off));
+          store_tile16_sr(b.dtype, dst, P, m, key,
+                          static_cast<uint32_t>(t.key_index >= 0 ? t.key_index : static_cast<int64_t>(r.tensor)),
+                          static_cast<uint64_t>(off));
         else store_tile16_rne(b.dtype, dst, P, m);  // from the float32 result or the float32 master
       }
       if (pr.copy) store_tile16_rne(pr.copy_dtype, static_cast<uint16_t*>(t.copy) + off, P, m);

@@ -151,7 +151,9 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule, T
 }
 
 // 16-bit storage, masters and copies (StepBatch::prec): the same rule in float32 between precision.h's loads and
-// stores, one element per thread and iteration (2-byte elements: a warp reads 64 contiguous bytes per buffer).
+// stores.  A thread takes packs of 8 consecutive elements (16-byte loads and stores) when every buffer is 16-byte
+// aligned at the chunk's start, one element at a time otherwise and for the chunk's tail.  Stochastic rounding
+// draws the same Philox words as the CPU (precision.h: sr_block of index / 4; a pack starts at a multiple of 8).
 struct MixedLayout {
   DType param, grad, state, copy_dtype;
   MasterMode master;
@@ -164,6 +166,47 @@ __device__ __forceinline__ float load_f32(DType d, const void* p, int64_t i) {
 __device__ __forceinline__ void store_f32_rne(DType d, void* p, int64_t i, float x) {
   if (d == DType::f32) static_cast<float*>(p)[i] = x;
   else static_cast<uint16_t*>(p)[i] = f32_to_half_rne(d, x);
+}
+
+// Packs of 8 elements: one 16-byte load or store per 16-bit buffer (8 bfloat16/float16), two per float32 buffer.
+constexpr int kMixedPack = 8;
+__device__ __forceinline__ void load8(DType d, const void* base, int64_t i0, float* out) {
+  if (d == DType::f32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i0);
+    const float4 a = q[0], b = q[1];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  } else {
+    const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i0);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      out[2 * l] = half_to_f32(d, static_cast<uint16_t>(w[l] & 0xffffu));
+      out[2 * l + 1] = half_to_f32(d, static_cast<uint16_t>(w[l] >> 16));
+    }
+  }
+}
+__device__ __forceinline__ void store8_u16(void* base, int64_t i0, const uint16_t* h) {
+  uint4 q;
+  q.x = static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+  q.y = static_cast<uint32_t>(h[2]) | (static_cast<uint32_t>(h[3]) << 16);
+  q.z = static_cast<uint32_t>(h[4]) | (static_cast<uint32_t>(h[5]) << 16);
+  q.w = static_cast<uint32_t>(h[6]) | (static_cast<uint32_t>(h[7]) << 16);
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i0) = q;
+}
+__device__ __forceinline__ void store8_rne(DType d, void* base, int64_t i0, const float* x) {
+  if (d == DType::f32) {
+    float4* q = reinterpret_cast<float4*>(static_cast<float*>(base) + i0);
+    q[0] = make_float4(x[0], x[1], x[2], x[3]);
+    q[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    uint16_t h[kMixedPack];
+#pragma unroll
+    for (int l = 0; l < kMixedPack; ++l) h[l] = f32_to_half_rne(d, x[l]);
+    store8_u16(base, i0, h);
+  }
+}
+__device__ __forceinline__ bool aligned16(const void* base, int64_t i0, DType d) {
+  return ((reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(i0) * dtype_size(d)) & 15u) == 0;
 }
 
 template <class Rule, bool kCounters>
@@ -184,7 +227,72 @@ __global__ void __launch_bounds__(kThreads) mixed_step_kernel(const KernelArgs<R
     }
     int64_t begin, len;
     chunk_range(a.starts, ti, t.numel, kChunk, ci, &begin, &len);
-    for (int64_t i = begin + threadIdx.x; i < begin + len; i += blockDim.x) {
+    // Packed: every buffer 16-byte aligned at the chunk's start (chunks start at multiples of kChunk elements).
+    const DType src = !half_params || L.master == MasterMode::fp32 ? DType::f32 : L.param;
+    bool packed = aligned16(t.ptr[0], begin, L.param) && aligned16(t.ptr[1], begin, L.grad);
+    for (int k = 0; k < Rule::kStates; ++k) packed = packed && aligned16(t.ptr[2 + k], begin, L.state);
+    if (L.master != MasterMode::none) packed = packed && aligned16(t.master, begin, src == DType::f32 ? DType::f32 : DType::i16);
+    if (L.copy) packed = packed && aligned16(t.copy, begin, L.copy_dtype);
+    int64_t vec_end = begin;
+    if (packed) {
+      const int64_t npacks = len / kMixedPack;
+      vec_end = begin + npacks * kMixedPack;
+      for (int64_t k = threadIdx.x; k < npacks; k += blockDim.x) {
+        const int64_t i0 = begin + k * kMixedPack;
+        float p[kMixedPack], g[kMixedPack], s0[kMixedPack] = {}, s1[kMixedPack] = {}, s2[kMixedPack] = {};
+        if (L.master == MasterMode::split) {
+          const uint4 hq = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(t.ptr[0]) + i0);
+          const uint4 lq = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(t.master) + i0);
+          const uint32_t hw[4] = {hq.x, hq.y, hq.z, hq.w}, lw[4] = {lq.x, lq.y, lq.z, lq.w};
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            p[2 * l] = f32_from_halves(static_cast<uint16_t>(hw[l] & 0xffffu), static_cast<uint16_t>(lw[l] & 0xffffu));
+            p[2 * l + 1] = f32_from_halves(static_cast<uint16_t>(hw[l] >> 16), static_cast<uint16_t>(lw[l] >> 16));
+          }
+        } else {
+          load8(src, L.master == MasterMode::fp32 ? t.master : t.ptr[0], i0, p);
+        }
+        load8(L.grad, t.ptr[1], i0, g);
+        if (Rule::kStates > 0) load8(L.state, t.ptr[2], i0, s0);
+        if (Rule::kStates > 1) load8(L.state, t.ptr[3], i0, s1);
+        if (Rule::kStates > 2) load8(L.state, t.ptr[4], i0, s2);
+#pragma unroll
+        for (int l = 0; l < kMixedPack; ++l) Rule::apply(c, p[l], g[l], s0[l], s1[l], s2[l]);
+        if (Rule::kStates > 0) store8_rne(L.state, t.ptr[2], i0, s0);
+        if (Rule::kStates > 1) store8_rne(L.state, t.ptr[3], i0, s1);
+        if (Rule::kStates > 2) store8_rne(L.state, t.ptr[4], i0, s2);
+        if (!half_params) {
+          store8_rne(DType::f32, t.ptr[0], i0, p);
+        } else if (L.master == MasterMode::split) {
+          uint16_t hi[kMixedPack], lo[kMixedPack];
+#pragma unroll
+          for (int l = 0; l < kMixedPack; ++l) {
+            hi[l] = f32_high_half(p[l]);
+            lo[l] = f32_low_half(p[l]);
+          }
+          store8_u16(t.ptr[0], i0, hi);
+          store8_u16(t.master, i0, lo);
+        } else {
+          if (L.master == MasterMode::fp32) store8_rne(DType::f32, t.master, i0, p);
+          if (L.stochastic) {
+            const uint32_t key_tensor = static_cast<uint32_t>(t.index);
+            const Philox4 r0 = sr_block(L.key, key_tensor, static_cast<uint64_t>(i0) >> 2);
+            const Philox4 r1 = sr_block(L.key, key_tensor, (static_cast<uint64_t>(i0) >> 2) + 1);
+            uint16_t h[kMixedPack];
+#pragma unroll
+            for (int l = 0; l < 4; ++l) {
+              h[l] = f32_to_half_sr(L.param, p[l], r0.v[l]);
+              h[4 + l] = f32_to_half_sr(L.param, p[4 + l], r1.v[l]);
+            }
+            store8_u16(t.ptr[0], i0, h);
+          } else {
+            store8_rne(L.param, t.ptr[0], i0, p);
+          }
+        }
+        if (L.copy) store8_rne(L.copy_dtype, t.copy, i0, p);
+      }
+    }
+    for (int64_t i = vec_end + threadIdx.x; i < begin + len; i += blockDim.x) {
       float p;
       if (!half_params) p = static_cast<const float*>(t.ptr[0])[i];
       else if (L.master == MasterMode::fp32) p = static_cast<const float*>(t.master)[i];
@@ -264,7 +372,7 @@ bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots
   for (size_t i = 0; i < a.size(); ++i) {
     const TensorSlots &x = a[i], &y = b[i];
     if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product || x.master != y.master ||
-        x.copy != y.copy)
+        x.copy != y.copy || x.key_index != y.key_index)
       return false;
     for (int k = 0; k < 5; ++k)
       if (x.ptr[k] != y.ptr[k] && (grads_too || k != 1)) return false;
@@ -294,7 +402,7 @@ std::vector<unsigned char> table_bytes(const StepBatch& b, bool counters, Device
     r.copy = s.copy;
     r.numel = s.numel;
     r.coef_index = slot;
-    r.index = static_cast<int64_t>(i);
+    r.index = s.key_index >= 0 ? s.key_index : static_cast<int64_t>(i);
     t->row_of[i] = static_cast<int64_t>(rows.size());
     rows.push_back(r);
     numels.push_back(s.numel);
