@@ -131,7 +131,8 @@ export -f versions build check_import cuda_bench
 
 # import the installed (CUDA) build, never the source tree's python/optkern
 unset PYTHONPATH
-# the GPU test files that exist, and pytest-timeout's per-test limit where it is installed
+# the GPU test files that exist (among the test_cuda_*.py: test_cuda_mixed_precision.py, the 16-bit modes on torch
+# CUDA and CuPy against the CPU, ~300 short tests), and pytest-timeout's per-test limit where it is installed
 gpu_tests=()
 for f in tests/test_cupy*.py tests/test_torch_cuda.py tests/test_cuda_*.py; do
     [ -f "$f" ] && gpu_tests+=("$f")
