@@ -77,6 +77,15 @@ BnShape channel_layout(const ArrayView& x, int axis) {
   return s;
 }
 
+// x's dtype: float32, float64, or (torch's mixed batch norm) bfloat16 / float16 with float32 parameters.
+void check_x_dtype(const ArrayView& x) {
+  if (!x.known || x.dtype == DType::i16)
+    type_error(std::string("x: expected float32, float64, bfloat16 or float16, got ") + x.dtype_str);
+}
+
+// The dtype of a per-channel parameter or running statistic for x of dtype d: x's own, float32 for 16-bit x.
+DType per_channel_dtype(DType d) { return is_half(d) ? DType::f32 : d; }
+
 // x's checks that need no other argument (rank, axis, density, alignment, layout; its dtype is checked first by
 // the caller): the (outer, channels, inner) view, or the error naming x or axis.
 BnShape x_layout(const ArrayView& ref, int axis) {
@@ -193,7 +202,11 @@ Parsed parse(const std::string& op, const py::dict& arrays, int axis, int64_t st
   const bool combine = op == "combine";
   const ArrayView& ref = p.views.at(combine ? "means" : "x");
   const char* ref_name = combine ? "means" : "x";
-  if (!ref.dtype_ok) type_error(std::string(ref_name) + ": expected float32 or float64, got " + ref.dtype_str);
+  if (combine) {
+    if (!ref.dtype_ok) type_error(std::string(ref_name) + ": expected float32 or float64, got " + ref.dtype_str);
+  } else {
+    check_x_dtype(ref);
+  }
   BnArgs& a = p.args;
   a.dtype = combine ? DType::f64 : ref.dtype;
   a.device = ref.device;
@@ -216,10 +229,15 @@ Parsed parse(const std::string& op, const py::dict& arrays, int axis, int64_t st
       value_error(name + ": expected an array on " + device_str(a.device) + " like " + ref_name + ", got " + device_str(v.device));
     if (s.write && v.readonly) value_error(name + ": is read-only; batch norm writes it and it must be writable");
     const bool f64 = s.role == kChanF64 || s.role == kStacked;
-    const DType want = f64 ? DType::f64 : a.dtype;
-    if (!v.dtype_ok || v.dtype != want)
-      type_error(name + ": expected " + dtype_name(want) + (f64 ? " (per-channel statistics are float64)" : " like x") +
-                 ", got " + (v.dtype_ok ? std::string(dtype_name(v.dtype)) : std::string(v.dtype_str)));
+    const bool mixed = s.role == kChanT && is_half(a.dtype);  // 16-bit x: float32 parameters and statistics
+    const DType want = f64 ? DType::f64 : (s.role == kChanT ? per_channel_dtype(a.dtype) : a.dtype);
+    if (!v.known || v.dtype != want)
+      type_error(name + ": expected " + dtype_name(want) +
+                 (f64 ? " (per-channel statistics are float64)"
+                      : mixed ? std::string(" (the parameters and running statistics of ") + dtype_name(a.dtype) +
+                                    " x are float32)"
+                              : std::string(" like x")) +
+                 ", got " + v.dtype_str);
     if (s.role == kDy || s.role == kOut) {
       bool same = v.ndim == ref.ndim;
       for (int d = 0; same && d < ref.ndim; ++d) same = v.shape[d] == ref.shape[d];
@@ -316,7 +334,7 @@ void register_batch_norm(py::module_& m) {
       "_bn_check_x",
       [](py::handle x, int axis) {
         ArrayView v = ArrayView::from(x, "x", -1, 0);
-        if (!v.dtype_ok) type_error(std::string("x: expected float32 or float64, got ") + v.dtype_str);
+        check_x_dtype(v);
         BnShape s = x_layout(v, axis);
         return py::make_tuple(s.outer, s.channels, s.inner);
       },

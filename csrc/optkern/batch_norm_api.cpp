@@ -17,9 +17,13 @@ namespace {
 
 [[noreturn]] void bad(const char* name, const char* expected, double got) { bad_arg(name, expected, got); }
 
-void check_shape(const BnShape& s) {
+// x's layout, and its dtype (int16 is a storage type of "split" masters, not a batch-norm input).
+void check_shape(const BnArgs& a) {
+  const BnShape& s = a.shape;
   if (s.outer < 0 || s.channels < 1 || s.inner < 0)
     throw std::invalid_argument("x: expected a layout with at least one channel");
+  if (a.dtype == DType::i16)
+    throw std::invalid_argument("x: expected float32, float64, bfloat16 or float16, got int16");
 }
 
 
@@ -97,7 +101,7 @@ void bn_check_training_count(int64_t count, int64_t channels) {
 }
 
 void bn_forward_train(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   bn_check_eps(a.eps);
   bn_check_factor(a.factor);
   bn_check_training_count(a.shape.count(), a.shape.channels);
@@ -106,7 +110,7 @@ void bn_forward_train(const BnArgs& a) {
 }
 
 void bn_forward_eval(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   bn_check_eps(a.eps);
   if (!a.running_mean || !a.running_var)
     throw std::invalid_argument("running_mean: running statistics are required when training=False");
@@ -115,7 +119,7 @@ void bn_forward_eval(const BnArgs& a) {
 }
 
 void bn_backward_train(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   bn_check_training_count(a.count > 0 ? a.count : a.shape.count(), a.shape.channels);
   if (!a.mean || !a.invstd) throw std::invalid_argument("save_mean: the saved statistics are required");
   HostScratch h(a, false, false, false, true);
@@ -123,13 +127,13 @@ void bn_backward_train(const BnArgs& a) {
 }
 
 void bn_backward_eval(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   if (!a.mean || !a.invstd) throw std::invalid_argument("save_mean: the saved statistics are required");
   OPTKERN_DISPATCH(a.device, bn_backward_eval(a));
 }
 
 void bn_stats(const BnArgs& a) {
-  check_shape(a.shape);  // an empty shard (count 0) gives mean 0, m2 0: combine gives it no weight
+  check_shape(a);  // an empty shard (count 0) gives mean 0, m2 0: combine gives it no weight
   HostScratch h(a, true, false, true, false);
   OPTKERN_DISPATCH(a.device, bn_stats(h.args));
 }
@@ -144,7 +148,7 @@ void bn_combine(const BnArgs& a, const std::vector<int64_t>& counts, const doubl
 }
 
 void bn_normalize(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   bn_check_eps(a.eps);
   bn_check_factor(a.factor);
   check_global_count(a);
@@ -154,14 +158,14 @@ void bn_normalize(const BnArgs& a) {
 }
 
 void bn_backward_reduce(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   if (!a.mean) throw std::invalid_argument("mean: the saved mean is required");
   if (!a.sum_dy || !a.sum_dy_xmu) throw std::invalid_argument("sum_dy: output buffers are required");
   OPTKERN_DISPATCH(a.device, bn_backward_reduce(a));
 }
 
 void bn_backward_dx(const BnArgs& a) {
-  check_shape(a.shape);
+  check_shape(a);
   check_global_count(a);
   if (!a.mean || !a.invstd || !a.sum_dy || !a.sum_dy_xmu)
     throw std::invalid_argument("sum_dy: the saved statistics and the reduced sums are required");

@@ -8,7 +8,10 @@
 //
 // Per-channel statistics are float64 arrays of `channels` elements on the tensor's device: mean, invstd, m2
 // (sum of squared deviations), sum_dy, sum_dy_xmu.  weight, bias, running stats, dweight and dbias have the
-// tensor's dtype.  Optional pointers may be null.
+// tensor's dtype, except for 16-bit tensors (torch's mixed batch norm): x, dy and the output (y or dx) in
+// bfloat16 or float16 (one dtype), weight, bias, running stats, dweight and dbias float32.  16-bit values are
+// loaded into float32 and the outputs rounded to nearest-even (precision.h) in the executors' load/store layer;
+// the math and the statistics are the float32 path's, in the same order.  Optional pointers may be null.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +29,7 @@ struct BnShape {
 };
 
 struct BnArgs {
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;  // of x, dy and out: f32, f64, bf16 or f16 (then the per-channel arrays are f32)
   Device device;
   void* stream = nullptr;  // cudaStream_t on CUDA devices
   BnShape shape;
@@ -34,7 +37,7 @@ struct BnArgs {
   const void* x = nullptr;
   const void* dy = nullptr;
   void* out = nullptr;  // y (forward) or dx (backward)
-  // per-channel, of the tensor's dtype
+  // per-channel, of the tensor's dtype (float32 for a 16-bit tensor)
   const void* weight = nullptr;
   const void* bias = nullptr;
   void* running_mean = nullptr;

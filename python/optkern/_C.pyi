@@ -99,7 +99,9 @@ def _cpu_plan(numels: Sequence[int], nparts: int, align: int) -> list[list[tuple
 def _cuda_chunk_plan(numels: Sequence[int], chunk: int) -> list[tuple[int, int, int]]: ...
 
 # batch norm (csrc/bindings/batch_norm_bindings.cpp); ops: forward_train, forward_eval, stats, combine, normalize,
-# backward_train, backward_eval, backward_reduce, backward_dx.  Returns the values per channel of x.
+# backward_train, backward_eval, backward_reduce, backward_dx.  x / dy / out: float32, float64, or bfloat16 / float16
+# (then weight, bias, running stats, dweight, dbias float32); per-channel statistics float64.  Returns the values per
+# channel of x.
 def batch_norm(op: str, arrays: dict[str, Any], axis: int = ..., eps: float = ..., momentum: float = ...,
                count: int = ..., counts: Sequence[int] = ..., stream: int = ...) -> int: ...
 def batch_norm_layout(x: Any, axis: int) -> tuple[int, int, int]: ...

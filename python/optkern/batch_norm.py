@@ -17,6 +17,13 @@ Seed 000's formula, per channel k over the batch (and spatial positions):
   training.
 - ``save_mean`` and ``save_invstd`` are float64 arrays of C values (statistics are kept in float64 so that data
   far from zero stays exact); the backward also accepts float32 ones, such as torch's.
+- dtypes: x (and dy, y, dx) float32 or float64 with weight, bias and running statistics of x's dtype; or, as
+  torch's mixed batch norm, x / dy / y / dx in bfloat16 or float16 (one dtype in a call; NumPy bfloat16 is
+  ``ml_dtypes.bfloat16``) with weight, bias, running statistics and dweight / dbias in float32.  16-bit values
+  are read exactly into float32, the statistics and the math are the float32 path's (same sums, same order), and
+  y / dx are rounded to nearest-even once: a 16-bit call gives bitwise ``rne(float32 call on x.astype(float32))``.
+  save_mean / save_invstd stay float64.  Any other combination is a TypeError naming the argument and the dtypes
+  in words.
 - Outputs are new arrays in x's library and on its device, laid out like x, unless ``out=`` gives one.
 
 The staged entry points split the same kernels for data-parallel training (torch's SyncBatchNorm pattern):
@@ -93,8 +100,8 @@ def _x(x, axis):
 
 
 def _per_channel(name: str, v, C: int):
-    """A per-channel array of x's dtype (weight, bias, running stats): its shape checked before an output like it
-    is allocated (the dtype and the rest are the binding's checks)."""
+    """A per-channel array (weight, bias, running stats: x's dtype, float32 for 16-bit x): its shape checked before
+    an output like it is allocated (the dtype and the rest are the binding's checks)."""
     v = _array(name, v)
     if v is not None and tuple(v.shape) != (C,):
         raise ValueError(f"{name}: expected shape ({C},) (one value per channel of x), got {tuple(v.shape)}")

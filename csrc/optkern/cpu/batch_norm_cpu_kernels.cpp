@@ -13,9 +13,15 @@
 //    streams rows with per-column coefficients.
 // Reductions accumulate in T lanes over short blocks and in double across blocks, always in the same order,
 // so the result does not depend on the instruction set or the thread count.
+// 16-bit x / dy / outputs (bfloat16, float16; float32 parameters and running statistics): the load/store layer
+// (Io, below) converts each run or row block into a per-thread float32 tile (convert16.h, exact), the float32
+// kernels run on the tiles unchanged, and y / dx tiles are rounded to nearest-even on store.  Every value and
+// every order is then the float32 path's: a 16-bit call gives bitwise the float32 result on x's (exact) float32
+// values, rounded once.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 
@@ -25,6 +31,7 @@
 #include "isa_kernel.h"
 #include "thread_pool.h"
 #include "work_split.h"
+#include "convert16.h"
 
 namespace optkern {
 namespace OPTKERN_ISA_NS {
@@ -639,24 +646,149 @@ void rows_apply(const BnShape& s, const BnPlan& plan, Apply&& apply) {
   });
 }
 
+// ---- the 16-bit load/store layer ----------------------------------------------------------------------------
+// S is the storage type of x, dy and the output (y or dx): T itself (float32, float64: read and written in place)
+// or uint16_t holding bfloat16/float16 bits with T = float.  A 16-bit run is converted into a per-thread float32
+// tile (slot 0: x, 1: dy, 2: the output), the float32 kernel runs on the tiles, and the output tile is rounded to
+// nearest-even into the array (convert16.h: precision.h's roundings).  Tiles hold at most kTileValues values,
+// except a rows reduction's row block (at most kBnRowBlock x kColChunk).
+constexpr int64_t kTileValues = kBnChunk;
+
+template <class T, class S>
+struct Io {
+  static constexpr bool kHalf = !std::is_same<T, S>::value;
+  static_assert(!kHalf || std::is_same<T, float>::value, "16-bit storage computes in float32");
+  DType d;
+  static T* tile(int slot, int64_t n) {
+    thread_local std::vector<T> buf[3];
+    std::vector<T>& b = buf[slot];
+    if (b.size() < static_cast<size_t>(n)) b.resize(static_cast<size_t>(n));
+    return b.data();
+  }
+  // n values at src as T: src itself, or slot's tile holding their exact float32 values.
+  const T* in(const S* src, int64_t n, int slot) const {
+    if constexpr (kHalf) {
+      T* t = tile(slot, n);
+      load_tile16(d, src, n, t);
+      return t;
+    } else {
+      return src;
+    }
+  }
+  // Where the kernel writes n outputs for dst: dst itself, or the output tile (then commit()).
+  T* out(S* dst, int64_t n) const {
+    if constexpr (kHalf) return tile(2, n);
+    else return dst;
+  }
+  void commit(S* dst, const T* t, int64_t n) const {
+    if constexpr (kHalf) store_tile16_rne(d, dst, t, n);
+  }
+};
+
+// Split nrows rows of w values into contiguous pieces of at most kTileValues: fn(row, nr, col, cols) covers rows
+// [row, row + nr), columns [col, col + cols) (whole rows, or one row cut in column chunks).
+template <class F>
+void row_tiles(int64_t nrows, int64_t w, F&& fn) {
+  if (w <= kTileValues) {
+    const int64_t k = std::max<int64_t>(1, kTileValues / std::max<int64_t>(w, 1));
+    for (int64_t r = 0; r < nrows; r += k) fn(r, std::min(k, nrows - r), int64_t(0), w);
+    return;
+  }
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t c = 0; c < w; c += kTileValues) fn(r, int64_t(1), c, std::min(kTileValues, w - c));
+}
+
 // ---- typed implementations ----------------------------------------------------------------------------------
 
-template <class T>
+// T: the compute type (and that of weight, bias, running statistics and weight gradients); S: the storage type
+// of x, dy and the output (Io).
+template <class T, class S>
 struct Typed {
   const BnArgs& a;
   const BnShape& s;
   BnPlan plan;
-  const T* x;
-  const T* dy;
-  T* out;
+  Io<T, S> io;
+  const S* x;
+  const S* dy;
+  S* out;
   const T* w;
   const T* b;
-  bool nt;  // stream the output past the caches (it is too large to stay in them)
+  bool nt;  // stream the output past the caches (it is too large to stay in them; not for 16-bit tiles)
   explicit Typed(const BnArgs& args)
-      : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), x(static_cast<const T*>(args.x)),
-        dy(static_cast<const T*>(args.dy)), out(static_cast<T*>(args.out)), w(static_cast<const T*>(args.weight)),
-        b(static_cast<const T*>(args.bias)),
-        nt(args.shape.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes) {}
+      : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), io{args.dtype},
+        x(static_cast<const S*>(args.x)), dy(static_cast<const S*>(args.dy)), out(static_cast<S*>(args.out)),
+        w(static_cast<const T*>(args.weight)), b(static_cast<const T*>(args.bias)),
+        nt(!Io<T, S>::kHalf && args.shape.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes) {}
+
+  // ---- the load/store layer around the kernels ----
+  // Channels-first elementwise runs.
+  void cf_normalize(int64_t c, Unit u) const {
+    const T* xs = io.in(x + u.offset, u.len, 0);
+    T* ys = io.out(out + u.offset, u.len);
+    run_normalize<T>(xs, ys, u.len, norm_coef(c), nt);
+    io.commit(out + u.offset, ys, u.len);
+  }
+  void cf_grad_input(const BnGradCoef<T>& k, Unit u) const {
+    const T* gs = io.in(dy + u.offset, u.len, 1);
+    const T* xs = io.in(x + u.offset, u.len, 0);
+    T* os = io.out(out + u.offset, u.len);
+    run_grad_input<T>(gs, xs, os, u.len, k, nt);
+    io.commit(out + u.offset, os, u.len);
+  }
+  // Channels-first gradient sums of a run (with dx = k.a dy written when with_dx: eval backward).
+  void cf_grad_sums(const BnGradCoef<T>& k, Unit u, bool with_dx, double* o) const {
+    const T* gs = io.in(dy + u.offset, u.len, 1);
+    const T* xs = io.in(x + u.offset, u.len, 0);
+    T* os = with_dx ? io.out(out + u.offset, u.len) : nullptr;
+    run_grad_sums<T>(gs, xs, os, k.a, u.len, k.mean_hi, k.mean_lo, o);
+    if (with_dx) io.commit(out + u.offset, os, u.len);
+  }
+  // Rows: a row block's column sums (rows_sums, Kind 0 / 1 / 2) folded into f.  16-bit rows are converted in
+  // column chunks of at most kColChunk (each column's sums are independent of the others': the float32 path's).
+  template <int Kind>
+  void block_sums(int64_t r0, int64_t r1, const GroupFold& f, const T* c0, const T* c1, const T* c2) const {
+    const int64_t W = plan.width, nr = r1 - r0, o = r0 * W;
+    if constexpr (!Io<T, S>::kHalf) {
+      rows_sums<T, Kind>(x + o, Kind > 0 ? dy + o : nullptr, Kind == 2 ? out + o : nullptr, nr, W, c0, c1, c2, f);
+    } else {
+      const int64_t chunk = std::min<int64_t>(W, kColChunk);
+      for (int64_t j0 = 0; j0 < W; j0 += chunk) {
+        const int64_t w = std::min(chunk, W - j0);
+        // one row block's columns [j0, j0 + w) as nr x w tiles (one conversion when they are whole rows)
+        auto gather = [&](const S* src, int slot) -> const T* {
+          if (w == W) return io.in(src + o, nr * W, slot);
+          T* t = Io<T, S>::tile(slot, nr * w);
+          for (int64_t r = 0; r < nr; ++r) load_tile16(io.d, src + o + r * W + j0, w, t + r * w);
+          return t;
+        };
+        const T* xs = gather(x, 0);
+        const T* gs = Kind > 0 ? gather(dy, 1) : nullptr;
+        T* os = Kind == 2 ? Io<T, S>::tile(2, nr * w) : nullptr;
+        const GroupFold fj{f.nr, f.first, f.G + j0, f.a + j0, f.b + j0};
+        rows_sums<T, Kind>(xs, gs, os, nr, w, c0 ? c0 + j0 : nullptr, c1 ? c1 + j0 : nullptr,
+                           c2 ? c2 + j0 : nullptr, fj);
+        if constexpr (Kind == 2)
+          for (int64_t r = 0; r < nr; ++r) store_tile16_rne(io.d, out + o + r * W + j0, os + r * w, w);
+      }
+    }
+  }
+  // Rows elementwise: fn(xs, gs, os, rows, cols, col) on tiles of the region of nr rows of w values at offset o
+  // (gs only when with_dy), then the output committed.
+  template <class F>
+  void rows_tiles(int64_t o, int64_t nr, int64_t w, bool with_dy, F&& fn) const {
+    if constexpr (!Io<T, S>::kHalf) {
+      fn(x + o, with_dy ? dy + o : nullptr, out + o, nr, w, int64_t(0));
+    } else {
+      row_tiles(nr, w, [&](int64_t r, int64_t k, int64_t col, int64_t cols) {
+        const int64_t p = o + r * w + col, n = k * cols;
+        const T* xs = io.in(x + p, n, 0);
+        const T* gs = with_dy ? io.in(dy + p, n, 1) : nullptr;
+        T* os = io.out(out + p, n);
+        fn(xs, gs, os, k, cols, col);
+        io.commit(out + p, os, n);
+      });
+    }
+  }
 
   double gamma(int64_t c) const { return w ? static_cast<double>(w[c]) : 1.0; }
   double beta(int64_t c) const { return b ? static_cast<double>(b[c]) : 0.0; }
@@ -701,17 +833,15 @@ struct Typed {
   // ---- statistics (+ optional finalisation and normalisation) ----
   void stats(bool finalize, bool normalize) {
     if (plan.channels_first) {
-      auto reduce = [&](int64_t, Unit u, double* o) { run_moments<T>(x + u.offset, u.len, o); };
+      auto reduce = [&](int64_t, Unit u, double* o) { run_moments<T>(io.in(x + u.offset, u.len, 0), u.len, o); };
       auto finish = [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); };
-      auto apply = [&](int64_t c, Unit u) { run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c), nt); };
+      auto apply = [&](int64_t c, Unit u) { cf_normalize(c, u); };
       cf_drive<true>(s, reduce, finish, apply, normalize);
       return;
     }
     rows_reduce<true>(
         s, plan,
-        [&](int64_t r0, int64_t r1, const GroupFold& f) {
-          rows_sums<T, 0>(x + r0 * plan.width, nullptr, nullptr, r1 - r0, plan.width, nullptr, nullptr, nullptr, f);
-        },
+        [&](int64_t r0, int64_t r1, const GroupFold& f) { block_sums<0>(r0, r1, f, nullptr, nullptr, nullptr); },
         [&](int64_t c, const Acc& t) { finish_stats(c, t, finalize); });
     if (normalize) rows_normalize_all();
   }
@@ -724,16 +854,15 @@ struct Typed {
     auto sc = per_column([&](int64_t c) { return cc[c].scale; });
     auto sh = per_column([&](int64_t c) { return cc[c].shift; });
     rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
-      rows_normalize<T>(x + r0 * plan.width, out + r0 * plan.width, nr, w, mh.data(), ml.data(), sc.data(),
-                        sh.data(), nt);
+      rows_tiles(r0 * plan.width, nr, w, false, [&](const T* xs, const T*, T* ys, int64_t k, int64_t cols, int64_t j) {
+        rows_normalize<T>(xs, ys, k, cols, mh.data() + j, ml.data() + j, sc.data() + j, sh.data() + j, nt);
+      });
     });
   }
 
   void normalize_only() {  // mean and invstd are already in a.mean / a.invstd
     if (plan.channels_first) {
-      cf_apply_all(s, [&](int64_t c, Unit u) {
-        run_normalize<T>(x + u.offset, out + u.offset, u.len, norm_coef(c), nt);
-      });
+      cf_apply_all(s, [&](int64_t c, Unit u) { cf_normalize(c, u); });
       return;
     }
     rows_normalize_all();
@@ -748,13 +877,14 @@ struct Typed {
     };
     if (plan.channels_first) {
       auto reduce = [&](int64_t c, Unit u, double* o) {
-        BnNormCoef<T> k = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
-        run_grad_sums<T>(dy + u.offset, x + u.offset, nullptr, T(0), u.len, k.mean_hi, k.mean_lo, o + 1);
+        const BnNormCoef<T> m = bn_norm_coef<T>(a.mean[c], 1.0, 1.0, 0.0);
+        BnGradCoef<T> k{};
+        k.mean_hi = m.mean_hi;
+        k.mean_lo = m.mean_lo;
+        cf_grad_sums(k, u, false, o + 1);
         o[0] = static_cast<double>(u.len);
       };
-      auto apply = [&](int64_t c, Unit u) {
-        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c), nt);
-      };
+      auto apply = [&](int64_t c, Unit u) { cf_grad_input(grad_coef(c), u); };
       cf_drive<false>(s, reduce, finish, apply, then_dx);
       return;
     }
@@ -764,10 +894,7 @@ struct Typed {
     auto ml = per_column([&](int64_t c) { return cc[c].mean_lo; });
     rows_reduce<false>(
         s, plan,
-        [&](int64_t r0, int64_t r1, const GroupFold& f) {
-          const int64_t o = r0 * plan.width;
-          rows_sums<T, 1>(x + o, dy + o, nullptr, r1 - r0, plan.width, mh.data(), ml.data(), nullptr, f);
-        },
+        [&](int64_t r0, int64_t r1, const GroupFold& f) { block_sums<1>(r0, r1, f, mh.data(), ml.data(), nullptr); },
         finish);
     if (then_dx) rows_dx_all();
   }
@@ -781,17 +908,17 @@ struct Typed {
     auto kb = per_column([&](int64_t c) { return kk[c].b; });
     auto kc = per_column([&](int64_t c) { return kk[c].c; });
     rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
-      const int64_t o = r0 * plan.width;
-      rows_grad_input<T>(dy + o, x + o, out + o, nr, w, mh.data(), ml.data(), ka.data(), kb.data(), kc.data(), nt);
+      rows_tiles(r0 * plan.width, nr, w, true, [&](const T* xs, const T* gs, T* os, int64_t k, int64_t cols, int64_t j) {
+        rows_grad_input<T>(gs, xs, os, k, cols, mh.data() + j, ml.data() + j, ka.data() + j, kb.data() + j,
+                           kc.data() + j, nt);
+      });
     });
   }
 
   void dx_only() {  // training dx from the (global) sums already in a.sum_dy / a.sum_dy_xmu
     for (int64_t c = 0; c < s.channels; ++c) finish_weight_grads(c);
     if (plan.channels_first) {
-      cf_apply_all(s, [&](int64_t c, Unit u) {
-        run_grad_input<T>(dy + u.offset, x + u.offset, out + u.offset, u.len, grad_coef(c), nt);
-      });
+      cf_apply_all(s, [&](int64_t c, Unit u) { cf_grad_input(grad_coef(c), u); });
       return;
     }
     rows_dx_all();
@@ -810,9 +937,12 @@ struct Typed {
         const BnGradCoef<T> k = coef(c);
         o[0] = static_cast<double>(u.len);
         if (want) {
-          run_grad_sums<T>(dy + u.offset, x + u.offset, out + u.offset, k.a, u.len, k.mean_hi, k.mean_lo, o + 1);
+          cf_grad_sums(k, u, true, o + 1);
         } else {
-          run_scale<T>(dy + u.offset, out + u.offset, u.len, k.a, nt);
+          const T* gs = io.in(dy + u.offset, u.len, 1);
+          T* os = io.out(out + u.offset, u.len);
+          run_scale<T>(gs, os, u.len, k.a, nt);
+          io.commit(out + u.offset, os, u.len);
           o[1] = o[2] = 0.0;
         }
       };
@@ -824,8 +954,9 @@ struct Typed {
     auto ka = per_column([&](int64_t c) { return kk[c].a; });
     if (!want) {
       rows_apply(s, plan, [&](int64_t r0, int64_t nr, int64_t w) {
-        const int64_t o = r0 * plan.width;
-        rows_scale<T>(dy + o, out + o, nr, w, ka.data(), nt);
+        rows_tiles(r0 * plan.width, nr, w, true, [&](const T*, const T* gs, T* os, int64_t k, int64_t cols, int64_t j) {
+          rows_scale<T>(gs, os, k, cols, ka.data() + j, nt);
+        });
       });
       return;
     }
@@ -833,33 +964,32 @@ struct Typed {
     auto ml = per_column([&](int64_t c) { return kk[c].mean_lo; });
     rows_reduce<false>(
         s, plan,
-        [&](int64_t r0, int64_t r1, const GroupFold& f) {
-          const int64_t o = r0 * plan.width;
-          rows_sums<T, 2>(x + o, dy + o, out + o, r1 - r0, plan.width, mh.data(), ml.data(), ka.data(), f);
-        },
+        [&](int64_t r0, int64_t r1, const GroupFold& f) { block_sums<2>(r0, r1, f, mh.data(), ml.data(), ka.data()); },
         finish);
   }
 };
 
-template <template <class> class Op, class... A>
+// float32 and float64 compute in themselves; bfloat16 and float16 are stored as uint16_t and computed in float32.
+template <template <class, class> class Op, class... A>
 void typed(const BnArgs& a, A&&... args) {
-  if (a.dtype == DType::f32) Op<float>::run(a, args...);
-  else Op<double>::run(a, args...);
+  if (a.dtype == DType::f32) Op<float, float>::run(a, args...);
+  else if (a.dtype == DType::f64) Op<double, double>::run(a, args...);
+  else Op<float, uint16_t>::run(a, args...);
 }
 
-template <class T> struct ForwardTrain { static void run(const BnArgs& a) { Typed<T>(a).stats(true, true); } };
-template <class T> struct Stats { static void run(const BnArgs& a) { Typed<T>(a).stats(false, false); } };
-template <class T> struct Normalize {
+template <class T, class S> struct ForwardTrain { static void run(const BnArgs& a) { Typed<T, S>(a).stats(true, true); } };
+template <class T, class S> struct Stats { static void run(const BnArgs& a) { Typed<T, S>(a).stats(false, false); } };
+template <class T, class S> struct Normalize {
   static void run(const BnArgs& a) {
-    Typed<T> t(a);
+    Typed<T, S> t(a);
     const double n = static_cast<double>(t.global_count());
     for (int64_t c = 0; c < a.shape.channels; ++c) t.finalize_channel(c, a.mean[c], a.m2[c], n);
     t.normalize_only();
   }
 };
-template <class T> struct ForwardEval {
+template <class T, class S> struct ForwardEval {
   static void run(const BnArgs& a) {
-    Typed<T> t(a);
+    Typed<T, S> t(a);
     const T* rm = static_cast<const T*>(a.running_mean);
     const T* rv = static_cast<const T*>(a.running_var);
     for (int64_t c = 0; c < a.shape.channels; ++c) {
@@ -869,10 +999,10 @@ template <class T> struct ForwardEval {
     t.normalize_only();
   }
 };
-template <class T> struct BackwardTrain { static void run(const BnArgs& a) { Typed<T>(a).grad_sums(true); } };
-template <class T> struct BackwardReduce { static void run(const BnArgs& a) { Typed<T>(a).grad_sums(false); } };
-template <class T> struct BackwardDx { static void run(const BnArgs& a) { Typed<T>(a).dx_only(); } };
-template <class T> struct BackwardEval { static void run(const BnArgs& a) { Typed<T>(a).backward_eval(); } };
+template <class T, class S> struct BackwardTrain { static void run(const BnArgs& a) { Typed<T, S>(a).grad_sums(true); } };
+template <class T, class S> struct BackwardReduce { static void run(const BnArgs& a) { Typed<T, S>(a).grad_sums(false); } };
+template <class T, class S> struct BackwardDx { static void run(const BnArgs& a) { Typed<T, S>(a).dx_only(); } };
+template <class T, class S> struct BackwardEval { static void run(const BnArgs& a) { Typed<T, S>(a).backward_eval(); } };
 
 }  // namespace
 

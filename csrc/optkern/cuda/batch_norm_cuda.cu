@@ -43,6 +43,10 @@
 // CPU with -ffp-contract=off).  Scratch is owned (DeviceBuffer: stream-ordered, from optkern's pool, freed also
 // when a later call throws), every CUDA call and launch is checked, a failure throws, and nothing falls back to
 // the CPU.  No call synchronizes the stream.
+// 16-bit x / dy / outputs (bfloat16, float16, with float32 parameters and running statistics): the kernels are
+// instantiated on a storage type S (Bf16, F16: the 16-bit bits) whose compute type is float; every element is
+// loaded with precision.h's exact conversion and every y / dx element stored rounded to nearest-even (ld / st
+// below), so the sums, their order and the coefficients are the float32 path's (16-byte packs hold 8 values).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -51,6 +55,7 @@
 
 #include "../batch_norm_executors.h"
 #include "../batch_norm_rules.h"
+#include "../precision.h"
 #include "cuda_util.cuh"
 
 namespace optkern {
@@ -71,6 +76,42 @@ static_assert(kThreads % 32 == 0 && kChanThreads % 32 == 0, "whole warps");
 
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- the load/store layer: storage type S, compute type Compute<S> ---------------------------------------------
+struct Bf16 {
+  uint16_t u;
+};
+struct F16 {
+  uint16_t u;
+};
+template <class S>
+struct Elem {  // float32 and float64: stored as computed
+  using T = S;
+  __device__ __forceinline__ static T load(S v) { return v; }
+  __device__ __forceinline__ static S store(T v) { return v; }
+};
+template <>
+struct Elem<Bf16> {
+  using T = float;
+  __device__ __forceinline__ static T load(Bf16 v) { return bf16_to_f32(v.u); }
+  __device__ __forceinline__ static Bf16 store(T v) { return Bf16{f32_to_bf16_rne(v)}; }
+};
+template <>
+struct Elem<F16> {
+  using T = float;
+  __device__ __forceinline__ static T load(F16 v) { return f16_to_f32(v.u); }
+  __device__ __forceinline__ static F16 store(T v) { return F16{f32_to_f16_rne(v)}; }
+};
+template <class S>
+using Compute = typename Elem<S>::T;
+template <class S>
+__device__ __forceinline__ Compute<S> ld(S v) {
+  return Elem<S>::load(v);
+}
+template <class S>
+__device__ __forceinline__ S st(Compute<S> v) {
+  return Elem<S>::store(v);
+}
 
 // ---- host helpers ---------------------------------------------------------------------------------------------
 
@@ -163,11 +204,12 @@ __device__ __forceinline__ void acc_add(Acc* t, double n, double a, double b) {
 // Kind 0: moments (n, mean, m2) from per-lane-block two-sweep shifted sums.
 // Kind 1: gradient sums (dy, dy (x - mean)); with dx non-null also dx = a dy (eval backward, a = gamma invstd).
 
-template <class T>
+template <class S>
 struct ReduceIn {
-  const T* x = nullptr;
-  const T* dy = nullptr;
-  T* dx = nullptr;
+  using T = Compute<S>;
+  const S* x = nullptr;
+  const S* dy = nullptr;
+  S* dx = nullptr;
   const double* mean = nullptr;
   const double* invstd = nullptr;
   const T* weight = nullptr;
@@ -179,8 +221,8 @@ struct GradRunCoef {
   T k0, k1, a;  // mean_hi, mean_lo and (with dx) a
 };
 
-template <class T>
-__device__ __forceinline__ GradRunCoef<T> grad_run_coef(const ReduceIn<T>& in, int64_t c) {
+template <class S, class T = Compute<S>>
+__device__ __forceinline__ GradRunCoef<T> grad_run_coef(const ReduceIn<S>& in, int64_t c) {
   GradRunCoef<T> r{T(0), T(0), T(0)};
   if (in.dx != nullptr) {
     const double gamma = in.weight ? static_cast<double>(in.weight[c]) : 1.0;
@@ -261,19 +303,19 @@ __device__ __forceinline__ double lanes_sum(const T* v) {
 // K = T(rough / blk), broadcast to the group.  Sweep 2: the lanes accumulate d = x - K, d^2 in T; b1, b2 =
 // lanes_sum, then the tail's d = double(x - K) and d^2 in order (lane 0); lane 0 ends with the block's
 // (mean, m2) = bn_shifted_to_moments(blk, K, b1, b2).
-template <class T>
-__device__ __forceinline__ void lane_block_moments(const T* __restrict p, int64_t blk, int lane, double* mean,
+template <class S, class T = Compute<S>>
+__device__ __forceinline__ void lane_block_moments(const S* __restrict p, int64_t blk, int lane, double* mean,
                                                    double* m2) {
   const int64_t vec = blk / kWide * kWide;
   T s[kAcc] = {T(0), T(0), T(0), T(0)};
   for (int64_t j = 0; j < vec; j += kWide) {
 #pragma unroll
-    for (int k = 0; k < kAcc; ++k) s[k] += p[j + k * kLanes + lane];
+    for (int k = 0; k < kAcc; ++k) s[k] += ld(p[j + k * kLanes + lane]);
   }
   double rough = lanes_sum<T>(s);
   T K = T(0);
   if (lane == 0 && blk > 0) {
-    for (int64_t j = vec; j < blk; ++j) rough += static_cast<double>(p[j]);
+    for (int64_t j = vec; j < blk; ++j) rough += static_cast<double>(ld(p[j]));
     K = static_cast<T>(rough / static_cast<double>(blk));
   }
   K = __shfl_sync(0xffffffffu, K, 0, kLanes);
@@ -281,7 +323,7 @@ __device__ __forceinline__ void lane_block_moments(const T* __restrict p, int64_
   for (int64_t j = 0; j < vec; j += kWide) {
 #pragma unroll
     for (int k = 0; k < kAcc; ++k) {
-      const T d = p[j + k * kLanes + lane] - K;
+      const T d = ld(p[j + k * kLanes + lane]) - K;
       a1[k] += d;
       a2[k] += d * d;
     }
@@ -291,7 +333,7 @@ __device__ __forceinline__ void lane_block_moments(const T* __restrict p, int64_
   *m2 = 0.0;
   if (lane == 0 && blk > 0) {
     for (int64_t j = vec; j < blk; ++j) {
-      const double d = static_cast<double>(p[j] - K);
+      const double d = static_cast<double>(ld(p[j]) - K);
       b1 += d;
       b2 += d * d;
     }
@@ -301,31 +343,31 @@ __device__ __forceinline__ void lane_block_moments(const T* __restrict p, int64_
 
 // Kind 1, one lane block (same lanes as above, one sweep): lane 0 ends with the block's (sum dy, sum dy (x -
 // mean)): the lanes_sum of the T lanes, then the tail's terms in double, in order.
-template <class T>
-__device__ __forceinline__ void lane_block_grad_sums(const ReduceIn<T>& in, int64_t off, int64_t blk, int lane,
+template <class S, class T = Compute<S>>
+__device__ __forceinline__ void lane_block_grad_sums(const ReduceIn<S>& in, int64_t off, int64_t blk, int lane,
                                                      const GradRunCoef<T>& k, double* s1, double* s2) {
   const int64_t vec = blk / kWide * kWide;
-  const T* p = in.x + off;
-  const T* g = in.dy + off;
-  T* o = in.dx != nullptr ? in.dx + off : nullptr;
+  const S* p = in.x + off;
+  const S* g = in.dy + off;
+  S* o = in.dx != nullptr ? in.dx + off : nullptr;
   T a1[kAcc] = {T(0), T(0), T(0), T(0)}, a2[kAcc] = {T(0), T(0), T(0), T(0)};
   for (int64_t j = 0; j < vec; j += kWide) {
 #pragma unroll
     for (int q = 0; q < kAcc; ++q) {
       const int64_t m = j + q * kLanes + lane;
-      const T d = g[m];
-      if (o) o[m] = k.a * d;
+      const T d = ld(g[m]);
+      if (o) o[m] = st<S>(k.a * d);
       a1[q] += d;
-      a2[q] += d * bn_center(p[m], k.k0, k.k1);
+      a2[q] += d * bn_center(ld(p[m]), k.k0, k.k1);
     }
   }
   double b1 = lanes_sum<T>(a1), b2 = lanes_sum<T>(a2);
   if (lane == 0) {
     for (int64_t m = vec; m < blk; ++m) {
-      const T d = g[m];
-      if (o) o[m] = k.a * d;
+      const T d = ld(g[m]);
+      if (o) o[m] = st<S>(k.a * d);
       b1 += static_cast<double>(d);
-      b2 += static_cast<double>(d * bn_center(p[m], k.k0, k.k1));
+      b2 += static_cast<double>(d * bn_center(ld(p[m]), k.k0, k.k1));
     }
   }
   *s1 = b1;
@@ -336,8 +378,9 @@ __device__ __forceinline__ void lane_block_grad_sums(const ReduceIn<T>& in, int6
 // order as the CPU's run_moments does) or (n, sum dy, sum dy (x - mean)) (Kind 1, lane-block sums added in
 // order).  Grid-stride over groups of upb units; every thread of the block runs every group (the lane sums
 // shuffle within whole warps).
-template <class T, int Kind>
-__global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<T> in, double* partial) {
+template <class S, int Kind>
+__global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<S> in, double* partial) {
+  using T = Compute<S>;
   __shared__ double blk1[kSlots], blk2[kSlots];
   const int t = static_cast<int>(threadIdx.x);
   const int slot = t / g.tpu, lb = (t % g.tpu) / kLanes, lane = t % kLanes, q = t / kLanes;
@@ -362,11 +405,11 @@ __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<
       }
       double b1, b2;
       if constexpr (Kind == 0) {
-        lane_block_moments<T>(in.x + off, blk, lane, &b1, &b2);
+        lane_block_moments<S>(in.x + off, blk, lane, &b1, &b2);
       } else {
         GradRunCoef<T> k{T(0), T(0), T(0)};
-        if (blk > 0) k = grad_run_coef<T>(in, c);
-        lane_block_grad_sums<T>(in, off, blk, lane, k, &b1, &b2);
+        if (blk > 0) k = grad_run_coef<S>(in, c);
+        lane_block_grad_sums<S>(in, off, blk, lane, k, &b1, &b2);
       }
       if (lane == 0) {
         blk1[q] = b1;
@@ -412,7 +455,7 @@ __global__ void __launch_bounds__(kThreads) cf_reduce_kernel(CfGeom g, ReduceIn<
   }
 }
 
-// 16-byte packs of P = 16 / sizeof(T) values (rows reduction and elementwise kernels).
+// 16-byte packs of P = 16 / sizeof(S) stored values (rows reduction and elementwise kernels).
 template <class T, int P>
 struct alignas(sizeof(T) * P) Vec {
   T v[P];
@@ -444,31 +487,31 @@ struct RowGeom {
 
 // The P values of row r of `base` at columns [j0, j0 + P): one 16-byte load, or scalar loads of the m columns
 // inside the width (zeros past it, never used).
-template <class T, int P>
-__device__ __forceinline__ void load_cols(const T* base, const RowGeom& g, int64_t r, int64_t j0, int m, T* v) {
-  const T* p = base + r * g.width + j0;
+template <class S, int P, class T = Compute<S>>
+__device__ __forceinline__ void load_cols(const S* base, const RowGeom& g, int64_t r, int64_t j0, int m, T* v) {
+  const S* p = base + r * g.width + j0;
   if (g.vec) {
-    const Vec<T, P> u = load_vec<T, P>(p);
+    const Vec<S, P> u = load_vec<S, P>(p);
 #pragma unroll
-    for (int l = 0; l < P; ++l) v[l] = u.v[l];
+    for (int l = 0; l < P; ++l) v[l] = ld(u.v[l]);
   } else {
 #pragma unroll
-    for (int l = 0; l < P; ++l) v[l] = l < m ? p[l] : T(0);
+    for (int l = 0; l < P; ++l) v[l] = l < m ? ld(p[l]) : T(0);
   }
 }
 
-template <class T, int P>
-__device__ __forceinline__ void store_cols(T* base, const RowGeom& g, int64_t r, int64_t j0, int m, const T* v) {
-  T* p = base + r * g.width + j0;
+template <class S, int P, class T = Compute<S>>
+__device__ __forceinline__ void store_cols(S* base, const RowGeom& g, int64_t r, int64_t j0, int m, const T* v) {
+  S* p = base + r * g.width + j0;
   if (g.vec) {
-    Vec<T, P> u;
+    Vec<S, P> u;
 #pragma unroll
-    for (int l = 0; l < P; ++l) u.v[l] = v[l];
-    store_vec<T, P>(p, u);
+    for (int l = 0; l < P; ++l) u.v[l] = st<S>(v[l]);
+    store_vec<S, P>(p, u);
   } else {
 #pragma unroll
     for (int l = 0; l < P; ++l)
-      if (l < m) p[l] = v[l];
+      if (l < m) p[l] = st<S>(v[l]);
   }
 }
 
@@ -486,9 +529,10 @@ __device__ __forceinline__ int slice_slot(int tl, int k, int q, int cl, int grou
 // folds the group's blocks in block order: bn_slices_sum of the slices, widened, bn_group_add then
 // bn_group_moments (Kind 0), or added from 0 (Kind 1).  Grid-stride over sets of tpb tiles; every thread runs
 // every set (the block synchronizes between the steps).
-template <class T, int Kind>
-__global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, ReduceIn<T> in, double* partial) {
-  constexpr int P = 16 / static_cast<int>(sizeof(T));
+template <class S, int Kind>
+__global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, ReduceIn<S> in, double* partial) {
+  using T = Compute<S>;
+  constexpr int P = 16 / static_cast<int>(sizeof(S));
   __shared__ T shS[Kind == 0 ? kRowThreads * P : 1], shA[kRowThreads * P], shB[kRowThreads * P];
   const int t = static_cast<int>(threadIdx.x);
   const int G = static_cast<int>(g.group);
@@ -520,7 +564,7 @@ __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, Red
     if constexpr (Kind == 0) {
 #pragma unroll 4
       for (int64_t r = lo; r < hi; ++r) {
-        load_cols<T, P>(in.x, g, r, j0, m, v);
+        load_cols<S, P>(in.x, g, r, j0, m, v);
 #pragma unroll
         for (int l = 0; l < P; ++l) a1[l] += v[l];
       }
@@ -538,7 +582,7 @@ __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, Red
       }
 #pragma unroll 4
       for (int64_t r = lo; r < hi; ++r) {
-        load_cols<T, P>(in.x, g, r, j0, m, v);
+        load_cols<S, P>(in.x, g, r, j0, m, v);
 #pragma unroll
         for (int l = 0; l < P; ++l) {
           const T d = v[l] - K[l];
@@ -551,17 +595,17 @@ __global__ void __launch_bounds__(kRowThreads) rows_reduce_kernel(RowGeom g, Red
 #pragma unroll
       for (int l = 0; l < P; ++l) {
         k[l] = GradRunCoef<T>{T(0), T(0), T(0)};
-        if (l < m && hi > lo) k[l] = grad_run_coef<T>(in, in.inner == 1 ? j0 + l : (j0 + l) / in.inner);
+        if (l < m && hi > lo) k[l] = grad_run_coef<S>(in, in.inner == 1 ? j0 + l : (j0 + l) / in.inner);
       }
       T d[P], o[P];
 #pragma unroll 4
       for (int64_t r = lo; r < hi; ++r) {
-        load_cols<T, P>(in.dy, g, r, j0, m, d);
-        load_cols<T, P>(in.x, g, r, j0, m, v);
+        load_cols<S, P>(in.dy, g, r, j0, m, d);
+        load_cols<S, P>(in.x, g, r, j0, m, v);
         if (in.dx != nullptr) {
 #pragma unroll
           for (int l = 0; l < P; ++l) o[l] = k[l].a * d[l];
-          store_cols<T, P>(in.dx, g, r, j0, m, o);
+          store_cols<S, P>(in.dx, g, r, j0, m, o);
         }
 #pragma unroll
         for (int l = 0; l < P; ++l) {
@@ -752,58 +796,58 @@ __global__ void __launch_bounds__(kChanThreads) combine_kernel(ShardCounts sc, i
 // ---- elementwise kernels ------------------------------------------------------------------------------------
 
 // Each op applies the rule to the P values at i (16-byte aligned when P > 1), element l with coefficients k[l].
-template <class T>
+template <class S>
 struct NormOp {
-  using Coef = BnNormCoef<T>;
-  const T* x;
-  T* y;
+  using Coef = BnNormCoef<Compute<S>>;
+  const S* x;
+  S* y;
   const Coef* coef;
   uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y); }
   template <int P>
   __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
-    const Vec<T, P> xv = load_vec<T, P>(x + i);
-    Vec<T, P> yv;
+    const Vec<S, P> xv = load_vec<S, P>(x + i);
+    Vec<S, P> yv;
 #pragma unroll
-    for (int l = 0; l < P; ++l) yv.v[l] = bn_normalize(k[l], xv.v[l]);
-    store_vec<T, P>(y + i, yv);
+    for (int l = 0; l < P; ++l) yv.v[l] = st<S>(bn_normalize(k[l], ld(xv.v[l])));
+    store_vec<S, P>(y + i, yv);
   }
 };
 
-template <class T>
+template <class S>
 struct GradOp {
-  using Coef = BnGradCoef<T>;
-  const T* dy;
-  const T* x;
-  T* dx;
+  using Coef = BnGradCoef<Compute<S>>;
+  const S* dy;
+  const S* x;
+  S* dx;
   const Coef* coef;
   uintptr_t address_bits() const {
     return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(dx);
   }
   template <int P>
   __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
-    const Vec<T, P> gv = load_vec<T, P>(dy + i);
-    const Vec<T, P> xv = load_vec<T, P>(x + i);
-    Vec<T, P> ov;
+    const Vec<S, P> gv = load_vec<S, P>(dy + i);
+    const Vec<S, P> xv = load_vec<S, P>(x + i);
+    Vec<S, P> ov;
 #pragma unroll
-    for (int l = 0; l < P; ++l) ov.v[l] = bn_grad_input(k[l], gv.v[l], xv.v[l]);
-    store_vec<T, P>(dx + i, ov);
+    for (int l = 0; l < P; ++l) ov.v[l] = st<S>(bn_grad_input(k[l], ld(gv.v[l]), ld(xv.v[l])));
+    store_vec<S, P>(dx + i, ov);
   }
 };
 
-template <class T>
+template <class S>
 struct ScaleOp {  // eval backward: dx = a dy
-  using Coef = BnGradCoef<T>;
-  const T* dy;
-  T* dx;
+  using Coef = BnGradCoef<Compute<S>>;
+  const S* dy;
+  S* dx;
   const Coef* coef;
   uintptr_t address_bits() const { return reinterpret_cast<uintptr_t>(dy) | reinterpret_cast<uintptr_t>(dx); }
   template <int P>
   __device__ __forceinline__ void apply(int64_t i, const Coef* k) const {
-    const Vec<T, P> gv = load_vec<T, P>(dy + i);
-    Vec<T, P> ov;
+    const Vec<S, P> gv = load_vec<S, P>(dy + i);
+    Vec<S, P> ov;
 #pragma unroll
-    for (int l = 0; l < P; ++l) ov.v[l] = k[l].a * gv.v[l];
-    store_vec<T, P>(dx + i, ov);
+    for (int l = 0; l < P; ++l) ov.v[l] = st<S>(k[l].a * ld(gv.v[l]));
+    store_vec<S, P>(dx + i, ov);
   }
 };
 
@@ -858,10 +902,10 @@ __device__ __forceinline__ void walk_fixed(const Op& op, int64_t npacks, int64_t
 }
 
 // fixed_stride > 0: inner == 1 and walk_fixed with that stride; 0: the general walk (grid stride).
-template <class T, class Op>
+template <class S, class Op>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(Op op, int64_t numel, int64_t C, int64_t inner,
                                                                bool packed, int64_t fixed_stride) {
-  constexpr int W = 16 / static_cast<int>(sizeof(T));
+  constexpr int W = 16 / static_cast<int>(sizeof(S));
   const int64_t npacks = packed ? numel / W : numel;
   if (packed) {
     if (fixed_stride > 0) walk_fixed<W>(op, npacks, C, fixed_stride);
@@ -889,8 +933,10 @@ int64_t gcd64(int64_t a, int64_t b) {
 
 // ---- host drivers -------------------------------------------------------------------------------------------
 
-template <class T>
+// S: the storage type of x, dy and out; T: the compute type (and that of the per-channel arrays).
+template <class S>
 struct Exec {
+  using T = Compute<S>;
   const BnArgs& a;
   BnShape s;
   BnPlan plan;
@@ -901,16 +947,16 @@ struct Exec {
       : a(args), s(args.shape), plan(bn_plan(args.shape, args.dtype)), stream(static_cast<cudaStream_t>(args.stream)),
         sms(sm_count(args.device.index)) {}
 
-  const T* x() const { return static_cast<const T*>(a.x); }
-  const T* dy() const { return static_cast<const T*>(a.dy); }
-  T* out() const { return static_cast<T*>(a.out); }
+  const S* x() const { return static_cast<const S*>(a.x); }
+  const S* dy() const { return static_cast<const S*>(a.dy); }
+  S* out() const { return static_cast<S*>(a.out); }
 
   unsigned chan_grid(int64_t threads_per_channel) const {
     return static_cast<unsigned>(ceil_div(s.channels * threads_per_channel, kChanThreads));
   }
 
-  ReduceIn<T> reduce_in() const {
-    ReduceIn<T> in;
+  ReduceIn<S> reduce_in() const {
+    ReduceIn<S> in;
     in.x = x();
     in.C = s.channels;
     in.inner = s.inner;
@@ -919,7 +965,7 @@ struct Exec {
 
   // Launch the plan's reduction into `buf` (allocated here) and say where each channel's partials are.
   template <int Kind>
-  Partials reduce(const ReduceIn<T>& in, DeviceBuffer& buf) const {
+  Partials reduce(const ReduceIn<S>& in, DeviceBuffer& buf) const {
     Partials P;
     if (plan.channels_first) {
       CfGeom g;
@@ -938,13 +984,13 @@ struct Exec {
       buf.allocate(static_cast<size_t>(3 * g.total) * sizeof(double), stream);
       P.p = buf.as<double>();
       const unsigned grid =
-          grid_for(g.total, g.upb, sms, resident_blocks_per_sm(cf_reduce_kernel<T, Kind>, kThreads));
+          grid_for(g.total, g.upb, sms, resident_blocks_per_sm(cf_reduce_kernel<S, Kind>, kThreads));
       g.step = static_cast<int64_t>(grid) * g.upb;  // the grid step's digits, for the kernel's cursors
       g.sc = g.step / g.units;
       const int64_t su = g.step - g.sc * g.units;
       g.sn = su / g.kc;
       g.sk = su - g.sn * g.kc;
-      cf_reduce_kernel<T, Kind><<<grid, kThreads, 0, stream>>>(g, in, buf.as<double>());
+      cf_reduce_kernel<S, Kind><<<grid, kThreads, 0, stream>>>(g, in, buf.as<double>());
       OK_CUDA_CHECK(cudaGetLastError());
     } else {
       P.rows = true;
@@ -954,7 +1000,7 @@ struct Exec {
       P.group_rows = plan.group_rows();
       P.per_channel = plan.ngroups * s.inner;
       if (P.per_channel == 0) return P;  // no rows, or width 0: every channel's fold is empty
-      constexpr int Pc = 16 / static_cast<int>(sizeof(T));
+      constexpr int Pc = 16 / static_cast<int>(sizeof(S));
       RowGeom g;
       g.rows = plan.rows;
       g.width = plan.width;
@@ -972,8 +1018,8 @@ struct Exec {
       buf.allocate(static_cast<size_t>(2 * plan.ngroups * plan.width) * sizeof(double), stream);
       P.p = buf.as<double>();
       const unsigned grid =
-          grid_for(g.tiles, g.tpb, sms, resident_blocks_per_sm(rows_reduce_kernel<T, Kind>, kRowThreads));
-      rows_reduce_kernel<T, Kind><<<grid, kRowThreads, 0, stream>>>(g, in, buf.as<double>());
+          grid_for(g.tiles, g.tpb, sms, resident_blocks_per_sm(rows_reduce_kernel<S, Kind>, kRowThreads));
+      rows_reduce_kernel<S, Kind><<<grid, kRowThreads, 0, stream>>>(g, in, buf.as<double>());
       OK_CUDA_CHECK(cudaGetLastError());
     }
     return P;
@@ -983,10 +1029,10 @@ struct Exec {
   void elementwise(const Op& op) const {
     const int64_t numel = s.numel();
     if (numel == 0) return;
-    constexpr int W = 16 / static_cast<int>(sizeof(T));
+    constexpr int W = 16 / static_cast<int>(sizeof(S));
     const bool packed = (op.address_bits() & 15u) == 0 && numel >= W;
     const int64_t work = packed ? numel / W : numel;
-    const int bpsm = resident_blocks_per_sm(elementwise_kernel<T, Op>, kThreads);
+    const int bpsm = resident_blocks_per_sm(elementwise_kernel<S, Op>, kThreads);
     int64_t fixed = 0;  // inner == 1: a stride (in packs) under which every thread keeps its channels
     unsigned grid;
     if (s.inner == 1) {
@@ -997,7 +1043,7 @@ struct Exec {
     } else {
       grid = grid_for(work, kThreads, sms, bpsm);
     }
-    elementwise_kernel<T, Op><<<grid, kThreads, 0, stream>>>(op, numel, s.channels, s.inner, packed, fixed);
+    elementwise_kernel<S, Op><<<grid, kThreads, 0, stream>>>(op, numel, s.channels, s.inner, packed, fixed);
     OK_CUDA_CHECK(cudaGetLastError());
   }
 
@@ -1012,7 +1058,7 @@ struct Exec {
     const Partials P = reduce<0>(reduce_in(), partial);
     stats_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
-    if (forward) elementwise(NormOp<T>{x(), out(), A.norm});
+    if (forward) elementwise(NormOp<S>{x(), out(), A.norm});
   }
 
   void normalize() const {  // staged: from the combined (count, mean, m2)
@@ -1021,7 +1067,7 @@ struct Exec {
     A.norm = coef.as<BnNormCoef<T>>();
     normalize_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
     OK_CUDA_CHECK(cudaGetLastError());
-    elementwise(NormOp<T>{x(), out(), A.norm});
+    elementwise(NormOp<S>{x(), out(), A.norm});
   }
 
   void forward_eval() const {
@@ -1030,11 +1076,11 @@ struct Exec {
     A.norm = coef.as<BnNormCoef<T>>();
     eval_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
     OK_CUDA_CHECK(cudaGetLastError());
-    elementwise(NormOp<T>{x(), out(), A.norm});
+    elementwise(NormOp<S>{x(), out(), A.norm});
   }
 
-  ReduceIn<T> grad_in(bool eval_dx) const {
-    ReduceIn<T> in = reduce_in();
+  ReduceIn<S> grad_in(bool eval_dx) const {
+    ReduceIn<S> in = reduce_in();
     in.dy = dy();
     in.mean = a.mean;
     if (eval_dx) {
@@ -1058,7 +1104,7 @@ struct Exec {
     const Partials P = reduce<1>(grad_in(false), partial);
     grad_finish_kernel<T><<<chan_grid(32), kChanThreads, 0, stream>>>(P, A);
     OK_CUDA_CHECK(cudaGetLastError());
-    if (then_dx) elementwise(GradOp<T>{dy(), x(), out(), A.grad});
+    if (then_dx) elementwise(GradOp<S>{dy(), x(), out(), A.grad});
   }
 
   void backward_dx() const {  // staged: from the global sums
@@ -1069,7 +1115,7 @@ struct Exec {
     A.grad = coef.as<BnGradCoef<T>>();
     dx_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A, a.sum_dy, a.sum_dy_xmu);
     OK_CUDA_CHECK(cudaGetLastError());
-    elementwise(GradOp<T>{dy(), x(), out(), A.grad});
+    elementwise(GradOp<S>{dy(), x(), out(), A.grad});
   }
 
   void backward_eval() const {
@@ -1082,7 +1128,7 @@ struct Exec {
       A.grad = coef.as<BnGradCoef<T>>();
       eval_grad_coef_kernel<T><<<chan_grid(1), kChanThreads, 0, stream>>>(A);
       OK_CUDA_CHECK(cudaGetLastError());
-      elementwise(ScaleOp<T>{dy(), out(), A.grad});
+      elementwise(ScaleOp<S>{dy(), out(), A.grad});
       return;
     }
     // One pass writes dx = a dy and reduces the gradient sums; then dweight = invstd sum_dy_xmu, dbias = sum_dy.
@@ -1099,8 +1145,14 @@ void typed(const BnArgs& a, F&& f) {
   if (a.dtype == DType::f32) {
     Exec<float> e(a);
     f(e);
-  } else {
+  } else if (a.dtype == DType::f64) {
     Exec<double> e(a);
+    f(e);
+  } else if (a.dtype == DType::bf16) {
+    Exec<Bf16> e(a);
+    f(e);
+  } else {
+    Exec<F16> e(a);
     f(e);
   }
 }

@@ -27,11 +27,15 @@ Math, per channel c over its M values (batch x spatial positions), as ``torch.nn
 Behaviour, and where it differs from torch:
 
 * dtypes: float32 and float64 inputs run on optkern's kernels; the parameters and buffers must have the input's
-  dtype and device (else TypeError / ValueError naming them).  Any other input dtype (bfloat16, float16: what a
-  convolution produces under ``torch.autocast``) and any device the kernels do not serve (CUDA when optkern was
-  built without it, MPS, ...) fall back to torch's own forward (``F.batch_norm`` / torch's SyncBatchNorm), so the
-  module computes exactly what torch's does there, including torch's mixed-dtype path (bfloat16 input, float32
-  parameters, bfloat16 output).  Under ``torch.autocast`` a float32 input stays float32, as in torch.
+  dtype and device (else TypeError / ValueError naming them).  bfloat16 and float16 inputs with float32
+  parameters and buffers (torch's mixed batch norm: a convolution's output under ``torch.autocast``, or a 16-bit
+  input to a float32 module) run on optkern's 16-bit kernels: output and input gradient in the input's dtype,
+  float32 weight gradients and running statistics, the math in float32 with float64 statistics, each output
+  rounded to nearest-even once.  A module whose parameters are themselves 16-bit (``module.to(torch.bfloat16)``),
+  any other input dtype, and any device the kernels do not serve (CUDA when optkern was built without it, MPS,
+  ...) fall back to torch's own forward (``F.batch_norm`` / torch's SyncBatchNorm), so the module computes exactly
+  what torch's does there.  Under ``torch.autocast`` a float32 input stays float32, as in torch (batch norm is in
+  neither of autocast's cast lists).
 * layouts: contiguous and ``channels_last`` / ``channels_last_3d`` inputs are read in place, and the output has
   the input's layout (as torch's).  Any other strided input is made contiguous first (one copy; its output is
   contiguous), as torch's SyncBatchNorm does.
@@ -77,12 +81,18 @@ from optkern.batch_norm import (
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_batchnorm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)  # with float32 parameters and buffers (torch's mixed batch norm)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-def _kernels_serve(x: torch.Tensor) -> bool:
-    """True when optkern's kernels take x (float32/float64 on the CPU, or on CUDA when built with it)."""
-    if x.dtype not in _KERNEL_DTYPES:
+def _kernels_serve(x: torch.Tensor, tensors) -> bool:
+    """True when optkern's kernels take x with the module's parameters and buffers `tensors` (None where absent):
+    float32/float64 x, or bfloat16/float16 x whose tensors are all float32, on the CPU, or on CUDA when built with
+    it.  (A float32/float64 x with tensors of another dtype is served, and refused by _check_tensors.)"""
+    if x.dtype in _HALF_DTYPES:
+        if any(t is not None and t.dtype != torch.float32 for t in tensors):
+            return False  # a 16-bit module: torch's own path
+    elif x.dtype not in _KERNEL_DTYPES:
         return False
     if x.device.type == "cpu":
         return True
@@ -110,13 +120,17 @@ def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_tensors(x: torch.Tensor, **tensors) -> None:
-    """dtype, device and shape of the per-channel tensors against x, before anything is written."""
+    """dtype (x's; float32 for 16-bit x), device and shape of the per-channel tensors against x, before anything is
+    written."""
     C = x.shape[1]
+    half = x.dtype in _HALF_DTYPES
+    want = torch.float32 if half else x.dtype
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected {x.dtype} like the input, got {t.dtype}")
+        if t.dtype != want:
+            like = f"(the parameters and buffers of {x.dtype} input)" if half else "like the input"
+            raise TypeError(f"{name}: expected {want} {like}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like the input, got {t.device}")
         if tuple(t.shape) != (C,):
@@ -263,7 +277,8 @@ class _OptkernBatchNorm:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if not isinstance(input, torch.Tensor) or not _kernels_serve(input):
+        if not isinstance(input, torch.Tensor) or not _kernels_serve(
+                input, (self.weight, self.bias, self.running_mean, self.running_var)):
             return self._torch_forward(input)  # torch's own path (other dtypes and devices): see the module docstring
         bn_training, running_mean, running_var, factor, bump = self._statistics_args()
         _check_tensors(input, weight=self.weight, bias=self.bias, running_mean=running_mean, running_var=running_var)
