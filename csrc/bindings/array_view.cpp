@@ -690,8 +690,8 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
           sd = a.dtype;
         } else if (!a.known || a.dtype != sd) {
           type_error(an_str() + ": expected " + optkern::dtype_name(sd) +
-                     (sd == pd ? " like params[" + std::to_string(i) + "]"
-                               : " like " + names[2] + "[0] (one state dtype per call)") +
+                     (sd == pd && i > 0 ? " like params[" + std::to_string(i) + "]"
+                                        : " like " + names[2] + "[0] (one state dtype per call)") +
                      ", got " + dtype_words(a));
         }
       }
