@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import optkern  # noqa: E402
-import optkern.torch as okt  # noqa: E402
+import optkern
+import optkern.torch as okt
 
 if not (torch.cuda.is_available() and optkern.cuda_available()):
     pytest.skip("no CUDA device (or optkern built without CUDA): the 16-bit torch CUDA paths need one",

@@ -15,9 +15,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import optkern  # noqa: E402
-import optkern.torch as okt  # noqa: E402
-from conftest import AVAILABLE_ISAS  # noqa: E402
+import optkern
+import optkern.torch as okt
+from conftest import AVAILABLE_ISAS
 
 SIZES = (1, 7, 33, 1000, 4099)
 HALF = (torch.bfloat16, torch.float16)
