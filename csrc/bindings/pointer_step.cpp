@@ -5,6 +5,8 @@
 //
 // The plan holds strong references to every param and state tensor, so the pointers stay valid while it lives.
 // A param whose storage moved (`p.data = ...`) is reported, not written: the front end rebuilds its plan.
+// 16-bit storage (masters, param copies, stochastic rounding; the grad, state, master and copy dtypes) is validated
+// by collect_step like a step's and carried in the plan's StepBatch.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -36,12 +38,20 @@ class PointerPlan {
   // contiguous[i]: params[i] is C-contiguous (its grads are checked with is_contiguous(), else with stride()).
   // state_dicts[i] / watched[i]: params[i]'s state dict and the objects it must still hold under watch_keys
   // (a tensor replaced in the dict makes gather() report a stale plan).
+  // 16-bit storage (optim_api.h: Precision), validated by collect_step like a step's and kept in the plan's batch:
+  // masters (float32 for master_weights "fp32", int16 residuals for "split"; written), param_copies (16-bit copies
+  // of float32 params; written), stochastic rounding and its seed.  The grads' dtype is `dtype` (torch: the
+  // param's); the batch's grad, state, master and copy dtypes are what collect_step found.
   PointerPlan(py::list params, py::list arrays, py::list grads, py::list states, py::list state_names, int64_t stream,
               py::list counters, bool counters_f64, py::list contiguous, py::list strides, py::list shapes,
-              py::object dtype, py::list state_dicts, py::list watch_keys, py::list watched, bool device_counters)
+              py::object dtype, py::list state_dicts, py::list watch_keys, py::list watched, bool device_counters,
+              py::object masters, py::object master_weights, py::object param_copies, bool stochastic_rounding,
+              uint64_t seed)
       : dtype_(std::move(dtype)), counters_f64_(counters_f64), device_counters_(device_counters) {
-    optkern_py::CollectedStep cs =
-        optkern_py::collect_step(arrays, grads, states, state_names, static_cast<int>(py::len(states)), stream);
+    const optkern_py::StepStorage storage{masters, master_mode(master_weights), param_copies, stochastic_rounding, seed};
+    optkern_py::CollectedStep cs = optkern_py::collect_step(arrays, grads, states, state_names,
+                                                            static_cast<int>(py::len(states)), stream, storage);
+    check_precision(cs.batch);  // the storage combination, as a step checks it (nothing runs yet)
     batch_ = cs.batch;
     const size_t n = py::len(params);
     for (size_t i = 0; i < n; ++i) {
@@ -49,10 +59,13 @@ class PointerPlan {
       contiguous_.push_back(contiguous[i].cast<bool>());
       strides_.push_back(py::reinterpret_borrow<py::object>(strides[i]));
       shapes_.push_back(py::reinterpret_borrow<py::object>(shapes[i]));
-      itemsize_ = cs.views[i].itemsize;
+      grad_itemsize_ = cs.views[n + i].itemsize;  // kind 1: the grads
     }
     for (py::handle l : states)
       for (py::handle t : l) keep_.push_back(py::reinterpret_borrow<py::object>(t));
+    for (py::handle extra : {masters, param_copies})
+      if (!extra.is_none())
+        for (py::handle t : extra) keep_.push_back(py::reinterpret_borrow<py::object>(t));
     grads_.resize(n);
     for (py::handle k : watch_keys) watch_keys_.push_back(py::reinterpret_borrow<py::object>(k));
     for (size_t i = 0; i < n; ++i) {
@@ -72,13 +85,13 @@ class PointerPlan {
         batch_.tensors[i].step = counters_[i];
       }
     }
-    // The writable ranges (params and states), sorted; collect_step has checked that none overlap.
-    for (const auto& t : batch_.tensors) {
-      if (t.numel == 0) continue;
-      const uintptr_t bytes = static_cast<uintptr_t>(t.numel) * static_cast<uintptr_t>(itemsize_);
-      writable_.push_back({reinterpret_cast<uintptr_t>(t.ptr[0]), reinterpret_cast<uintptr_t>(t.ptr[0]) + bytes});
-      for (int k = 0; k < static_cast<int>(py::len(states)); ++k)
-        writable_.push_back({reinterpret_cast<uintptr_t>(t.ptr[2 + k]), reinterpret_cast<uintptr_t>(t.ptr[2 + k]) + bytes});
+    // The writable ranges (params, states, masters, copies: every kind but the grads, each at its own itemsize),
+    // sorted; collect_step has checked that none overlap.
+    for (size_t v = 0; v < cs.views.size(); ++v) {
+      const optkern_py::ArrayView& a = cs.views[v];
+      if (v / n == 1 || a.numel == 0) continue;
+      const uintptr_t b = reinterpret_cast<uintptr_t>(a.data);
+      writable_.push_back({b, b + static_cast<uintptr_t>(a.nbytes())});
     }
     std::sort(writable_.begin(), writable_.end(), [](const Interval& a, const Interval& b) { return a.begin < b.begin; });
     param_ptrs_.reserve(n);
@@ -145,9 +158,9 @@ class PointerPlan {
                               "the grad in the param's layout");
       const int64_t numel = batch_.tensors[i].numel;
       if (numel > 0) {
-        if (a % static_cast<uintptr_t>(itemsize_) != 0)
+        if (a % static_cast<uintptr_t>(grad_itemsize_) != 0)
           throw py::value_error(name() + ": data pointer is not aligned to its itemsize");
-        const uintptr_t end = a + static_cast<uintptr_t>(numel) * static_cast<uintptr_t>(itemsize_);
+        const uintptr_t end = a + static_cast<uintptr_t>(numel) * static_cast<uintptr_t>(grad_itemsize_);
         auto it = std::upper_bound(writable_.begin(), writable_.end(), a,
                                    [](uintptr_t v, const Interval& r) { return v < r.end; });
         if (it != writable_.end() && it->begin < end)
@@ -210,6 +223,15 @@ class PointerPlan {
   }
 
  private:
+  // master_weights: None or one of optkern's MasterMode names ("fp32", "split").
+  static MasterMode master_mode(py::handle obj) {
+    if (obj.is_none()) return MasterMode::none;
+    if (PyUnicode_Check(obj.ptr()))
+      for (MasterMode m : {MasterMode::fp32, MasterMode::split})
+        if (py::str(obj).cast<std::string>() == master_mode_name(m)) return m;
+    throw py::value_error("master_weights: expected None, \"fp32\" or \"split\", got " + std::string(py::repr(obj)));
+  }
+
   bool same_shape(PyObject* t, size_t i, PyObject* attr) const {
     py::object sh = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, attr));
     if (!sh) throw py::error_already_set();
@@ -227,7 +249,7 @@ class PointerPlan {
   bool counters_f64_;
   bool device_counters_ = false;
   bool products_f64_ = false;
-  int itemsize_ = 4;
+  int grad_itemsize_ = 4;
   std::vector<py::object> params_, strides_, shapes_, keep_, grads_, state_dicts_, watch_keys_, watched_;
   std::vector<char> contiguous_;
   std::vector<uintptr_t> param_ptrs_;
@@ -255,11 +277,14 @@ void def_plan_step(py::module_& m, const char* name, Fn fn) {
 void register_pointer_step(py::module_& m) {
   py::class_<PointerPlan>(m, "PointerPlan")
       .def(py::init<py::list, py::list, py::list, py::list, py::list, int64_t, py::list, bool, py::list, py::list,
-                    py::list, py::object, py::list, py::list, py::list, bool>(),
+                    py::list, py::object, py::list, py::list, py::list, bool, py::object, py::object, py::object, bool,
+                    uint64_t>(),
            py::arg("params"), py::arg("arrays"), py::arg("grads"), py::arg("states"), py::arg("state_names"),
            py::arg("stream"), py::arg("counters"), py::arg("counters_f64"), py::arg("contiguous"), py::arg("strides"),
            py::arg("shapes"), py::arg("dtype"),
-           py::arg("state_dicts"), py::arg("watch_keys"), py::arg("watched"), py::arg("device_counters") = false)
+           py::arg("state_dicts"), py::arg("watch_keys"), py::arg("watched"), py::arg("device_counters") = false,
+           py::kw_only(), py::arg("masters") = py::none(), py::arg("master_weights") = py::none(),
+           py::arg("param_copies") = py::none(), py::arg("stochastic_rounding") = false, py::arg("seed") = 0)
       .def("gather", &PointerPlan::gather, py::arg("steps_taken"))
       .def("set_device_products", &PointerPlan::set_device_products, py::arg("products"), py::arg("f64"))
       .def_property_readonly("device_counters", &PointerPlan::device_counters)

@@ -115,12 +115,15 @@ def lbfgs_lincomb(vecs: Sequence[Any], coefs: Sequence[float], out: Any, stream:
 # cached step plans for optkern.torch (csrc/bindings/pointer_step.cpp): params and state validated once and kept as
 # pointers; gather() reads each param's .grad (-1: all present and valid; i >= 0: params[i] has none; -2 - i: the
 # plan is stale at params[i]).  The plan_*_step functions run one kernel over a gathered plan and advance its
-# counters in the same call.
+# counters in the same call.  masters / master_weights / param_copies / stochastic_rounding / seed: the 16-bit
+# storage (as the *_step functions take it), validated once and kept in the plan.
 class PointerPlan:
     def __init__(self, params: list, arrays: list, grads: list, states: list, state_names: list, stream: int,
                  counters: list[int], counters_f64: bool, contiguous: list[bool], strides: list, shapes: list,
                  dtype: Any,
-                 state_dicts: list[dict], watch_keys: list[str], watched: list[list]) -> None: ...
+                 state_dicts: list[dict], watch_keys: list[str], watched: list[list], device_counters: bool = ...,
+                 *, masters: list | None = ..., master_weights: str | None = ..., param_copies: list | None = ...,
+                 stochastic_rounding: bool = ..., seed: int = ...) -> None: ...
     def gather(self, steps_taken: float) -> int: ...
     def release_grads(self) -> None: ...
     def __len__(self) -> int: ...

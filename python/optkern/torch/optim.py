@@ -44,8 +44,36 @@ kernel.  ``load_state_dict``, ``add_param_group``, a changed group or a param ga
 the plans.  Replacing a param's whole state dict with one of the same length, or swapping ``.data`` of a state
 tensor, is not seen: use ``load_state_dict`` for such surgery.
 
-dtypes: float32 and float64 params (one dtype per kernel call; a group may mix them).  Other dtypes raise
-TypeError naming the param.
+dtypes: float32, float64, bfloat16 and float16 params (one dtype per kernel call; a group may mix them).  Other
+dtypes raise TypeError naming the param.
+
+Mixed precision (16-bit params; :mod:`optkern.precision` defines the roundings).  Four keyword-only constructor
+arguments beyond torch's signature (``inspect.signature`` still shows torch's), stored in ``defaults`` and every
+param group where they differ from their defaults (an optimizer made without them has torch's exact groups); a
+group may set its own; torch keeps unknown group keys, so they travel in ``state_dict``; a group loaded without
+them, e.g. from ``torch.optim``, takes the constructor's values:
+
+- ``state_dtype=None``: the dtype of the state this optimizer creates for bfloat16/float16 params: None (float32,
+  the default), ``"param"`` (the param's own dtype: torch's fused optimizers' state), ``"float32"``,
+  ``"bfloat16"`` (or ``"float16"`` for float16 params), as a name or a torch dtype.  State that exists (loaded, or
+  made by torch) keeps its dtype.  float32/float64 params always keep state in their own dtype.
+- ``master_weights=None | "fp32" | "split"``: None: the math in float32, the result rounded to nearest-even into
+  the param; ``"fp32"``: a float32 master in ``state[p]["master_param"]`` (created from the param), the param is
+  its rounding, written in the same pass; ``"split"`` (bfloat16 params only): an int16 ``state[p]["master_residual"]``
+  that with the param holds the float32 master bit for bit (param = high half, residual = low half).
+- ``stochastic_rounding=False`` (only with ``master_weights=None``) and ``seed=0``: the param is rounded
+  stochastically, keyed by (seed, the step count, the param's index in its kernel call, the element), so results
+  do not depend on threads or instruction sets.  The step count is ``state["step"]``; SGD keeps none, so a group
+  of SGD with stochastic rounding counts its steps in ``group["sr_step"]``.  Params of different groups with the
+  same seed and index share a stream: give groups different seeds to decorrelate them.
+The keywords apply to 16-bit params; float32/float64 params of the same group step as before.
+
+The offload step (ZeRO-Offload style, as DeepSpeed's ``DeepSpeedCPUAdam.step(fp16_param_groups=)``): float32
+params, and ``step(param_copies=...)``: one entry per param group, each None, a list aligned with the group's
+params (None where a param has no copy), or a single tensor for a one-param group.  Each copy (bfloat16 or
+float16, on the param's device, its shape and layout) receives the updated param rounded to nearest-even, in the
+same pass as the step.  torch cannot hold a 16-bit grad for a float32 param (``p.grad`` must match the param's
+dtype), so 16-bit grads for float32 params are for :mod:`optkern.functional` only.
 """
 
 from __future__ import annotations
@@ -58,12 +86,18 @@ import threading
 import torch
 
 from .. import _C
-from ..functional import build_hyper
+from ..functional import build_hyper, storage_args
+from ..precision import check_master_mode, dtype_name, resolve_state_dtype
 from ..optim.algorithms import _pick  # group keys -> build_hyper keywords, shared with the NumPy layer
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.float64) + _HALF
+_PREC_DEFAULTS = {"state_dtype": None, "master_weights": None, "stochastic_rounding": False, "seed": 0}
+_MASTER_KEY = {"fp32": "master_param", "split": "master_residual"}  # state[p] key of each mode's master
+_MASTER_DTYPE = {"fp32": torch.float32, "split": torch.int16}
+_STATE_DTYPES = (None, "param", "float32", "bfloat16", "float16")
 _COUNTER_DTYPES = {torch.float32: False, torch.float64: True}  # -> counters_f64
 _DEVICE_COUNT = -1  # the count of a bucket whose step tensors live on a CUDA device (never read on the host)
 _LOCK_GUARD = threading.Lock()
@@ -95,6 +129,48 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 _NAME_RE = re.compile(r"^(\w+)\[(\d+)\]")
+
+
+def _prec_options(state_dtype, master_weights, stochastic_rounding, seed) -> dict:
+    """The mixed-precision keywords, validated (ValueError/TypeError naming the keyword) and normalised: the
+    state dtype as a name ("param", "float32", "bfloat16", "float16") or None."""
+    sd = state_dtype
+    if sd is not None and not (isinstance(sd, str) and sd == "param"):
+        if not isinstance(sd, (str, torch.dtype)):
+            raise TypeError(f"state_dtype: expected None, a name or a torch dtype, got {type(sd).__name__}")
+        sd = dtype_name(sd)
+        if sd not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype: expected None, 'param', 'float32', 'bfloat16' or 'float16' (or the torch "
+                             f"dtype), got {state_dtype!r}")
+    check_master_mode(master_weights, stochastic_rounding)
+    seed = storage_args({"seed": seed})["seed"]
+    return {"state_dtype": sd, "master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+            "seed": seed}
+
+
+class _Prec:
+    """What a param's kernel call keeps in 16 bits (part of the call's bucket key)."""
+
+    __slots__ = ("state_dtype", "master", "stochastic", "seed", "copy_dtype")
+
+    def __init__(self, state_dtype, master, stochastic, seed, copy_dtype):
+        self.state_dtype, self.master, self.stochastic, self.seed, self.copy_dtype = \
+            state_dtype, master, stochastic, seed, copy_dtype
+
+    def key(self):
+        return (self.state_dtype, self.master, self.stochastic, self.seed if self.stochastic else 0, self.copy_dtype)
+
+    def storage(self, ps, states, copies) -> dict:
+        """The step's storage keywords (empty when nothing is 16-bit: the call is as before)."""
+        kw = {}
+        if self.master is not None:
+            mk = _MASTER_KEY[self.master]
+            kw.update(masters=[st[mk].detach() for st in states], master_weights=self.master)
+        if self.copy_dtype is not None:
+            kw["param_copies"] = [c.detach() for c in copies]
+        if self.stochastic:
+            kw.update(stochastic_rounding=True, seed=self.seed)
+        return kw
 
 
 class _FusedStep:
@@ -136,20 +212,52 @@ class _FusedStep:
     def __setstate__(self, state):  # also the last act of torch's load_state_dict
         self.__dict__.pop("_optkern_plans", None)
         self.__dict__.pop("_optkern_hyper", None)
+        self.__dict__.pop("_optkern_prec", None)
         super().__setstate__(state)
+        defaults = self.__dict__.get("defaults", {})
+        for group in self.param_groups:  # groups saved by torch.optim: the constructor's mixed-precision options
+            for k in _PREC_DEFAULTS:
+                if k in defaults:
+                    group.setdefault(k, defaults[k])
+
+    def load_state_dict(self, state_dict):
+        """torch's, except that the state of 16-bit params and the masters keep their saved dtypes (torch casts
+        every floating state tensor to its param's dtype: float32 state or masters of a bfloat16 param would be
+        rounded, an int16 residual converted)."""
+        keep = []
+        saved_groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        saved_ids = [i for g in saved_groups for i in g.get("params", [])]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params)) if len(saved_ids) == len(params) else {}
+        for pid, st in (state_dict.get("state", {}) if by_id else {}).items():
+            p = by_id.get(pid)
+            if p is None or not isinstance(st, dict):
+                continue
+            for k, v in st.items():
+                if (k != "step" and isinstance(v, torch.Tensor) and v.dtype != p.dtype
+                        and (p.dtype in _HALF or k in _MASTER_KEY.values())):
+                    keep.append((p, k, v))
+        super().load_state_dict(state_dict)
+        for p, k, v in keep:
+            self.state[p][k] = v.to(device=p.device)
 
     def add_param_group(self, param_group):
         self.__dict__.pop("_optkern_plans", None)
         self.__dict__.pop("_optkern_hyper", None)
+        self.__dict__.pop("_optkern_prec", None)
         super().add_param_group(param_group)
 
     # ---- the step ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, param_copies=None):
         """One fused optimizer step over every param with a ``.grad`` (see the module docstring).
 
         closure: re-evaluates the model and returns the loss (run with grad enabled, first, as torch does).
+        param_copies: the offload step's 16-bit copies of float32 params, written in the same pass: one entry per
+        param group (None, a list aligned with the group's params with None where no copy, or one tensor for a
+        one-param group).  Validated before the closure runs and before anything is written.
         """
+        copies = self._copies_map(param_copies)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -159,8 +267,108 @@ class _FusedStep:
             # since host step counts would be frozen into the graph; capturable=True run eagerly warns once.
             self._cuda_graph_capture_health_check()
         with self._step_lock():
-            self._fused_step()
+            self._fused_step(copies)
         return loss
+
+    def _copies_map(self, param_copies):
+        """param_copies (see step) -> {id(param): (copy, its name)}, or None; structure and dtypes checked here,
+        shape, layout, device and overlap by the C layer with the rest of the call."""
+        if param_copies is None:
+            return None
+        groups = self.param_groups
+        if not isinstance(param_copies, (list, tuple)) or len(param_copies) != len(groups):
+            what = f"a {type(param_copies).__name__}" if not isinstance(param_copies, (list, tuple)) else \
+                f"{len(param_copies)} entries"
+            raise ValueError(f"param_copies: expected a list with one entry per param group ({len(groups)}), got "
+                             f"{what}")
+        out = {}
+        for gi, (group, cs) in enumerate(zip(groups, param_copies)):
+            if cs is None:
+                continue
+            ps = group["params"]
+            if isinstance(cs, torch.Tensor) and len(ps) == 1:
+                cs = [cs]
+            if not isinstance(cs, (list, tuple)) or len(cs) != len(ps):
+                raise ValueError(f"param_copies[{gi}]: expected None or a list of {len(ps)} entries aligned with "
+                                 f"param_groups[{gi}]['params'] (None where a param has no copy)")
+            for pi, (p, c) in enumerate(zip(ps, cs)):
+                if c is None:
+                    continue
+                name = f"param_copies[{gi}][{pi}]"
+                if not isinstance(c, torch.Tensor):
+                    raise TypeError(f"{name}: expected a tensor or None, got {type(c).__name__}")
+                if p.dtype != torch.float32:
+                    raise ValueError(f"{name}: a 16-bit copy is for float32 params (the offload step); "
+                                     f"param_groups[{gi}]['params'][{pi}] is {p.dtype}")
+                if c.dtype not in _HALF:
+                    raise TypeError(f"{name}: expected a bfloat16 or float16 tensor, got {c.dtype}")
+                out[id(p)] = (c, name)
+        return out
+
+    def _check_groups(self) -> None:
+        """Every group's mixed-precision options against its params (construction: a conflict raises there)."""
+        for gi, group in enumerate(self.param_groups):
+            opts = self._group_prec(gi, group)
+            keys = self._kernel_state_keys(group)
+            for pi, p in enumerate(group["params"]):
+                self._param_prec(gi, f"param_groups[{gi}]['params'][{pi}]", p, opts, None, keys, None)
+
+    def _retype_initial_state(self) -> None:
+        """State torch made in its constructor (Adagrad's "sum", in the param dtype): for 16-bit params, remade in
+        the group's state dtype from its initial value (not rounded through the param dtype)."""
+        for gi, group in enumerate(self.param_groups):
+            opts = self._group_prec(gi, group)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if p.dtype not in _HALF or not st:
+                    continue
+                sd = getattr(torch, resolve_state_dtype(dtype_name(p.dtype), opts["state_dtype"]))
+                for key, init in self._state_spec(group):
+                    v = st.get(key)
+                    if key != "step" and isinstance(v, torch.Tensor) and v.shape == p.shape and v.dtype != sd:
+                        value = init(self, group) if callable(init) else _number(group["lr"]) if init == "lr" \
+                            else float(init)
+                        st[key] = torch.full_like(p, value, dtype=sd, memory_format=torch.preserve_format)
+
+    def _group_prec(self, gi: int, group: dict) -> dict:
+        """A group's mixed-precision options, validated (errors name the group), cached while they hold."""
+        cache = self.__dict__.setdefault("_optkern_prec", {})
+        vals = tuple(group.get(k, self.defaults.get(k, v)) for k, v in _PREC_DEFAULTS.items())
+        hit = cache.get(gi)
+        if hit is not None and hit[0] == vals and hit[1] is group:
+            return hit[2]
+        try:
+            opts = _prec_options(*vals)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+        cache[gi] = (vals, group, opts)
+        return opts
+
+    def _param_prec(self, gi: int, name: str, p: torch.Tensor, opts: dict, st, keys, copies) -> _Prec:
+        """The 16-bit storage of param p's call: its state dtype (the existing state's, else the group's choice),
+        master mode, stochastic rounding and copy dtype; ValueError naming the group's keyword if they conflict."""
+        half = p.dtype in _HALF
+        copy = copies.get(id(p)) if copies else None
+        mode = opts["master_weights"] if half else None
+        if mode == "split" and p.dtype != torch.bfloat16:
+            raise ValueError(f"param_groups[{gi}]['master_weights']: 'split' needs bfloat16 params (the float32 "
+                             f"master's high half), {name} is {p.dtype}; use 'fp32'")
+        sd = p.dtype
+        if half:
+            have = [st[k] for k in keys if st and isinstance(st.get(k), torch.Tensor)]
+            if have:
+                sd = have[0].dtype
+                if sd not in (p.dtype, torch.float32, torch.bfloat16):
+                    k = next(k for k in keys if st.get(k) is have[0])
+                    raise ValueError(f"{name}: state[{k!r}] is {sd}; the state of {p.dtype} params is float32, "
+                                     f"bfloat16 or {p.dtype}")
+            else:
+                try:
+                    sd = getattr(torch, resolve_state_dtype(dtype_name(p.dtype), opts["state_dtype"]))
+                except ValueError as e:
+                    raise ValueError(f"param_groups[{gi}]['state_dtype'] for {name}: {e}") from None
+        return _Prec(sd, mode, bool(opts["stochastic_rounding"]) and half, opts["seed"],
+                     None if copy is None else copy[0].dtype)
 
     def _group_hyper(self, gi: int, group: dict):
         """The validated hyperparameter struct of a group, rebuilt only when one of its values changed (a value
@@ -189,8 +397,8 @@ class _FusedStep:
         if g.is_sparse or g.layout != torch.strided:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name}.grad)")
         if p.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"{name}: optkern.torch.{type(self).__name__} supports float32 and float64 params, got "
-                            f"{p.dtype}")
+            raise TypeError(f"{name}: optkern.torch.{type(self).__name__} supports float32, float64, bfloat16 and "
+                            f"float16 params, got {p.dtype}")
         if g.dtype != p.dtype:
             raise TypeError(f"{name}.grad: expected {p.dtype} like the param, got {g.dtype}")
         if g.shape != p.shape:
@@ -204,16 +412,21 @@ class _FusedStep:
             raise ValueError(f"{name}.grad: has strides {g.stride()}, the param {p.stride()}; the fused step needs "
                              f"the grad in the param's memory layout")
 
-    def _check_state(self, name: str, p: torch.Tensor, st: dict, keys) -> None:
-        for k in keys:
+    def _check_state(self, name: str, p: torch.Tensor, st: dict, keys, prec: _Prec | None = None) -> None:
+        """The state tensors (and the master) a call reads: like the param, in the call's state dtype (a 16-bit
+        param's state may be float32, bfloat16 or its own dtype, one dtype for all its state)."""
+        want = {k: (p.dtype if prec is None else prec.state_dtype) for k in keys}
+        if prec is not None and prec.master is not None:
+            want[_MASTER_KEY[prec.master]] = _MASTER_DTYPE[prec.master]
+        for k, dt in want.items():
             v = st.get(k)
             if v is None:
                 continue  # created like torch's initial value in the write phase
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"{name}: state[{k!r}] is a {type(v).__name__}, expected a tensor")
-            if v.shape != p.shape or v.dtype != p.dtype or v.device != p.device or not _same_layout(v, p):
+            if v.shape != p.shape or v.dtype != dt or v.device != p.device or not _same_layout(v, p):
                 raise ValueError(f"{name}: state[{k!r}] has shape {tuple(v.shape)}, {v.dtype} on {v.device}, strides "
-                                 f"{v.stride()}; expected the param's {tuple(p.shape)}, {p.dtype} on {p.device}, "
+                                 f"{v.stride()}; expected the param's {tuple(p.shape)}, {dt} on {p.device}, "
                                  f"strides {p.stride()}")
 
     def _steps_taken(self, name: str, st: dict | None) -> tuple[int, object]:
@@ -264,32 +477,34 @@ class _FusedStep:
                 mult = 1.0 / s
         return skip, mult, mult_dev, fi_dev
 
-    def _fused_step(self) -> None:
+    def _fused_step(self, copies=None) -> None:
         plans = self.__dict__.get("_optkern_plans")
-        if plans is not None and self._fast_step(plans):
+        if plans is not None and self._fast_step(plans, copies):
             return
         self.__dict__.pop("_optkern_plans", None)
-        if self._general_step():
-            self.__dict__["_optkern_plans"] = self._build_plans()
+        if self._general_step(copies):
+            self.__dict__["_optkern_plans"] = self._build_plans(copies)
 
     # ---- the cached path: one PointerPlan per (group, dtype, device, step count) -------------------------------
-    def _fast_step(self, plans: "_Plans") -> bool:
+    def _fast_step(self, plans: "_Plans", copies=None) -> bool:
         """Step through the cached plans; False (nothing touched) when they no longer describe the optimizer."""
         if plans.state is not self.state or plans.state_len != len(self.state) \
                 or len(self.param_groups) != len(plans.groups):
             return False
         hypers = []
         for gi, group in enumerate(self.param_groups):
-            lst, ids, keys = plans.groups[gi]  # the plans hold every param, so their ids stay unique
+            lst, ids, keys, opts = plans.groups[gi]  # the plans hold every param, so their ids stay unique
             if group["params"] is not lst or list(map(id, lst)) != ids:
                 return False
             hypers.append(self._group_hyper(gi, group))
-            if self._kernel_state_keys(group) != keys:
+            if self._kernel_state_keys(group) != keys or self._group_prec(gi, group) is not opts:
                 return False
         for p in plans.idle:
             if p.grad is not None:
                 return False
         entries = plans.entries
+        if (copies or plans.copies) and not _same_copies(entries, copies or {}):
+            return False  # other copies (or none now): the general path steps and plans them
         try:
             for e in entries:
                 if e.plan.gather(float(e.taken)) != -1:
@@ -315,26 +530,35 @@ class _FusedStep:
             if e.taken != _DEVICE_COUNT:
                 e.taken += 1
             torch.autograd.graph.increment_version(e.bump)
+        self._after_step({e.gi for e in entries})
         if mult != 1.0 or mult_dev is not None:
             _unscale_grads([p.grad for e in entries for p in e.params], mult, mult_dev)
         return True
 
     def _plan_call(self, e, hyper, mult, maximize, stream, gs_ptr, fi_ptr):
-        type(self)._plan_step(e.plan, hyper, 1 if e.taken == _DEVICE_COUNT else e.taken + 1, mult, maximize, stream,
-                              gs_ptr, fi_ptr)
+        type(self)._plan_step(e.plan, hyper, self._kernel_step(self.param_groups[e.gi], e.taken, e.prec), mult,
+                              maximize, stream, gs_ptr, fi_ptr)
 
-    def _build_plans(self):
+    def _kernel_step(self, group, taken, prec) -> int:
+        """The kernel's ``step``: steps taken + 1 (1 with device counts, which the kernel reads itself)."""
+        return 1 if taken == _DEVICE_COUNT else taken + 1
+
+    def _after_step(self, groups_run) -> None:
+        """After a step that ran (not skipped) over the groups of index groups_run."""
+
+    def _build_plans(self, copies=None):
         """Plans for the next steps, when every param with a grad has torch's state and host step counters."""
         entries, idle, groups = [], [], []
         for gi, group in enumerate(self.param_groups):
             keys = self._kernel_state_keys(group)
-            groups.append((group["params"], list(map(id, group["params"])), keys))
+            opts = self._group_prec(gi, group)
+            groups.append((group["params"], list(map(id, group["params"])), keys, opts))
             buckets: dict = {}
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     idle.append(p)
                     continue
-                if not (keys or self._has_step_tensor):
+                if not (keys or self._has_step_tensor or (p.dtype in _HALF and opts["master_weights"])):
                     st = {}  # nothing kept per param (SGD without momentum: torch keeps no state either)
                 else:
                     st = self.state.get(p)
@@ -352,31 +576,42 @@ class _FusedStep:
                 extra = self._bucket_extra(st)
                 if not self._plannable(st):
                     return None
-                key = (p.dtype, p.device, taken, cdt, extra)
-                buckets.setdefault(key, []).append((f"param_groups[{gi}]['params'][{pi}]", p, st))
-            for (dtype, device, taken, cdt, extra), items in buckets.items():
-                entries.append(self._make_plan(gi, keys, device, taken, cdt, items))
-        return _Plans(self.state, len(self.state), groups, entries, idle)
+                name = f"param_groups[{gi}]['params'][{pi}]"
+                prec = self._param_prec(gi, name, p, opts, st, keys, copies)
+                if prec.master is not None and st.get(_MASTER_KEY[prec.master]) is None:
+                    return None
+                key = (p.dtype, p.device, taken, cdt, extra, prec.key())
+                buckets.setdefault(key, []).append((name, p, st, prec))
+            for (dtype, device, taken, cdt, extra, _), items in buckets.items():
+                entries.append(self._make_plan(gi, keys, device, taken, cdt, items, copies))
+        return _Plans(self.state, len(self.state), groups, entries, idle, bool(copies))
 
-    def _make_plan(self, gi, keys, device, taken, cdt, items):
-        ps = [p for _, p, _ in items]
-        sts = [st for _, _, st in items]
+    def _make_plan(self, gi, keys, device, taken, cdt, items, copies=None):
+        ps = [p for _, p, _, _ in items]
+        sts = [st for _, _, st, _ in items]
+        prec = items[0][3]
+        cps = [copies[id(p)][0] for p in ps] if prec.copy_dtype is not None else None
         lists = [[st[k] for st in sts] for k in keys]
-        watch = list(keys) + (["step"] if self._has_step_tensor else []) + list(self._watch_extra)
+        mkey = [_MASTER_KEY[prec.master]] if prec.master is not None else []
+        watch = list(keys) + (["step"] if self._has_step_tensor else []) + list(self._watch_extra) + mkey
         counters = [st["step"].data_ptr() for st in sts] if self._has_step_tensor else []
+        storage = prec.storage(ps, sts, cps)
         plan = _C.PointerPlan(ps, [p.detach() for p in ps], [p.grad.detach() for p in ps],
                               [[t.detach() for t in lst] for lst in lists], list(keys), _stream(device), counters,
                               cdt == torch.float64, [p.is_contiguous() for p in ps], [p.stride() for p in ps],
                               [p.shape for p in ps], ps[0].dtype, sts, watch, [[st.get(k) for k in watch] for st in sts],
-                              taken == _DEVICE_COUNT)
+                              taken == _DEVICE_COUNT, **storage)
         plan.release_grads()
         bump = list(ps)
-        for k in self._scalar_keys:
+        for k in self._scalar_keys + tuple(mkey):
             lists.append([st[k] for st in sts])
+        if cps is not None:
+            lists.append(cps)
         for lst in lists:  # state allocated by this front end shares one base per kind: one bump covers it
             base = lst[0]._base
             bump += [base] if base is not None and all(t._base is base for t in lst) else lst
-        e = _PlanEntry(gi, keys, plan, taken, bump, device, [n for n, _, _ in items], ps)
+        e = _PlanEntry(gi, keys, plan, taken, bump, device, [n for n, _, _, _ in items], ps)
+        e.prec, e.copies = prec, cps
         self._plan_extra(e, sts)
         return e
 
@@ -387,13 +622,14 @@ class _FusedStep:
         return True
 
     # ---- the general path --------------------------------------------------------------------------------------
-    def _general_step(self) -> bool:
+    def _general_step(self, copies=None) -> bool:
         """Validate every group, then write.  True when a plan can be built for the next steps."""
         # 1. Validate every group before anything is written.
         work = []
         for gi, group in enumerate(self.param_groups):
             hyper = self._group_hyper(gi, group)
             keys = self._kernel_state_keys(group)
+            opts = self._group_prec(gi, group)
             buckets: dict = {}
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -402,11 +638,12 @@ class _FusedStep:
                 name = f"param_groups[{gi}]['params'][{pi}]"
                 self._check_grad(name, p, g)
                 st = self.state.get(p)
+                prec = self._param_prec(gi, name, p, opts, st, keys, copies)
                 if st:
-                    self._check_state(name, p, st, keys)
+                    self._check_state(name, p, st, keys, prec)
                 taken, counter = self._steps_taken(name, st) if self._has_step_tensor else (self._sgd_taken(st), None)
-                key = (p.dtype, p.device, taken, counter, self._bucket_extra(st))
-                buckets.setdefault(key, []).append((name, p, g))
+                key = (p.dtype, p.device, taken, counter, self._bucket_extra(st), prec.key())
+                buckets.setdefault(key, []).append((name, p, g, prec))
             if buckets:
                 work.append((gi, group, hyper, keys, buckets))
         device_counts = bool(work) and self._has_step_tensor and all(
@@ -416,34 +653,43 @@ class _FusedStep:
             return False
         calls = []
         for gi, group, hyper, keys, buckets in work:
-            for (dtype, device, taken, counter, extra), items in buckets.items():
+            for (dtype, device, taken, counter, extra, _), items in buckets.items():
                 calls.append((group, hyper, keys, device, taken, counter, extra, items))
-        if len(calls) > 1:  # the C layer's checks (aliasing, alignment) for every call before the first runs
+        if len(calls) > 1 or copies:  # the C layer's checks (aliasing, alignment) for every call before the first
             for group, hyper, keys, device, taken, counter, extra, items in calls:
-                self._c_check(keys, items, device)
-        # 2. Write: lazy state (one buffer per state kind for the params starting together), then one kernel
-        #    call per (group, dtype, device, step count).
+                self._c_check(keys, items, device, copies)
+        # 2. Write: lazy state (one buffer per state kind for the params starting together, in the call's state
+        #    dtype), the masters a mode needs, then one kernel call per (group, dtype, device, step count, storage).
         for group, hyper, keys, device, taken, counter, extra, items in calls:
-            stateful = bool(keys) or self._has_step_tensor
-            fresh = [p for _, p, _ in items if stateful and (not self.state.get(p)
+            prec = items[0][3]
+            stateful = bool(keys) or self._has_step_tensor or prec.master is not None
+            fresh = [p for _, p, _, _ in items if stateful and (not self.state.get(p)
                      or (self._has_step_tensor and "step" not in self.state[p]))]
             if fresh:
-                for p, st in zip(fresh, self._new_states(group, fresh)):
+                for p, st in zip(fresh, self._new_states(group, fresh, dtype=prec.state_dtype)):
                     self.state[p].update(st)
             states = []
-            for name, p, g in items:
+            for name, p, g, _ in items:
                 st = self.state[p] if stateful else {}
                 for k in keys:
                     if st.get(k) is None:  # a buffer a changed hyperparameter now needs (e.g. amsgrad)
-                        st[k] = self._new_states(group, [p], only=k)[0][k]
+                        st[k] = self._new_states(group, [p], only=k, dtype=prec.state_dtype)[0][k]
                 states.append(st)
-            self._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+            if prec.master is not None:
+                mk = _MASTER_KEY[prec.master]
+                new = [(p, st) for (_, p, _, _), st in zip(items, states) if st.get(mk) is None]
+                if new:
+                    for (p, st), m in zip(new, _new_masters([p for p, _ in new], prec.master)):
+                        st[mk] = m
+            cps = [copies[id(p)][0] for _, p, _, _ in items] if prec.copy_dtype is not None else None
+            self._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev, cps)
+        self._after_step({gi for gi, _, _, _, _ in work})
         if mult != 1.0 or mult_dev is not None:
-            _unscale_grads([g for call in calls for _, _, g in call[-1]], mult, mult_dev)
+            _unscale_grads([g for call in calls for _, _, g, _ in call[-1]], mult, mult_dev)
         return True
 
     # ---- state as torch initialises it, each kind in one buffer for the params that start together ----------------
-    def _new_states(self, group, ps, only=None) -> list:
+    def _new_states(self, group, ps, only=None, dtype=None) -> list:
         out = [{} for _ in ps]
         for key, init in self._state_spec(group):
             if only is not None and key != only:
@@ -455,23 +701,34 @@ class _FusedStep:
             else:
                 value = _number(group["lr"]) if init == "lr" else init(self, group) if callable(init) \
                     else float(init)
-                for d, t in zip(out, _filled_like(ps, value)):
+                for d, t in zip(out, _filled_like(ps, value, dtype)):
                     d[key] = t
         return out
 
-    def _c_check(self, keys, items, device) -> None:
-        ps = [p.detach() for _, p, _ in items]
-        gs = [g.detach() for _, _, g in items]
-        # A missing buffer is validated as a fresh tensor like the param (it will be created like it).
-        lists = [[self.state[p][k].detach() if self.state.get(p) and self.state[p].get(k) is not None
-                  else torch.empty_like(p, memory_format=torch.preserve_format) for _, p, _ in items] for k in keys]
+    def _c_check(self, keys, items, device, copies=None) -> None:
+        ps = [p.detach() for _, p, _, _ in items]
+        gs = [g.detach() for _, _, g, _ in items]
+        prec = items[0][3]
+
+        def entry(p, k, dtype):  # a missing buffer is validated as a fresh tensor like the one it will be
+            st = self.state.get(p)
+            if st and st.get(k) is not None:
+                return st[k].detach()
+            return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+        lists = [[entry(p, k, prec.state_dtype) for _, p, _, _ in items] for k in keys]
+        mk = _MASTER_KEY.get(prec.master)
+        masters = [{mk: entry(p, mk, _MASTER_DTYPE[prec.master])} if mk else {} for _, p, _, _ in items]
+        storage = prec.storage(ps, masters,
+                               [copies[id(p)][0] for _, p, _, _ in items] if prec.copy_dtype is not None else None)
         stream = _stream(device)
-        self._translate(lambda: _C.check_arrays(ps, gs, lists, list(keys), len(keys), stream), keys, items)
+        self._translate(lambda: _C.check_arrays(ps, gs, lists, list(keys), len(keys), stream, **storage), keys, items,
+                        prec)
 
     @staticmethod
-    def _translate(fn, keys, items):
-        """Run fn; a C-layer ValueError/TypeError naming 'params[i]' / 'grads[i]' / '<state>[i]' of this call
-        is re-raised naming the caller's param."""
+    def _translate(fn, keys, items, prec=None):
+        """Run fn; a C-layer ValueError/TypeError naming 'params[i]' / 'grads[i]' / '<state>[i]' / 'masters[i]' /
+        'param_copies[i]' of this call is re-raised naming the caller's param."""
         try:
             return fn()
         except (ValueError, TypeError) as e:
@@ -480,17 +737,21 @@ class _FusedStep:
             if m and int(m.group(2)) < len(items):
                 kind, i = m.group(1), int(m.group(2))
                 name = items[i][0]
-                who = name if kind == "params" else f"{name}.grad" if kind == "grads" else f"{name}: state[{kind!r}]"
+                if kind == "masters" and prec is not None and prec.master is not None:
+                    kind = _MASTER_KEY[prec.master]
+                who = name if kind == "params" else f"{name}.grad" if kind == "grads" else \
+                    f"param_copies (the copy of {name})" if kind == "param_copies" else f"{name}: state[{kind!r}]"
                 msg = who + msg[m.end():]
             raise type(e)(msg) from None
 
-    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
-        ps = [p.detach() for _, p, _ in items]
-        gs = [g.detach() for _, _, g in items]
+    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev, copies=None):
+        ps = [p.detach() for _, p, _, _ in items]
+        gs = [g.detach() for _, _, g, _ in items]
+        prec = items[0][3]
         lists = [[st[k].detach() for st in states] for k in keys]
         counters, counters_f64, bump_after = self._counters(states)
         on_device = self._device_steps(states)
-        args = (ps, gs, lists, list(keys), hyper, 1 if on_device else taken + 1)
+        args = (ps, gs, lists, list(keys), hyper, 1 if on_device else self._kernel_step(group, taken, prec))
         kw = dict(grad_scale=mult, maximize=bool(group["maximize"]), stream=_stream(device),
                   grad_scale_device=_on_device(mult_dev, device), found_inf_device=_on_device(fi_dev, device))
         if on_device:  # torch's capturable/fused step tensors (also fresh ones): read and advanced by the kernel
@@ -498,11 +759,14 @@ class _FusedStep:
         else:
             kw.update(counters=counters, counters_f64=counters_f64)
         kw.update(self._extra_kwargs(states))
-        r = self._translate(lambda: self._c_step(*args, **kw), keys, items)
+        kw.update(prec.storage(ps, states, copies))
+        r = self._translate(lambda: self._c_step(*args, **kw), keys, items, prec)
         if bump_after:  # counters neither in host memory nor device counters (e.g. a mix, or Python numbers)
             torch._foreach_add_(bump_after, 1.0)
         scalars = [st[k] for st in states for k in self._scalar_keys if isinstance(st.get(k), torch.Tensor)]
-        torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst] + scalars)
+        written = [st[_MASTER_KEY[prec.master]] for st in states] if prec.master is not None else []
+        torch.autograd.graph.increment_version(ps + [t for lst in lists for t in lst] + scalars + written
+                                               + list(copies or ()))
         return r
 
     def _device_steps(self, states) -> bool:
@@ -551,36 +815,62 @@ def _unscale_grads(grads, mult: float, mult_dev) -> None:
 
 
 class _PlanEntry:
-    __slots__ = ("gi", "keys", "plan", "taken", "bump", "device", "names", "mu", "params")
+    __slots__ = ("gi", "keys", "plan", "taken", "bump", "device", "names", "mu", "params", "prec", "copies")
 
     def __init__(self, gi, keys, plan, taken, bump, device, names, params):
         self.gi, self.keys, self.plan, self.taken, self.bump, self.device, self.names = \
             gi, keys, plan, taken, bump, device, names
         self.mu = None
         self.params = params
+        self.prec = self.copies = None
 
 
 class _Plans:
     """The cached step plans and what they assume of the optimizer (checked at every step)."""
 
-    __slots__ = ("state", "state_len", "groups", "entries", "idle")
+    __slots__ = ("state", "state_len", "groups", "entries", "idle", "copies")
 
-    def __init__(self, state, state_len, groups, entries, idle):
+    def __init__(self, state, state_len, groups, entries, idle, copies=False):
         self.state, self.state_len, self.groups, self.entries, self.idle = state, state_len, groups, entries, idle
+        self.copies = copies  # some plan writes param copies
+
+
+def _same_copies(entries, copies: dict) -> bool:
+    """The step's param copies are the plans' (the same tensors, for the same params, none elsewhere)."""
+    n = 0
+    for e in entries:
+        if e.copies is None:
+            continue
+        for p, c in zip(e.params, e.copies):
+            got = copies.get(id(p))
+            if got is None or got[0] is not c:
+                return False
+            n += 1
+    return n == len(copies)
 
 
 _ALIGN = 16  # elements: each param's slice of a shared state buffer starts on a 64-byte boundary (float32)
 
 
-def _filled_like(ps, value: float) -> list:
-    """Tensors like each p (shape, strides, dtype, device), filled with value, as views of one buffer."""
+def _filled_like(ps, value: float, dtype=None) -> list:
+    """Tensors like each p (shape, strides, device; dtype: the params' unless given), filled with value, as views
+    of one buffer."""
     sizes = [p.numel() for p in ps]
     offsets, total = [], 0
     for n in sizes:
         offsets.append(total)
         total += -(-n // _ALIGN) * _ALIGN
-    flat = torch.full((max(total, 1),), value, dtype=ps[0].dtype, device=ps[0].device)
+    flat = torch.full((max(total, 1),), value, dtype=dtype or ps[0].dtype, device=ps[0].device)
     return [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(ps, offsets)]
+
+
+def _new_masters(ps, mode: str) -> list:
+    """The masters of a mode for 16-bit params, as views of one buffer: float32 copies of the params ("fp32"), or
+    int16 zeros ("split": a bfloat16 value is exactly its own float32 master, the low half is 0)."""
+    out = _filled_like(ps, 0, _MASTER_DTYPE[mode])
+    if mode == "fp32":
+        torch._foreach_copy_(out, [p.detach() for p in ps])
+    return out
 
 
 def _on_device(t, device):
@@ -629,13 +919,25 @@ def _pair(v):
 
 
 def _torch_signature(cls, torch_cls):
-    """The class's constructor: torch's (its signature shown by help() and inspect), refusing
-    ``differentiable=True`` first; torch's docstring kept below optkern's."""
-    def __init__(self, params, *args, **kwargs):
+    """The class's constructor: torch's (its signature shown by help() and inspect) and the mixed-precision
+    keywords (module docstring), refusing ``differentiable=True`` and bad mixed-precision options first; torch's
+    docstring kept below optkern's."""
+    def __init__(self, params, *args, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0,
+                 **kwargs):
         _FusedStep._refuse_differentiable(kwargs)
+        prec = _prec_options(state_dtype, master_weights, stochastic_rounding, seed)
         torch_cls.__init__(self, params, *args, **kwargs)
+        # Stored where they differ from the defaults only: an optimizer made without them has torch's exact
+        # defaults and group keys (and a group without a key reads the default).
+        prec = {k: v for k, v in prec.items() if v != _PREC_DEFAULTS[k] or type(v) is not type(_PREC_DEFAULTS[k])}
+        self.defaults.update(prec)
+        for group in self.param_groups:
+            for k, v in prec.items():
+                group.setdefault(k, v)
+        self._check_groups()
+        self._retype_initial_state()
 
-    __init__.__signature__ = inspect.signature(torch_cls.__init__)
+    __init__.__signature__ = inspect.signature(torch_cls.__init__)  # torch's (the keywords: the docstring)
     __init__.__qualname__ = f"{cls.__name__}.__init__"
     cls.__init__ = __init__
     cls.__doc__ = (cls.__doc__ or "") + "\n\ntorch's documentation:\n" + (torch_cls.__doc__ or "")
@@ -660,6 +962,19 @@ class SGD(_FusedStep, torch.optim.SGD):
     def _sgd_taken(self, st) -> int:
         # torch keeps no step count: a momentum buffer exists from the first step on (which copies the grad)
         return 1 if st and st.get("momentum_buffer") is not None else 0
+
+    def _kernel_step(self, group, taken, prec) -> int:
+        if prec is None or not prec.stochastic:
+            return taken + 1
+        # The rounding's key takes the step count, which torch's SGD does not keep: the group counts its steps in
+        # group["sr_step"].  The rule itself only asks whether this is the momentum buffer's first step.
+        return 1 if taken == 0 and group["momentum"] != 0 else 2 + int(group.get("sr_step", 0))
+
+    def _after_step(self, groups_run) -> None:
+        for gi in groups_run:
+            group = self.param_groups[gi]
+            if group.get("stochastic_rounding"):
+                group["sr_step"] = int(group.get("sr_step", 0)) + 1
 
     def _state_spec(self, group):
         return (("momentum_buffer", 0.0),) if group["momentum"] != 0 else ()
@@ -841,8 +1156,8 @@ class NAdam(_FusedStep, torch.optim.NAdam):
         _C.plan_nadam_step(e.plan, hyper, e.taken + 1, float(first.item()), f32, addrs, f64, mult, maximize, stream,
                            gs_ptr, fi_ptr)
 
-    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev):
-        r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev)
+    def _run(self, group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev, copies=None):
+        r = super()._run(group, hyper, keys, device, taken, items, states, mult, mult_dev, fi_dev, copies)
         if self._device_steps(states):
             return r  # the kernel advanced the device products
         for st in states:  # products not in host memory (capturable, on a device) or kept as Python floats
