@@ -346,10 +346,10 @@ class Optimizer:
                 gdt = cache["grad_dtype"]
                 for g in gg:
                     if type(g) is not _ndarray:
-                        if g is None:
+                        if g is None or getattr(g, "dtype", None) is not gdt:
                             break
                         gl = None
-                    if g.dtype is not gdt:  # (a call has one grad dtype: regroup)
+                    elif g.dtype is not gdt:  # (a call has one grad dtype: regroup)
                         break
                 else:  # the common case: every param of the group steps, all at one count, lists prebuilt
                     cl = _copies_of(cc, cache["copy_dtype"])
@@ -386,8 +386,8 @@ class Optimizer:
                 st = state.get(offset + j)
                 c = None if cc is None else cc[j]
                 p = params[j]
-                key = (0 if st is None else self._taken(offset + j, st), p.dtype, str(getattr(p, "device", "")),
-                       g.dtype, None if c is None else c.dtype)
+                key = (0 if st is None else self._taken(offset + j, st), _dtype_of(p), str(getattr(p, "device", "")),
+                       _dtype_of(g), None if c is None else _dtype_of(c))
                 by_key.setdefault(key, []).append(j)
         whole = len(by_key) == 1 and len(gg) > 0 and all(g is not None for g in gg) and version is not None
         maximize = bool(group["maximize"])
@@ -681,9 +681,15 @@ def _copies_of(cc, cdt):
     if cdt is None:
         return None if all(c is None for c in cc) else False
     for c in cc:
-        if c is None or c.dtype is not cdt:
+        if c is None or getattr(c, "dtype", None) is not cdt:
             return False
     return [_plain(c) for c in cc]
+
+
+def _dtype_of(a):
+    """An array's dtype, as a grouping key (the dtype's name for what is not an array: the binding refuses it)."""
+    dt = getattr(a, "dtype", None)
+    return type(a).__name__ if dt is None else dt
 
 
 def _group_offsets(groups):
