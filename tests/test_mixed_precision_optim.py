@@ -321,6 +321,21 @@ def test_stochastic_rounding_is_keyed_by_the_position_in_the_call(once, rng):
 
 
 # ---- state_dict ---------------------------------------------------------------------------------------------------
+def continue_together(opt, params, other, theirs, data, steps=2):
+    """Two optimizers at the same point take the same steps: params, copies and every state entry stay equal."""
+    for _ in range(steps):
+        grads, copies = data()
+        c2 = None if copies is None else [clone(c) for c in copies]
+        opt.step(grads, param_copies=copies)
+        other.step([clone(g) for g in grads], param_copies=c2)
+        assert all(same(a, b) for a, b in zip(params, theirs))
+        assert copies is None or all(same(a, b) for a, b in zip(copies, c2))
+    for i, st in opt.state.items():
+        assert other.state[i].keys() == st.keys()
+        for k, v in st.items():
+            assert same(other.state[i][k], v) if hasattr(v, "shape") else other.state[i][k] == v, (i, k)
+
+
 def _saved(sd):
     """A state_dict's copy that later steps cannot change (arrays copied in their library)."""
     return copy.deepcopy(sd)
@@ -346,16 +361,7 @@ def test_state_dict_round_trip_continues_bitwise(once, rng, lib, mode, cls, kw, 
             assert same(resumed.state[i][k], v) if hasattr(v, "shape") else resumed.state[i][k] == v, (i, k)
     assert {k: v for k, v in resumed.param_groups[0].items() if k != "params"} == \
         {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-    for _ in range(2):
-        grads, copies = data()
-        c2 = None if copies is None else [clone(c) for c in copies]
-        opt.step(grads, param_copies=copies)
-        resumed.step([clone(g) for g in grads], param_copies=c2)
-        assert all(same(a, b) for a, b in zip(params, resumed_params))
-        assert copies is None or all(same(a, b) for a, b in zip(copies, c2))
-    for i, st in opt.state.items():
-        for k, v in st.items():
-            assert same(resumed.state[i][k], v) if hasattr(v, "shape") else resumed.state[i][k] == v, (i, k)
+    continue_together(opt, params, resumed, resumed_params, data)
 
 
 def test_torch_state_dict_loads_into_numpy_params(once, rng):
@@ -387,17 +393,7 @@ def test_deepcopy_and_pickle_continue_bitwise(once, rng, mode, how):
     opt, params, ref, data = setup("numpy", mode, cls, kw, fn, spec, rng)
     step_both(opt, params, ref, *data())
     other = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
-    theirs = [p for g in other.param_groups for p in g["params"]]
-    for _ in range(2):
-        grads, copies = data()
-        c2 = None if copies is None else [clone(c) for c in copies]
-        opt.step(grads, param_copies=copies)
-        other.step([clone(g) for g in grads], param_copies=c2)
-        assert all(same(a, b) for a, b in zip(params, theirs))
-        assert copies is None or all(same(a, b) for a, b in zip(copies, c2))
-    for i, st in opt.state.items():
-        for k, v in st.items():
-            assert same(v, other.state[i][k]) if hasattr(v, "shape") else v == other.state[i][k], (i, k)
+    continue_together(opt, params, other, [p for g in other.param_groups for p in g["params"]], data)
 
 
 def test_found_inf_validates_the_16bit_arguments_then_skips(once, rng):
