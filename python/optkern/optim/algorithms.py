@@ -5,6 +5,10 @@ compiled kernel): it owns the state buffers (allocated like each param, in the p
 and the step count.  Options beyond torch reproduce the seeds' algorithm boxes exactly; each docstring says which.
 ``lr`` may be a number or a schedule (a callable of the number of steps already taken, see
 :mod:`optkern.schedules`).
+
+Every class also takes the 16-bit training keywords (group keys like the others; see :mod:`optkern.optim.optimizer`):
+``state_dtype=None`` (float32 state for bfloat16/float16 params), ``master_weights=None | "fp32" | "split"``,
+``stochastic_rounding=False`` and ``seed=0``; ``step(grads, param_copies=...)`` is the offload step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ def _pick(group, keys, lr, **renamed):
     return kw
 
 
+def _precision(state_dtype, master_weights, stochastic_rounding, seed) -> dict:
+    """The 16-bit training keywords as group keys."""
+    return {"state_dtype": state_dtype, "master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+            "seed": seed}
+
+
 class SGD(Optimizer):
     """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD; seeds' Algorithm 8.1).
 
@@ -33,9 +43,10 @@ class SGD(Optimizer):
     _algo, _c_step = "sgd", _C.sgd_step
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, velocity=False):
+                 maximize=False, velocity=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize, velocity=velocity))
+                                      nesterov=nesterov, maximize=maximize, velocity=velocity,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("momentum_buffer", 0.0),) if (group["momentum"] != 0 or group["velocity"]) else ()
@@ -55,13 +66,15 @@ class Adam(Optimizer):
     _decoupled_default = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=None, eps_inside_sqrt=False, bias_correction=True):
+                 maximize=False, decoupled_weight_decay=None, eps_inside_sqrt=False, bias_correction=True,
+                 state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay,
-                                      eps_inside_sqrt=eps_inside_sqrt, bias_correction=bias_correction))
+                                      eps_inside_sqrt=eps_inside_sqrt, bias_correction=bias_correction,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         spec = (("exp_avg", 0.0), ("exp_avg_sq", 0.0))
@@ -78,10 +91,11 @@ class AdamW(Adam):
     _decoupled_default = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, eps_inside_sqrt=False, bias_correction=True):
+                 maximize=False, eps_inside_sqrt=False, bias_correction=True, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, eps_inside_sqrt=eps_inside_sqrt,
-                         bias_correction=bias_correction)
+                         bias_correction=bias_correction, state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 class Adagrad(Optimizer):
@@ -90,13 +104,13 @@ class Adagrad(Optimizer):
     _algo, _c_step = "adagrad", _C.adagrad_step
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
-                 *, maximize=False):
+                 *, maximize=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         v = real_number("initial_accumulator_value", initial_accumulator_value)
         if not v >= 0.0:
             raise ValueError(f"initial_accumulator_value: expected a finite number >= 0, got {v}")
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize))
+                                      maximize=maximize, **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("sum", lambda g: g["initial_accumulator_value"]),)
@@ -116,10 +130,10 @@ class RMSprop(Optimizer):
     _algo, _c_step = "rmsprop", _C.rmsprop_step
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
-                 maximize=False, eps_inside_sqrt=False, nesterov=False):
+                 maximize=False, eps_inside_sqrt=False, nesterov=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
-                                      nesterov=nesterov))
+                                      nesterov=nesterov, **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         spec = (("square_avg", 0.0),)
@@ -139,9 +153,10 @@ class Adamax(Optimizer):
 
     _algo, _c_step = "adamax", _C.adamax_step
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False):
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False,
+                 state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize))
+                                      maximize=maximize, **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("exp_avg", 0.0), ("exp_inf", 0.0))
@@ -159,10 +174,11 @@ class NAdam(Optimizer):
     _algo, _c_step = "nadam", _C.nadam_step
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-                 decoupled_weight_decay=False, *, maximize=False, momentum_schedule=True):
+                 decoupled_weight_decay=False, *, maximize=False, momentum_schedule=True, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize, momentum_schedule=momentum_schedule))
+                                      maximize=maximize, momentum_schedule=momentum_schedule,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("exp_avg", 0.0), ("exp_avg_sq", 0.0))
@@ -184,8 +200,9 @@ class Adadelta(Optimizer):
 
     _algo, _c_step = "adadelta", _C.adadelta_step
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize))
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("square_avg", 0.0), ("acc_delta", 0.0))
@@ -199,8 +216,9 @@ class Rprop(Optimizer):
 
     _algo, _c_step = "rprop", _C.rprop_step
 
-    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize=False):
-        super().__init__(params, dict(lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes), maximize=maximize))
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
+        super().__init__(params, dict(lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes), maximize=maximize,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
 
     def _state_spec_for(self, group):
         return (("prev", 0.0), ("step_size", lambda g: self._lr_value(g, 0)))

@@ -20,6 +20,28 @@ A step is all or nothing:
   leaves the state as before the step if it did not: counts and buffers never disagree;
 * ``step`` holds a per-optimizer lock for its whole duration, so steps from several threads run one after the other.
 
+16-bit training (issue 14; the roundings are :mod:`optkern.precision`'s, the kernels the functional layer's):
+
+* every class takes ``state_dtype``, ``master_weights``, ``stochastic_rounding`` and ``seed``, kept in each group
+  like the other hyperparameters (a group may set its own; state_dict saves them):
+  ``state_dtype``: None (float32 state for bfloat16/float16 params, the param's dtype otherwise), "float32",
+  "bfloat16", "param" (torch fused's choice) or a dtype object (kept in the group by name); it applies when a
+  buffer is created.  ``master_weights``: None, "fp32" (a float32 copy of the param, made at its first step, in
+  ``state[i]["master_param"]``) or "split" (bfloat16 params: ``state[i]["master_residual"]``, int16 zeros at first,
+  holds the float32 master's low half).  ``stochastic_rounding`` (master_weights None only) and its ``seed``
+  (an integer in [0, 2**64)).  They are checked against every param of a group when it is added, loaded or steps
+  after a change, before anything is allocated: a master or stochastic rounding for float32/float64 params,
+  "split" for float16 params, a 16-bit state for float32 params raise ValueError naming the keyword (put such
+  params in a group of their own);
+* ``step(grads, param_copies=...)`` is the offload step: float32 params may take bfloat16/float16 grads, and the
+  16-bit arrays of ``param_copies`` (aligned with the params, None skips) receive the updated params rounded to
+  nearest even in the same pass;
+* a group steps in one call per (step count, param dtype and device, grad dtype, copy dtype);
+* stochastic rounding is keyed by (seed, step count, the tensor's position in its call, element).  The compiled
+  step takes no per-tensor key, so the position is the one in the call: the param's position in its group when
+  the whole group steps in one call (every param has a grad, one count, one dtype), else among its call's params.
+  Groups with equal seeds draw the same stream for their first tensors: give each group its own seed.
+
 Optimizers deepcopy and pickle (the lock and the caches of C structs are rebuilt).
 """
 
@@ -31,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _arrays, _C
+from .. import _C, _arrays
 from ..functional import (
     MAX_STEP,
     _scalar_args,
@@ -40,13 +62,17 @@ from ..functional import (
     check_device_scalars,
     real_number,
     refuse_keywords,
+    storage_args,
 )
+from ..precision import check_master_mode, dtype_name, init_masters, is_16bit, resolve_state_dtype, zeros_like_dtype
 
 _ndarray = np.ndarray
 _plain = _arrays.plain
 # What the compiled step raises when it refuses its input, before it touches any memory.
 _REFUSED = (ValueError, TypeError, MemoryError)
 _INDEXED = re.compile(r"\b([A-Za-z_]\w*)\[(\d+)\]")
+#: where each master mode keeps its master in a param's state (the functional layer's ``masters=``)
+MASTER_KEYS = {"fp32": "master_param", "split": "master_residual"}
 
 
 def _read_device_flag(x) -> bool:
@@ -116,6 +142,7 @@ class Optimizer:
         self.state: dict[int, dict] = {}  # keyed by the param's index over all groups
         self._group_cache: dict[int, dict] = {}  # per group: prebuilt lists for the common all-params step
         self._hyper_cache: dict[int, tuple] = {}
+        self._precision_checked: dict[int, int] = {}  # per group: the version its 16-bit keywords were checked at
         self._flat_params: list = []
         params = list(params) if not isinstance(params, list) else params
         if len(params) == 0:
@@ -127,7 +154,8 @@ class Optimizer:
     # ---- copy and pickle: the lock and the caches (C structs, views) are not state ----------------------
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
-        for k in ("_lock", "_group_cache", "_hyper_cache", "_flat_params", "_done", "_runs_committed"):
+        for k in ("_lock", "_group_cache", "_hyper_cache", "_precision_checked", "_flat_params", "_done",
+                  "_runs_committed"):
             d.pop(k, None)
         return d
 
@@ -135,7 +163,7 @@ class Optimizer:
         self.__dict__.update(d)
         self._lock = threading.RLock()
         self._new_run_record()
-        self._group_cache, self._hyper_cache = {}, {}
+        self._group_cache, self._hyper_cache, self._precision_checked = {}, {}, {}
         self._flat_params = [p for g in self.param_groups for p in g["params"]]
 
     # ---- groups ----------------------------------------------------------------------------------------
@@ -148,6 +176,8 @@ class Optimizer:
             group["params"] = list(ps) if isinstance(ps, (list, tuple)) else [ps]
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+            if group.get("state_dtype") is not None:
+                group["state_dtype"] = _state_dtype_key(group["state_dtype"])
             unknown = set(group) - set(self.defaults) - {"params"}
             if unknown:
                 raise TypeError(f"param_group: unexpected keys {sorted(unknown)}")
@@ -163,6 +193,32 @@ class Optimizer:
     def _check_group(self, group: dict) -> None:
         """Validate a group's hyperparameters by building its hyper struct (raises ValueError naming the arg)."""
         self._hyper(group, self._lr_value(group, 0))
+        self._check_precision(group)
+
+    def _check_precision(self, group: dict) -> None:
+        """The 16-bit keywords of a group against its params' dtypes (see the module docstring); a param is named by
+        its index over all groups (a group being added counts after the existing ones)."""
+        mw, sr = group.get("master_weights"), group.get("stochastic_rounding", False)
+        check_master_mode(mw, sr)
+        storage_args({"stochastic_rounding": sr, "seed": group.get("seed", 0)})
+        sd = group.get("state_dtype")
+        ps = group["params"]
+        offset = next((k for k, o in _group_offsets(self.param_groups) if o is ps), len(self._flat_params))
+        for j, p in enumerate(ps):
+            pd, i = dtype_name(p), offset + j
+            try:
+                resolve_state_dtype(pd, sd)
+            except ValueError as e:
+                raise ValueError(f"{e} (params[{i}])") from None
+            if mw is not None and not is_16bit(pd):
+                raise ValueError(f"master_weights: a master copy ({mw!r}) is for bfloat16/float16 params, params[{i}] "
+                                 f"is {pd} (give it a param group with master_weights=None)")
+            if mw == "split" and pd != "bfloat16":
+                raise ValueError(f"master_weights: 'split' needs bfloat16 params (the float32 master's high half), "
+                                 f"params[{i}] is {pd}; use 'fp32'")
+            if sr and not is_16bit(pd):
+                raise ValueError(f"stochastic_rounding: rounds bfloat16/float16 params, params[{i}] is {pd} (give it "
+                                 f"a param group with stochastic_rounding=False)")
 
     @staticmethod
     def _lr_value(group: dict, k: int) -> float:
@@ -187,11 +243,20 @@ class Optimizer:
     # ---- state -------------------------------------------------------------------------------------------
     def _init_state(self, index: int, p, group: dict) -> dict:
         st: dict[str, Any] = {"step": 0}
-        for name, init in self._state_spec_for(group):
-            value = init(group) if callable(init) else init
-            st[name] = _arrays.full_like(p, float(value))
+        st.update(self._new_buffers(p, group, st))
         st.update(self._extra_state(group))
         return st
+
+    def _new_buffers(self, p, group: dict, have) -> dict:
+        """The buffers param ``p`` needs under ``group`` and lacks in ``have``: the state (in the group's state dtype,
+        at its initial values) and the master copy of ``master_weights``."""
+        sd = resolve_state_dtype(dtype_name(p), group.get("state_dtype"))
+        out = {k: _full(p, float(init(group) if callable(init) else init), sd)
+               for k, init in self._state_spec_for(group) if k not in have}
+        mw = group.get("master_weights")
+        if mw is not None and MASTER_KEYS[mw] not in have:
+            out[MASTER_KEYS[mw]] = init_masters([_plain(p)], mw)[0]
+        return out
 
     def _state_spec_for(self, group: dict):
         return self._state_spec
@@ -200,13 +265,16 @@ class Optimizer:
         return {}
 
     # ---- the step ----------------------------------------------------------------------------------------
-    def step(self, grads=None, *, grad_multiplier=1.0, found_inf=None, closure=None, **kw):
+    def step(self, grads=None, *, grad_multiplier=1.0, found_inf=None, closure=None, param_copies=None, **kw):
         """Update every param whose gradient is given, in place, in one fused pass per param group.
 
         grads: arrays aligned with all params (group order); None (the list) reads ``p.grad`` (torch tensors;
-        NumPy and CuPy params have none and need ``step(grads)``).  grad_multiplier / found_inf: see
-        :mod:`optkern.functional`; with found_inf true nothing changes, not even the step count, once every
-        argument has been checked.  closure: re-evaluates the loss and returns it (called first, as in torch).
+        NumPy and CuPy params have none and need ``step(grads)``).  Grads are in their param's dtype, or
+        bfloat16/float16 for float32 params.  grad_multiplier / found_inf: see :mod:`optkern.functional`; with
+        found_inf true nothing changes, not even the step count, once every argument has been checked.
+        param_copies: None, or arrays aligned with all params (None entries allowed): bfloat16/float16 arrays of
+        float32 params, written with the updated params (rounded to nearest even) in the same pass.
+        closure: re-evaluates the loss and returns it (called first, as in torch).
         """
         if kw:
             refuse_keywords("step", kw)
@@ -219,8 +287,13 @@ class Optimizer:
                 grads = _arrays.as_list(grads)
             if len(grads) != len(params):
                 raise ValueError(f"grads: expected {len(params)} arrays (one per param), got {len(grads)}")
+            if param_copies is not None:
+                param_copies = _arrays.as_list(param_copies)
+                if len(param_copies) != len(params):
+                    raise ValueError(f"param_copies: expected {len(params)} entries (one per param, None for no copy), "
+                                     f"got {len(param_copies)}")
             if found_inf is None and type(grad_multiplier) is float and grad_multiplier == 1.0:
-                calls = self._plan(grads)
+                calls = self._plan(grads, param_copies)
                 if len(calls) == 1:  # the common case: one call, which checks its own arrays before its kernel
                     self._run(calls[0], 1.0, None, None)
                     return loss
@@ -233,7 +306,7 @@ class Optimizer:
                     # functional steps with step= a CUDA array, or optkern.torch with capturable=True.)
                     check_device_scalars(self._flat_params, gm_dev, fi_dev)
                     skip, fi_dev = skip or _read_device_flag(fi_dev), None
-                calls = self._plan(grads)
+                calls = self._plan(grads, param_copies)
             # The first call checks its own arrays before its kernel runs; the others are checked first.
             self._precheck(calls if skip else calls[1:], gm_dev, fi_dev)
             if not skip:
@@ -253,60 +326,77 @@ class Optimizer:
                                  f"their gradients passed, opt.step(grads)") from None
         return grads
 
-    def _plan(self, grads) -> list:
+    def _plan(self, grads, copies=None) -> list:
         """The step's compiled calls, every hyperparameter, step count and state buffer ready (nothing changed).
 
-        A call: (t, grads, stream, hyper, fixed), fixed = (flat indices, params, state lists, state names, maximize,
-        states, commit targets (the dicts that receive the new count), new states, added buffers, a group cache to
-        register once the call is committed): what a group's cache keeps from step to step."""
+        A call: (t, grads, stream, hyper, fixed, copies), fixed = (flat indices, params, state lists, state names,
+        maximize, states, commit targets (the dicts that receive the new count), new states, added buffers, a group
+        cache to register once the call is committed, the 16-bit keywords of the compiled step): what a group's cache
+        keeps from step to step; copies: the call's param_copies (None: none)."""
         calls: list = []
         groups, caches = self.param_groups, self._group_cache
         offset = 0
         for gi, group in enumerate(groups):
             n = len(group["params"])
             gg = grads if gi == 0 and n == len(grads) else grads[offset:offset + n]
+            cc = None if copies is None else copies[offset:offset + n]
             cache = caches.get(gi)
             if cache is not None and cache["version"] == getattr(group, "version", None):
                 gl = gg  # the grads as given when all are NumPy arrays (the kernel only reads the list)
+                gdt = cache["grad_dtype"]
                 for g in gg:
                     if type(g) is not _ndarray:
-                        if g is None:
+                        if g is None or getattr(g, "dtype", None) is not gdt:
                             break
                         gl = None
+                    elif g.dtype is not gdt:  # (a call has one grad dtype: regroup)
+                        break
                 else:  # the common case: every param of the group steps, all at one count, lists prebuilt
-                    if gl is None:
-                        gl = [_plain(g) for g in gg]
-                    t = cache["step"] + 1
-                    hyper, fixed = cache["hyper"], cache["fixed"]
-                    if hyper is None or t >= MAX_STEP:
-                        hyper = self._hyper_at(group, t, fixed[0])[0]
-                    ps = fixed[1]
-                    calls.append((t, gl, 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0]), hyper,
-                                  fixed))
-                    offset += n
-                    continue
-            self._plan_group(gi, group, offset, gg, calls)
+                    cl = _copies_of(cc, cache["copy_dtype"])
+                    if cl is not False:
+                        if gl is None:
+                            gl = [_plain(g) for g in gg]
+                        t = cache["step"] + 1
+                        hyper, fixed = cache["hyper"], cache["fixed"]
+                        if hyper is None or t >= MAX_STEP:
+                            hyper = self._hyper_at(group, t, fixed[0])[0]
+                        ps = fixed[1]
+                        calls.append((t, gl, 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0]), hyper,
+                                      fixed, cl))
+                        offset += n
+                        continue
+            self._plan_group(gi, group, offset, gg, cc, calls)
             offset += n
         return calls
 
-    def _plan_group(self, gi, group, offset, gg, calls) -> None:
-        """Calls for one group outside the fast path: params grouped by step count, first-step state allocated
-        (not yet in ``self.state``), buffers a changed hyperparameter now needs (e.g. amsgrad) created."""
+    def _plan_group(self, gi, group, offset, gg, cc, calls) -> None:
+        """Calls for one group outside the fast path: params grouped by step count and dtypes (param, grad, copy)
+        and device, first-step state allocated (not yet in ``self.state``), buffers a changed hyperparameter now
+        needs (e.g. amsgrad, a master) created."""
         params, state = group["params"], self.state
         self._group_cache.pop(gi, None)  # its count would go stale once some params step without the others
-        by_taken: dict[int, list[int]] = {}
+        version = getattr(group, "version", None)
+        if version is None or self._precision_checked.get(id(group)) != version:
+            self._check_precision(group)  # a 16-bit keyword changed since the group was added
+            if version is not None:
+                self._precision_checked[id(group)] = version
+        by_key: dict[tuple, list[int]] = {}
         for j, g in enumerate(gg):
             if g is not None:
                 st = state.get(offset + j)
-                by_taken.setdefault(0 if st is None else self._taken(offset + j, st), []).append(j)
-        version = getattr(group, "version", None)
-        whole = len(by_taken) == 1 and len(gg) > 0 and all(g is not None for g in gg) and version is not None
+                c = None if cc is None else cc[j]
+                p = params[j]
+                key = (0 if st is None else self._taken(offset + j, st), _dtype_of(p), str(getattr(p, "device", "")),
+                       _dtype_of(g), None if c is None else _dtype_of(c))
+                by_key.setdefault(key, []).append(j)
+        whole = len(by_key) == 1 and len(gg) > 0 and all(g is not None for g in gg) and version is not None
         maximize = bool(group["maximize"])
-        for taken, js in by_taken.items():
+        mw = group.get("master_weights")
+        mkey = MASTER_KEYS.get(mw)
+        for (taken, _, _, gdt, cdt), js in by_key.items():
             t = taken + 1
             idx = [offset + j for j in js]
             hyper, names = self._hyper_at(group, t, idx)
-            spec = self._state_spec_for(group)
             new, added, states, bufs = {}, [], [], []
             for j, i in zip(js, idx):
                 st = state.get(i)
@@ -314,8 +404,7 @@ class Optimizer:
                     st = new[i] = self._init_state(i, params[j], group)
                     b = st
                 else:
-                    missing = {k: _arrays.full_like(params[j], float(init(group) if callable(init) else init))
-                               for k, init in spec if k not in st}
+                    missing = self._new_buffers(params[j], group, st)
                     b = st
                     if missing:  # starts as torch's does; put into the state only when the step runs
                         added.append((st, missing))
@@ -326,14 +415,23 @@ class Optimizer:
             lists = [[b[k] for b in bufs] for k in names]
             stream = 0 if type(ps[0]) is _ndarray else _arrays.current_stream(ps[0])
             gl = [_plain(gg[j]) for j in js]
-            if whole:  # after this call every param of the group is at count t: cache the lists for the fast path
-                cache = {"step": taken, "version": version, "hyper": None if callable(group["lr"]) else hyper}
-                targets = states + [cache]
-                cache["fixed"] = (idx, ps, lists, names, maximize, states, targets, None, None, None)
-                calls.append((t, gl, stream, hyper,
-                              (idx, ps, lists, names, maximize, states, targets, new, added, (gi, cache))))
+            cl = None if cdt is None else [_plain(cc[j]) for j in js]
+            if mkey is not None:  # the functional layer's masters=
+                storage = {"master_weights": mw, "masters": [b[mkey] for b in bufs]}
+            elif group.get("stochastic_rounding", False):
+                storage = {"stochastic_rounding": True, "seed": int(group.get("seed", 0))}
             else:
-                calls.append((t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, states, new, added, None)))
+                storage = _NO_STORAGE
+            if whole:  # after this call every param of the group is at count t: cache the lists for the fast path
+                cache = {"step": taken, "version": version, "hyper": None if callable(group["lr"]) else hyper,
+                         "grad_dtype": gdt, "copy_dtype": cdt}
+                targets = states + [cache]
+                cache["fixed"] = (idx, ps, lists, names, maximize, states, targets, None, None, None, storage)
+                calls.append((t, gl, stream, hyper,
+                              (idx, ps, lists, names, maximize, states, targets, new, added, (gi, cache), storage), cl))
+            else:
+                calls.append((t, gl, stream, hyper,
+                              (idx, ps, lists, names, maximize, states, states, new, added, None, storage), cl))
 
     @staticmethod
     def _taken(i: int, st: dict) -> int:
@@ -353,16 +451,18 @@ class Optimizer:
 
     def _precheck(self, calls, gm_dev, fi_dev) -> None:
         """Check the arrays of calls whose kernels run after another one's (nothing is written)."""
-        for _, gl, stream, _, (idx, ps, lists, names, *_) in calls:
+        for _, gl, stream, _, fixed, cl in calls:
+            idx, ps, lists, names, storage = fixed[0], fixed[1], fixed[2], fixed[3], fixed[10]
             try:
                 check_device_scalars(ps, gm_dev, fi_dev)
-                _C.check_arrays(ps, gl, lists, names, len(lists), stream)
+                _C.check_arrays(ps, gl, lists, names, len(lists), stream, **_storage_kw(storage, cl))
             except _REFUSED as e:
-                raise _named(e, idx, names) from None
+                raise _named(e, idx, names, storage) from None
 
     def _run(self, c, gm, gm_dev, fi_dev) -> None:
         """One compiled call, and its bookkeeping committed with it (see the module docstring)."""
-        t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added, cache) = c
+        t, gl, stream, hyper, (idx, ps, lists, names, maximize, states, targets, new, added, cache, storage), cl = c
+        kw = _storage_kw(storage, cl)
         rk = self._ret_state
         done = self._done
         if rk is None:
@@ -377,7 +477,7 @@ class Optimizer:
                 st.update(missing)
         c_step = type(self)._c_step
         try:
-            ret = c_step(*args)
+            ret = c_step(*args, **kw)
             # The commit: every target (each param's state, and the group's cache) takes the new count.
             _commit(targets, t, rk, ret)
             self._runs_committed += 1
@@ -394,7 +494,7 @@ class Optimizer:
                 raise
             if isinstance(e, _REFUSED):  # the binding refused its input: nothing was written
                 self._undo(new, added)
-                raise _named(e, idx, names) from None
+                raise _named(e, idx, names, storage) from None
             raise  # (first-step state, if any, stays at count 0 with its initial buffers, as before a step)
 
     def _undo(self, new, added) -> None:
@@ -476,11 +576,20 @@ class Optimizer:
                 raise ValueError(f"state_dict: param_groups[{gi}] has {len(saved['params'])} params, this optimizer's "
                                  f"has {len(mine['params'])}")
         params = self._params()
-        index_map = {}
-        start = 0
+        trials = []  # each group as it will be: checked before anything changes, and the dtypes of its state
         for saved, mine in zip(groups, self.param_groups):
+            trial = dict(mine)
+            trial.update({k: v for k, v in saved.items() if k != "params"})
+            if trial.get("state_dtype") is not None:
+                trial["state_dtype"] = _state_dtype_key(trial["state_dtype"])
+            self._check_group(trial)
+            trials.append(trial)
+        index_map, group_of = {}, []
+        start = 0
+        for saved, mine, trial in zip(groups, self.param_groups, trials):
             for j, old in enumerate(saved["params"]):
                 index_map[old] = start + j
+            group_of += [trial] * len(mine["params"])
             start += len(mine["params"])
         new_state = {}
         for old, st in state.items():
@@ -494,7 +603,7 @@ class Optimizer:
                     if not _arrays.same_shape(v, p):
                         raise ValueError(f"state_dict: state[{old}][{k!r}] has shape {tuple(v.shape)}, "
                                          f"param has {tuple(p.shape)}")
-                    restored[k] = _arrays.to_library_like(v, _arrays.plain(p))
+                    restored[k] = _restored(v, _arrays.plain(p), _state_dtype(k, p, group_of[i]))
                 elif k == "step":
                     try:
                         restored[k] = self._taken(old, st)
@@ -503,15 +612,12 @@ class Optimizer:
                 else:
                     restored[k] = v
             new_state[i] = restored
-        for saved, mine in zip(groups, self.param_groups):
-            trial = dict(mine)
-            trial.update({k: v for k, v in saved.items() if k != "params"})
-            self._check_group(trial)
-        for saved, mine in zip(groups, self.param_groups):
-            mine.update({k: v for k, v in saved.items() if k != "params"})
+        for trial, mine in zip(trials, self.param_groups):
+            mine.update({k: v for k, v in trial.items() if k != "params"})
         self.state = new_state
         self._group_cache.clear()
         self._hyper_cache.clear()
+        self._precision_checked.clear()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -524,19 +630,23 @@ class Optimizer:
         return "\n".join(lines)
 
 
-def _named(e: Exception, idx, state_names) -> Exception:
-    """The compiled core's error with the caller's indices: its ``params[k]`` / ``grads[k]`` / ``<state>[k]``
-    count the params of one call; the caller counts params over all groups and reads state as ``state[i][name]``."""
+def _named(e: Exception, idx, state_names, storage=None) -> Exception:
+    """The compiled core's error with the caller's indices: its ``params[k]`` / ``grads[k]`` / ``param_copies[k]`` /
+    ``<state>[k]`` / ``masters[k]`` count the params of one call; the caller counts params over all groups and reads
+    state as ``state[i][name]`` (a master as ``state[i]['master_param']`` or ``['master_residual']``)."""
     msg = str(c_message(e))
+    mkey = MASTER_KEYS.get(storage.get("master_weights")) if storage else None
 
     def caller(m):
         name, k = m.group(1), int(m.group(2))
         if k >= len(idx):
             return m.group(0)
-        if name in ("params", "grads"):
+        if name in ("params", "grads", "param_copies"):
             return f"{name}[{idx[k]}]"
         if name in state_names:
             return f"state[{idx[k]}][{name!r}]"
+        if name == "masters" and mkey is not None:
+            return f"state[{idx[k]}][{mkey!r}]"
         return m.group(0)
 
     return type(e)(_INDEXED.sub(caller, msg))
@@ -552,3 +662,76 @@ def _commit(targets, t: int, rk, ret) -> None:
 
 def _is_array(v) -> bool:
     return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+_NO_STORAGE: dict = {}
+
+
+def _storage_kw(storage: dict, copies) -> dict:
+    """The compiled step's 16-bit keywords for one call: the group's (masters, stochastic rounding) and the step's
+    param copies."""
+    return storage if copies is None else {**storage, "param_copies": copies}
+
+
+def _copies_of(cc, cdt):
+    """A group's param_copies for its cached call, whose copies are all of dtype ``cdt`` (None: no copies): the list
+    to pass (None for none), or False when they do not fit that call (the group is planned again)."""
+    if cc is None:
+        return None if cdt is None else False
+    if cdt is None:
+        return None if all(c is None for c in cc) else False
+    for c in cc:
+        if c is None or getattr(c, "dtype", None) is not cdt:
+            return False
+    return [_plain(c) for c in cc]
+
+
+def _dtype_of(a):
+    """An array's dtype, as a grouping key (the dtype's name for what is not an array: the binding refuses it)."""
+    dt = getattr(a, "dtype", None)
+    return type(a).__name__ if dt is None else dt
+
+
+def _group_offsets(groups):
+    """(index of its first param over all groups, its params list) for each group."""
+    k = 0
+    for g in groups:
+        yield k, g["params"]
+        k += len(g["params"])
+
+
+def _state_dtype_key(v):
+    """A ``state_dtype=`` as kept in a group: None, 'param' or the dtype's name (a dtype object by its name, so
+    that state_dict holds plain strings); anything else is kept for the check to refuse."""
+    if v is None or (isinstance(v, str) and v == "param"):
+        return v
+    name = dtype_name(v)
+    return name if name in ("float32", "float64", "bfloat16", "float16") else v
+
+
+def _state_dtype(key: str, p, group: dict) -> str:
+    """The dtype a param's state entry has under ``group``: float32 for the "fp32" master, int16 for the "split"
+    residual, the group's state dtype for the other buffers."""
+    if key == MASTER_KEYS["fp32"]:
+        return "float32"
+    if key == MASTER_KEYS["split"]:
+        return "int16"
+    return resolve_state_dtype(dtype_name(p), group.get("state_dtype"))
+
+
+def _restored(v, p, dtype: str):
+    """A saved state array ``v`` as ``p``'s library and device keep it, of dtype ``dtype`` (a copy)."""
+    like = p if dtype == dtype_name(p) else zeros_like_dtype(p[..., :0] if p.ndim else p, dtype)
+    if _arrays._library(v) != _arrays._library(like) and is_16bit(v):
+        v = v.float() if _arrays._library(v) == "torch" else v.astype(np.float32)  # exact, and every library reads it
+    return _arrays.to_library_like(v, like)
+
+
+def _full(p, value: float, dtype: str):
+    """A state buffer like ``p`` (library, device, layout) of dtype ``dtype``, filled with ``value``."""
+    if dtype == dtype_name(p):
+        return _arrays.full_like(p, value)
+    z = zeros_like_dtype(p, dtype)
+    if value != 0.0:
+        z.fill_(value) if hasattr(z, "fill_") else z.fill(value)
+    return z
