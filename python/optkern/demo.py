@@ -16,10 +16,13 @@ a small CNN with the PyTorch front end.
    "L-BFGS-B")`` with the same history size.  Prints a table (iterations, function evaluations, final objective,
    ||grad||_inf, test accuracy, time) and writes a second PNG, the ``--out`` stem with a ``_logreg`` suffix
    (objective and objective - best vs function evaluations).
-3. The PyTorch part (:mod:`optkern.demo_torch`; skipped with a message when torch is absent): a small CNN on the
+3. 16-bit storage (:mod:`optkern.bench.mixed_training`): the same MLP with Adam at a small learning rate, weights
+   stored in float32 or bfloat16 (plain, stochastic rounding, "split" and "fp32" masters); a table and a PNG with
+   a ``_mixed`` suffix.
+4. The PyTorch part (:mod:`optkern.demo_torch`; skipped with a message when torch is absent): a small CNN on the
    same digits trained with ``optkern.torch.AdamW`` + ``optkern.torch.nn.BatchNorm2d`` + a torch scheduler + bf16
    autocast with GradScaler, beside the same model on ``torch.optim`` / ``torch.nn``.  Prints a table (final
-   loss, test accuracy, optimizer step time, batch-norm time) and writes a third PNG with a ``_torch`` suffix.
+   loss, test accuracy, optimizer step time, batch-norm time) and writes a fourth PNG with a ``_torch`` suffix.
 
     pip install ".[demo]"          # scikit-learn, matplotlib, tqdm (SciPy comes with scikit-learn)
     python -m optkern.demo [--epochs N] [--logreg-steps N] [--out optkern_demo.png]
@@ -39,6 +42,21 @@ import optkern
 from optkern import schedules
 
 DEMO_HINT = 'pip install ".[demo]"   (or: pip install scikit-learn matplotlib tqdm)'
+
+
+# ---------------------------------------------------------------------------------------------- the data
+def digits_data(seed: int = 0):
+    """scikit-learn's 8x8 digits (bundled, no download): (x_train, y_train, x_test, y_test), a stratified 75/25
+    split by ``seed``, pixels standardized with the training statistics, float32."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-3
+    return ((x_tr - mu) / sd).astype(np.float32), y_tr, ((x_te - mu) / sd).astype(np.float32), y_te
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -416,9 +434,10 @@ def plot_logreg(results, path) -> bool:
     return True
 
 
-def logreg_png_path(out: str) -> str:
+def sibling_png(out: str, suffix: str) -> str:
+    """The PNG next to ``out`` with ``suffix`` added to its stem (``demo.png``, "_logreg" -> ``demo_logreg.png``)."""
     p = Path(out)
-    return str(p.with_name(p.stem + "_logreg" + (p.suffix or ".png")))
+    return str(p.with_name(p.stem + suffix + (p.suffix or ".png")))
 
 
 def main(argv=None) -> int:
@@ -438,20 +457,13 @@ def main(argv=None) -> int:
         ap.error("--logreg-steps: expected >= 1")
 
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        import sklearn  # noqa: F401
     except ImportError:
         print(f"optkern.demo needs scikit-learn (for its bundled digits dataset): {DEMO_HINT}", file=sys.stderr)
         return 1
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=args.seed, stratify=y)
-    # standardise with the training statistics
-    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-3
-    x_tr, x_te = ((x_tr - mu) / sd).astype(np.float32), ((x_te - mu) / sd).astype(np.float32)
-    data = (x_tr, y_tr, x_te, y_te)
+    data = digits_data(args.seed)
+    x_tr, _, x_te, _ = data
     steps_total = args.epochs * ((x_tr.shape[0] + args.batch - 1) // args.batch)
 
     print(f"digits: {x_tr.shape[0]} train / {x_te.shape[0]} test, MLP 64-64-10, batch {args.batch}, "
@@ -486,21 +498,27 @@ def main(argv=None) -> int:
     with _single_threaded_blas():
         lr_results, skipped = run_logreg(data, args.logreg_steps)
     print_logreg(lr_results, skipped, args.logreg_steps)
-    lr_png = logreg_png_path(args.out)
+    lr_png = sibling_png(args.out, "_logreg")
     if plot_logreg(lr_results, lr_png):
         print(f"wrote {lr_png}")
+
+    # 16-bit storage: the same MLP with Adam in each bf16 mode (python -m optkern.bench.mixed_training, ~5 s)
+    from .bench import mixed_training
+
+    mt_results, mt_meta = mixed_training.run(seed=args.seed)
+    print(f"\nThe same MLP, Adam lr {mt_meta['lr']:g} for {mt_meta['steps']} steps, weights stored in float32 or "
+          f"bfloat16 (same init and batches; {mt_meta['wall_s']:.1f} s):\n")
+    print("\n".join(mixed_training.table_lines(mt_results)))
+    mt_png = sibling_png(args.out, "_mixed")
+    if mixed_training.plot(mt_results, mt_meta, mt_png):
+        print(f"wrote {mt_png}")
 
     # The PyTorch part: the same digits with a small CNN, optkern.torch against torch.optim / torch.nn.
     from . import demo_torch
 
     print()
-    demo_torch.run(torch_png_path(args.out), seed=args.seed)
+    demo_torch.run(sibling_png(args.out, "_torch"), seed=args.seed)
     return 0
-
-
-def torch_png_path(out: str) -> str:
-    p = Path(out)
-    return str(p.with_name(p.stem + "_torch" + (p.suffix or ".png")))
 
 
 if __name__ == "__main__":
