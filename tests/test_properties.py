@@ -304,8 +304,9 @@ def inject(setup, opt, params, group_of, grads):
         if d == "found_inf_grad":  # int32 of the wrong shape, with the step skipped: still refused
             grads[i], kw = np.ones(p.size + 2, np.int32), {"found_inf": True}
         else:
+            # (float16 grads are valid for float32 params since 16-bit training: the offload step)
             other = np.float64 if p.dtype == np.float32 else np.float32
-            grads[i] = grads[i].astype([np.int32, np.float16, other][pick % 3])
+            grads[i] = grads[i].astype([np.int32, np.uint8, other][pick % 3])
         return kw, TypeError, rf"^grads\[{i}\]", lambda: grads.__setitem__(i, good)
     if d == "grad_not_array":
         good, grads[i] = grads[i], [1.0] * p.size

@@ -248,6 +248,11 @@ struct ArrayReader {
     }
   }
 
+  static int& bf16_type_num() {  // ml_dtypes.bfloat16's NumPy type number, once seen (-1 before; GIL held)
+    static int num = -1;
+    return num;
+  }
+
   // 0. NumPy arrays: the array struct read directly through NumPy's C API (pybind11 loads it at run time).
   static void numpy(ArrayView& v, py::handle obj, const Name& what) {
     const auto* a = py::detail::array_proxy(obj.ptr());
@@ -260,15 +265,19 @@ struct ArrayReader {
     else if (d->type_num == kNpyDouble && native) set_dtype(v, DType::f64);
     else if (d->type_num == kNpyHalf && native) set_dtype(v, DType::f16);
     else if (d->type_num == kNpyShort && native) set_dtype(v, DType::i16);
+    else if (native && d->type_num >= kNpyUserDef && d->type_num == bf16_type_num()) set_dtype(v, DType::bf16);
     else {
       v.itemsize = 1;
       py::object dt = obj.attr("dtype");
       const std::string name = py::str(dt.attr("name"));
-      // ml_dtypes.bfloat16 (NumPy's bfloat16: a user-defined dtype of 2 bytes named "bfloat16")
-      if (d->type_num >= kNpyUserDef && name == "bfloat16" && py::int_(dt.attr("itemsize")).cast<int>() == 2)
+      // ml_dtypes.bfloat16 (NumPy's bfloat16: a user-defined dtype of 2 bytes named "bfloat16"); its type number
+      // is fixed for the process once registered, so later arrays are recognised by it alone.
+      if (d->type_num >= kNpyUserDef && name == "bfloat16" && py::int_(dt.attr("itemsize")).cast<int>() == 2) {
         set_dtype(v, DType::bf16);
-      else
+        bf16_type_num() = d->type_num;
+      } else {
         std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s", name.c_str());
+      }
       if (!native) {
         v.known = v.dtype_ok = false;
         std::snprintf(v.dtype_str, sizeof(v.dtype_str), "%s in a non-native byte order", name.c_str());

@@ -65,6 +65,7 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
 // in place.  The rule runs on the tiles in float32 (apply_range, as for float32 params), then each converted buffer
 // is stored back with its rounding.  Memory is read and written once; the tiles stay in L1.
 constexpr int64_t kTile = 512;
+constexpr int64_t kTilePad = kTile + 32;  // 2176 bytes apart
 static_assert(kTile <= kSrMaxTile, "stochastic rounding's words cover a tile");
 
 template <class Rule>
@@ -76,7 +77,10 @@ void run_mixed(const StepBatch& b, const CoefD<Rule>& cd) {
   const SrKey key{pr.seed, static_cast<uint32_t>(pr.sr_step)};
   auto body = [&](const ElementRange& r) {
     const TensorSlots& t = b.tensors[r.tensor];
-    alignas(64) float pt[kTile], gt[kTile], st[3][kTile];
+    // One block of tiles, each kTilePad floats apart: offsets that differ mod 4 KiB (no 4K aliasing between the
+    // loads of one tile and the stores of another in the rule's loop).
+    alignas(64) float tiles[5][kTilePad];
+    float *pt = tiles[0], *gt = tiles[1], *st[3] = {tiles[2], tiles[3], tiles[4]};
     for (int64_t off = r.begin; off < r.end; off += kTile) {
       const int64_t m = r.end - off < kTile ? r.end - off : kTile;
       float* P = pt;
