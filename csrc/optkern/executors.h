@@ -16,15 +16,17 @@ using SgdPlain = SgdRule<0>;
 using SgdMomentum = SgdRule<1>;
 using AdamPlain = AdamRule<0>;
 using AdamAmsgrad = AdamRule<1>;
+using AdamEpsInside = AdamRule<0, 1>;          // seeds' Algorithm 8.7 (eps_inside_sqrt)
+using AdamAmsgradEpsInside = AdamRule<1, 1>;
 using RmspropPlain = RmspropRule<0, 0>;
 using RmspropMomentum = RmspropRule<0, 1>;
 using RmspropCentered = RmspropRule<1, 0>;
 using RmspropCenteredMomentum = RmspropRule<1, 1>;
 
-#define OPTKERN_FOR_EACH_RULE(X)                                                                              \
-  X(SgdPlain) X(SgdMomentum) X(SgdVelocityRule) X(AdamPlain) X(AdamAmsgrad) X(AdagradRule) X(RmspropPlain)     \
-  X(RmspropMomentum) X(RmspropCentered) X(RmspropCenteredMomentum) X(AdamaxRule) X(NadamRule) X(AdadeltaRule) \
-  X(RpropRule)
+#define OPTKERN_FOR_EACH_RULE(X)                                                                           \
+  X(SgdPlain) X(SgdMomentum) X(SgdVelocityRule) X(AdamPlain) X(AdamAmsgrad) X(AdamEpsInside)                \
+  X(AdamAmsgradEpsInside) X(AdagradRule) X(RmspropPlain) X(RmspropMomentum) X(RmspropCentered)              \
+  X(RmspropCenteredMomentum) X(AdamaxRule) X(NadamRule) X(AdadeltaRule) X(RpropRule)
 
 // The hyperparameter struct each rule's coefficients are made from (optim_coefs.h).
 template <class Rule>
@@ -33,8 +35,8 @@ template <int M>
 struct HyperOf<SgdRule<M>> { using type = SgdHyper; };
 template <>
 struct HyperOf<SgdVelocityRule> { using type = SgdHyper; };
-template <int A>
-struct HyperOf<AdamRule<A>> { using type = AdamHyper; };
+template <int A, int E>
+struct HyperOf<AdamRule<A, E>> { using type = AdamHyper; };
 template <>
 struct HyperOf<AdagradRule> { using type = AdagradHyper; };
 template <int C, int M>

@@ -284,8 +284,15 @@ void sgd_step(const StepBatch& b, const SgdHyper& h, const StepInfo& s) {
 void adam_step(const StepBatch& b, const AdamHyper& h, const StepInfo& s) {
   check(h);
   check(s);
-  if (h.amsgrad) run<AdamAmsgrad>(b, h, s, scalars_of(s));
-  else run<AdamPlain>(b, h, s, scalars_of(s));
+  const StepScalars sc = scalars_of(s);
+  if (h.eps_inside_sqrt) {
+    if (h.amsgrad) run<AdamAmsgradEpsInside>(b, h, s, sc);
+    else run<AdamEpsInside>(b, h, s, sc);
+  } else if (h.amsgrad) {
+    run<AdamAmsgrad>(b, h, s, sc);
+  } else {
+    run<AdamPlain>(b, h, s, sc);
+  }
 }
 
 void adagrad_step(const StepBatch& b, const AdagradHyper& h, const StepInfo& s) {

@@ -101,7 +101,10 @@ struct AdamCoef {
         bc2_sqrt_out(T(c.bc2_sqrt_out)), eps_out(T(c.eps_out)), neg_step_size(T(c.neg_step_size)) {}
 };
 
-template <int kAmsgrad>
+// kEpsInside: the form of the denominator, fixed at compile time so that neither form divides by 1 (Adam is bound
+// by its divides on the CPU): kEpsInside = 0 is torch's sqrt(v) / bc2_sqrt_out + eps_out, 1 is Algorithm 8.7's
+// sqrt(v / bc2_in + eps_in).  Each equals the general expression above bit for bit (x / 1 and x + 0 are exact).
+template <int kAmsgrad, int kEpsInside = 0>
 struct AdamRule {
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   template <class T>
@@ -118,7 +121,8 @@ struct AdamRule {
       v_use = ok_max(v_max, v_new);                              // AMSGrad: running max of the second moment
       v_max = v_use;
     }
-    T denom = OK_SQRT(v_use / c.bc2_in + c.eps_in) / c.bc2_sqrt_out + c.eps_out;  // bias-corrected RMS
+    T denom = kEpsInside ? OK_SQRT(v_use / c.bc2_in + c.eps_in)                   // bias-corrected RMS
+                         : OK_SQRT(v_use) / c.bc2_sqrt_out + c.eps_out;
     p = pd + c.neg_step_size * m_new / denom;                    // apply update
     m = m_new;
     v = v_new;
