@@ -807,6 +807,22 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   return out;
 }
 
+StepStorage parse_storage(py::handle masters, py::handle master_weights, py::handle param_copies,
+                          bool stochastic_rounding, uint64_t seed) {
+  StepStorage st;
+  if (!master_weights.is_none()) {
+    const std::string s = PyUnicode_Check(master_weights.ptr()) ? std::string(py::str(master_weights)) : "";
+    if (s == "fp32") st.master = optkern::MasterMode::fp32;
+    else if (s == "split") st.master = optkern::MasterMode::split;
+    else value_error("master_weights: expected None, \"fp32\" or \"split\", got " + std::string(py::repr(master_weights)));
+  }
+  st.masters = masters;
+  st.copies = param_copies;
+  st.stochastic = stochastic_rounding;
+  st.seed = seed;
+  return st;
+}
+
 CollectedStep collect_read(py::handle arrays_h, const char* name, int64_t cuda_stream) {
   py::sequence arrays = as_sequence(arrays_h, name);
   const size_t n = static_cast<size_t>(py::len(arrays));

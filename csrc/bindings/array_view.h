@@ -99,6 +99,9 @@ struct StepStorage {
 };
 CollectedStep collect_step(py::handle params, py::handle grads, py::handle states, py::handle state_names,
                            int nstates, int64_t cuda_stream, const StepStorage& storage = StepStorage());
+// The storage of a step from the bindings' keywords (master_weights: None, "fp32" or "split"; else ValueError).
+StepStorage parse_storage(py::handle masters, py::handle master_weights, py::handle param_copies,
+                          bool stochastic_rounding, uint64_t seed);
 
 // A read-only list of arrays (for norms).
 CollectedStep collect_read(py::handle arrays, const char* name, int64_t cuda_stream);

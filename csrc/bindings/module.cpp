@@ -103,17 +103,6 @@ void parse_device_counters(py::handle seq, const char* name, size_t nparams, con
   }
 }
 
-// master_weights: None, "fp32" or "split" (optim_api.h: MasterMode).
-MasterMode parse_master_mode(py::handle obj) {
-  if (obj.is_none()) return MasterMode::none;
-  if (PyUnicode_Check(obj.ptr())) {
-    const std::string s = py::str(obj);
-    if (s == "fp32") return MasterMode::fp32;
-    if (s == "split") return MasterMode::split;
-  }
-  throw py::value_error("master_weights: expected None, \"fp32\" or \"split\", got " + std::string(py::repr(obj)));
-}
-
 template <class Hyper, class NumStates, class Step>
 auto bind_step(NumStates num_states, Step step_fn) {
   return [num_states, step_fn](py::handle params, py::handle grads, py::handle states, py::handle state_names,
@@ -128,13 +117,9 @@ auto bind_step(NumStates num_states, Step step_fn) {
     info.grad_scale = grad_scale;
     info.maximize = maximize;
     check(info);
-    optkern_py::StepStorage storage;
-    storage.master = parse_master_mode(master_weights);
-    storage.masters = masters;
-    storage.copies = param_copies;
-    storage.stochastic = stochastic_rounding;
-    storage.seed = seed;
-    CollectedStep cs = collect_step(params, grads, states, state_names, num_states(h), stream, storage);
+    CollectedStep cs = collect_step(params, grads, states, state_names, num_states(h), stream,
+                                    optkern_py::parse_storage(masters, master_weights, param_copies,
+                                                              stochastic_rounding, seed));
     DeviceScalarArg gs, fi;
     parse_device_scalar(grad_scale_device, "grad_scale", stream, &gs);
     parse_device_scalar(found_inf_device, "found_inf", stream, &fi);
@@ -342,13 +327,9 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle params, py::handle grads, py::handle states, py::handle names, int nstates, int64_t stream,
          py::handle masters, py::handle master_weights, py::handle param_copies, bool stochastic_rounding,
          uint64_t seed) {
-        optkern_py::StepStorage storage;
-        storage.master = parse_master_mode(master_weights);
-        storage.masters = masters;
-        storage.copies = param_copies;
-        storage.stochastic = stochastic_rounding;
-        storage.seed = seed;
-        CollectedStep cs = collect_step(params, grads, states, names, nstates, stream, storage);
+        CollectedStep cs = collect_step(params, grads, states, names, nstates, stream,
+                                        optkern_py::parse_storage(masters, master_weights, param_copies,
+                                                                  stochastic_rounding, seed));
         check_precision(cs.batch);
       },
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("names"), py::arg("nstates"),

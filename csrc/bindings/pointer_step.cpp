@@ -48,7 +48,8 @@ class PointerPlan {
               py::object masters, py::object master_weights, py::object param_copies, bool stochastic_rounding,
               uint64_t seed)
       : dtype_(std::move(dtype)), counters_f64_(counters_f64), device_counters_(device_counters) {
-    const optkern_py::StepStorage storage{masters, master_mode(master_weights), param_copies, stochastic_rounding, seed};
+    const optkern_py::StepStorage storage =
+        optkern_py::parse_storage(masters, master_weights, param_copies, stochastic_rounding, seed);
     optkern_py::CollectedStep cs = optkern_py::collect_step(arrays, grads, states, state_names,
                                                             static_cast<int>(py::len(states)), stream, storage);
     check_precision(cs.batch);  // the storage combination, as a step checks it (nothing runs yet)
@@ -223,15 +224,6 @@ class PointerPlan {
   }
 
  private:
-  // master_weights: None or one of optkern's MasterMode names ("fp32", "split").
-  static MasterMode master_mode(py::handle obj) {
-    if (obj.is_none()) return MasterMode::none;
-    if (PyUnicode_Check(obj.ptr()))
-      for (MasterMode m : {MasterMode::fp32, MasterMode::split})
-        if (py::str(obj).cast<std::string>() == master_mode_name(m)) return m;
-    throw py::value_error("master_weights: expected None, \"fp32\" or \"split\", got " + std::string(py::repr(obj)));
-  }
-
   bool same_shape(PyObject* t, size_t i, PyObject* attr) const {
     py::object sh = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, attr));
     if (!sh) throw py::error_already_set();
