@@ -95,3 +95,18 @@ def test_cuda_offload_copies_and_found_inf(gen):
     og.step(param_copies=[cps])
     for p, b in zip(pg, before):
         assert torch.equal(p.detach(), b)
+
+
+def test_stochastic_rounding_refused_under_graph_capture():
+    """A captured step would freeze the rounding's step key (every replay the same random numbers): refused before
+    anything is enqueued, and the eager step still works."""
+    p = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    g = torch.randn(1000, device="cuda").to(torch.bfloat16)
+    m, v = torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda")
+    optkern.adam_step([p], [g], [m], [v], step=1, stochastic_rounding=True, seed=3)  # warm-up: the plan exists
+    before = p.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="stochastic_rounding"), torch.cuda.graph(graph):
+        optkern.adam_step([p], [g], [m], [v], step=2, stochastic_rounding=True, seed=3)
+    torch.cuda.synchronize()
+    assert torch.equal(p, before)

@@ -575,6 +575,10 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
         "optkern: a step captured in a CUDA graph needs its step count on the device (torch: capturable=True; "
         "functional: step= a one-element CUDA array of the steps taken): a host count would be frozen into the "
         "graph and every replay would repeat this step's coefficients");
+  if (b.prec.mixed && b.prec.stochastic && capturing)
+    throw std::runtime_error(
+        "optkern: stochastic_rounding keys each step's rounding by its host step count, which a CUDA graph would "
+        "freeze (every replay would draw the same random numbers); run such steps outside the capture");
   std::shared_ptr<DeviceTable> table = table_for(b, s.device_counters, stream, capturing);
   static_assert(sizeof(typename Rule::template Coef<double>) <= kCoefSlot, "a coefficient slot holds a Coef");
   if (s.device_counters && table->ncounters > 0) {  // coefficients from the device counts, counts advanced
@@ -597,6 +601,8 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
         mixed_step_kernel<Rule, false><<<grid_for(mixed_step_kernel<Rule, false>, table->nchunks, b.device.index),
                                          kThreads, 0, stream>>>(a, L);
       OK_CUDA_CHECK(cudaGetLastError());
+    } else {
+      throw std::logic_error("optkern: 16-bit storage computes in float32 (run_rule dispatches it so)");
     }
   } else if (table->nchunks > 0) {
     if (s.device_counters)
