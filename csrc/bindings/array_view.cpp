@@ -651,7 +651,6 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     for (size_t i = 0; i < nt; ++i) {
       const ArrayView& a = out.views[k * nt + i];
       auto an_str = [&] { return names[k] + "[" + std::to_string(i) + "]"; };
-      const bool first_of_kind = i == 0 && (k < 2 || k == k_master || k == k_copy || k == 2);
       if (k == 0) {
         if (!a.known || a.dtype == DType::i16)
           type_error(an_str() + ": expected float32, float64, bfloat16 or float16, got " + dtype_words(a));
@@ -704,7 +703,6 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
                      ", got " + dtype_words(a));
         }
       }
-      (void)first_of_kind;
     }
   }
   if (storage.master == MasterMode::split && nt && pd != DType::bf16)

@@ -67,6 +67,7 @@ struct CudaStep {
   DType counter_dtype = DType::f32;
   DType product_dtype = DType::f32;
   bool step_dependent = true;  // the coefficients change with the count (capture then needs device counters)
+  int64_t sr_step = 0;         // stochastic rounding's key: this step's count (host counts only)
 };
 
 // The global norm's reductions (global_norm_api.h: the order, the plan and the outputs).
@@ -76,7 +77,7 @@ struct NormOutputs;
 #define OPTKERN_DECLARE_CPU_EXECUTOR(NS)                                     \
   namespace NS {                                                             \
   template <class Rule>                                                      \
-  void run_rule(const StepBatch& b, const CoefD<Rule>& c);                   \
+  void run_rule(const StepBatch& b, const CoefD<Rule>& c, int64_t sr_step);  \
   double sum_squares(const StepBatch& b, const GnPlan& plan);                \
   double max_abs(const StepBatch& b, const GnPlan& plan);                    \
   void convert_half(int op, DType d, const void* src, void* dst, int64_t n,  \

@@ -45,11 +45,11 @@ CpuIsa& current_isa() {
 }
 
 template <class Rule>
-void run_cpu(const StepBatch& b, const CoefD<Rule>& c) {
+void run_cpu(const StepBatch& b, const CoefD<Rule>& c, int64_t sr_step) {
   switch (current_isa()) {
-    case CpuIsa::avx512: cpu_avx512::run_rule<Rule>(b, c); break;
-    case CpuIsa::avx2: cpu_avx2::run_rule<Rule>(b, c); break;
-    default: cpu_scalar::run_rule<Rule>(b, c); break;
+    case CpuIsa::avx512: cpu_avx512::run_rule<Rule>(b, c, sr_step); break;
+    case CpuIsa::avx2: cpu_avx2::run_rule<Rule>(b, c, sr_step); break;
+    default: cpu_scalar::run_rule<Rule>(b, c, sr_step); break;
   }
 }
 
@@ -85,9 +85,7 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
     const double taken = load_counter(key, s.counter_dtype);
     counter_step(h, sc, taken, prod != nullptr, prod != nullptr ? load_counter(prod, s.product_dtype) : 1.0, &c,
                  &n.taken, &n.mu);
-    StepBatch& gm = groups[key];
-    gm.prec.sr_step = static_cast<int64_t>(taken) + 1;  // stochastic rounding's key: this step's count
-    run_cpu<Rule>(gm, c);
+    run_cpu<Rule>(g, c, static_cast<int64_t>(taken) + 1);  // stochastic rounding's key: this step's count
     next.push_back(n);
   }
   for (const Next& n : next) {  // after every update: a counter is read once, before any is written
@@ -99,20 +97,12 @@ void run_counted(const StepBatch& b, const HyperT<Rule>& h, const StepScalars& s
 // Make the rule's coefficients on the host (optim_coefs.h) and run the executor.  A CUDA step gets the
 // hyperparameters and scalars too: with device counters its kernel makes the same coefficients on the device.
 template <class Rule>
-void run(const StepBatch& b_in, const HyperT<Rule>& h, const StepInfo& s, const StepScalars& sc) {
-  check_precision(b_in);
-  const StepBatch* bp = &b_in;
-  StepBatch keyed;
-  if (b_in.prec.stochastic) {  // the rounding's key takes this step's count
-    if (s.device_counters && b_in.device.kind == DeviceKind::cuda)
-      throw std::invalid_argument(
-          "stochastic_rounding: needs the step count on the host (the key of the rounding); device step counters "
-          "are not supported with it");
-    keyed = b_in;
-    keyed.prec.sr_step = s.step;
-    bp = &keyed;
-  }
-  const StepBatch& b = *bp;
+void run(const StepBatch& b, const HyperT<Rule>& h, const StepInfo& s, const StepScalars& sc) {
+  check_precision(b);
+  if (b.prec.stochastic && s.device_counters && b.device.kind == DeviceKind::cuda)
+    throw std::invalid_argument(
+        "stochastic_rounding: needs the step count on the host (the key of the rounding); device step counters "
+        "are not supported with it");
   CoefD<Rule> c;
   make_coef(h, sc, &c);
   if (b.device.kind == DeviceKind::cuda) {
@@ -126,6 +116,7 @@ void run(const StepBatch& b_in, const HyperT<Rule>& h, const StepInfo& s, const 
     cs.counter_dtype = s.counter_dtype;
     cs.product_dtype = s.product_dtype;
     cs.step_dependent = depends_on_step(h);
+    cs.sr_step = s.step;
     cuda_exec::run_rule<Rule>(b, cs);
     return;
   }
@@ -135,7 +126,7 @@ void run(const StepBatch& b_in, const HyperT<Rule>& h, const StepInfo& s, const 
     run_counted<Rule>(b, h, sc, s);
     return;
   }
-  run_cpu<Rule>(b, c);
+  run_cpu<Rule>(b, c, s.step);
 }
 
 double grad_sign_scale(const StepInfo& s) { return s.maximize ? -s.grad_scale : s.grad_scale; }

@@ -57,8 +57,7 @@ struct Precision {
   bool copy = false;
   DType copy_dtype = DType::bf16;
   bool stochastic = false;  // round the param stochastically, keyed by (seed, step, tensor index, element)
-  uint64_t seed = 0;
-  int64_t sr_step = 0;  // the step count of the key: set by the step from StepInfo::step (or the memory counter)
+  uint64_t seed = 0;        // (the step of the key: StepInfo::step, or the count in memory + 1)
 };
 
 struct StepBatch {

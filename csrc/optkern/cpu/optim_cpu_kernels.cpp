@@ -69,12 +69,12 @@ constexpr int64_t kTilePad = kTile + 32;  // 2176 bytes apart
 static_assert(kTile <= kSrMaxTile, "stochastic rounding's words cover a tile");
 
 template <class Rule>
-void run_mixed(const StepBatch& b, const CoefD<Rule>& cd) {
+void run_mixed(const StepBatch& b, const CoefD<Rule>& cd, int64_t sr_step) {
   const typename Rule::template Coef<float> c(cd);
   const Precision& pr = b.prec;
   const bool half_params = b.dtype != DType::f32;
   const DType gd = pr.grad, sd = pr.state;
-  const SrKey key{pr.seed, static_cast<uint32_t>(pr.sr_step)};
+  const SrKey key{pr.seed, static_cast<uint32_t>(sr_step)};
   auto body = [&](const ElementRange& r) {
     const TensorSlots& t = b.tensors[r.tensor];
     // One block of tiles, each kTilePad floats apart: offsets that differ mod 4 KiB (no 4K aliasing between the
@@ -193,16 +193,16 @@ double gn_reduce(const StepBatch& b, const GnPlan& plan) {
 }  // namespace
 
 template <class Rule>
-void run_rule(const StepBatch& b, const CoefD<Rule>& c) {
+void run_rule(const StepBatch& b, const CoefD<Rule>& c, int64_t sr_step) {
   if (b.prec.mixed)
-    run_mixed<Rule>(b, c);
+    run_mixed<Rule>(b, c, sr_step);
   else if (b.dtype == DType::f32)
     run_typed<Rule, float>(b, c);
   else
     run_typed<Rule, double>(b, c);
 }
 
-#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&);
+#define OPTKERN_INSTANTIATE(R) template void run_rule<R>(const StepBatch&, const CoefD<R>&, int64_t);
 OPTKERN_FOR_EACH_RULE(OPTKERN_INSTANTIATE)
 #undef OPTKERN_INSTANTIATE
 

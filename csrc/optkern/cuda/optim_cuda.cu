@@ -593,7 +593,7 @@ void launch(const StepBatch& b, const CudaStep<Rule>& s) {
     if constexpr (std::is_same<T, float>::value) {
       const Precision& pr = b.prec;
       const MixedLayout L{b.dtype, pr.grad, pr.state, pr.copy_dtype, pr.master, pr.copy, pr.stochastic,
-                          SrKey{pr.seed, static_cast<uint32_t>(pr.sr_step)}};
+                          SrKey{pr.seed, static_cast<uint32_t>(s.sr_step)}};
       if (s.device_counters)
         mixed_step_kernel<Rule, true><<<grid_for(mixed_step_kernel<Rule, true>, table->nchunks, b.device.index),
                                         kThreads, 0, stream>>>(a, L);
