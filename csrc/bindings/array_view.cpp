@@ -1,6 +1,8 @@
 // Zero-copy array views and whole-step validation (see array_view.h).
 #include "array_view.h"
 
+#include "../optkern/overlap.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -576,12 +578,6 @@ py::sequence as_sequence(py::handle h, const char* name) {
   return py::reinterpret_borrow<py::sequence>(h);
 }
 
-struct Range {
-  uintptr_t begin, end;
-  bool writable;
-  int view;
-};
-
 std::string view_name(const std::vector<std::string>& names, size_t nt, size_t view) {
   size_t kind = view / nt, i = view % nt;
   return names[kind] + "[" + std::to_string(i) + "]";
@@ -755,28 +751,19 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
     }
   }
   // No two buffers may overlap if either is written (grads may share memory with each other).
-  std::vector<Range> ranges;
+  std::vector<optkern::MemRange> ranges;
   ranges.reserve(out.views.size());
   for (size_t v = 0; v < out.views.size(); ++v) {
     const ArrayView& a = out.views[v];
     if (a.numel == 0) continue;
     uintptr_t b = reinterpret_cast<uintptr_t>(a.data);
-    ranges.push_back(Range{b, b + static_cast<uintptr_t>(a.nbytes()), (v / nt) != 1, static_cast<int>(v)});
+    ranges.push_back(optkern::MemRange{b, b + static_cast<uintptr_t>(a.nbytes()), (v / nt) != 1, static_cast<int>(v)});
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& x, const Range& y) { return x.begin < y.begin; });
-  uintptr_t end_all = 0, end_w = 0;
-  int who_all = -1, who_w = -1;
-  for (const Range& r : ranges) {
-    int other = -1;
-    if (r.begin < end_w) other = who_w;
-    else if (r.writable && r.begin < end_all) other = who_all;
-    if (other >= 0)
-      value_error(view_name(names, nt, static_cast<size_t>(r.view)) + ": overlaps " +
-                  view_name(names, nt, static_cast<size_t>(other)) +
-                  " in memory; a step writes params and states in place, so they must not alias each other or the grads");
-    if (r.end > end_all) { end_all = r.end; who_all = r.view; }
-    if (r.writable && r.end > end_w) { end_w = r.end; who_w = r.view; }
-  }
+  int who = -1, other = -1;
+  if (optkern::find_write_overlap(ranges, &who, &other))
+    value_error(view_name(names, nt, static_cast<size_t>(who)) + ": overlaps " +
+                view_name(names, nt, static_cast<size_t>(other)) +
+                " in memory; a step writes params and states in place, so they must not alias each other or the grads");
 
   optkern::StepBatch& b = out.batch;
   b.dtype = nt ? pd : DType::f32;

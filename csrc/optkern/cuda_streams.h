@@ -30,4 +30,11 @@ void order_after_stream(int device, uintptr_t producer, uintptr_t consumer);
 // std::invalid_argument when `ptr` is host or unregistered memory, or when the build has no CUDA.
 int cuda_pointer_device(const void* ptr);
 
+// For host-memory callers (the C interface's CPU checks): whether a CUDA context is active in this process (a
+// primary context of some device, queried without creating one), and whether `ptr` is CUDA device memory that
+// the host cannot read (device memory, not managed or pinned).  Both false without CUDA or a driver; the second
+// is only asked when the first is true, so a CPU-only caller never creates a CUDA context.
+bool cuda_context_active();
+bool cuda_device_memory(const void* ptr);
+
 }  // namespace optkern

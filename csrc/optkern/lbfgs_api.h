@@ -41,4 +41,16 @@ void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out);
 // Throws std::invalid_argument for a vector count outside [1, 64] or coef.size() != vecs.vecs.size().
 void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out);
 
+// The L-BFGS direction out = -H g from the k pairs (s.vecs[j], y.vecs[j]), oldest first, H0 = gamma I with
+// gamma = s.y / y.y of the newest pair: the compact form of Byrd, Nocedal & Schnabel (1994) in two passes (the
+// Python LBFGSHistory's, without its cached Gram matrices): pass 1, one lbfgs_dots of [g, y_0 .. y_{k-1}] with
+// [S, Y] (and g when slope is wanted) gives S^T g, Y^T g, SY = S^T Y and YY = Y^T Y; on the host in double,
+// R = triu(SY), D = diag(SY), R u = S^T g, R^T c = (D + gamma YY) u - gamma Y^T g; pass 2, one lbfgs_lincomb:
+// out = -gamma g - S c + gamma Y u.  k = 0 gives out = -g.  *slope (when non-null) receives g.d from the same
+// products: -gamma g.g - c.(S^T g) + gamma u.(Y^T g).  Throws std::invalid_argument for k > kLbMaxDirPairs (31),
+// s and y of different counts, a g/out that differs from them in dtype/device/n, or a singular R (a pair with
+// s.y = 0).  On CUDA pass 1 synchronizes the stream once.
+constexpr int kLbMaxDirPairs = 31;  // [g, S, Y] in one lincomb: 2k + 1 <= kLbMaxVecs
+void lbfgs_direction(const VecBatch& s, const VecBatch& y, const void* g, void* out, double* slope);
+
 }  // namespace optkern

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../cuda_streams.h"
+#include "../optim_api.h"
 #include "cuda_util.cuh"
 
 namespace optkern {
@@ -84,6 +85,51 @@ int cuda_pointer_device(const void* ptr) {
   throw std::invalid_argument(std::string("its data pointer is ") +
                               (a.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory") +
                               ", not CUDA device memory");
+}
+
+namespace {
+// cuDevicePrimaryCtxGetState through the runtime's driver entry point (no link against libcuda): whether a
+// device's primary context is active, asked without creating it.
+using PrimaryCtxGetState = int (*)(int dev, unsigned int* flags, int* active);  // CUresult, CUdevice
+PrimaryCtxGetState primary_ctx_get_state() {
+  static PrimaryCtxGetState fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &p, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<PrimaryCtxGetState>(p);
+  }();
+  return fn;
+}
+}  // namespace
+
+bool cuda_context_active() {
+  if (!cuda_available()) return false;
+  const PrimaryCtxGetState get = primary_ctx_get_state();
+  int n = 0;
+  if (!get || cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  for (int d = 0; d < n; ++d) {
+    unsigned int flags = 0;
+    int active = 0;
+    if (get(d, &flags, &active) == 0 && active) return true;
+  }
+  return false;
+}
+
+bool cuda_device_memory(const void* ptr) {
+  cudaPointerAttributes a = {};
+  if (cudaPointerGetAttributes(&a, ptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice;
 }
 
 }  // namespace optkern

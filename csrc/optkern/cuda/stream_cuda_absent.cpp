@@ -13,4 +13,6 @@ namespace {
 }  // namespace
 void order_after_stream(int, uintptr_t, uintptr_t) { refuse(); }
 int cuda_pointer_device(const void*) { refuse(); }
+bool cuda_context_active() { return false; }
+bool cuda_device_memory(const void*) { return false; }
 }  // namespace optkern
