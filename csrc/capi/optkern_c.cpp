@@ -97,6 +97,8 @@ Device read_device(int32_t kind, int32_t index, const std::string& who) {
     invalid(who + "device: expected OPTKERN_DEVICE_CPU (0) or OPTKERN_DEVICE_CUDA (1), got " + std::to_string(kind));
   if (index < 0) invalid(who + "device_index: expected a CUDA device index >= 0, got " + std::to_string(index));
   if (!cuda_built()) throw Unsupported(who + "device: OPTKERN_DEVICE_CUDA, but this liboptkern has no CUDA kernels");
+  if (!cuda_available())
+    throw Unsupported(who + "device: OPTKERN_DEVICE_CUDA, but no CUDA device can be used here (no driver or GPU)");
   d.kind = DeviceKind::cuda;
   d.index = index;
   return d;
