@@ -6,8 +6,8 @@
  *
  * Conventions
  *  - Every call returns an optkern_status; OPTKERN_OK (0) is success.  On failure optkern_last_error() returns a
- *    message for the calling thread that names the argument as the caller spelled it ("params[3]", "hyper.lr"),
- *    valid until the thread's next optkern call.  No C++ exception crosses this interface.
+ *    message for the calling thread that names the argument ("params[3]", "tensors->count", "lr" as torch names
+ *    it), kept until the thread's next failed call.  No C++ exception crosses this interface.
  *  - Validate before mutate: every argument of a call (pointers, counts, dtypes, devices, alignment, overlaps,
  *    hyperparameters) is checked before any memory is written.  A failed call writes nothing, counters included.
  *  - Structs begin with `struct_size`: set it to sizeof(the struct) -- the optkern_*_init functions do, and set
@@ -34,7 +34,9 @@
 
 #define OPTKERN_ABI_VERSION 1
 
-#if defined(_WIN32)
+#if defined(_WIN32) && defined(OPTKERN_BUILDING)
+#define OPTKERN_API __declspec(dllexport)
+#elif defined(_WIN32)
 #define OPTKERN_API __declspec(dllimport)
 #elif defined(__GNUC__)
 #define OPTKERN_API __attribute__((visibility("default")))
