@@ -266,87 +266,41 @@ Step read_step(const optkern_tensors* tp, const optkern_step_info* sp, int nstat
   return st;
 }
 
-SgdHyper to_core(const optkern_sgd_hyper& h) {
-  SgdHyper r;
-  r.lr = h.lr;
-  r.momentum = h.momentum;
-  r.dampening = h.dampening;
-  r.weight_decay = h.weight_decay;
-  r.nesterov = h.nesterov != 0;
-  r.velocity = h.velocity != 0;
-  return r;
-}
-AdamHyper to_core(const optkern_adam_hyper& h) {
-  AdamHyper r;
-  r.lr = h.lr;
-  r.beta1 = h.beta1;
-  r.beta2 = h.beta2;
-  r.eps = h.eps;
-  r.weight_decay = h.weight_decay;
-  r.amsgrad = h.amsgrad != 0;
-  r.decoupled_weight_decay = h.decoupled_weight_decay != 0;
-  r.eps_inside_sqrt = h.eps_inside_sqrt != 0;
-  r.bias_correction = h.bias_correction != 0;
-  return r;
-}
-AdagradHyper to_core(const optkern_adagrad_hyper& h) {
-  AdagradHyper r;
-  r.lr = h.lr;
-  r.lr_decay = h.lr_decay;
-  r.weight_decay = h.weight_decay;
-  r.eps = h.eps;
-  return r;
-}
-RmspropHyper to_core(const optkern_rmsprop_hyper& h) {
-  RmspropHyper r;
-  r.lr = h.lr;
-  r.alpha = h.alpha;
-  r.eps = h.eps;
-  r.weight_decay = h.weight_decay;
-  r.momentum = h.momentum;
-  r.centered = h.centered != 0;
-  r.eps_inside_sqrt = h.eps_inside_sqrt != 0;
-  r.nesterov = h.nesterov != 0;
-  return r;
-}
-AdamaxHyper to_core(const optkern_adamax_hyper& h) {
-  AdamaxHyper r;
-  r.lr = h.lr;
-  r.beta1 = h.beta1;
-  r.beta2 = h.beta2;
-  r.eps = h.eps;
-  r.weight_decay = h.weight_decay;
-  return r;
-}
-NadamHyper to_core(const optkern_nadam_hyper& h) {
-  NadamHyper r;
-  r.lr = h.lr;
-  r.beta1 = h.beta1;
-  r.beta2 = h.beta2;
-  r.eps = h.eps;
-  r.weight_decay = h.weight_decay;
-  r.momentum_decay = h.momentum_decay;
-  r.decoupled_weight_decay = h.decoupled_weight_decay != 0;
-  r.momentum_schedule = h.momentum_schedule != 0;
-  return r;
-}
-AdadeltaHyper to_core(const optkern_adadelta_hyper& h) {
-  AdadeltaHyper r;
-  r.lr = h.lr;
-  r.rho = h.rho;
-  r.eps = h.eps;
-  r.weight_decay = h.weight_decay;
-  return r;
-}
-RpropHyper to_core(const optkern_rprop_hyper& h) {
-  RpropHyper r;
-  r.lr = h.lr;
-  r.etaminus = h.etaminus;
-  r.etaplus = h.etaplus;
-  r.step_size_min = h.step_size_min;
-  r.step_size_max = h.step_size_max;
-  return r;
-}
+// The fields of each hyperparameter struct, once: F(name) a double, B(name) a boolean (int32_t in C, bool in the
+// core).  The C struct and the core struct name every field alike.
+#define OPTKERN_SGD_FIELDS(F, B) F(lr) F(momentum) F(dampening) F(weight_decay) B(nesterov) B(velocity)
+#define OPTKERN_ADAM_FIELDS(F, B) \
+  F(lr) F(beta1) F(beta2) F(eps) F(weight_decay) B(amsgrad) B(decoupled_weight_decay) B(eps_inside_sqrt) \
+  B(bias_correction)
+#define OPTKERN_ADAGRAD_FIELDS(F, B) F(lr) F(lr_decay) F(weight_decay) F(eps)
+#define OPTKERN_RMSPROP_FIELDS(F, B) \
+  F(lr) F(alpha) F(eps) F(weight_decay) F(momentum) B(centered) B(eps_inside_sqrt) B(nesterov)
+#define OPTKERN_ADAMAX_FIELDS(F, B) F(lr) F(beta1) F(beta2) F(eps) F(weight_decay)
+#define OPTKERN_NADAM_FIELDS(F, B) \
+  F(lr) F(beta1) F(beta2) F(eps) F(weight_decay) F(momentum_decay) B(decoupled_weight_decay) B(momentum_schedule)
+#define OPTKERN_ADADELTA_FIELDS(F, B) F(lr) F(rho) F(eps) F(weight_decay)
+#define OPTKERN_RPROP_FIELDS(F, B) F(lr) F(etaminus) F(etaplus) F(step_size_min) F(step_size_max)
+#define OPTKERN_FOR_EACH_HYPER(X)                                                                          \
+  X(sgd, SgdHyper, OPTKERN_SGD_FIELDS) X(adam, AdamHyper, OPTKERN_ADAM_FIELDS)                            \
+  X(adagrad, AdagradHyper, OPTKERN_ADAGRAD_FIELDS) X(rmsprop, RmspropHyper, OPTKERN_RMSPROP_FIELDS)       \
+  X(adamax, AdamaxHyper, OPTKERN_ADAMAX_FIELDS) X(nadam, NadamHyper, OPTKERN_NADAM_FIELDS)                \
+  X(adadelta, AdadeltaHyper, OPTKERN_ADADELTA_FIELDS) X(rprop, RpropHyper, OPTKERN_RPROP_FIELDS)
+
+#define OPTKERN_TO_CORE_F(f) r.f = h.f;
+#define OPTKERN_TO_CORE_B(f) r.f = h.f != 0;
+#define OPTKERN_FROM_CORE(f) h->f = c.f;
+#define OPTKERN_HYPER_CONVERT(name, Core, FIELDS)                  \
+  Core to_core(const optkern_##name##_hyper& h) {                  \
+    Core r;                                                        \
+    FIELDS(OPTKERN_TO_CORE_F, OPTKERN_TO_CORE_B)                   \
+    return r;                                                      \
+  }                                                                \
+  void from_core(const Core& c, optkern_##name##_hyper* h) { FIELDS(OPTKERN_FROM_CORE, OPTKERN_FROM_CORE) }
+OPTKERN_FOR_EACH_HYPER(OPTKERN_HYPER_CONVERT)
+#undef OPTKERN_HYPER_CONVERT
+#undef OPTKERN_TO_CORE_F
+#undef OPTKERN_TO_CORE_B
+#undef OPTKERN_FROM_CORE
 
 int num_states(const SgdHyper& h) { return sgd_num_states(h); }
 int num_states(const AdamHyper& h) { return adam_num_states(h); }
@@ -536,38 +490,6 @@ optkern_status bn_call(const optkern_batch_norm_args* a, BnCall call, F f) {
   return guarded([&] { f(read_bn(a, call)); });
 }
 
-// The hyperparameter defaults, from the core structs (torch.optim's).
-void from_core(const SgdHyper& c, optkern_sgd_hyper* h) {
-  h->lr = c.lr, h->momentum = c.momentum, h->dampening = c.dampening, h->weight_decay = c.weight_decay;
-  h->nesterov = c.nesterov, h->velocity = c.velocity;
-}
-void from_core(const AdamHyper& c, optkern_adam_hyper* h) {
-  h->lr = c.lr, h->beta1 = c.beta1, h->beta2 = c.beta2, h->eps = c.eps, h->weight_decay = c.weight_decay;
-  h->amsgrad = c.amsgrad, h->decoupled_weight_decay = c.decoupled_weight_decay;
-  h->eps_inside_sqrt = c.eps_inside_sqrt, h->bias_correction = c.bias_correction;
-}
-void from_core(const AdagradHyper& c, optkern_adagrad_hyper* h) {
-  h->lr = c.lr, h->lr_decay = c.lr_decay, h->weight_decay = c.weight_decay, h->eps = c.eps;
-}
-void from_core(const RmspropHyper& c, optkern_rmsprop_hyper* h) {
-  h->lr = c.lr, h->alpha = c.alpha, h->eps = c.eps, h->weight_decay = c.weight_decay, h->momentum = c.momentum;
-  h->centered = c.centered, h->eps_inside_sqrt = c.eps_inside_sqrt, h->nesterov = c.nesterov;
-}
-void from_core(const AdamaxHyper& c, optkern_adamax_hyper* h) {
-  h->lr = c.lr, h->beta1 = c.beta1, h->beta2 = c.beta2, h->eps = c.eps, h->weight_decay = c.weight_decay;
-}
-void from_core(const NadamHyper& c, optkern_nadam_hyper* h) {
-  h->lr = c.lr, h->beta1 = c.beta1, h->beta2 = c.beta2, h->eps = c.eps, h->weight_decay = c.weight_decay;
-  h->momentum_decay = c.momentum_decay, h->decoupled_weight_decay = c.decoupled_weight_decay;
-  h->momentum_schedule = c.momentum_schedule;
-}
-void from_core(const AdadeltaHyper& c, optkern_adadelta_hyper* h) {
-  h->lr = c.lr, h->rho = c.rho, h->eps = c.eps, h->weight_decay = c.weight_decay;
-}
-void from_core(const RpropHyper& c, optkern_rprop_hyper* h) {
-  h->lr = c.lr, h->etaminus = c.etaminus, h->etaplus = c.etaplus, h->step_size_min = c.step_size_min;
-  h->step_size_max = c.step_size_max;
-}
 
 }  // namespace
 
@@ -640,59 +562,38 @@ void optkern_batch_norm_args_init(optkern_batch_norm_args* a) {
 }
 
 // The hyperparameter defaults are the core structs' (torch.optim's).
-#define OPTKERN_HYPER_INIT(name, Core)                 \
+#define OPTKERN_HYPER_INIT(name, Core, FIELDS)         \
   void optkern_##name##_hyper_init(optkern_##name##_hyper* h) { \
     if (!h) return;                                    \
     std::memset(h, 0, sizeof(*h));                     \
     h->struct_size = sizeof(*h);                       \
     from_core(Core(), h);                              \
   }
-OPTKERN_HYPER_INIT(sgd, SgdHyper)
-OPTKERN_HYPER_INIT(adam, AdamHyper)
-OPTKERN_HYPER_INIT(adagrad, AdagradHyper)
-OPTKERN_HYPER_INIT(rmsprop, RmspropHyper)
-OPTKERN_HYPER_INIT(adamax, AdamaxHyper)
-OPTKERN_HYPER_INIT(nadam, NadamHyper)
-OPTKERN_HYPER_INIT(adadelta, AdadeltaHyper)
-OPTKERN_HYPER_INIT(rprop, RpropHyper)
+OPTKERN_FOR_EACH_HYPER(OPTKERN_HYPER_INIT)
 #undef OPTKERN_HYPER_INIT
 
-optkern_status optkern_sgd_num_states(const optkern_sgd_hyper* h, int32_t* out) { return count_states(h, out); }
-optkern_status optkern_adam_num_states(const optkern_adam_hyper* h, int32_t* out) { return count_states(h, out); }
-optkern_status optkern_adagrad_num_states(const optkern_adagrad_hyper* h, int32_t* out) {
-  return count_states(h, out);
-}
-optkern_status optkern_rmsprop_num_states(const optkern_rmsprop_hyper* h, int32_t* out) {
-  return count_states(h, out);
-}
-optkern_status optkern_adamax_num_states(const optkern_adamax_hyper* h, int32_t* out) { return count_states(h, out); }
-optkern_status optkern_nadam_num_states(const optkern_nadam_hyper* h, int32_t* out) { return count_states(h, out); }
-optkern_status optkern_adadelta_num_states(const optkern_adadelta_hyper* h, int32_t* out) {
-  return count_states(h, out);
-}
-optkern_status optkern_rprop_num_states(const optkern_rprop_hyper* h, int32_t* out) { return count_states(h, out); }
+#define OPTKERN_NUM_STATES(name, Core, FIELDS)                                                \
+  optkern_status optkern_##name##_num_states(const optkern_##name##_hyper* h, int32_t* out) { \
+    return count_states(h, out);                                                               \
+  }
+OPTKERN_FOR_EACH_HYPER(OPTKERN_NUM_STATES)
+#undef OPTKERN_NUM_STATES
 
-optkern_status optkern_sgd_step(const optkern_tensors* t, const optkern_sgd_hyper* h, const optkern_step_info* s) {
-  return run_step(t, h, s, [](const StepBatch& b, const SgdHyper& hh, const StepInfo& i) { sgd_step(b, hh, i); });
-}
-optkern_status optkern_adam_step(const optkern_tensors* t, const optkern_adam_hyper* h, const optkern_step_info* s) {
-  return run_step(t, h, s, [](const StepBatch& b, const AdamHyper& hh, const StepInfo& i) { adam_step(b, hh, i); });
-}
-optkern_status optkern_adagrad_step(const optkern_tensors* t, const optkern_adagrad_hyper* h,
-                                    const optkern_step_info* s) {
-  return run_step(t, h, s,
-                  [](const StepBatch& b, const AdagradHyper& hh, const StepInfo& i) { adagrad_step(b, hh, i); });
-}
-optkern_status optkern_rmsprop_step(const optkern_tensors* t, const optkern_rmsprop_hyper* h,
-                                    const optkern_step_info* s) {
-  return run_step(t, h, s,
-                  [](const StepBatch& b, const RmspropHyper& hh, const StepInfo& i) { rmsprop_step(b, hh, i); });
-}
-optkern_status optkern_adamax_step(const optkern_tensors* t, const optkern_adamax_hyper* h,
-                                   const optkern_step_info* s) {
-  return run_step(t, h, s,
-                  [](const StepBatch& b, const AdamaxHyper& hh, const StepInfo& i) { adamax_step(b, hh, i); });
-}
+// Every step but NAdam's (its product of momentum coefficients is an extra argument).
+#define OPTKERN_STEP(name, Core, FIELDS)                                                                    \
+  optkern_status optkern_##name##_step(const optkern_tensors* t, const optkern_##name##_hyper* h,          \
+                                       const optkern_step_info* s) {                                       \
+    return run_step(t, h, s, [](const StepBatch& b, const Core& hh, const StepInfo& i) { name##_step(b, hh, i); }); \
+  }
+OPTKERN_STEP(sgd, SgdHyper, _)
+OPTKERN_STEP(adam, AdamHyper, _)
+OPTKERN_STEP(adagrad, AdagradHyper, _)
+OPTKERN_STEP(rmsprop, RmspropHyper, _)
+OPTKERN_STEP(adamax, AdamaxHyper, _)
+OPTKERN_STEP(adadelta, AdadeltaHyper, _)
+OPTKERN_STEP(rprop, RpropHyper, _)
+#undef OPTKERN_STEP
+
 optkern_status optkern_nadam_step(const optkern_tensors* t, const optkern_nadam_hyper* h, const optkern_step_info* s,
                                   double* mu_product, int32_t product_in_float32) {
   return guarded([&] {
@@ -704,14 +605,6 @@ optkern_status optkern_nadam_step(const optkern_tensors* t, const optkern_nadam_
               std::to_string(*mu_product));
     *mu_product = nadam_step(st.batch, hh, st.info, *mu_product, product_in_float32 != 0);
   });
-}
-optkern_status optkern_adadelta_step(const optkern_tensors* t, const optkern_adadelta_hyper* h,
-                                     const optkern_step_info* s) {
-  return run_step(t, h, s,
-                  [](const StepBatch& b, const AdadeltaHyper& hh, const StepInfo& i) { adadelta_step(b, hh, i); });
-}
-optkern_status optkern_rprop_step(const optkern_tensors* t, const optkern_rprop_hyper* h, const optkern_step_info* s) {
-  return run_step(t, h, s, [](const StepBatch& b, const RpropHyper& hh, const StepInfo& i) { rprop_step(b, hh, i); });
 }
 
 optkern_status optkern_global_norm(const optkern_arrays* a, double norm_type, double* norm) {
