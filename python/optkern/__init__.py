@@ -7,6 +7,9 @@
 Layers: :mod:`optkern.optim` (torch.optim-named classes) over :mod:`optkern.functional` (one function per
 algorithm) over the compiled core ``optkern._C``.  Also :func:`clip_grad_norm` (global-norm clipping folded into
 the step as ``grad_multiplier``) and :mod:`optkern.schedules`.
+The C interface (liboptkern, ``optkern/optkern.h``) ships in the package: :func:`library_path`,
+:func:`include_dir`, :func:`lib_dir`, :func:`cmake_dir` and :func:`pkgconfig_dir` say where (``python -m optkern
+--cmake-dir`` etc. print them).
 :mod:`optkern.torch` (imported on first use, never by ``import optkern``) is the PyTorch front end.
 """
 
@@ -35,6 +38,7 @@ from .batch_norm import (  # noqa: E402
     batch_norm_stats,
 )
 from .lbfgs import LBFGSHistory, LBFGSResult, lbfgs_minimize  # noqa: E402
+from ._paths import cmake_dir, include_dir, lib_dir, library_path, pkgconfig_dir  # noqa: E402
 from .clip import ClipResult, clip_grad_norm, global_norm  # noqa: E402
 from .functional import (  # noqa: E402
     adadelta_step,
@@ -96,4 +100,5 @@ __all__ = [
     "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_combine",
     "batch_norm_normalize", "batch_norm_backward_reduce", "batch_norm_backward_dx",
     "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize", "precision", "init_masters", "master_values",
+    "cmake_dir", "include_dir", "lib_dir", "library_path", "pkgconfig_dir",
 ]
