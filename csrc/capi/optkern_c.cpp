@@ -363,7 +363,8 @@ StepBatch read_norm_arrays(const optkern_arrays* ap, Buffers** keep, std::vector
   return b;
 }
 
-// An L-BFGS list: vectors of one length n (numels[0]; for an empty list numels[0] still gives n).
+// An L-BFGS list: vectors of one length n (numels[0]; for an empty list numels[0] still gives n).  Only numels[0]
+// is read: the header lets numels be of length 1.
 VecBatch read_vectors(const optkern_arrays* ap, const char* name, bool allow_empty) {
   const optkern_arrays a = read_struct(ap, name);
   const std::string nm(name);
@@ -378,12 +379,7 @@ VecBatch read_vectors(const optkern_arrays* ap, const char* name, bool allow_emp
   v.n = a.numels[0];
   if (v.n < 0) invalid(nm + "->numels[0]: expected >= 0, got " + std::to_string(v.n));
   if (a.count > 0 && !a.data) invalid(nm + "->data: null pointer for " + std::to_string(a.count) + " vectors");
-  for (int64_t i = 0; i < a.count; ++i) {
-    if (a.numels[i] != v.n)
-      invalid(item((nm + "->numels").c_str(), i) + ": expected " + std::to_string(v.n) +
-              " like numels[0] (the vectors have one length), got " + std::to_string(a.numels[i]));
-    v.vecs.push_back(a.data[i]);
-  }
+  for (int64_t i = 0; i < a.count; ++i) v.vecs.push_back(a.data[i]);
   return v;
 }
 
