@@ -526,7 +526,8 @@ def test_cpp_example_with_cmake(once, tmp_path):
 # ---- c. bad input from C --------------------------------------------------------------------------------------
 @needs_cc
 def test_c_program_bad_input(once, tmp_path):
-    exe = _build_c(os.path.join(ROOT, "tests", "c", "test_c_api.c"), str(tmp_path / "test_c_api"), ["-lm"])
+    src = os.path.join(ROOT, "tests", "c", "test_c_api.c")
+    exe = _build_c(src, str(tmp_path / "test_c_api"), ["-lm", "-pthread"])
     r = subprocess.run([exe], capture_output=True, text=True, timeout=120)
     failed = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
     assert r.returncode == 0 and not failed, f"tests/c/test_c_api.c (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
@@ -633,6 +634,45 @@ def test_optimizer_matches_python(lib, case, dtype, rng):
         if algo == "nadam":
             assert mu_c == mu_py and 0.0 < mu_c < 1.0, f"step {t} mu_product: C {mu_c!r}, Python {mu_py!r}"
     assert all(not np.array_equal(a, b) for a, b in zip(pc, p0))  # the steps moved every tensor
+
+
+@pytest.mark.parametrize("counter_dtype", [np.float32, np.float64], ids=["f32_counter", "f64_counter"])
+@pytest.mark.parametrize("case", ["adam", "sgd_momentum", "nadam"])
+def test_step_info_fields_match_python(lib, case, counter_dtype, rng):
+    """optkern_step_info's grad_scale, maximize and counters in memory (one counter shared by every tensor, NAdam's
+    product too) against grad_multiplier=, maximize= and step= / mu_product= one-element arrays in Python."""
+    algo, fields = OPT_CASES[case]
+    h = _hyper(lib, algo, fields)
+    kw = _python_kwargs(algo, fields)
+    n_states = _num_states(lib, algo, h)
+    sizes = [7, 1000, 1]
+    pc = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    sc = _initial_states(algo, fields, n_states, pc, np.float32)
+    pp, sp = [p.copy() for p in pc], [[s.copy() for s in lst] for lst in sc]
+    steps_c, steps_p = np.zeros(1, counter_dtype), np.zeros(1, counter_dtype)
+    mu_c, mu_p = np.ones(1, np.float64), np.ones(1, np.float64)
+    for t in range(1, 4):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        step = CStep(lib, pc, grads, sc)
+        step.keep += [(c_void_p * 3)(*[steps_c.ctypes.data] * 3), (c_void_p * 3)(*[mu_c.ctypes.data] * 3)]
+        step.t.steps, step.t.mu_products = step.keep[-2], step.keep[-1]
+        info = _info(lib, 999)  # unused with counters in memory
+        info.grad_scale, info.maximize, info.counters_in_memory = 0.37, 1, 1
+        info.counter_dtype, info.product_dtype = DTYPE[np.dtype(counter_dtype)], DTYPE[np.dtype(np.float64)]
+        fn = getattr(lib, f"optkern_{algo}_step")
+        extra = [byref(c_double(1.0)), 0] if algo == "nadam" else []
+        fn(byref(step.t), byref(h), byref(info), *extra)
+        py_kw = dict(kw, grad_multiplier=0.37, maximize=True)
+        if algo == "nadam":
+            py_kw["mu_product"] = mu_p
+        getattr(optkern, f"{algo}_step")(pp, grads, *sp, step=steps_p, **py_kw)
+        assert steps_c[0] == steps_p[0] == t, (steps_c, steps_p)
+        assert_bits(mu_c, mu_p, f"step {t} mu_product")
+        for i in range(len(sizes)):
+            assert_bits(pc[i], pp[i], f"step {t} params[{i}]")
+            for k in range(n_states):
+                assert_bits(sc[k][i], sp[k][i], f"step {t} states[{k}][{i}]")
+    assert (mu_c[0] < 1.0) == (algo == "nadam")
 
 
 @pytest.mark.parametrize("master", ["fp32", "split"])

@@ -7,7 +7,9 @@
  * reported with the name of the buffer it falls in).  Pointers are bent (misaligned, overlapping, NULL) inside
  * that pool only, so even a call that wrongly accepted one could not write outside the program's memory.
  */
+#define _POSIX_C_SOURCE 200809L /* pthreads */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -640,6 +642,12 @@ static void test_arrays(void) {
   b.data = vd + 2;
   expect_fail("lbfgs_direction g NULL", optkern_lbfgs_direction(&a, &b, NULL, dots, NULL),
               OPTKERN_INVALID_ARGUMENT, "g");
+  memset(vec[3], 0, 16 * sizeof(double)); /* y[1] = 0: s.y = 0 */
+  take_snapshot();
+  expect_fail("lbfgs_direction a pair with s.y = 0", optkern_lbfgs_direction(&a, &b, out, dots, NULL),
+              OPTKERN_INVALID_ARGUMENT, "s.y");
+  fill_doubles(vec[3], 16, 3.5);
+  take_snapshot();
   expect_ok("lbfgs_direction (good)", optkern_lbfgs_direction(&a, &b, out, dots, NULL), 1);
 }
 
@@ -737,6 +745,34 @@ static void test_batch_norm(void) {
   expect_ok("batch_norm backward_train (good)", optkern_batch_norm_backward_train(&a), 1);
 }
 
+/* ---- the message is the calling thread's ------------------------------------------------------------------- */
+
+static char thread_message[512];
+static optkern_status thread_status;
+
+static void* fail_in_thread(void* arg) {
+  (void)arg;
+  thread_status = optkern_set_num_threads(-5);
+  snprintf(thread_message, sizeof thread_message, "%s", optkern_last_error());
+  return NULL;
+}
+
+static void test_thread_local_message(void) {
+  pthread_t th;
+  char detail[1024];
+  expect_fail("set_cpu_isa(\"nonsense\") on the main thread", optkern_set_cpu_isa("nonsense"),
+              OPTKERN_INVALID_ARGUMENT, "nonsense");
+  if (pthread_create(&th, NULL, fail_in_thread, NULL) != 0 || pthread_join(th, NULL) != 0) {
+    report(0, "thread", "pthread_create/join failed");
+    return;
+  }
+  snprintf(detail, sizeof detail, "status %d: %s", (int)thread_status, thread_message);
+  expect_true("another thread's failure: its own message", thread_status == OPTKERN_INVALID_ARGUMENT &&
+                                                               strstr(thread_message, "-5") != NULL, detail);
+  expect_true("... the main thread's message is kept", strstr(optkern_last_error(), "nonsense") != NULL,
+              optkern_last_error());
+}
+
 int main(void) {
   carve_optimizer();
   printf("# liboptkern %s, ABI %d (header %d), CPU path %s, CUDA built %d\n", optkern_version(),
@@ -749,6 +785,7 @@ int main(void) {
   test_hyperparameters();
   test_arrays();
   test_batch_norm();
+  test_thread_local_message();
   /* after all those refusals, a good call works */
   optkern_adam_hyper_init(&adam);
   reset_step(2);
