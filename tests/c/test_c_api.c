@@ -185,9 +185,7 @@ static void reset_step(int nstates) {
   }
   *mu_product = 0.75;
   *norm_out = -1.0;
-  optkern_tensors_init(&t);
-  t.dtype = OPTKERN_FLOAT32;
-  t.device = OPTKERN_DEVICE_CPU;
+  optkern_tensors_init(&t); /* float32 on the CPU */
   t.count = NT;
   t.numels = numels;
   t.params = pp;
@@ -202,6 +200,14 @@ static optkern_adam_hyper adam;
 
 static optkern_status adam_call(void) { return optkern_adam_step(&t, &adam, &info); }
 
+/* A fresh fixture, the statements that break it, and the refused Adam step that must name `needle`. */
+#define BAD_STEP(name, needle, ...)                                         \
+  do {                                                                      \
+    reset_step(2);                                                          \
+    __VA_ARGS__;                                                            \
+    expect_fail(name, adam_call(), OPTKERN_INVALID_ARGUMENT, needle);       \
+  } while (0)
+
 /* A misaligned view: one byte into a buffer (never dereferenced here). */
 static void* odd(void* p) { return (unsigned char*)p + 1; }
 
@@ -214,49 +220,25 @@ static void test_step_pointers(void) {
   expect_fail("hyper NULL", optkern_adam_step(&t, NULL, &info), OPTKERN_INVALID_ARGUMENT, "hyper");
   expect_fail("info NULL", optkern_adam_step(&t, &adam, NULL), OPTKERN_INVALID_ARGUMENT, "info");
 
-  reset_step(2);
-  t.numels = NULL;
-  expect_fail("numels NULL", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->numels");
-  reset_step(2);
-  t.params = NULL;
-  expect_fail("params NULL", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->params");
-  reset_step(2);
-  t.grads = NULL;
-  expect_fail("grads NULL", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->grads");
-  reset_step(2);
-  t.states[1] = NULL;
-  expect_fail("states[1] NULL (adam needs 2)", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->states[1]");
+  BAD_STEP("numels NULL", "tensors->numels", t.numels = NULL);
+  BAD_STEP("params NULL", "tensors->params", t.params = NULL);
+  BAD_STEP("grads NULL", "tensors->grads", t.grads = NULL);
+  BAD_STEP("states[1] NULL (adam needs 2)", "tensors->states[1]", t.states[1] = NULL);
   reset_step(2);
   adam.amsgrad = 1; /* needs a third state */
   expect_fail("states[2] NULL (amsgrad needs 3)", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->states[2]");
   adam.amsgrad = 0;
 
   /* one bad tensor among good ones: the last of three */
-  reset_step(2);
-  pp[2] = NULL;
-  expect_fail("params[2] NULL with numel 3", adam_call(), OPTKERN_INVALID_ARGUMENT, "params[2]");
-  reset_step(2);
-  gp[2] = NULL;
-  expect_fail("grads[2] NULL with numel 3", adam_call(), OPTKERN_INVALID_ARGUMENT, "grads[2]");
-  reset_step(2);
-  sp[1][2] = NULL;
-  expect_fail("states[1][2] NULL with numel 3", adam_call(), OPTKERN_INVALID_ARGUMENT, "states[1][2]");
-  reset_step(2);
-  numels[2] = -1;
-  expect_fail("numels[2] = -1", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->numels[2]");
-  reset_step(2);
-  pp[2] = odd(params[2]);
-  expect_fail("params[2] misaligned (odd byte address)", adam_call(), OPTKERN_INVALID_ARGUMENT, "params[2]");
-  reset_step(2);
-  gp[2] = odd(grads[2]);
-  expect_fail("grads[2] misaligned", adam_call(), OPTKERN_INVALID_ARGUMENT, "grads[2]");
-  reset_step(2);
-  sp[0][2] = odd(states[0][2]);
-  expect_fail("states[0][2] misaligned", adam_call(), OPTKERN_INVALID_ARGUMENT, "states[0][2]");
+  BAD_STEP("params[2] NULL with numel 3", "params[2]", pp[2] = NULL);
+  BAD_STEP("grads[2] NULL with numel 3", "grads[2]", gp[2] = NULL);
+  BAD_STEP("states[1][2] NULL with numel 3", "states[1][2]", sp[1][2] = NULL);
+  BAD_STEP("numels[2] = -1", "tensors->numels[2]", numels[2] = -1);
+  BAD_STEP("params[2] misaligned (odd byte address)", "params[2]", pp[2] = odd(params[2]));
+  BAD_STEP("grads[2] misaligned", "grads[2]", gp[2] = odd(grads[2]));
+  BAD_STEP("states[0][2] misaligned", "states[0][2]", sp[0][2] = odd(states[0][2]));
 
-  reset_step(2);
-  t.count = -1;
-  expect_fail("count = -1", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->count");
+  BAD_STEP("count = -1", "tensors->count", t.count = -1);
 
   /* numel 0 may come with NULL pointers; count 0 with no arrays at all */
   reset_step(2);
@@ -279,50 +261,21 @@ static void test_step_pointers(void) {
 }
 
 static void test_struct_sizes_and_enums(void) {
-  reset_step(2);
-  t.struct_size = sizeof(optkern_tensors) - 8;
-  expect_fail("tensors struct_size too small", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->struct_size");
-  reset_step(2);
-  t.struct_size = sizeof(optkern_tensors) + 8;
-  expect_fail("tensors struct_size too large", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->struct_size");
-  reset_step(2);
-  adam.struct_size = 0;
-  expect_fail("hyper struct_size 0", adam_call(), OPTKERN_INVALID_ARGUMENT, "hyper->struct_size");
+  BAD_STEP("tensors struct_size too small", "tensors->struct_size", t.struct_size = sizeof(optkern_tensors) - 8);
+  BAD_STEP("tensors struct_size too large", "tensors->struct_size", t.struct_size = sizeof(optkern_tensors) + 8);
+  BAD_STEP("hyper struct_size 0", "hyper->struct_size", adam.struct_size = 0);
   adam.struct_size = sizeof adam;
-  reset_step(2);
-  info.struct_size = sizeof(optkern_step_info) + 16;
-  expect_fail("info struct_size too large", adam_call(), OPTKERN_INVALID_ARGUMENT, "info->struct_size");
+  BAD_STEP("info struct_size too large", "info->struct_size", info.struct_size = sizeof(optkern_step_info) + 16);
 
-  reset_step(2);
-  t.dtype = 99;
-  expect_fail("unknown dtype", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->dtype");
-  reset_step(2);
-  t.dtype = OPTKERN_INT16;
-  expect_fail("dtype OPTKERN_INT16 for params", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->dtype");
-  reset_step(2);
-  t.device = 7;
-  expect_fail("unknown device", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->device");
-  reset_step(2);
-  t.device_index = 1;
-  expect_fail("device_index 1 on the CPU", adam_call(), OPTKERN_INVALID_ARGUMENT, "device_index");
-  reset_step(2);
-  t.mixed = 1;
-  t.master_mode = 7;
-  expect_fail("unknown master_mode", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->master_mode");
-  reset_step(2);
-  t.mixed = 1;
-  t.grad_dtype = 42;
-  expect_fail("unknown grad_dtype", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->grad_dtype");
-  reset_step(2);
-  t.mixed = 1;
-  t.state_dtype = -1;
-  expect_fail("unknown state_dtype", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->state_dtype");
-  reset_step(2);
-  t.dtype = OPTKERN_BFLOAT16;
-  t.mixed = 1;
-  t.grad_dtype = OPTKERN_BFLOAT16;
-  t.master_mode = OPTKERN_MASTER_FP32;
-  expect_fail("master_mode FP32 with masters NULL", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->masters");
+  BAD_STEP("unknown dtype", "tensors->dtype", t.dtype = 99);
+  BAD_STEP("dtype OPTKERN_INT16 for params", "tensors->dtype", t.dtype = OPTKERN_INT16);
+  BAD_STEP("unknown device", "tensors->device", t.device = 7);
+  BAD_STEP("device_index 1 on the CPU", "device_index", t.device_index = 1);
+  BAD_STEP("unknown master_mode", "tensors->master_mode", t.mixed = 1; t.master_mode = 7);
+  BAD_STEP("unknown grad_dtype", "tensors->grad_dtype", t.mixed = 1; t.grad_dtype = 42);
+  BAD_STEP("unknown state_dtype", "tensors->state_dtype", t.mixed = 1; t.state_dtype = -1);
+  BAD_STEP("master_mode FP32 with masters NULL", "tensors->masters", t.dtype = OPTKERN_BFLOAT16; t.mixed = 1;
+           t.grad_dtype = OPTKERN_BFLOAT16; t.master_mode = OPTKERN_MASTER_FP32);
   t.masters = mp;
   mp[2] = odd(masters[2]);
   expect_fail("masters[2] misaligned", adam_call(), OPTKERN_INVALID_ARGUMENT, "masters[2]");
@@ -332,10 +285,7 @@ static void test_struct_sizes_and_enums(void) {
   t.master_mode = OPTKERN_MASTER_SPLIT;
   expect_fail("master_mode SPLIT with float16 params", adam_call(), OPTKERN_INVALID_ARGUMENT, "split");
 
-  reset_step(2);
-  info.counters_in_memory = 1;
-  info.counter_dtype = 5;
-  expect_fail("unknown counter_dtype", adam_call(), OPTKERN_INVALID_ARGUMENT, "info->counter_dtype");
+  BAD_STEP("unknown counter_dtype", "info->counter_dtype", info.counters_in_memory = 1; info.counter_dtype = 5);
   info.counter_dtype = OPTKERN_FLOAT32;
   info.product_dtype = OPTKERN_FLOAT64;
   expect_fail("counters in memory, steps NULL", adam_call(), OPTKERN_INVALID_ARGUMENT, "tensors->steps");
@@ -375,58 +325,55 @@ static void test_cuda_and_isa(void) {
 }
 
 static void test_overlaps(void) {
-  reset_step(2);
-  pp[2] = params[0];
-  numels[2] = 5;
-  expect_fail("params[2] is params[0]", adam_call(), OPTKERN_INVALID_ARGUMENT, "params[");
+  BAD_STEP("params[2] is params[0]", "params[", pp[2] = params[0]; numels[2] = 5);
   expect_true("... the message names both", strstr(optkern_last_error(), "params[0]") &&
                                                  strstr(optkern_last_error(), "params[2]"),
               optkern_last_error());
   reset_step(2);
   pp[1] = params[0] + 2; /* a partial overlap: params[1] starts inside params[0] */
   expect_fail("params[1] starts inside params[0]", adam_call(), OPTKERN_INVALID_ARGUMENT, "params[");
-  reset_step(2);
-  sp[0][1] = grads[1];
-  expect_fail("states[0][1] is grads[1]", adam_call(), OPTKERN_INVALID_ARGUMENT, "states[0][1]");
+  BAD_STEP("states[0][1] is grads[1]", "states[0][1]", sp[0][1] = grads[1]);
   expect_true("... the message names the grad", strstr(optkern_last_error(), "grads[1]") != NULL,
               optkern_last_error());
-  reset_step(2);
-  sp[1][2] = params[2] + 1;
-  expect_fail("states[1][2] overlaps params[2]", adam_call(), OPTKERN_INVALID_ARGUMENT, "states[1][2]");
+  BAD_STEP("states[1][2] overlaps params[2]", "states[1][2]", sp[1][2] = params[2] + 1);
   reset_step(2);
   gp[1] = grads[0]; /* grads may overlap each other */
   gp[2] = grads[0];
   expect_ok("grads sharing memory (allowed)", adam_call(), 1);
 }
 
+/* One out-of-range field over the _init defaults: refused, naming the field, nothing written. */
+#define BAD_HYPER(algo, field, value, needle)                                                  \
+  do {                                                                                         \
+    optkern_##algo##_hyper h_;                                                                 \
+    optkern_##algo##_hyper_init(&h_);                                                          \
+    h_.field = value;                                                                          \
+    expect_fail(#algo " " #field " = " #value, optkern_##algo##_step(&t, &h_, &info),          \
+                OPTKERN_INVALID_ARGUMENT, needle);                                             \
+  } while (0)
+
 static void test_hyperparameters(void) {
-  optkern_sgd_hyper sgd;
-  optkern_rmsprop_hyper rms;
-  optkern_adadelta_hyper ada;
-  optkern_rprop_hyper rp;
   optkern_nadam_hyper nad;
-  optkern_adagrad_hyper agr;
-  optkern_adamax_hyper amx;
   int32_t n = -1;
 
-  reset_step(2);
-  adam.lr = -1e-3;
-  expect_fail("adam lr < 0", adam_call(), OPTKERN_INVALID_ARGUMENT, "lr");
-  optkern_adam_hyper_init(&adam);
-  adam.beta1 = 1.0;
-  expect_fail("adam beta1 = 1", adam_call(), OPTKERN_INVALID_ARGUMENT, "beta1");
-  optkern_adam_hyper_init(&adam);
-  adam.beta2 = 1.5;
-  expect_fail("adam beta2 = 1.5", adam_call(), OPTKERN_INVALID_ARGUMENT, "beta2");
-  optkern_adam_hyper_init(&adam);
-  adam.eps = -1e-8;
-  expect_fail("adam eps < 0", adam_call(), OPTKERN_INVALID_ARGUMENT, "eps");
-  optkern_adam_hyper_init(&adam);
-  adam.weight_decay = NAN;
-  expect_fail("adam weight_decay NaN", adam_call(), OPTKERN_INVALID_ARGUMENT, "weight_decay");
-  optkern_adam_hyper_init(&adam);
-  adam.lr = INFINITY;
-  expect_fail("adam lr inf", adam_call(), OPTKERN_INVALID_ARGUMENT, "lr");
+  reset_step(3); /* 3 states: as many as any of these steps reads */
+  BAD_HYPER(adam, lr, -1e-3, "lr");
+  BAD_HYPER(adam, lr, INFINITY, "lr");
+  BAD_HYPER(adam, beta1, 1.0, "beta1");
+  BAD_HYPER(adam, beta2, 1.5, "beta2");
+  BAD_HYPER(adam, eps, -1e-8, "eps");
+  BAD_HYPER(adam, weight_decay, NAN, "weight_decay");
+  BAD_HYPER(sgd, lr, -0.1, "lr");
+  BAD_HYPER(sgd, momentum, -0.9, "momentum");
+  BAD_HYPER(sgd, nesterov, 1, "nesterov"); /* the default momentum is 0 */
+  BAD_HYPER(rmsprop, alpha, 1.5, "alpha");
+  BAD_HYPER(rmsprop, eps, -1.0, "eps");
+  BAD_HYPER(adadelta, rho, 2.0, "rho");
+  BAD_HYPER(rprop, etaminus, 1.0, "etaminus");
+  BAD_HYPER(rprop, etaplus, 0.5, "etaplus");
+  BAD_HYPER(adamax, beta2, 1.0, "beta2");
+  BAD_HYPER(adagrad, lr_decay, -1.0, "lr_decay");
+
   optkern_adam_hyper_init(&adam);
   expect_fail("adam_num_states(out NULL)", optkern_adam_num_states(&adam, NULL), OPTKERN_INVALID_ARGUMENT, "out");
   adam.beta1 = -0.5;
@@ -440,46 +387,6 @@ static void test_hyperparameters(void) {
   info.grad_scale = INFINITY;
   expect_fail("grad_scale inf", adam_call(), OPTKERN_INVALID_ARGUMENT, "grad_scale");
   info.grad_scale = 1.0;
-
-  reset_step(1);
-  optkern_sgd_hyper_init(&sgd);
-  sgd.momentum = 0.9;
-  sgd.lr = -0.1;
-  expect_fail("sgd lr < 0", optkern_sgd_step(&t, &sgd, &info), OPTKERN_INVALID_ARGUMENT, "lr");
-  sgd.lr = 0.1;
-  sgd.momentum = 0.0;
-  sgd.nesterov = 1;
-  expect_fail("sgd nesterov without momentum", optkern_sgd_step(&t, &sgd, &info), OPTKERN_INVALID_ARGUMENT,
-              "nesterov");
-  sgd.momentum = -0.9;
-  sgd.nesterov = 0;
-  expect_fail("sgd momentum < 0", optkern_sgd_step(&t, &sgd, &info), OPTKERN_INVALID_ARGUMENT, "momentum");
-
-  reset_step(3);
-  optkern_rmsprop_hyper_init(&rms);
-  rms.alpha = 1.5;
-  expect_fail("rmsprop alpha > 1", optkern_rmsprop_step(&t, &rms, &info), OPTKERN_INVALID_ARGUMENT, "alpha");
-  optkern_rmsprop_hyper_init(&rms);
-  rms.eps = -1.0;
-  expect_fail("rmsprop eps < 0", optkern_rmsprop_step(&t, &rms, &info), OPTKERN_INVALID_ARGUMENT, "eps");
-
-  reset_step(2);
-  optkern_adadelta_hyper_init(&ada);
-  ada.rho = 2.0;
-  expect_fail("adadelta rho > 1", optkern_adadelta_step(&t, &ada, &info), OPTKERN_INVALID_ARGUMENT, "rho");
-  optkern_rprop_hyper_init(&rp);
-  rp.etaminus = 1.0;
-  expect_fail("rprop etaminus = 1", optkern_rprop_step(&t, &rp, &info), OPTKERN_INVALID_ARGUMENT, "etaminus");
-  optkern_rprop_hyper_init(&rp);
-  rp.etaplus = 0.5;
-  expect_fail("rprop etaplus < 1", optkern_rprop_step(&t, &rp, &info), OPTKERN_INVALID_ARGUMENT, "etaplus");
-  optkern_adamax_hyper_init(&amx);
-  amx.beta2 = 1.0;
-  expect_fail("adamax beta2 = 1", optkern_adamax_step(&t, &amx, &info), OPTKERN_INVALID_ARGUMENT, "beta2");
-  reset_step(1);
-  optkern_adagrad_hyper_init(&agr);
-  agr.lr_decay = -1.0;
-  expect_fail("adagrad lr_decay < 0", optkern_adagrad_step(&t, &agr, &info), OPTKERN_INVALID_ARGUMENT, "lr_decay");
 
   /* NAdam: the host product is not written by a failed call */
   reset_step(2);
