@@ -865,14 +865,23 @@ def test_lbfgs_direction_matches_history(lib, k, history, dtype, rng):
     assert abs(slope_c - gd) <= (1e-10 if dtype == np.float64 else 1e-4) * abs(slope_c), (slope_c, gd)
 
 
-@pytest.mark.xfail(strict=True, reason="optkern.h allows 1 <= k <= 32 pairs, the library refuses 32 (at most 31: "
-                                       "[g, S, Y] must fit one lincomb of 64 vectors)")
-def test_lbfgs_direction_32_pairs(lib, once, rng):
+def test_lbfgs_direction_limits(lib, once, rng):
+    """k = 32 pairs is refused ([g, S, Y] must fit one lincomb of 64 vectors: k <= 31, as optkern.h says), and a
+    pair with s.y <= 0 (not a curvature pair: the direction would not descend) is refused; out is not written."""
     n = 64
-    S, Y = _pairs(rng, 32, n, np.float64)
     g = rng.standard_normal(n)
-    d, _ = _c_direction(lib, S, Y, g, n)
-    assert _rel(d, _two_loop(S, Y, g)) <= 1e-10
+    for S, Y, needle in [(*_pairs(rng, 32, n, np.float64), "s->count"),
+                         ([rng.standard_normal(n)], None, "s.y")]:
+        if Y is None:
+            Y = [-S[0]]  # s.y < 0
+        s, _ks = _c_arrays(lib, S, g.dtype)
+        y, _ky = _c_arrays(lib, Y, g.dtype)
+        out = np.full(n, 7.0)
+        slope = c_double(np.nan)
+        with pytest.raises(OptkernError) as e:
+            lib.optkern_lbfgs_direction(byref(s), byref(y), g.ctypes.data, out.ctypes.data, byref(slope))
+        assert e.value.status == INVALID and needle in e.value.message, e.value
+        assert (out == 7.0).all()
 
 
 def test_statuses_raised_from_ctypes(lib, once, rng):

@@ -96,7 +96,7 @@ void lbfgs_direction(const VecBatch& s, const VecBatch& y, const void* g, void* 
   const double* bv = &P[k];     // Y^T g
   const double gamma = SY(k - 1, k - 1) / YY(k - 1, k - 1);
   for (size_t i = 0; i < k; ++i)
-    if (!(SY(i, i) != 0.0 && std::isfinite(SY(i, i))))
+    if (!(SY(i, i) > 0.0 && std::isfinite(SY(i, i))))
       throw std::invalid_argument("s: pair " + std::to_string(i) + " has s.y = " + std::to_string(SY(i, i)) +
                                   " (the L-BFGS pairs need s.y > 0)");
   std::vector<double> u(k), c(k), rhs(k);

@@ -48,8 +48,9 @@ void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* 
 // R = triu(SY), D = diag(SY), R u = S^T g, R^T c = (D + gamma YY) u - gamma Y^T g; pass 2, one lbfgs_lincomb:
 // out = -gamma g - S c + gamma Y u.  k = 0 gives out = -g.  *slope (when non-null) receives g.d from the same
 // products: -gamma g.g - c.(S^T g) + gamma u.(Y^T g).  Throws std::invalid_argument for k > kLbMaxDirPairs (31),
-// s and y of different counts, a g/out that differs from them in dtype/device/n, or a singular R (a pair with
-// s.y = 0).  On CUDA pass 1 synchronizes the stream once.
+// s and y of different counts, a g/out that differs from them in dtype/device/n, or a pair with s.y <= 0 or not
+// finite (not a curvature pair; R would be singular or the direction not descend).  On CUDA pass 1
+// synchronizes the stream once.
 constexpr int kLbMaxDirPairs = 31;  // [g, S, Y] in one lincomb: 2k + 1 <= kLbMaxVecs
 void lbfgs_direction(const VecBatch& s, const VecBatch& y, const void* g, void* out, double* slope);
 

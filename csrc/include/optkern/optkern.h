@@ -284,11 +284,13 @@ OPTKERN_API optkern_status optkern_lbfgs_dots(const optkern_arrays* stored, cons
 /* out = sum_i coef[i] vecs[i] (vecs->count in 1..64 coefficients), every input read once and out written once;
  * out must not overlap an input. */
 OPTKERN_API optkern_status optkern_lbfgs_lincomb(const optkern_arrays* vecs, const double* coef, void* out);
-/* The L-BFGS direction out = -H g from k stored pairs (s_j, y_j), oldest first (1 <= k <= 32; k = 0 gives -g),
+/* The L-BFGS direction out = -H g from k stored pairs (s_j, y_j), oldest first (0 <= k <= 31, as [g, S, Y]
+ * must fit one lbfgs_lincomb of 64 vectors; k = 0 gives -g),
  * H0 = (s.y / y.y of the newest pair) I: the compact form of Byrd, Nocedal & Schnabel (1994) in two passes
  * over memory (one lbfgs_dots with every y as a query, small float64 solves on the host, one lbfgs_lincomb).
  * s and y: k vectors each (arrays of the same dtype, device and length as g); *slope (optional) receives g.d.
- * Stateless: the Gram matrices are recomputed from the vectors on each call. */
+ * Every pair needs s.y > 0 (else OPTKERN_INVALID_ARGUMENT, out not written).  Stateless: the Gram matrices are
+ * recomputed from the vectors on each call. */
 OPTKERN_API optkern_status optkern_lbfgs_direction(const optkern_arrays* s, const optkern_arrays* y,
                                                    const void* g, void* out, double* slope);
 
