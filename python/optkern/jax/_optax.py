@@ -113,7 +113,10 @@ def apply(tx, grads, state, params):
     """The fused path: ``(new_params, new_state)`` straight from the kernels, no ``updates`` tree.
 
     Jit it with params and state donated (``jax.jit(step, donate_argnums=...)``) and the custom call updates
-    their buffers in place: one read of grads and one read and write of params and state per step.  Without
+    their buffers in place: one read of grads and one read and write of params and state per step.  Put params
+    before state in the jitted function's arguments, as in its outputs (``jax.jit(lambda p, s, g: apply(tx, g, s,
+    p), donate_argnums=(0, 1))``): jax pairs each donated buffer with the first output of the same shape and dtype,
+    in order, and a param paired with a state buffer of its shape costs a copy.  Without
     donation XLA copies params and state first (the caller's arrays are unchanged).  For a transformation that is
     not optkern's this is ``update`` then ``optax.apply_updates``."""
     spec = getattr(tx, "spec", None)
