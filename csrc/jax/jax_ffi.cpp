@@ -208,87 +208,57 @@ void fill_tensors(const StepBuffers& sb, optkern_tensors* t) {
   }
 }
 
-// The hyperparameters of each algorithm from the attributes, over the C interface's defaults; lr from the buffer.
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_sgd_hyper* h) {
+// The hyperparameters of each algorithm from the attributes (named as the struct fields), over the C interface's
+// defaults; lr comes from its buffer (run_algo).
+void read_attr(const ffi::Dictionary& d, const char* name, double* field) { *field = attr_f64(d, name, *field); }
+void read_attr(const ffi::Dictionary& d, const char* name, int32_t* field) {
+  *field = static_cast<int32_t>(attr_i64(d, name, *field));
+}
+#define OK_ATTR(field) read_attr(d, #field, &h->field)
+void read_hyper(const ffi::Dictionary& d, optkern_sgd_hyper* h) {
   optkern_sgd_hyper_init(h);
-  h->lr = lr;
-  h->momentum = attr_f64(d, "momentum", h->momentum);
-  h->dampening = attr_f64(d, "dampening", h->dampening);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
-  h->nesterov = static_cast<int32_t>(attr_i64(d, "nesterov", h->nesterov));
-  h->velocity = static_cast<int32_t>(attr_i64(d, "velocity", h->velocity));
+  OK_ATTR(momentum), OK_ATTR(dampening), OK_ATTR(weight_decay), OK_ATTR(nesterov), OK_ATTR(velocity);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_adam_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_adam_hyper* h) {
   optkern_adam_hyper_init(h);
-  h->lr = lr;
-  h->beta1 = attr_f64(d, "beta1", h->beta1);
-  h->beta2 = attr_f64(d, "beta2", h->beta2);
-  h->eps = attr_f64(d, "eps", h->eps);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
-  h->amsgrad = static_cast<int32_t>(attr_i64(d, "amsgrad", h->amsgrad));
-  h->decoupled_weight_decay = static_cast<int32_t>(attr_i64(d, "decoupled_weight_decay", h->decoupled_weight_decay));
-  h->eps_inside_sqrt = static_cast<int32_t>(attr_i64(d, "eps_inside_sqrt", h->eps_inside_sqrt));
-  h->bias_correction = static_cast<int32_t>(attr_i64(d, "bias_correction", h->bias_correction));
+  OK_ATTR(beta1), OK_ATTR(beta2), OK_ATTR(eps), OK_ATTR(weight_decay), OK_ATTR(amsgrad);
+  OK_ATTR(decoupled_weight_decay), OK_ATTR(eps_inside_sqrt), OK_ATTR(bias_correction);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_adagrad_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_adagrad_hyper* h) {
   optkern_adagrad_hyper_init(h);
-  h->lr = lr;
-  h->lr_decay = attr_f64(d, "lr_decay", h->lr_decay);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
-  h->eps = attr_f64(d, "eps", h->eps);
+  OK_ATTR(lr_decay), OK_ATTR(weight_decay), OK_ATTR(eps);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_rmsprop_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_rmsprop_hyper* h) {
   optkern_rmsprop_hyper_init(h);
-  h->lr = lr;
-  h->alpha = attr_f64(d, "alpha", h->alpha);
-  h->eps = attr_f64(d, "eps", h->eps);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
-  h->momentum = attr_f64(d, "momentum", h->momentum);
-  h->centered = static_cast<int32_t>(attr_i64(d, "centered", h->centered));
-  h->eps_inside_sqrt = static_cast<int32_t>(attr_i64(d, "eps_inside_sqrt", h->eps_inside_sqrt));
-  h->nesterov = static_cast<int32_t>(attr_i64(d, "nesterov", h->nesterov));
+  OK_ATTR(alpha), OK_ATTR(eps), OK_ATTR(weight_decay), OK_ATTR(momentum), OK_ATTR(centered);
+  OK_ATTR(eps_inside_sqrt), OK_ATTR(nesterov);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_adamax_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_adamax_hyper* h) {
   optkern_adamax_hyper_init(h);
-  h->lr = lr;
-  h->beta1 = attr_f64(d, "beta1", h->beta1);
-  h->beta2 = attr_f64(d, "beta2", h->beta2);
-  h->eps = attr_f64(d, "eps", h->eps);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
+  OK_ATTR(beta1), OK_ATTR(beta2), OK_ATTR(eps), OK_ATTR(weight_decay);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_nadam_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_nadam_hyper* h) {
   optkern_nadam_hyper_init(h);
-  h->lr = lr;
-  h->beta1 = attr_f64(d, "beta1", h->beta1);
-  h->beta2 = attr_f64(d, "beta2", h->beta2);
-  h->eps = attr_f64(d, "eps", h->eps);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
-  h->momentum_decay = attr_f64(d, "momentum_decay", h->momentum_decay);
-  h->decoupled_weight_decay = static_cast<int32_t>(attr_i64(d, "decoupled_weight_decay", h->decoupled_weight_decay));
-  h->momentum_schedule = static_cast<int32_t>(attr_i64(d, "momentum_schedule", h->momentum_schedule));
+  OK_ATTR(beta1), OK_ATTR(beta2), OK_ATTR(eps), OK_ATTR(weight_decay), OK_ATTR(momentum_decay);
+  OK_ATTR(decoupled_weight_decay), OK_ATTR(momentum_schedule);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_adadelta_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_adadelta_hyper* h) {
   optkern_adadelta_hyper_init(h);
-  h->lr = lr;
-  h->rho = attr_f64(d, "rho", h->rho);
-  h->eps = attr_f64(d, "eps", h->eps);
-  h->weight_decay = attr_f64(d, "weight_decay", h->weight_decay);
+  OK_ATTR(rho), OK_ATTR(eps), OK_ATTR(weight_decay);
 }
-void read_hyper(const ffi::Dictionary& d, double lr, optkern_rprop_hyper* h) {
+void read_hyper(const ffi::Dictionary& d, optkern_rprop_hyper* h) {
   optkern_rprop_hyper_init(h);
-  h->lr = lr;
-  h->etaminus = attr_f64(d, "etaminus", h->etaminus);
-  h->etaplus = attr_f64(d, "etaplus", h->etaplus);
-  h->step_size_min = attr_f64(d, "step_size_min", h->step_size_min);
-  h->step_size_max = attr_f64(d, "step_size_max", h->step_size_max);
+  OK_ATTR(etaminus), OK_ATTR(etaplus), OK_ATTR(step_size_min), OK_ATTR(step_size_max);
 }
+#undef OK_ATTR
 
 // One algorithm's step: hyperparameters, the state count check, the call.
 template <class Hyper, class NumStates, class Step>
 ffi::Error run_algo(const char* name, const ffi::Dictionary& d, double lr, const StepBuffers& sb,
                     const optkern_step_info& info, NumStates num_states, Step step) {
   Hyper h;
-  read_hyper(d, lr, &h);
+  read_hyper(d, &h);
+  h.lr = lr;
   int32_t k = 0;
   if (optkern_status st = num_states(&h, &k)) return optkern_failure(name, st);
   if (k != sb.k)
@@ -430,6 +400,21 @@ ffi::Error bn_shape(const ffi::Dictionary& d, const ffi::AnyBuffer& x, BnShape* 
   return ffi::Error::Success();
 }
 
+// The arguments every batch-norm call shares: x's layout, dtype and data (host memory).
+ffi::Error bn_args(const ffi::Dictionary& d, const ffi::AnyBuffer& x, optkern_batch_norm_args* a) {
+  BnShape sh;
+  if (auto e = bn_shape(d, x, &sh); e.failure()) return e;
+  optkern_batch_norm_args_init(a);
+  a->dtype = optkern_dtype(x.element_type());
+  if (a->dtype < 0) return invalid(std::string("x: ") + dtype_name(x.element_type()) + " (expected a floating dtype)");
+  a->device = OPTKERN_DEVICE_CPU;
+  a->outer = sh.outer;
+  a->channels = sh.channels;
+  a->inner = sh.inner;
+  a->x = x.untyped_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error check_channel_vector(const ffi::AnyBuffer& b, const char* name, int64_t channels) {
   if (static_cast<int64_t>(b.element_count()) != channels)
     return invalid(std::string(name) + ": " + std::to_string(b.element_count()) + " elements, expected channels = " +
@@ -454,17 +439,9 @@ ffi::Error BnForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::
     return invalid("batch_norm: operand count does not match has_weight/has_bias/has_running");
   auto x = args.get<ffi::AnyBuffer>(0);
   if (x.has_error()) return x.error();
-  BnShape sh;
-  if (auto e = bn_shape(attrs, *x, &sh); e.failure()) return e;
   optkern_batch_norm_args a;
-  optkern_batch_norm_args_init(&a);
-  a.dtype = optkern_dtype(x->element_type());
-  if (a.dtype < 0) return invalid(std::string("x: ") + dtype_name(x->element_type()) + " (expected a floating dtype)");
-  a.device = OPTKERN_DEVICE_CPU;
-  a.outer = sh.outer;
-  a.channels = sh.channels;
-  a.inner = sh.inner;
-  a.x = x->untyped_data();
+  if (auto e = bn_args(attrs, *x, &a); e.failure()) return e;
+  const BnShape sh{a.outer, a.channels, a.inner};
   a.eps = attr_f64(attrs, "eps", a.eps);
   a.momentum = attr_f64(attrs, "momentum", a.momentum);
   size_t ai = 1;
@@ -519,19 +496,11 @@ ffi::Error BnBackwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, ffi:
   auto dy = args.get<ffi::AnyBuffer>(1);
   if (x.has_error()) return x.error();
   if (dy.has_error()) return dy.error();
-  BnShape sh;
-  if (auto e = bn_shape(attrs, *x, &sh); e.failure()) return e;
+  optkern_batch_norm_args a;
+  if (auto e = bn_args(attrs, *x, &a); e.failure()) return e;
+  const BnShape sh{a.outer, a.channels, a.inner};
   if (dy->element_count() != x->element_count() || dy->element_type() != x->element_type())
     return invalid("dy: does not match x");
-  optkern_batch_norm_args a;
-  optkern_batch_norm_args_init(&a);
-  a.dtype = optkern_dtype(x->element_type());
-  if (a.dtype < 0) return invalid(std::string("x: ") + dtype_name(x->element_type()) + " (expected a floating dtype)");
-  a.device = OPTKERN_DEVICE_CPU;
-  a.outer = sh.outer;
-  a.channels = sh.channels;
-  a.inner = sh.inner;
-  a.x = x->untyped_data();
   a.dy = dy->untyped_data();
   a.eps = attr_f64(attrs, "eps", a.eps);
   size_t ai = 2;
