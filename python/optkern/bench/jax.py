@@ -14,8 +14,9 @@ machine's cores):
 * ``optkern optax-API``: the same optax-style step with ``tx = optkern.jax.adam(...)``: update() returns
   new - p (XLA copies params for the aliased call, then two more passes);
 * effective GB/s from the minimal traffic (param r+w, grad r, each state r+w: Adam 28 B, SGD-momentum 20 B per
-  element) and % of an in-place add (the faster of NumPy's ``np.add(a, b, out=a)`` and a donated jitted
-  ``a + b``: 12 B per element) timed in the same interleaved blocks; ratio = optax time / optkern time.
+  element) and % of an in-place add (the fastest of NumPy's ``np.add(a, b, out=a)``, a donated jitted ``a + b``
+  -- both one thread here -- and, when torch is installed, torch's ``a.add_(b)`` on --threads threads: 12 B per
+  element) timed in the same interleaved blocks; ratio = optax time / optkern time.
 
 Medians of interleaved blocks (``optkern.bench.runner.time_interleaved``).  Writes a markdown table and JSON.
 """
@@ -30,6 +31,11 @@ from pathlib import Path
 import numpy as np
 
 import optkern
+
+try:
+    import torch
+except ImportError:  # the roofline is then NumPy's and XLA's one-thread adds only
+    torch = None
 
 from .runner import _median, cpu_model, time_interleaved
 
@@ -108,6 +114,9 @@ def bench_case(algo: str, sizes: list, reps: int, warmup: int, k: int) -> dict:
         xa["a"].block_until_ready()
 
     fns["roof xla add"] = xla_add
+    if torch is not None:  # torch's add_ runs on --threads threads (NumPy's and, here, XLA's add on one)
+        ta, tb = torch.ones(n), torch.full((n,), 1e-7)
+        fns["roof torch add_"] = lambda: ta.add_(tb)
     raw = time_interleaved(fns, reps, warmup)
     med = {name: _median(v) / (1 if name.startswith("roof") else k) for name, v in raw.items()}
     roof_gbs = max(12 * n / med[k] / 1e9 for k in med if k.startswith("roof"))
@@ -131,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     optkern.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
     import jax
 
     total = 1 << args.log2n
@@ -150,8 +161,9 @@ def main(argv=None) -> int:
         f"Command: `{cmd.strip()}`", "", f"Machine: {machine}", "",
         f"2^{args.log2n} params, medians of {args.reps} interleaved repetitions of {args.steps_per_call} steps in "
         "one jitted `lax.fori_loop` (per-step times: jax's per-call dispatch, a few ms for hundreds of arguments, "
-        "left out alike for every variant); params and state donated in every variant.  GB/s from the minimal bytes per element; roofline = the faster in-place add (NumPy "
-        "`np.add(a, b, out=a)` or a donated jitted `a + b`, 12 B/element) in the same run; ratio = optax time / "
+        "left out alike for every variant); params and state donated in every variant.  GB/s from the minimal bytes per element; roofline = the fastest in-place add "
+        "(NumPy `np.add(a, b, out=a)`, a donated jitted `a + b`, or torch's `a.add_(b)` on the same threads: "
+        "12 B/element) in the same run; ratio = optax time / "
         "this time.", "",
         "| algorithm | arrays | variant | B/elem | ms/step | GB/s | % of add roofline | ratio vs optax |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
