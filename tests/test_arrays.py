@@ -561,9 +561,9 @@ class _DLManagedTensor(ctypes.Structure):
 
 
 _CAPSULE_NAME = b"dltensor"  # a capsule keeps a pointer to its name: this bytes object outlives every capsule
-_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
-_PyCapsule_New.restype = ctypes.py_object
-_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+# A private prototype: ctypes.pythonapi.PyCapsule_New is process-wide, and others set its argtypes (jax.ffi.pycapsule)
+_PyCapsule_New = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", ctypes.pythonapi))
 
 
 class _FakeDLPack:

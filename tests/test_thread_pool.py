@@ -17,6 +17,9 @@ def _adam(p, g, m, v, t):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is not available on this platform")
+# Once the JAX tests ran in this process, JAX warns on every fork that its own threads may deadlock the child; the
+# child here runs only optkern code and leaves by os._exit, and the fork safety under test is optkern's pool's.
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_parallel_step_in_forked_child(rng):
     p, g = rng.standard_normal(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     m, v = np.zeros_like(p), np.zeros_like(p)

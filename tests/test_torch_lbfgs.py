@@ -84,7 +84,10 @@ def test_optim_db_configs_match_torch(desc, kwargs, dtype):
         # float32: 60 L-BFGS iterations near the minimum leave each library's float32 params up to ~6e-5 (relative)
         # from the exact iterates (measured on the bias with strong Wolfe: torch 6.3e-5, optkern 1.1e-5), so the
         # two are compared with the float64 run of torch: optkern's float32 params may be no further from it than
-        # 2e-5 or twice torch's own float32 distance, and within 1e-4 of torch's float32 params.
+        # 2e-5 or twice torch's own float32 distance, and within 1e-4 of torch's float32 params unless it is torch's
+        # float32 run that is off: on an Intel AVX-512 VM (torch's reductions there round differently) torch's float32
+        # strong-Wolfe bias ends 8.1e-3 from the float64 iterates where optkern's ends 2.6e-6, so there optkern must be
+        # at least ten times closer to the float64 run than torch is.
         x64, y64, w64, b64 = _problem(torch.float64)
         pr = _params(w64, b64)
         orf = torch.optim.LBFGS(pr, **kwargs)
@@ -93,13 +96,19 @@ def test_optim_db_configs_match_torch(desc, kwargs, dtype):
         for a, b, r in zip(pa[:2], pb[:2], pr[:2]):
             a, b, r = a.detach().double(), b.detach().double(), r.detach()
             assert _rel(a, r) <= max(TOL[dtype], 2 * _rel(b, r)), desc
-            assert _rel(a, b) <= 1e-4, desc
+            assert _rel(a, b) <= 1e-4 or 10 * _rel(a, r) <= _rel(b, r), desc
     assert torch.equal(pa[2], pb[2])  # no gradient: untouched by both
     sa, sb = oa.state[pa[0]], ob.state[pb[0]]
     if dtype == torch.float64:
         assert (sa["func_evals"], sa["n_iter"]) == (sb["func_evals"], sb["n_iter"])
-    else:  # float32: the two direction formulas round differently, which moves the stopping tests by an iteration
-        assert abs(sa["n_iter"] - sb["n_iter"]) <= 3 and abs(sa["func_evals"] - sb["func_evals"]) <= 3
+    else:  # float32: the two direction formulas round differently, which moves the stopping tests by an iteration;
+        # the counts are those of torch's float32 run or of its float64 run (on the Intel VM above, torch's float32
+        # strong-Wolfe searches take 39 evaluations where its float64 run takes 22 and optkern's float32 run 22)
+        def near(s):
+            return abs(sa["n_iter"] - s["n_iter"]) <= 3 and abs(sa["func_evals"] - s["func_evals"]) <= 3
+
+        counts = [(s["n_iter"], s["func_evals"]) for s in (sa, sb, orf.state[pr[0]])]
+        assert near(sb) or near(orf.state[pr[0]]), f"(n_iter, func_evals) optkern, torch f32, torch f64: {counts}"
 
 
 def _run_api_once(cpu_isa):

@@ -402,7 +402,7 @@ ffi::Error bn_shape(const ffi::Dictionary& d, const ffi::AnyBuffer& x, BnShape* 
 
 // The arguments every batch-norm call shares: x's layout, dtype and data (host memory).
 ffi::Error bn_args(const ffi::Dictionary& d, const ffi::AnyBuffer& x, optkern_batch_norm_args* a) {
-  BnShape sh;
+  BnShape sh{};
   if (auto e = bn_shape(d, x, &sh); e.failure()) return e;
   optkern_batch_norm_args_init(a);
   a->dtype = optkern_dtype(x.element_type());

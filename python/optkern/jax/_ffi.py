@@ -36,6 +36,15 @@ TARGETS = {
 }
 _registered = False
 
+# A capsule of a handler's address, made through a private prototype of PyCapsule_New: jax.ffi.pycapsule sets
+# argtypes on the process-wide ctypes.pythonapi.PyCapsule_New, which would change it for every other user.
+_PyCapsule_New = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", ctypes.pythonapi))
+
+
+def _capsule(fn):
+    return _PyCapsule_New(ctypes.cast(fn, ctypes.c_void_p).value, None, None)
+
 
 def _register() -> None:
     """Registers the FFI targets with XLA, once per process."""
@@ -43,7 +52,7 @@ def _register() -> None:
     if _registered:
         return
     for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)), platform="cpu")
+        jax.ffi.register_ffi_target(target, _capsule(getattr(_lib, symbol)), platform="cpu")
     _registered = True
 
 
