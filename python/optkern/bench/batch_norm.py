@@ -20,7 +20,7 @@ import numpy as np
 
 import optkern
 
-from .runner import F32, _median, roofline_fns, time_interleaved
+from .runner import F32, _median, add_probe, bracketed, roofline_fns, time_interleaved
 
 ROOFLINE_TARGET = 80.0
 RATIO_TARGET = 1.0  # faster than torch
@@ -108,10 +108,12 @@ def bench_case(torch, label, shape, layout, op, reps, warmup):
 def run_cpu(torch, quick: bool, reps: int, warmup: int, bar=None) -> list:
     rows = []
     for label, shape, layout in (QUICK_SHAPES if quick else SHAPES):
+        n = int(np.prod(shape))
+        probe = add_probe(roofline_fns(torch, n), 12 * n)
         for op in PASSES:
             if bar is not None:
                 bar.set(f"batch norm {op} {label}")
-            rows.append(bench_case(torch, label, shape, layout, op, reps, warmup))
+            rows.append(bracketed(probe, lambda: bench_case(torch, label, shape, layout, op, reps, warmup)))
             if bar is not None:
                 bar.update()
     return rows

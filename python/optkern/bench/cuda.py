@@ -35,10 +35,10 @@ import numpy as np
 import optkern
 
 from .runner import _median, cupy_event_times, torch_event_times
+from .verdicts import PHYSICAL_BOUND_PCT, target, verdict  # noqa: F401 (verdict: part of this module's API)
 
 F32 = 4
 ADAM_ACCESSES = 7  # param r+w, exp_avg r+w, exp_avg_sq r+w, grad r
-PHYSICAL_BOUND_PCT = 110.0  # above this % of the copy, a figure is noise (or a cache), not a measurement
 ADAM_COPY_TARGET = 90.0  # % of the copy at 2^28
 TRANSFORMER_TARGET = 1.1  # x torch fused, ~200 transformer-like tensors
 MANY_TARGET = 1.5  # x torch fused, 1000 x 4096
@@ -108,23 +108,6 @@ def device_slug(name: str) -> str:
     """File-name tag of a GPU: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100_80gb_hbm3"."""
     words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in ("nvidia", "geforce", "tesla")]
     return "_".join(words) or "gpu"
-
-
-def verdict(value: float, threshold: float, *, higher: bool = True, noisy: bool = False) -> str:
-    """"met" / "NOT met" for value against threshold (higher or lower is better); "noisy, rerun" when the row's
-    timings are above a physical bound, whatever the value."""
-    if noisy:
-        return "noisy, rerun"
-    if value is None or not np.isfinite(value):
-        return "NOT met"
-    return "met" if (value >= threshold if higher else value <= threshold) else "NOT met"
-
-
-def target(what: str, value: float, threshold: float, *, higher: bool = True, noisy: bool = False) -> dict:
-    """One target of a row: the "met" key is True / False, or None when noisy (the runner's convention)."""
-    status = verdict(value, threshold, higher=higher, noisy=noisy)
-    return {"what": what, "value": value, "threshold": threshold, "status": status,
-            "met": None if status == "noisy, rerun" else status == "met"}
 
 
 def make_row(case: str, *, tensors: int, n: int, nbytes: int, bound_bytes: int, optkern_s: float, copy_gbs: float,

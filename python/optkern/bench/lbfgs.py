@@ -41,7 +41,7 @@ import numpy as np
 import optkern
 from optkern.lbfgs import _dots, _lincomb
 
-from .runner import _median, time_interleaved
+from .runner import _median, add_probe, bracketed, time_interleaved
 
 ROOFLINE_TARGET = 80.0  # % of the DRAM in-place-add roofline
 RATIO_TARGET = 2.0  # against the torch two-loop
@@ -123,6 +123,13 @@ def _roofline_fns(torch, n, dtype):
         fns["read2_dram_torch_dot"] = _rotating([lambda x=x, y=y: x.dot(y) for x, y in tpairs], turn)
     fns["read2_dram_numpy_dot"] = _rotating([lambda x=x, y=y: x @ y for x, y in pairs], turn)  # BLAS (2n elements)
     return fns
+
+
+def dram_probe(torch, n, dtype):
+    """The DRAM roofline now (the in-place add over rotating pairs >= 256 MB, NumPy's and torch's), for the
+    measurement just before and just after a row."""
+    fns = {k: f for k, f in _roofline_fns(torch, n, dtype).items() if k.startswith("roof_dram")}
+    return add_probe(fns, 3 * np.dtype(dtype).itemsize * n)
 
 
 def after_push(h, g, out):
@@ -255,7 +262,8 @@ def run_cpu(torch, quick: bool, reps: int, warmup: int, bar=None) -> list:
     for n, dtype, extra in _cases(quick):
         if bar is not None:
             bar.set(f"L-BFGS direction {np.dtype(dtype).name} n={n}")
-        rows.append(bench_direction(torch, n, 10, dtype, reps, warmup, torch_only_ratio=extra))
+        rows.append(bracketed(dram_probe(torch, n, dtype),
+                              lambda: bench_direction(torch, n, 10, dtype, reps, warmup, torch_only_ratio=extra)))
         if bar is not None:
             bar.update()
     return rows

@@ -31,6 +31,8 @@ import numpy as np
 
 import optkern
 
+from .verdicts import DRIFT_LIMIT, PHYSICAL_BOUND_PCT, judge, summary
+
 F32 = 4
 
 # name -> (accesses per element = arrays read + arrays written, torch class, torch kwargs, torch fused on CPU?)
@@ -239,6 +241,28 @@ def roofline(torch, n: int, reps: int, warmup: int, fns=None) -> dict:
     gbs = {k: 12 * n / t / 1e9 for k, t in med.items()}
     best = max(gbs, key=gbs.get)
     return {"n": n, "raw_s": raw, "median_s": med, "gbs": gbs, "best": best, "roofline_gbs": gbs[best]}
+
+
+def add_probe(fns: dict, nbytes: int, reps: int = 5, warmup: int = 1):
+    """A function measuring the roofline now: the fastest of the in-place adds ``fns`` (each moving nbytes per
+    call), medians of ``reps`` calls (several calls per timing at small sizes) -> GB/s."""
+    inner = max(1, min(1000, (1 << 22) // max(1, nbytes)))
+
+    def probe() -> float:
+        raw = time_interleaved(fns, reps, warmup, inner=inner, rounds=1)
+        return max(nbytes / _median(v) / 1e9 for v in raw.values())
+    return probe
+
+
+def bracketed(probe, make) -> dict:
+    """make() -> a row, with the roofline measured by probe() just before and just after it
+    (``roof_before_gbs``, ``roof_after_gbs``), then judged: clean rows keep their verdicts, noisy ones get
+    "noisy, rerun" (:mod:`optkern.bench.verdicts`)."""
+    before = probe()
+    row = make()
+    after = probe()
+    row["roof_before_gbs"], row["roof_after_gbs"] = before, after
+    return judge(row)
 
 
 def bench_algo(torch, name: str, n: int, pbase, gbase, reps: int, warmup: int, roof_gbs: float,
@@ -473,8 +497,14 @@ def markdown(results: dict) -> str:
         lines.append(f"roofline at n={_pow2(r['n'])}: {gb} -> {r['roofline_gbs']:.1f} GB/s (each algorithm row also "
                      f"re-times both adds round-robin with its steps and uses its own, faster add)")
     lines.append("")
-    lines.append("| case | n | optkern | torch (path) | torch/optkern | optkern GB/s | % roofline | target | met |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("Each row's roofline (the in-place add at its size; DRAM add for L-BFGS) is re-measured just before and "
+                 "just after it; a row whose roofline moved by more than "
+                 f"{100 * DRIFT_LIMIT:.0f}%, or with a figure above {PHYSICAL_BOUND_PCT:.0f}% of its bound, is "
+                 "\"noisy, rerun\" and gets no verdict.")
+    lines.append("")
+    lines.append("| case | n | optkern | torch (path) | torch/optkern | optkern GB/s | % roofline | roofline before / "
+                 "after | target | met |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         if r["kind"] == "isa":
             continue
@@ -487,9 +517,12 @@ def markdown(results: dict) -> str:
             ok_cell += f" (functional {_fmt_time(r['optkern_functional_s'])})"
         targets = r.get("targets") or [{"what": "-", "met": None}]
         what = "; ".join(t["what"] for t in targets)
-        met = "; ".join("-" if t["met"] is None else ("met" if t["met"] else "**NOT met**") for t in targets)
+        met = "; ".join(_status_cell(r, t) for t in targets)
+        bracket = "-"
+        if r.get("roof_before_gbs") is not None:
+            bracket = f"{r['roof_before_gbs']:.1f} / {r['roof_after_gbs']:.1f} GB/s"
         lines.append(f"| {r['case']} | {_pow2(r['n'])} | {ok_cell} | {torch_cell} | {ratio} | {gbs} | {pct} | "
-                     f"{what} | {met} |")
+                     f"{bracket} | {what} | {met} |")
     from .lbfgs import markdown_details
 
     lines.extend(markdown_details(results["rows"]))
@@ -505,13 +538,67 @@ def markdown(results: dict) -> str:
         for k in r["median_s"]:
             lines.append(f"| {k} | {_fmt_time(r['median_s'][k])} | {r['gbs'][k]:.1f} | {r['pct_roofline'][k]:.0f}% | "
                          f"{r['slowdown_vs_best'][k]:.2f}x |")
-    all_t = [t for r in results["rows"] for t in (r.get("targets") or []) if t["met"] is not None]
+    noisy = [r for r in results["rows"] if r.get("noisy")]
+    if noisy:
+        lines += ["", "Noisy rows (no verdict; rerun):", ""]
+        lines += [f"- {r['case']} ({_pow2(r['n'])}): " + "; ".join(r["noisy_why"]) for r in noisy]
     lines.append("")
-    lines.append(f"targets met: {sum(t['met'] for t in all_t)} / {len(all_t)}")
+    lines.append(summary(results["rows"]))
     return "\n".join(lines)
 
 
+def _status_cell(row: dict, t: dict) -> str:
+    if row.get("noisy"):
+        return "noisy, rerun"
+    if t.get("met") is None:
+        return "-"
+    return "met" if t["met"] else "**NOT met**"
+
+
+def _plot_panels(results: dict) -> list:
+    """The PNG's panels, one per suite (and per optimizer size): (title, y label, reference lines, bars), each bar
+    (label, optkern value, torch value or None, noisy).  Every suite in the rows gets a panel."""
+    rows = results["rows"]
+    panels = []
+    for n in sorted({r["n"] for r in rows if r["kind"] == "algo"}):
+        rs = [r for r in rows if r["kind"] == "algo" and r["n"] == n]
+        panels.append((f"optimizer steps, n = {_pow2(n)} float32", "% of in-place add bandwidth",
+                       [(ROOFLINE_TARGET, f"{ROOFLINE_TARGET:.0f}% target")],
+                       [(f"{r['case']}\n(torch {r.get('torch_path') or '-'})", r["optkern_pct_roofline"],
+                         r.get("torch_pct_roofline"), r.get("noisy", False)) for r in rs]))
+    rs = [r for r in rows if r["kind"] == "batch_norm"]
+    if rs:
+        from .batch_norm import ROOFLINE_TARGET as BN_TARGET
+
+        panels.append(("batch norm (torch: aten)", "% of in-place add bandwidth",
+                       [(BN_TARGET, f"{BN_TARGET:.0f}% target")],
+                       [(_bn_label(r), r["optkern_pct_roofline"],
+                         100.0 * r["torch_gbs"] / r["roofline_gbs"] if r.get("torch_gbs") else None,
+                         r.get("noisy", False)) for r in rs]))
+    rs = [r for r in rows if r["kind"] == "lbfgs"]
+    if rs:
+        from .lbfgs import ROOFLINE_TARGET as LB_TARGET
+
+        panels.append(("L-BFGS direction, m = 10 (torch: per-vector two-loop)", "% of DRAM in-place add bandwidth",
+                       [(LB_TARGET, f"{LB_TARGET:.0f}% target")],
+                       [(f"{_pow2(r['n'])} {r['dtype']}", r["optkern_pct_roofline"],
+                         100.0 * r["bytes"] / r["torch_s"] / 1e9 / r["roofline_gbs"] if r.get("torch_s") else None,
+                         r.get("noisy", False)) for r in rs]))
+    rs = [r for r in rows if r["kind"] == "scenario" and r.get("ratio") is not None]
+    if rs:
+        panels.append(("scenarios: speed-up over torch", "torch time / optkern time", [(1.0, "torch")],
+                       [(r["case"].replace(", ", "\n", 1), r["ratio"], None, r.get("noisy", False)) for r in rs]))
+    return panels
+
+
+def _bn_label(r: dict) -> str:
+    layout = {"rows": "rows", "nchw": "NCHW", "nhwc": "NHWC"}[r["layout"]]
+    return f"{r['op']}\n{layout} {'x'.join(str(d) for d in r['shape'])}"
+
+
 def plot(results: dict, path: Path) -> bool:
+    """Every suite in one PNG: % of the roofline (or the speed-up, for the scenarios), optkern and torch side by
+    side, noisy rows hatched."""
     try:
         import matplotlib
 
@@ -520,34 +607,41 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
         return False
-    algo_rows = [r for r in results["rows"] if r["kind"] == "algo"]
-    sizes = sorted({r["n"] for r in algo_rows})
-    if not sizes:
+    panels = _plot_panels(results)
+    if not panels:
         return False
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], sizes):
-        rows = [r for r in algo_rows if r["n"] == n]
-        names = [r["case"] for r in rows]
-        x = np.arange(len(rows))
-        ok = [r["optkern_pct_roofline"] for r in rows]
-        tt = [r.get("torch_pct_roofline", 0.0) for r in rows]
-        ax.bar(x - 0.2, ok, 0.4, label="optkern", color="tab:blue")
-        ax.bar(x + 0.2, tt, 0.4, label="torch (fused / foreach)", color="tab:orange")
-        for xi, r in zip(x, rows):
-            ax.text(xi + 0.2, r.get("torch_pct_roofline", 0.0) + 1, (r.get("torch_path") or "")[:2], ha="center",
-                    fontsize=7)
-        ax.axhline(ROOFLINE_TARGET, color="k", ls="--", lw=1, label=f"{ROOFLINE_TARGET:.0f}% target")
-        ax.axhline(100, color="gray", ls=":", lw=1)
-        roof = rows[0]["roofline_gbs"]
-        ax.set_title(f"n = {_pow2(n)} float32 (roofline {roof:.1f} GB/s)")
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.8 * cols, 5.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, ylabel, refs, bars) in zip(axes.flat, panels):
+        x = np.arange(len(bars))
+        has_torch = any(b[2] is not None for b in bars)
+        w = 0.4 if has_torch else 0.6
+        for xi, (label, ok, tt, noisy) in zip(x, bars):
+            hatch = "//" if noisy else None
+            ax.bar(xi - (0.2 if has_torch else 0), ok, w, color="tab:blue", hatch=hatch, edgecolor="k" if noisy else None)
+            if tt is not None:
+                ax.bar(xi + 0.2, tt, w, color="tab:orange", hatch=hatch, edgecolor="k" if noisy else None)
+        for y, lab in refs:
+            ax.axhline(y, color="k", ls="--", lw=1)
+            ax.text(-0.5, y, " " + lab, va="bottom", ha="left", fontsize=7)
         ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=35, ha="right")
-        ax.set_ylabel("% of in-place add bandwidth")
+        ax.set_xticklabels([b[0] + ("\n(noisy)" if b[3] else "") for b in bars], rotation=40, ha="right",
+                           fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(loc="upper right", fontsize=7, framealpha=0.95)
+        handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue")]
+        names = ["optkern"]
+        if has_torch:
+            handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:orange"))
+            names.append("torch")
+        ax.legend(handles, names, loc="upper right", fontsize=7, framealpha=0.95)
     meta = results["meta"]
-    fig.suptitle(f"optkern vs torch {meta['torch_version']}: effective bandwidth (minimal bytes) / roofline — "
-                 f"{meta['cpu_model']}, {meta['threads']} threads", fontsize=10)
+    fig.suptitle(f"optkern {meta['optkern_version']} vs torch {meta['torch_version']} — {meta['cpu_model']}, "
+                 f"{meta['threads']} threads (hatched: noisy, rerun)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -581,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--suite", choices=("all", "optim", "batch_norm", "lbfgs"), default="all",
                     help="which cases: optimizer steps, batch norm, the L-BFGS direction, or all (default)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
+                    help="print per-row ratios of two earlier runs (A/B work on a noisy machine) and exit")
     return ap
 
 
@@ -628,27 +724,31 @@ def run(args) -> dict:
             results["roofline"].append(roof)
             bar.update()
             pbase, gbase = _rand(n, 1), _rand(n, 2, 1e-2)
+            probe = add_probe(roof_fns, 12 * n)
             for name in algos:
                 bar.set(f"{name} n={_pow2(n)}")
-                results["rows"].append(bench_algo(torch, name, n, pbase, gbase, args.reps, warmup,
-                                                  roof["roofline_gbs"], roof_fns))
+                results["rows"].append(bracketed(probe, lambda: bench_algo(
+                    torch, name, n, pbase, gbase, args.reps, warmup, roof["roofline_gbs"], roof_fns)))
                 gc.collect()
                 bar.update()
             if n == isa_n:
                 bar.set(f"Adam ISA n={_pow2(n)}")
-                results["rows"].append(bench_isa(n, pbase, gbase, args.reps, warmup, roof["roofline_gbs"]))
+                results["rows"].append(bracketed(probe, lambda: bench_isa(
+                    n, pbase, gbase, args.reps, warmup, roof["roofline_gbs"])))
                 bar.update()
                 bar.set(f"clip + Adam n={_pow2(n)}")
-                results["rows"].append(bench_clip(torch, n, pbase, gbase, args.reps, warmup))
+                results["rows"].append(bracketed(probe, lambda: bench_clip(torch, n, pbase, gbase, args.reps, warmup)))
                 bar.update()
-            del pbase, gbase, roof_fns
+            del pbase, gbase, roof_fns, probe
             gc.collect()
         if do_optim:
             bar.set("Adam 1000 x 1024")
-            results["rows"].append(bench_many_small(torch, 1000, 1024, max(args.reps, 5), warmup))
+            results["rows"].append(bracketed(add_probe(roofline_fns(torch, 1000 * 1024), 12 * 1000 * 1024),
+                                             lambda: bench_many_small(torch, 1000, 1024, max(args.reps, 5), warmup)))
             bar.update()
             bar.set("one small Adam step")
-            results["rows"].append(bench_small_step(torch, 1024, max(args.reps, 7)))
+            results["rows"].append(bracketed(add_probe(roofline_fns(torch, 1024), 12 * 1024),
+                                             lambda: bench_small_step(torch, 1024, max(args.reps, 7))))
             bar.update()
     finally:
         bar.close()
@@ -673,8 +773,56 @@ def main_cuda(args) -> int:
     return cuda.run(args, results)
 
 
+def compare(old: dict, new: dict) -> str:
+    """Per-row ratios of two runs' JSON (rows matched by case and size): optkern's time new / old (< 1: faster
+    now), the speed-up over torch in each, and whether either row was noisy; then the geometric mean of the time
+    ratio over the rows clean in both."""
+    def key(r):
+        return (r.get("case"), r.get("n"))
+
+    olds = {key(r): r for r in old.get("rows", []) if r.get("optkern_s")}
+    lines = [f"old: {old['meta'].get('date')} ({old['meta'].get('cpu_model')}), new: {new['meta'].get('date')} "
+             f"({new['meta'].get('cpu_model')})", "",
+             "| case | n | optkern old | optkern new | new / old | vs torch old | vs torch new | noisy |",
+             "|---|---|---|---|---|---|---|---|"]
+    logs, unmatched = [], []
+    for r in new.get("rows", []):
+        o = olds.pop(key(r), None)
+        if not r.get("optkern_s"):
+            continue
+        if o is None:
+            unmatched.append(f"new only: {r['case']} ({_pow2(r['n'])})")
+            continue
+        q = r["optkern_s"] / o["optkern_s"]
+        noisy = ", ".join(w for w, x in (("old", o), ("new", r)) if x.get("noisy")) or "-"
+        if noisy == "-":
+            logs.append(np.log(q))
+
+        def vs(x):
+            return f"{x['ratio']:.2f}x" if x.get("ratio") is not None else "-"
+
+        lines.append(f"| {r['case']} | {_pow2(r['n'])} | {_fmt_time(o['optkern_s'])} | {_fmt_time(r['optkern_s'])} | "
+                     f"{q:.3f} | {vs(o)} | {vs(r)} | {noisy} |")
+    unmatched += [f"old only: {c} ({_pow2(n)})" for c, n in olds]
+    lines.append("")
+    if logs:
+        lines.append(f"geometric mean of optkern's time new / old over {len(logs)} rows clean in both: "
+                     f"{float(np.exp(np.mean(logs))):.3f}")
+    else:
+        lines.append("no row is clean in both runs")
+    lines += unmatched
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        runs = []
+        for path in args.compare:
+            with open(path) as f:
+                runs.append(json.load(f))
+        print(compare(*runs))
+        return 0
     if args.device == "cuda":
         return main_cuda(args)
     results = run(args)
