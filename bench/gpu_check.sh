@@ -155,6 +155,11 @@ fi
 if [ "$build_ok" -eq 0 ] && stage import 60 bash -c check_import; then
     best_isa="$(python -c 'import optkern; print(optkern.cpu_best_isa())')"
     # OPTKERN_CPU_ISA: the GPU tests run once (their CPU-path fixture has one value), not once per CPU path
+    # OGR's kernel first (issue 16 part 2: its CUDA path has not run on a GPU before); it runs again in gpu_tests
+    if [ -f tests/test_cuda_ogr.py ]; then
+        stage gpu_ogr 90 env OPTKERN_CPU_ISA="$best_isa" python -m pytest -q -rs -p no:cacheprovider \
+            ${per_test[@]+"${per_test[@]}"} tests/test_cuda_ogr.py
+    fi
     if [ "${#gpu_tests[@]}" -gt 0 ]; then
         stage gpu_tests 180 env OPTKERN_CPU_ISA="$best_isa" python -m pytest -q -rs --durations=15 \
             -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} "${gpu_tests[@]}"

@@ -592,7 +592,9 @@ CollectedStep collect_step(py::handle params_h, py::handle grads_h, py::handle s
   py::sequence states = as_sequence(states_h, "states");
   py::sequence names_seq = as_sequence(names_h, "state_names");
   const size_t nt = static_cast<size_t>(py::len(params));
-  if (nstates < 0 || nstates > 3) value_error("states: at most 3 state lists are supported, got " + std::to_string(nstates));
+  if (nstates < 0 || nstates > optkern::kMaxStates)
+    value_error("states: at most " + std::to_string(optkern::kMaxStates) + " state lists are supported, got " +
+                std::to_string(nstates));
   if (static_cast<int>(py::len(states)) != nstates || static_cast<int>(py::len(names_seq)) != nstates)
     value_error("states: expected " + std::to_string(nstates) + " state lists for these hyperparameters, got " +
                 std::to_string(py::len(states)));

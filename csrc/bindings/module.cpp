@@ -246,6 +246,12 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("lr", &RpropHyper::lr).def_readwrite("etaminus", &RpropHyper::etaminus)
       .def_readwrite("etaplus", &RpropHyper::etaplus).def_readwrite("step_size_min", &RpropHyper::step_size_min)
       .def_readwrite("step_size_max", &RpropHyper::step_size_max);
+  py::class_<OgrHyper>(m, "OgrHyper")
+      .def(py::init<>())
+      .def_readwrite("lr", &OgrHyper::lr).def_readwrite("sgd_lr", &OgrHyper::sgd_lr)
+      .def_readwrite("beta", &OgrHyper::beta).def_readwrite("trust", &OgrHyper::trust)
+      .def_readwrite("eps", &OgrHyper::eps).def_readwrite("weight_decay", &OgrHyper::weight_decay)
+      .def_readwrite("warmup", &OgrHyper::warmup);
 
   m.def("check_hyper", [](const SgdHyper& h) { check(h); });
   m.def("check_hyper", [](const AdamHyper& h) { check(h); });
@@ -255,6 +261,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_hyper", [](const NadamHyper& h) { check(h); });
   m.def("check_hyper", [](const AdadeltaHyper& h) { check(h); });
   m.def("check_hyper", [](const RpropHyper& h) { check(h); });
+  m.def("check_hyper", [](const OgrHyper& h) { check(h); });
 
   m.def("sgd_num_states", [](const SgdHyper& h) { return sgd_num_states(h); });
   m.def("adam_num_states", [](const AdamHyper& h) { return adam_num_states(h); });
@@ -287,6 +294,10 @@ PYBIND11_MODULE(_C, m) {
                                            [](const StepBatch& b, const RpropHyper& h, const StepInfo& s) {
                                              rprop_step(b, h, s);
                                            }), STEP_ARGS);
+  m.def("ogr_step", bind_step<OgrHyper>([](const OgrHyper&) { return ogr_num_states(); },
+                                       [](const StepBatch& b, const OgrHyper& h, const StepInfo& s) {
+                                         ogr_step(b, h, s);
+                                       }), STEP_ARGS);
   m.def(
       "nadam_step",
       [](py::handle params, py::handle grads, py::handle states, py::handle state_names, const NadamHyper& h,

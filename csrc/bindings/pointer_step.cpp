@@ -289,6 +289,7 @@ void register_pointer_step(py::module_& m) {
   def_plan_step<AdamaxHyper>(m, "plan_adamax_step", [](auto& b, auto& h, auto& s) { adamax_step(b, h, s); });
   def_plan_step<AdadeltaHyper>(m, "plan_adadelta_step", [](auto& b, auto& h, auto& s) { adadelta_step(b, h, s); });
   def_plan_step<RpropHyper>(m, "plan_rprop_step", [](auto& b, auto& h, auto& s) { rprop_step(b, h, s); });
+  def_plan_step<OgrHyper>(m, "plan_ogr_step", [](auto& b, auto& h, auto& s) { ogr_step(b, h, s); });
   m.def(
       "plan_nadam_step",
       [](PointerPlan& plan, const NadamHyper& h, int64_t step, double mu_product, bool mu_product_float32,

@@ -27,6 +27,8 @@ inline const char* dtype_name(DType d) {
 }
 OK_HD bool is_half(DType d) { return d == DType::bf16 || d == DType::f16; }  // a 16-bit float
 
+constexpr int kMaxStates = 5;  // state buffers per tensor an optimizer rule may have (TensorSlots::ptr: 2 + this)
+
 // Branch-free helpers written as plain ternaries so that the CPU compiler turns them into
 // vector blends / min / max and the CUDA compiler into selects.
 template <class T>

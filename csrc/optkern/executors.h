@@ -26,7 +26,8 @@ using RmspropCenteredMomentum = RmspropRule<1, 1>;
 #define OPTKERN_FOR_EACH_RULE(X)                                                                           \
   X(SgdPlain) X(SgdMomentum) X(SgdVelocityRule) X(AdamPlain) X(AdamAmsgrad) X(AdamEpsInside)                \
   X(AdamAmsgradEpsInside) X(AdagradRule) X(RmspropPlain) X(RmspropMomentum) X(RmspropCentered)              \
-  X(RmspropCenteredMomentum) X(AdamaxRule) X(NadamRule) X(AdadeltaRule) X(RpropRule)
+  X(RmspropCenteredMomentum) X(AdamaxRule) X(NadamRule) X(AdadeltaRule) X(RpropRule) \
+  X(OgrRule)
 
 // The hyperparameter struct each rule's coefficients are made from (optim_coefs.h).
 template <class Rule>
@@ -49,6 +50,8 @@ template <>
 struct HyperOf<AdadeltaRule> { using type = AdadeltaHyper; };
 template <>
 struct HyperOf<RpropRule> { using type = RpropHyper; };
+template <>
+struct HyperOf<OgrRule> { using type = OgrHyper; };
 template <class Rule>
 using HyperT = typename HyperOf<Rule>::type;
 

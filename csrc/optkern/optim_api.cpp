@@ -258,6 +258,17 @@ void check(const RpropHyper& h) {
     bad("step_sizes[1] (max)", "a finite number >= step_sizes[0]", h.step_size_max);
 }
 
+void check(const OgrHyper& h) {
+  if (!(std::isfinite(h.lr) && h.lr >= 0.0)) bad("lr", "a finite number >= 0 (the step factor alpha)", h.lr);
+  finite_ge0("sgd_lr", h.sgd_lr);
+  if (!(h.beta > 0.0 && h.beta < 1.0)) bad("beta", "a number in (0, 1)", h.beta);
+  if (!(std::isfinite(h.trust) && h.trust > 0.0)) bad("trust", "a finite number > 0", h.trust);
+  finite_ge0("eps", h.eps);
+  finite_ge0("weight_decay", h.weight_decay);
+  if (h.warmup < 0 || h.warmup >= (int64_t(1) << 62))
+    bad("warmup", "an integer >= 0 and < 2**62", static_cast<double>(h.warmup));
+}
+
 int sgd_num_states(const SgdHyper& h) { return (h.momentum != 0.0 || h.velocity) ? 1 : 0; }
 int adam_num_states(const AdamHyper& h) { return h.amsgrad ? 3 : 2; }
 int rmsprop_num_states(const RmspropHyper& h) { return 1 + (h.centered ? 1 : 0) + (h.momentum > 0.0 ? 1 : 0); }
@@ -333,6 +344,12 @@ void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s) {
   check(h);
   check(s);
   run<RpropRule>(b, h, s, scalars_of(s));
+}
+
+void ogr_step(const StepBatch& b, const OgrHyper& h, const StepInfo& s) {
+  check(h);
+  check(s);
+  run<OgrRule>(b, h, s, scalars_of(s));
 }
 
 // ---- CPU control ------------------------------------------------------------------------------------------

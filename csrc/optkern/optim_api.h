@@ -26,7 +26,7 @@ struct Device {
 // step / mu_product: the tensor's device-resident counters (StepInfo::device_counters), else unused.
 // master / copy: see Precision (unused unless it asks for them).
 struct TensorSlots {
-  void* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  void* ptr[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};  // 2 + kMaxStates
   int64_t numel = 0;
   void* step = nullptr;        // one float32/float64 element: the steps this tensor has taken (torch's state["step"])
   void* mu_product = nullptr;  // NAdam: one float32/float64 element, the product of mu_1..mu_{taken}
@@ -139,6 +139,15 @@ struct RpropHyper {
   double lr = 1e-2, etaminus = 0.5, etaplus = 1.2, step_size_min = 1e-6, step_size_max = 50.0;
 };
 
+// OGR (online gradient linear regression, optim_rules.h: OgrRule): lr is the step factor alpha toward (or away
+// from) the fitted parabola's vertex; sgd_lr the plain SGD step's learning rate during the first `warmup` steps and
+// whenever a guard refuses the fit; trust the step-length limit relative to the previous step (floored by the SGD
+// step); eps the guards' threshold (var(theta) and |lambda|).
+struct OgrHyper {
+  double lr = 0.5, sgd_lr = 1e-3, beta = 0.9, trust = 2.0, eps = 1e-6, weight_decay = 0.0;
+  int64_t warmup = 5;
+};
+
 // How many state buffers a step reads and writes for these hyperparameters (the order is the rule's).
 int sgd_num_states(const SgdHyper& h);
 int adam_num_states(const AdamHyper& h);
@@ -148,6 +157,7 @@ inline int adamax_num_states() { return 2; }
 inline int nadam_num_states() { return 2; }
 inline int adadelta_num_states() { return 2; }
 inline int rprop_num_states() { return 2; }
+inline int ogr_num_states() { return 5; }  // mean(theta), mean(g), var(theta), cov(g, theta), last step length
 
 // Validate hyperparameters (std::invalid_argument naming the argument) without touching memory.
 void check(const SgdHyper& h);
@@ -158,6 +168,7 @@ void check(const AdamaxHyper& h);
 void check(const NadamHyper& h);
 void check(const AdadeltaHyper& h);
 void check(const RpropHyper& h);
+void check(const OgrHyper& h);
 void check(const StepInfo& s);
 
 // The steps.  Each checks its hyperparameters and StepInfo, then updates every tensor in place.
@@ -174,6 +185,7 @@ double nadam_step(const StepBatch& b, const NadamHyper& h, const StepInfo& s, do
                   bool product_in_float32 = false);
 void adadelta_step(const StepBatch& b, const AdadeltaHyper& h, const StepInfo& s);
 void rprop_step(const StepBatch& b, const RpropHyper& h, const StepInfo& s);
+void ogr_step(const StepBatch& b, const OgrHyper& h, const StepInfo& s);
 
 // CPU execution control.
 enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };

@@ -48,6 +48,7 @@ inline bool depends_on_step(const AdamaxHyper&) { return true; }
 inline bool depends_on_step(const NadamHyper&) { return true; }
 inline bool depends_on_step(const AdadeltaHyper&) { return false; }
 inline bool depends_on_step(const RpropHyper&) { return false; }
+inline bool depends_on_step(const OgrHyper&) { return true; }  // the first step and the warm-up
 
 // ---- one function per rule's Coef type (overloaded on the output) -------------------------------------------------
 OK_HD void make_coef(const SgdHyper& h, const StepScalars& s, SgdCoef<double>* c) {
@@ -172,6 +173,20 @@ OK_HD void make_coef(const RpropHyper& h, const StepScalars& s, RpropRule::Coef<
   c->etaplus = h.etaplus;
   c->step_min = h.step_size_min;
   c->step_max = h.step_size_max;
+}
+
+OK_HD void make_coef(const OgrHyper& h, const StepScalars& s, OgrRule::Coef<double>* c) {
+  c->gscale = s.gscale;
+  c->wd = h.weight_decay;
+  c->beta = h.beta;
+  c->one_minus_beta = 1.0 - h.beta;
+  c->neg_alpha = -h.lr;
+  c->neg_sgd_lr = -h.sgd_lr;
+  c->sgd_lr = h.sgd_lr;
+  c->trust = h.trust;
+  c->eps = h.eps;
+  c->first_step = s.t == 1.0;
+  c->fit = s.t > static_cast<double>(h.warmup);
 }
 
 // ---- step counters kept in memory (StepInfo::device_counters) ------------------------------------------------------

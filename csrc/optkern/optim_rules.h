@@ -14,6 +14,8 @@
 //   (or an AMP unscale) and torch's `maximize` into the same pass.  "wd" is L2 weight decay added to the
 //   gradient (g += wd * p); "decay" is decoupled weight decay (p *= 1 - lr * wd), 1 when unused.
 //   Hyperparameter branches are written as selects so that the loop stays branch-free and vectorizes.
+//   A rule with kStates <= 3 takes three state references (unused ones are dummies); a rule with more (OGR)
+//   takes kMaxStates.  The executors call apply_rule() below, which passes kMaxStates and picks the form.
 #pragma once
 
 #include "common.h"
@@ -311,5 +313,80 @@ struct RpropRule {
     prev = g_kept;
   }
 };
+
+// ------------------------------------------------------------------------------------------------
+// OGR, online gradient linear regression (seed 002, the end of the lecture notes; issue 16 part 2), diagonal form.
+// Per coordinate, the noisy gradients g^t seen at theta^t are fitted by exponentially weighted least squares with
+// the line g = lambda (theta - p), i.e. the parabola f = lambda (theta - p)^2 / 2:
+//   lambda = cov(g, theta) / var(theta),  p = mean(theta) - mean(g) / lambda,
+// and the step goes a fraction alpha (= lr) of the way to the vertex p when lambda > 0 (attract) and as far away
+// from it when lambda < 0 (repel, to leave saddles):  theta <- theta + alpha sign(lambda) (p - theta).
+// Written with the fitted gradient at theta, g^ = mean(g) + lambda (theta - mean(theta)), that step is
+// -alpha g^ / |lambda| = -alpha (mean(g) var + cov (theta - mean(theta))) / |cov|: one division, no lambda.
+// States (in this order): mean(theta), mean(g), var(theta), cov(g, theta) and the length of the last step.
+//   The means and the centered moments are updated Welford-style (West 1979 / Finch 2009, weighted form) from the
+//   deviations from the previous means, never as mean(theta^2) - mean(theta)^2, which cancels in float32 when
+//   theta barely moves:  d = theta - m_theta, e = g - m_g;  m_theta += (1 - beta) d;  m_g += (1 - beta) e;
+//   var = beta (var + (1 - beta) d^2);  cov = beta (cov + (1 - beta) d e).
+//   On the first step the means are set to the sample and var = cov = 0, so the first sample carries the weight
+//   beta^(t-1) and the weights sum to one at every step: no bias correction is needed.
+// Guards (each falls back to the plain SGD step d_sgd = -sgd_lr g):
+//   warm-up: the steps t <= warmup (coefficient `fit` false);
+//   var(theta) near zero: var <= (eps (1 + |m_theta|))^2 (theta's spread below eps relative, eps absolute);
+//   lambda near zero: |lambda| sgd_lr <= eps, tested as |cov| sgd_lr <= eps var (no division).
+// Trust radius: the regression step is clipped to |d| <= trust * max(last, |d_sgd|), last = the previous step's
+//   length of this coordinate; the floor |d_sgd| lets the radius grow from the SGD warm-up (by up to trust per step).
+//   g <- g_in gscale + wd theta (L2 weight decay, clip / maximize folded in as in every rule).
+struct OgrRule {
+  static constexpr int kStates = 5;
+  template <class T>
+  struct Coef {
+    T gscale, wd, beta, one_minus_beta, neg_alpha, neg_sgd_lr, sgd_lr, trust, eps;
+    bool first_step, fit;
+    Coef() = default;
+    template <class U>
+    OK_HD explicit Coef(const Coef<U>& c)
+        : gscale(T(c.gscale)), wd(T(c.wd)), beta(T(c.beta)), one_minus_beta(T(c.one_minus_beta)),
+          neg_alpha(T(c.neg_alpha)), neg_sgd_lr(T(c.neg_sgd_lr)), sgd_lr(T(c.sgd_lr)), trust(T(c.trust)),
+          eps(T(c.eps)), first_step(c.first_step), fit(c.fit) {}
+  };
+  template <class T>
+  OK_HD static void apply(const Coef<T>& c, T& p, T g_in, T& m_theta, T& m_g, T& var, T& cov, T& last) {
+    T g = g_in * c.gscale + c.wd * p;
+    T d = c.first_step ? T(0) : p - m_theta;                       // deviations from the previous means
+    T e = c.first_step ? T(0) : g - m_g;
+    T mt = c.first_step ? p : m_theta + c.one_minus_beta * d;      // EMA of theta
+    T mg = c.first_step ? g : m_g + c.one_minus_beta * e;          // EMA of g
+    T v = c.first_step ? T(0) : c.beta * (var + c.one_minus_beta * d * d);   // EMA variance of theta
+    T cv = c.first_step ? T(0) : c.beta * (cov + c.one_minus_beta * d * e);  // EMA covariance of g and theta
+    T acov = ok_abs(cv);
+    T thr = c.eps * (T(1) + ok_abs(mt));
+    bool use = c.fit && v > thr * thr && acov * c.sgd_lr > c.eps * v;   // the guards
+    T d_sgd = c.neg_sgd_lr * g;                                         // fallback: plain SGD
+    T num = mg * v + cv * (p - mt);                                     // fitted gradient at theta, times var
+    T d_fit = c.neg_alpha * num / (use ? acov : T(1));                  // -alpha g^ / |lambda|
+    T limit = c.trust * ok_max(last, ok_abs(d_sgd));                    // trust radius
+    d_fit = ok_min(ok_max(d_fit, -limit), limit);
+    T step = use ? d_fit : d_sgd;
+    p = p + step;                                                       // apply update
+    m_theta = mt;
+    m_g = mg;
+    var = v;
+    cov = cv;
+    last = ok_abs(step);
+  }
+};
+
+// The executors' one call: kMaxStates state references, passed on as the rule takes them.
+template <class Rule, class T>
+OK_HD void apply_rule(const typename Rule::template Coef<T>& c, T& p, T g, T& s0, T& s1, T& s2, T& s3, T& s4) {
+  if constexpr (Rule::kStates > 3) {
+    Rule::apply(c, p, g, s0, s1, s2, s3, s4);
+  } else {
+    (void)s3;
+    (void)s4;
+    Rule::apply(c, p, g, s0, s1, s2);
+  }
+}
 
 }  // namespace optkern

@@ -23,6 +23,8 @@ class AdadeltaHyper:
     lr: float; rho: float; eps: float; weight_decay: float
 class RpropHyper:
     lr: float; etaminus: float; etaplus: float; step_size_min: float; step_size_max: float
+class OgrHyper:
+    lr: float; sgd_lr: float; beta: float; trust: float; eps: float; weight_decay: float; warmup: int
 
 Arrays = Sequence[Any]
 
@@ -78,6 +80,11 @@ def rprop_step(params: Arrays, grads: Arrays, states: Sequence[Arrays], state_na
                hyper: RpropHyper, step: int, grad_scale: float = ..., maximize: bool = ..., stream: int = ...,
                grad_scale_device: Any = ..., found_inf_device: Any = ..., counters: Any = ...,
                counters_f64: bool = ..., step_counters: Any = ..., mu_product_counters: Any = ...,
+             **storage: Any) -> None: ...
+def ogr_step(params: Arrays, grads: Arrays, states: Sequence[Arrays], state_names: Sequence[str],
+             hyper: OgrHyper, step: int, grad_scale: float = ..., maximize: bool = ..., stream: int = ...,
+             grad_scale_device: Any = ..., found_inf_device: Any = ..., counters: Any = ...,
+             counters_f64: bool = ..., step_counters: Any = ..., mu_product_counters: Any = ...,
              **storage: Any) -> None: ...
 def global_norm(arrays: Arrays, norm_type: float = ..., stream: int = ...) -> float: ...
 def global_norm_device(arrays: Arrays, norm_type: float, out: Any, stream: int = ..., max_norm: float = ...,
@@ -146,6 +153,9 @@ def plan_adadelta_step(plan: PointerPlan, hyper: AdadeltaHyper, step: int, grad_
 def plan_rprop_step(plan: PointerPlan, hyper: RpropHyper, step: int, grad_multiplier: float = ...,
                     maximize: bool = ..., stream: int = ..., grad_scale_device: int = ...,
                     found_inf_device: int = ...) -> None: ...
+def plan_ogr_step(plan: PointerPlan, hyper: OgrHyper, step: int, grad_multiplier: float = ...,
+                  maximize: bool = ..., stream: int = ..., grad_scale_device: int = ...,
+                  found_inf_device: int = ...) -> None: ...
 def plan_nadam_step(plan: PointerPlan, hyper: NadamHyper, step: int, mu_product: float, mu_product_float32: bool,
                     mu_products: list[int], mu_products_f64: bool, grad_multiplier: float = ..., maximize: bool = ...,
                     stream: int = ..., grad_scale_device: int = ..., found_inf_device: int = ...) -> float: ...

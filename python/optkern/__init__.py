@@ -47,6 +47,7 @@ from .functional import (  # noqa: E402
     adamax_step,
     adamw_step,
     nadam_step,
+    ogr_step,
     rmsprop_step,
     rprop_step,
     sgd_step,
@@ -96,7 +97,7 @@ def __getattr__(name: str):
 __all__ = [
     "optim", "functional", "schedules", "clip_grad_norm", "global_norm", "ClipResult", "cpu_isa", "cpu_best_isa",
     "set_cpu_isa", "set_num_threads", "get_num_threads", "cuda_available", "sgd_step", "adam_step", "adamw_step",
-    "adagrad_step", "rmsprop_step", "adamax_step", "nadam_step", "adadelta_step", "rprop_step",
+    "adagrad_step", "rmsprop_step", "adamax_step", "nadam_step", "adadelta_step", "rprop_step", "ogr_step",
     "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_combine",
     "batch_norm_normalize", "batch_norm_backward_reduce", "batch_norm_backward_dx",
     "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize", "precision", "init_masters", "master_values",

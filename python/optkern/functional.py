@@ -76,6 +76,7 @@ __all__ = [
     "nadam_step",
     "adadelta_step",
     "rprop_step",
+    "ogr_step",
 ]
 
 
@@ -366,8 +367,25 @@ def _b_rprop(lr=1e-2, etas=(0.5, 1.2), step_size_limits=(1e-6, 50.0)):
     return h
 
 
+def _b_ogr(lr=0.5, sgd_lr=1e-3, beta=0.9, warmup=5, trust=2.0, eps=1e-6, weight_decay=0.0):
+    h = _C.OgrHyper()
+    h.lr, h.sgd_lr, h.beta = _f("lr", lr), _f("sgd_lr", sgd_lr), _f("beta", beta)
+    h.trust, h.eps, h.weight_decay = _f("trust", trust), _f("eps", eps), _f("weight_decay", weight_decay)
+    if type(warmup) is not int:
+        if not isinstance(warmup, np.integer) or isinstance(warmup, (bool, np.bool_)):
+            raise TypeError(f"warmup: expected an integer (the number of plain SGD steps), got {_describe(warmup)}")
+        warmup = int(warmup)
+    if not 0 <= warmup < MAX_STEP:
+        raise ValueError(f"warmup: expected an integer >= 0 and < 2**62, got {warmup if warmup.bit_length() <= 128 else _describe(warmup)}")
+    h.warmup = warmup
+    return h
+
+
 _BUILDERS = {"sgd": _b_sgd, "adam": _b_adam, "adagrad": _b_adagrad, "rmsprop": _b_rmsprop, "adamax": _b_adamax,
-             "nadam": _b_nadam, "adadelta": _b_adadelta, "rprop": _b_rprop}
+             "nadam": _b_nadam, "adadelta": _b_adadelta, "rprop": _b_rprop, "ogr": _b_ogr}
+
+#: OGR's state buffers, in the kernel's order (optim_rules.h: OgrRule): the functional keywords' names.
+OGR_STATE_ARGS = ("mean_params", "mean_grads", "var_params", "cov_grad_params", "last_steps")
 
 
 # ---- the steps ---------------------------------------------------------------------------------------------------
@@ -566,3 +584,32 @@ def rprop_step(params, grads, prevs, step_sizes, *, step, lr=1e-2, etas=(0.5, 1.
     h = build_hyper("rprop", lr=lr, etas=etas, step_size_limits=step_size_limits)
     _run(_C.rprop_step, params, grads, [prevs, step_sizes], ("prevs", "step_sizes"), h, step, grad_multiplier,
          found_inf, maximize, **st)
+
+
+def ogr_step(params, grads, mean_params, mean_grads, var_params, cov_grad_params, last_steps, *, step, lr=0.5,
+             sgd_lr=1e-3, beta=0.9, warmup=5, trust=2.0, eps=1e-6, weight_decay=0.0, maximize=False,
+             grad_multiplier=1.0, found_inf=None, **kw):
+    """OGR, online gradient linear regression (seed 002, the lecture notes' end; diagonal, per coordinate).
+
+    Per coordinate the gradients are fitted by exponentially weighted (factor ``beta``) least squares with the line
+    g = lambda (theta - p), i.e. the parabola f = lambda (theta - p)^2 / 2:
+    lambda = cov(g, theta) / var(theta), p = mean(theta) - mean(g) / lambda; the step moves the fraction ``lr``
+    (the seed's alpha) of the way to p where lambda > 0 and as far away from p where lambda < 0 (saddles):
+    theta <- theta + lr sign(lambda) (p - theta) = theta - lr g^ / |lambda|, g^ the fitted gradient at theta.
+
+    State (zeros before step 1; allocate like the params): ``mean_params`` mean(theta), ``mean_grads`` mean(g),
+    ``var_params`` var(theta), ``cov_grad_params`` cov(g, theta) (centered moments updated Welford-style, never as
+    mean(theta^2) - mean(theta)^2), ``last_steps`` |the previous step|.  Step 1 sets the means to the sample, so
+    the weights always sum to one (no bias correction).
+
+    Guards, each giving the plain SGD step -sgd_lr g instead: steps t <= ``warmup``; var(theta) <= (eps (1 +
+    |mean(theta)|))^2; |lambda| sgd_lr <= eps.  Trust radius: the regression step is clipped to
+    ``trust`` * max(|previous step|, sgd_lr |g|).  g includes ``weight_decay`` * theta (L2).
+    """
+    st = storage_args(kw)
+    if kw:
+        refuse_keywords("ogr_step", kw)
+    h = build_hyper("ogr", lr=lr, sgd_lr=sgd_lr, beta=beta, warmup=warmup, trust=trust, eps=eps,
+                    weight_decay=weight_decay)
+    _run(_C.ogr_step, params, grads, [mean_params, mean_grads, var_params, cov_grad_params, last_steps],
+         OGR_STATE_ARGS, h, step, grad_multiplier, found_inf, maximize, **st)

@@ -26,19 +26,24 @@ namespace {
 template <class Rule, class T>
 OK_KERNEL void apply_range(const typename Rule::template Coef<T>& c, T* __restrict p,
                                            const T* __restrict g, T* __restrict s0, T* __restrict s1,
-                                           T* __restrict s2, int64_t n) {
+                                           T* __restrict s2, T* __restrict s3, T* __restrict s4, int64_t n) {
   const typename Rule::template Coef<T> cc = c;  // local copy: scalars live in registers
+  constexpr int K = Rule::kStates;
   for (int64_t i = 0; i < n; ++i) {
     T pi = p[i];
-    T a = T(0), b = T(0), d = T(0);
-    if constexpr (Rule::kStates > 0) a = s0[i];
-    if constexpr (Rule::kStates > 1) b = s1[i];
-    if constexpr (Rule::kStates > 2) d = s2[i];
-    Rule::apply(cc, pi, g[i], a, b, d);
+    T a = T(0), b = T(0), d = T(0), e = T(0), f = T(0);
+    if constexpr (K > 0) a = s0[i];
+    if constexpr (K > 1) b = s1[i];
+    if constexpr (K > 2) d = s2[i];
+    if constexpr (K > 3) e = s3[i];
+    if constexpr (K > 4) f = s4[i];
+    apply_rule<Rule, T>(cc, pi, g[i], a, b, d, e, f);
     p[i] = pi;
-    if constexpr (Rule::kStates > 0) s0[i] = a;
-    if constexpr (Rule::kStates > 1) s1[i] = b;
-    if constexpr (Rule::kStates > 2) s2[i] = d;
+    if constexpr (K > 0) s0[i] = a;
+    if constexpr (K > 1) s1[i] = b;
+    if constexpr (K > 2) s2[i] = d;
+    if constexpr (K > 3) s3[i] = e;
+    if constexpr (K > 4) s4[i] = f;
   }
 }
 
@@ -50,10 +55,9 @@ void run_typed(const StepBatch& b, const CoefD<Rule>& cd) {
     const TensorSlots& t = ts[r.tensor];
     T* p = static_cast<T*>(t.ptr[0]) + r.begin;
     const T* g = static_cast<const T*>(t.ptr[1]) + r.begin;
-    T* s0 = Rule::kStates > 0 ? static_cast<T*>(t.ptr[2]) + r.begin : nullptr;
-    T* s1 = Rule::kStates > 1 ? static_cast<T*>(t.ptr[3]) + r.begin : nullptr;
-    T* s2 = Rule::kStates > 2 ? static_cast<T*>(t.ptr[4]) + r.begin : nullptr;
-    apply_range<Rule, T>(c, p, g, s0, s1, s2, r.end - r.begin);
+    T* s[kMaxStates] = {};
+    for (int k = 0; k < Rule::kStates; ++k) s[k] = static_cast<T*>(t.ptr[2 + k]) + r.begin;
+    apply_range<Rule, T>(c, p, g, s[0], s[1], s[2], s[3], s[4], r.end - r.begin);
   };
   for_each_range_parallel(b, body);
 }
@@ -79,8 +83,9 @@ void run_mixed(const StepBatch& b, const CoefD<Rule>& cd, int64_t sr_step) {
     const TensorSlots& t = b.tensors[r.tensor];
     // One block of tiles, each kTilePad floats apart: offsets that differ mod 4 KiB (no 4K aliasing between the
     // loads of one tile and the stores of another in the rule's loop).
-    alignas(64) float tiles[5][kTilePad];
-    float *pt = tiles[0], *gt = tiles[1], *st[3] = {tiles[2], tiles[3], tiles[4]};
+    alignas(64) float tiles[2 + kMaxStates][kTilePad];
+    float *pt = tiles[0], *gt = tiles[1], *st[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) st[k] = tiles[2 + k];
     for (int64_t off = r.begin; off < r.end; off += kTile) {
       const int64_t m = r.end - off < kTile ? r.end - off : kTile;
       float* P = pt;
@@ -92,7 +97,7 @@ void run_mixed(const StepBatch& b, const CoefD<Rule>& cd, int64_t sr_step) {
       const float* G = gt;
       if (gd == DType::f32) G = static_cast<const float*>(t.ptr[1]) + off;
       else load_tile16(gd, static_cast<const uint16_t*>(t.ptr[1]) + off, m, gt);
-      float* S[3] = {nullptr, nullptr, nullptr};
+      float* S[kMaxStates] = {};
       for (int k = 0; k < Rule::kStates; ++k) {
         if (sd == DType::f32) {
           S[k] = static_cast<float*>(t.ptr[2 + k]) + off;
@@ -101,7 +106,7 @@ void run_mixed(const StepBatch& b, const CoefD<Rule>& cd, int64_t sr_step) {
           load_tile16(sd, static_cast<const uint16_t*>(t.ptr[2 + k]) + off, m, st[k]);
         }
       }
-      apply_range<Rule, float>(c, P, G, S[0], S[1], S[2], m);
+      apply_range<Rule, float>(c, P, G, S[0], S[1], S[2], S[3], S[4], m);
       if (sd != DType::f32)
         for (int k = 0; k < Rule::kStates; ++k) store_tile16_rne(sd, static_cast<uint16_t*>(t.ptr[2 + k]) + off, st[k], m);
       if (half_params) {

@@ -59,7 +59,7 @@ constexpr size_t kCoefSlot = 128;  // bytes per coefficient slot (one per distin
 
 // One tensor in the device table.
 struct DevTensor {
-  void* ptr[5];
+  void* ptr[2 + kMaxStates];
   void* master;  // StepBatch::prec: the float32 master or the int16 low halves
   void* copy;    // the 16-bit copy of the updated param
   int64_t numel;
@@ -74,17 +74,15 @@ struct DevCounter {
 };
 
 template <class Rule, class T>
-__device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>& c, T* p, const T* g, T* s0, T* s1,
-                                          T* s2, int64_t i) {
-  T pi = p[i], a = T(0), b = T(0), d = T(0);
-  if (Rule::kStates > 0) a = s0[i];
-  if (Rule::kStates > 1) b = s1[i];
-  if (Rule::kStates > 2) d = s2[i];
-  Rule::apply(c, pi, g[i], a, b, d);
+__device__ __forceinline__ void apply_one(const typename Rule::template Coef<T>& c, T* p, const T* g,
+                                          T* const* s, int64_t i) {
+  T pi = p[i], v[kMaxStates] = {};
+#pragma unroll
+  for (int k = 0; k < Rule::kStates; ++k) v[k] = s[k][i];
+  apply_rule<Rule, T>(c, pi, g[i], v[0], v[1], v[2], v[3], v[4]);
   p[i] = pi;
-  if (Rule::kStates > 0) s0[i] = a;
-  if (Rule::kStates > 1) s1[i] = b;
-  if (Rule::kStates > 2) s2[i] = d;
+#pragma unroll
+  for (int k = 0; k < Rule::kStates; ++k) s[k][i] = v[k];
 }
 
 template <class Rule, class T>
@@ -120,13 +118,13 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule, T
     chunk_range(a.starts, ti, t.numel, kChunk, ci, &begin, &len);
     T* p = static_cast<T*>(t.ptr[0]) + begin;
     const T* g = static_cast<const T*>(t.ptr[1]) + begin;
-    T* s0 = Rule::kStates > 0 ? static_cast<T*>(t.ptr[2]) + begin : nullptr;
-    T* s1 = Rule::kStates > 1 ? static_cast<T*>(t.ptr[3]) + begin : nullptr;
-    T* s2 = Rule::kStates > 2 ? static_cast<T*>(t.ptr[4]) + begin : nullptr;
+    T* s[kMaxStates] = {};
     uintptr_t mis = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g);
-    if (Rule::kStates > 0) mis |= reinterpret_cast<uintptr_t>(s0);
-    if (Rule::kStates > 1) mis |= reinterpret_cast<uintptr_t>(s1);
-    if (Rule::kStates > 2) mis |= reinterpret_cast<uintptr_t>(s2);
+#pragma unroll
+    for (int k = 0; k < Rule::kStates; ++k) {
+      s[k] = static_cast<T*>(t.ptr[2 + k]) + begin;
+      mis |= reinterpret_cast<uintptr_t>(s[k]);
+    }
     int64_t vec_end = 0;
     if ((mis & 15u) == 0) {  // every buffer 16-byte aligned: packed loads and stores
       const int64_t npacks = len / W;
@@ -134,19 +132,18 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const KernelArgs<Rule, T
       for (int64_t k = threadIdx.x; k < npacks; k += blockDim.x) {
         Pack<T> P = reinterpret_cast<Pack<T>*>(p)[k];
         const Pack<T> G = reinterpret_cast<const Pack<T>*>(g)[k];
-        Pack<T> A{}, B{}, D{};
-        if (Rule::kStates > 0) A = reinterpret_cast<Pack<T>*>(s0)[k];
-        if (Rule::kStates > 1) B = reinterpret_cast<Pack<T>*>(s1)[k];
-        if (Rule::kStates > 2) D = reinterpret_cast<Pack<T>*>(s2)[k];
+        Pack<T> S[kMaxStates] = {};
 #pragma unroll
-        for (int l = 0; l < W; ++l) Rule::apply(c, P.v[l], G.v[l], A.v[l], B.v[l], D.v[l]);
+        for (int j = 0; j < Rule::kStates; ++j) S[j] = reinterpret_cast<Pack<T>*>(s[j])[k];
+#pragma unroll
+        for (int l = 0; l < W; ++l)
+          apply_rule<Rule, T>(c, P.v[l], G.v[l], S[0].v[l], S[1].v[l], S[2].v[l], S[3].v[l], S[4].v[l]);
         reinterpret_cast<Pack<T>*>(p)[k] = P;
-        if (Rule::kStates > 0) reinterpret_cast<Pack<T>*>(s0)[k] = A;
-        if (Rule::kStates > 1) reinterpret_cast<Pack<T>*>(s1)[k] = B;
-        if (Rule::kStates > 2) reinterpret_cast<Pack<T>*>(s2)[k] = D;
+#pragma unroll
+        for (int j = 0; j < Rule::kStates; ++j) reinterpret_cast<Pack<T>*>(s[j])[k] = S[j];
       }
     }
-    for (int64_t i = vec_end + threadIdx.x; i < len; i += blockDim.x) apply_one<Rule, T>(c, p, g, s0, s1, s2, i);
+    for (int64_t i = vec_end + threadIdx.x; i < len; i += blockDim.x) apply_one<Rule, T>(c, p, g, s, i);
   }
 }
 
@@ -239,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) mixed_step_kernel(const KernelArgs<R
       vec_end = begin + npacks * kMixedPack;
       for (int64_t k = threadIdx.x; k < npacks; k += blockDim.x) {
         const int64_t i0 = begin + k * kMixedPack;
-        float p[kMixedPack], g[kMixedPack], s0[kMixedPack] = {}, s1[kMixedPack] = {}, s2[kMixedPack] = {};
+        float p[kMixedPack], g[kMixedPack], s[kMaxStates][kMixedPack] = {};
         if (L.master == MasterMode::split) {
           const uint4 hq = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(t.ptr[0]) + i0);
           const uint4 lq = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(t.master) + i0);
@@ -253,14 +250,13 @@ __global__ void __launch_bounds__(kThreads) mixed_step_kernel(const KernelArgs<R
           load8(src, L.master == MasterMode::fp32 ? t.master : t.ptr[0], i0, p);
         }
         load8(L.grad, t.ptr[1], i0, g);
-        if (Rule::kStates > 0) load8(L.state, t.ptr[2], i0, s0);
-        if (Rule::kStates > 1) load8(L.state, t.ptr[3], i0, s1);
-        if (Rule::kStates > 2) load8(L.state, t.ptr[4], i0, s2);
 #pragma unroll
-        for (int l = 0; l < kMixedPack; ++l) Rule::apply(c, p[l], g[l], s0[l], s1[l], s2[l]);
-        if (Rule::kStates > 0) store8_rne(L.state, t.ptr[2], i0, s0);
-        if (Rule::kStates > 1) store8_rne(L.state, t.ptr[3], i0, s1);
-        if (Rule::kStates > 2) store8_rne(L.state, t.ptr[4], i0, s2);
+        for (int j = 0; j < Rule::kStates; ++j) load8(L.state, t.ptr[2 + j], i0, s[j]);
+#pragma unroll
+        for (int l = 0; l < kMixedPack; ++l)
+          apply_rule<Rule, float>(c, p[l], g[l], s[0][l], s[1][l], s[2][l], s[3][l], s[4][l]);
+#pragma unroll
+        for (int j = 0; j < Rule::kStates; ++j) store8_rne(L.state, t.ptr[2 + j], i0, s[j]);
         if (!half_params) {
           store8_rne(DType::f32, t.ptr[0], i0, p);
         } else if (L.master == MasterMode::split) {
@@ -300,14 +296,12 @@ __global__ void __launch_bounds__(kThreads) mixed_step_kernel(const KernelArgs<R
         p = f32_from_halves(static_cast<const uint16_t*>(t.ptr[0])[i], static_cast<const uint16_t*>(t.master)[i]);
       else p = half_to_f32(L.param, static_cast<const uint16_t*>(t.ptr[0])[i]);
       const float g = load_f32(L.grad, t.ptr[1], i);
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f;
-      if (Rule::kStates > 0) s0 = load_f32(L.state, t.ptr[2], i);
-      if (Rule::kStates > 1) s1 = load_f32(L.state, t.ptr[3], i);
-      if (Rule::kStates > 2) s2 = load_f32(L.state, t.ptr[4], i);
-      Rule::apply(c, p, g, s0, s1, s2);
-      if (Rule::kStates > 0) store_f32_rne(L.state, t.ptr[2], i, s0);
-      if (Rule::kStates > 1) store_f32_rne(L.state, t.ptr[3], i, s1);
-      if (Rule::kStates > 2) store_f32_rne(L.state, t.ptr[4], i, s2);
+      float s[kMaxStates] = {};
+#pragma unroll
+      for (int j = 0; j < Rule::kStates; ++j) s[j] = load_f32(L.state, t.ptr[2 + j], i);
+      apply_rule<Rule, float>(c, p, g, s[0], s[1], s[2], s[3], s[4]);
+#pragma unroll
+      for (int j = 0; j < Rule::kStates; ++j) store_f32_rne(L.state, t.ptr[2 + j], i, s[j]);
       if (!half_params) {
         static_cast<float*>(t.ptr[0])[i] = p;
       } else {
@@ -374,7 +368,7 @@ bool same_slots(const std::vector<TensorSlots>& a, const std::vector<TensorSlots
     if (x.numel != y.numel || x.step != y.step || x.mu_product != y.mu_product || x.master != y.master ||
         x.copy != y.copy || x.key_index != y.key_index)
       return false;
-    for (int k = 0; k < 5; ++k)
+    for (int k = 0; k < 2 + kMaxStates; ++k)
       if (x.ptr[k] != y.ptr[k] && (grads_too || k != 1)) return false;
   }
   return true;
@@ -397,7 +391,7 @@ std::vector<unsigned char> table_bytes(const StepBatch& b, bool counters, Device
     }
     if (s.numel == 0) continue;  // zero-size tensors own no chunk and stay out (their counters still advance)
     DevTensor r;
-    for (int k = 0; k < 5; ++k) r.ptr[k] = s.ptr[k];
+    for (int k = 0; k < 2 + kMaxStates; ++k) r.ptr[k] = s.ptr[k];
     r.master = s.master;
     r.copy = s.copy;
     r.numel = s.numel;

@@ -17,7 +17,7 @@ from .. import _C
 from ..functional import real_number
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop", "OGR"]
 
 
 def _pick(group, keys, lr, **renamed):
@@ -225,3 +225,35 @@ class Rprop(Optimizer):
 
     def _hyper_kwargs(self, group, lr):
         return _pick(group, ("etas",), lr, step_size_limits="step_sizes")
+
+
+class OGR(Optimizer):
+    """OGR, online gradient linear regression (seed 002; issue 16 part 2): per coordinate, a parabola fitted to the
+    recent gradients by exponentially weighted least squares, and a step toward its vertex (lambda > 0) or away
+    from it (lambda < 0, saddles).  :func:`optkern.ogr_step` gives the formulas and guards.
+
+    ``lr`` is the step factor alpha (the fraction of the way to the vertex); ``sgd_lr`` the plain SGD step's
+    learning rate, used for the first ``warmup`` steps and wherever a guard refuses the fit (var(theta) or lambda
+    near zero, relative to ``eps``); ``trust`` bounds the regression step to trust * max(|previous step|,
+    sgd_lr |g|); ``beta`` is the averages' factor.  State per param: ``mean_param``, ``mean_grad``, ``var_param``,
+    ``cov_grad_param``, ``last_step``.
+    """
+
+    _algo, _c_step = "ogr", _C.ogr_step
+
+    def __init__(self, params, lr=0.5, sgd_lr=1e-3, beta=0.9, warmup=5, trust=2.0, eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, state_dtype=None, master_weights=None, stochastic_rounding=False, seed=0):
+        super().__init__(params, dict(lr=lr, sgd_lr=sgd_lr, beta=beta, warmup=warmup, trust=trust, eps=eps,
+                                      weight_decay=weight_decay, maximize=maximize,
+                                      **_precision(state_dtype, master_weights, stochastic_rounding, seed)))
+
+    def _state_spec_for(self, group):
+        return OGR_STATE_SPEC
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("sgd_lr", "beta", "warmup", "trust", "eps", "weight_decay"), lr)
+
+
+#: OGR's state keys in the kernel's order, each starting at 0 (shared with optkern.torch.OGR).
+OGR_STATE_SPEC = (("mean_param", 0.0), ("mean_grad", 0.0), ("var_param", 0.0), ("cov_grad_param", 0.0),
+                  ("last_step", 0.0))

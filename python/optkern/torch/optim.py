@@ -88,9 +88,9 @@ import torch
 from .. import _C
 from ..functional import build_hyper, storage_args
 from ..precision import check_master_mode, dtype_name, resolve_state_dtype
-from ..optim.algorithms import _pick  # group keys -> build_hyper keywords, shared with the NumPy layer
+from ..optim.algorithms import OGR_STATE_SPEC, _pick  # group keys -> build_hyper keywords, shared with the NumPy layer
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "Adadelta", "Rprop", "OGR"]
 
 _HALF = (torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, torch.float64) + _HALF
@@ -1203,6 +1203,49 @@ class Rprop(_FusedStep, torch.optim.Rprop):
         return (("step", "step"), ("prev", 0.0), ("step_size", "lr"))
 
 
-for _cls in (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, Adadelta, Rprop):
+class _TorchOGR(torch.optim.Optimizer):
+    """OGR as torch.optim would write it (torch has none): the constructor, defaults and group keys, with torch's
+    implementation keywords (``foreach``, ``capturable``, ``differentiable``) stored as the other classes store
+    them.  Hyperparameters are checked by the same builder as :func:`optkern.ogr_step` (ValueError / TypeError
+    naming the argument)."""
+
+    def __init__(self, params, lr=0.5, sgd_lr=1e-3, beta=0.9, warmup=5, trust=2.0, eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False):
+        build_hyper("ogr", lr=lr, sgd_lr=sgd_lr, beta=beta, warmup=warmup, trust=trust, eps=eps,
+                    weight_decay=weight_decay)
+        defaults = dict(lr=lr, sgd_lr=sgd_lr, beta=beta, warmup=warmup, trust=trust, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in (("maximize", False), ("foreach", None), ("capturable", False), ("differentiable", False)):
+                group.setdefault(k, v)
+
+
+class OGR(_FusedStep, _TorchOGR):
+    """OGR, online gradient linear regression (seed 002; :func:`optkern.ogr_step` has the formulas, guards and
+    parameters), as a ``torch.optim.Optimizer`` on optkern's fused OGR kernel.  There is no torch.optim
+    counterpart: the class follows the conventions of the others here (state in ``state[p]``, ``step`` a float32
+    tensor, AMP, plans, mixed precision).  State per param: ``step``, ``mean_param``, ``mean_grad``, ``var_param``,
+    ``cov_grad_param``, ``last_step``."""
+
+    _algo, _c_step = "ogr", _C.ogr_step
+    _plan_step = _C.plan_ogr_step
+    _hyper_keys = ("lr", "sgd_lr", "beta", "warmup", "trust", "eps", "weight_decay", "differentiable")
+
+    def _hyper_kwargs(self, group, lr):
+        return _pick(group, ("sgd_lr", "beta", "warmup", "trust", "eps", "weight_decay"), lr)
+
+    def _kernel_state_keys(self, group):
+        return tuple(k for k, _ in OGR_STATE_SPEC)
+
+    def _state_spec(self, group):
+        return (("step", "step"),) + OGR_STATE_SPEC
+
+
+for _cls in (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, Adadelta, Rprop, OGR):
     _torch_signature(_cls, _cls.__mro__[2])
 del _cls
