@@ -37,7 +37,7 @@ from .batch_norm import (  # noqa: E402
     batch_norm_normalize,
     batch_norm_stats,
 )
-from .lbfgs import LBFGSHistory, LBFGSResult, lbfgs_minimize  # noqa: E402
+from .lbfgs import LBFGSHistory, LBFGSResult, OptimizeResult, lbfgs_minimize  # noqa: E402
 from ._paths import cmake_dir, include_dir, lib_dir, library_path, pkgconfig_dir  # noqa: E402
 from .clip import ClipResult, clip_grad_norm, global_norm  # noqa: E402
 from .functional import (  # noqa: E402
