@@ -151,18 +151,27 @@ class LBFGS:
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
                  history_size=100, line_search_fn=None):
+        self.defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
+                             tolerance_change=tolerance_change, history_size=history_size,
+                             line_search_fn=line_search_fn)
+        self._setup(params)
+
+    _HYPER = _HYPER
+    _check_group = staticmethod(_check_group)
+
+    def _setup(self, params):
+        """The param group (one, as torch's LBFGS), the flat views and the buffers, from self.defaults; every
+        check (the group's hyperparameters by ``_check_group``) before anything is kept.  Shared with NCG."""
+        name = type(self).__name__
         if hasattr(params, "shape") or isinstance(params, dict):
             raise TypeError(f"params: expected an iterable of arrays or of one dict, got {type(params).__name__}")
         params = list(params)
         if len(params) == 0:
             raise ValueError("params: optimizer got an empty parameter list")
-        self.defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
-                             tolerance_change=tolerance_change, history_size=history_size,
-                             line_search_fn=line_search_fn)
         if isinstance(params[0], dict):
             if len(params) != 1:
-                raise ValueError(f"params: LBFGS supports one param group (as torch), got {len(params)}")
-            unknown = set(params[0]) - set(_HYPER) - {"params"}
+                raise ValueError(f"params: {name} supports one param group (as torch's LBFGS), got {len(params)}")
+            unknown = set(params[0]) - set(self._HYPER) - {"params"}
             if unknown:
                 raise TypeError(f"params: unexpected param group keys {sorted(unknown)}")
             group = dict(self.defaults, **params[0])
@@ -172,8 +181,9 @@ class LBFGS:
             group = dict(self.defaults, params=params)
         if group["max_eval"] is None:
             group["max_eval"] = group["max_iter"] * 5 // 4 if isinstance(group["max_iter"], int) else None
-        _check_group(group)
-        self.defaults["max_eval"] = group["max_eval"] if max_eval is None else max_eval
+        self._check_group(group)
+        if self.defaults["max_eval"] is None:
+            self.defaults["max_eval"] = group["max_eval"]
         self.param_groups = [group]
         params = group["params"]
         if len(params) == 0:
