@@ -52,6 +52,24 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 // ---- dots -------------------------------------------------------------------------------------------------
 
+// This thread's place in the chunk at off (of n values): slot = its lane block, lane = its lane; the block
+// starts at b0 and holds blk values (0 past the chunk's end), vec of them in whole 16-lane rows; nblocks lane
+// blocks in the chunk.  Shared by the dots and the NCG direction.
+struct LaneBlock {
+  int slot, lane, nblocks;
+  int64_t b0, blk, vec;
+  __device__ __forceinline__ LaneBlock(int64_t n, int64_t off) {
+    const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
+    slot = static_cast<int>(threadIdx.x) / kLbLanes;
+    lane = static_cast<int>(threadIdx.x) % kLbLanes;
+    b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
+    const int64_t rest = len - b0;
+    blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
+    vec = blk / kLbLanes * kLbLanes;
+    nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  }
+};
+
 template <class T>
 struct DotPtrs {
   const T* stored[kLbMaxVecs];
@@ -63,13 +81,9 @@ template <class T>
 __device__ __forceinline__ void chunk_partials(const DotPtrs<T>& ptrs, int k, int nq, int64_t n, int64_t nchunks,
                                                int64_t c, double (*red)[kSlots + 1], double* __restrict__ part) {
   const int64_t off = c * kLbChunk;
-  const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
-  const int slot = threadIdx.x / kLbLanes, lane = threadIdx.x % kLbLanes;
-  const int64_t b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
-  const int64_t rest = len - b0;
-  const int64_t blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
-  const int64_t vec = blk / kLbLanes * kLbLanes;
-  const int nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  const LaneBlock lb(n, off);
+  const int slot = lb.slot, lane = lb.lane, nblocks = lb.nblocks;
+  const int64_t b0 = lb.b0, blk = lb.blk, vec = lb.vec;
   const int P = k * nq;
   for (int pb = 0; pb < P; pb += kPairBatch) {
     const int pe = P - pb < kPairBatch ? P : pb + kPairBatch;
@@ -254,13 +268,9 @@ template <class T, bool kSteepest>
 __device__ __forceinline__ void ncg_chunk(const T* __restrict__ g, T* __restrict__ v, T beta, int64_t n, int64_t c,
                                           double* red, double* __restrict__ part) {
   const int64_t off = c * kLbChunk;
-  const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
-  const int slot = threadIdx.x / kLbLanes, lane = threadIdx.x % kLbLanes;
-  const int64_t b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
-  const int64_t rest = len - b0;
-  const int64_t blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
-  const int64_t vec = blk / kLbLanes * kLbLanes;
-  const int nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  const LaneBlock lb(n, off);
+  const int slot = lb.slot, lane = lb.lane, nblocks = lb.nblocks;
+  const int64_t b0 = lb.b0, blk = lb.blk, vec = lb.vec;
   const T* gb = g + off + b0;
   T* vb = v + off + b0;
   T acc = T(0);

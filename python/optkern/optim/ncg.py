@@ -109,9 +109,7 @@ class NCG(LBFGS):
         return {"state": state, "param_groups": [group]}
 
     def _load_state_dict(self, state_dict):
-        groups = state_dict["param_groups"]
-        if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
-            raise ValueError("state_dict: expected one param group with as many params as this optimizer's")
+        groups = self._loaded_groups(state_dict)
         st = state_dict["state"]
         ncg = st.get("ncg")
         for name, a in (("g_prev", st.get("g_prev")), ("ncg.v", None if ncg is None else ncg["v"])):
@@ -143,15 +141,8 @@ class NCG(LBFGS):
         line_search_fn = group["line_search_fn"]
         state = self.state
         ncg = self._state_for(group)
-        if self._torch:
-            import torch
-
-            closure = torch.enable_grad()(closure)  # as torch: the closure runs with grad enabled
-
-        orig_loss = self._evaluate(closure)
-        loss = _to_float(orig_loss)
+        closure, orig_loss, loss = self._first_evaluation(closure)
         current_evals = 1
-        state["func_evals"] += 1
         if _max_abs(self._g) <= tol_grad:
             return orig_loss
         if self._g_prev is None:
@@ -229,11 +220,6 @@ class NCG(LBFGS):
             current_evals += ls_evals
             state["func_evals"] += ls_evals
             self._t = t
-            # the stopping tests
-            if n_iter == max_iter or current_evals >= max_eval or opt_cond:
-                break
-            if abs(t) * _max_abs(d) <= tol_change:
-                break
-            if abs(loss - self._prev_loss) < tol_change:
+            if self._stop(n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss, tol_change):
                 break
         return orig_loss
