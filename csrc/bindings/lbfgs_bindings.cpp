@@ -15,6 +15,7 @@
 #include "../optkern/lbfgs_api.h"
 #include "../optkern/lbfgs_rules.h"
 #include "array_view.h"
+#include "vec_checks.h"
 
 namespace py = pybind11;
 using namespace optkern;
@@ -22,47 +23,11 @@ using optkern_py::ArrayView;
 using optkern_py::device_str;
 using optkern_py::type_error;
 using optkern_py::value_error;
+using optkern_py::check_one;
+using optkern_py::item_name;
+using optkern_py::Ref;
 
 namespace {
-
-std::string item_name(const char* kind, size_t i) { return std::string(kind) + "[" + std::to_string(i) + "]"; }
-
-bool c_contiguous(const ArrayView& v) {
-  int64_t expect = v.itemsize;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    if (v.shape[d] == 1) continue;
-    if (v.strides[d] != expect) return false;
-    expect *= v.shape[d];
-  }
-  return true;
-}
-
-// The reference for a call: dtype, element count and device of its first array.
-struct Ref {
-  std::string name;
-  DType dtype = DType::f32;
-  int64_t numel = 0;
-  Device device;
-};
-
-void check_one(const ArrayView& v, const std::string& name, const Ref* ref) {
-  if (!v.dtype_ok) type_error(name + ": expected float32 or float64, got " + v.dtype_str);
-  if (ref) {
-    if (v.dtype != ref->dtype)
-      type_error(name + ": expected " + dtype_name(ref->dtype) + " like " + ref->name + ", got " + dtype_name(v.dtype));
-    if (!(v.device == ref->device))
-      value_error(name + ": expected an array on " + device_str(ref->device) + " like " + ref->name + ", got " +
-                  device_str(v.device));
-    if (v.numel != ref->numel)
-      value_error(name + ": expected " + std::to_string(ref->numel) + " elements like " + ref->name + ", got shape " +
-                  optkern_py::shape_str(v));
-  }
-  if (v.numel > 0 && !c_contiguous(v))
-    value_error(name + ": expected a C-contiguous array (the kernels never copy); got shape " +
-                optkern_py::shape_str(v) + " with non-contiguous strides");
-  if (v.numel > 0 && reinterpret_cast<uintptr_t>(v.data) % static_cast<uintptr_t>(v.itemsize) != 0)
-    value_error(name + ": data pointer is not aligned to its itemsize");
-}
 
 // Parse a list (or tuple) of 1..64 arrays named kind[i]; ref (when given) fixes dtype/numel/device, else the
 // first array does (and *ref is filled).
@@ -137,15 +102,10 @@ void register_lbfgs(py::module_& m) {
         ArrayView ov = ArrayView::from(out, "out", -1, stream);
         check_one(ov, "out", &ref);
         if (ov.readonly) value_error("out: is read-only; lbfgs_lincomb writes it and it must be writable");
-        if (ov.numel > 0) {
-          const uintptr_t ob = reinterpret_cast<uintptr_t>(ov.data), oe = ob + static_cast<uintptr_t>(ov.nbytes());
-          for (size_t i = 0; i < vv.size(); ++i) {
-            const uintptr_t b = reinterpret_cast<uintptr_t>(vv[i].data), e = b + static_cast<uintptr_t>(vv[i].nbytes());
-            if (ob < e && b < oe)
-              value_error("out: overlaps " + item_name("vecs", i) +
-                          " in memory; lbfgs_lincomb writes out, so it must not alias any input");
-          }
-        }
+        for (size_t i = 0; i < vv.size(); ++i)
+          if (optkern_py::overlaps(ov, vv[i]))
+            value_error("out: overlaps " + item_name("vecs", i) +
+                        " in memory; lbfgs_lincomb writes out, so it must not alias any input");
         VecBatch vb = make_batch(vv, ref, stream);
         void* o = ov.data;
         py::gil_scoped_release nogil;

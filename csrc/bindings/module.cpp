@@ -24,6 +24,7 @@ using optkern_py::CollectedStep;
 
 void register_batch_norm(py::module_& m);  // batch_norm_bindings.cpp
 void register_lbfgs(py::module_& m);       // lbfgs_bindings.cpp
+void register_ncg(py::module_& m);         // ncg_bindings.cpp
 void register_pointer_step(py::module_& m);  // pointer_step.cpp (cached step plans for optkern.torch)
 void register_reductions(py::module_& m);    // reduce_bindings.cpp (global_norm)
 
@@ -196,6 +197,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "optkern compiled core: fused optimizer steps and batch norm on CPU (AVX-512/AVX2/scalar) and CUDA";
   register_batch_norm(m);
   register_lbfgs(m);
+  register_ncg(m);
   register_pointer_step(m);
   register_reductions(m);
 

@@ -1,5 +1,7 @@
 // The L-BFGS executors: one per CPU instruction set (cpu/lbfgs_cpu_kernels.cpp compiled three times) and one
 // for CUDA (cuda/lbfgs_cuda.cu).  lbfgs_api.cpp checks the arguments and picks one; executors see n >= 1.
+// They also hold the NCG direction kernel (ncg_api.cpp dispatches to it): it is the dots' reduction order with a
+// write, and shares their lane-block and chunk-fold code.
 #pragma once
 
 #include <vector>
@@ -12,6 +14,7 @@ namespace optkern {
   namespace NS {                                                                        \
   void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out);        \
   void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out); \
+  void ncg_direction(const VecBatch& g, void* v, double beta, double* slope);           \
   }
 
 OPTKERN_DECLARE_LBFGS_EXECUTOR(cpu_scalar)

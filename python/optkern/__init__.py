@@ -26,7 +26,7 @@ if _isa:
     except ValueError as e:  # a forced path this CPU lacks, or a typo: fail loudly, never fall back
         raise ImportError(f"OPTKERN_CPU_ISA={_isa!r}: {e}") from None
 
-from . import batch_norm, functional, lbfgs, optim, precision, schedules  # noqa: E402
+from . import batch_norm, functional, lbfgs, ncg, optim, precision, schedules  # noqa: E402
 from .precision import init_masters, master_values  # noqa: E402
 from .batch_norm import (  # noqa: E402
     batch_norm_backward,
@@ -37,7 +37,8 @@ from .batch_norm import (  # noqa: E402
     batch_norm_normalize,
     batch_norm_stats,
 )
-from .lbfgs import LBFGSHistory, LBFGSResult, lbfgs_minimize  # noqa: E402
+from .lbfgs import LBFGSHistory, LBFGSResult, OptimizeResult, lbfgs_minimize  # noqa: E402
+from .ncg import NCGState, ncg_minimize  # noqa: E402
 from ._paths import cmake_dir, include_dir, lib_dir, library_path, pkgconfig_dir  # noqa: E402
 from .clip import ClipResult, clip_grad_norm, global_norm  # noqa: E402
 from .functional import (  # noqa: E402
@@ -100,6 +101,7 @@ __all__ = [
     "adagrad_step", "rmsprop_step", "adamax_step", "nadam_step", "adadelta_step", "rprop_step", "ogr_step",
     "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_combine",
     "batch_norm_normalize", "batch_norm_backward_reduce", "batch_norm_backward_dx",
-    "lbfgs", "LBFGSHistory", "LBFGSResult", "lbfgs_minimize", "precision", "init_masters", "master_values",
+    "lbfgs", "LBFGSHistory", "LBFGSResult", "OptimizeResult", "lbfgs_minimize", "ncg", "NCGState",
+    "ncg_minimize", "precision", "init_masters", "master_values",
     "cmake_dir", "include_dir", "lib_dir", "library_path", "pkgconfig_dir",
 ]

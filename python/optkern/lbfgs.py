@@ -41,7 +41,7 @@ import numpy as np
 from . import _C
 from ._arrays import _library, current_stream
 
-__all__ = ["LBFGSHistory", "LBFGSResult", "lbfgs_minimize"]
+__all__ = ["LBFGSHistory", "LBFGSResult", "OptimizeResult", "lbfgs_minimize"]
 
 _MAX_VECS = 64  # the kernels take at most 64 vectors per batch (kLbMaxVecs in csrc/optkern/lbfgs_rules.h)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -400,12 +400,14 @@ class LBFGSHistory:
 # ----------------------------------------------------------------------------------------------------------------
 # The minimizer
 
-class LBFGSResult(dict):
-    """scipy.optimize.OptimizeResult-like: a dict with attribute access.
+class OptimizeResult(dict):
+    """scipy.optimize.OptimizeResult-like: a dict with attribute access, returned by ``lbfgs_minimize`` and
+    ``ncg_minimize`` (``LBFGSResult`` is the same class under its first name).
 
     x, fun, grad (x's shape, x0's library), nit (iterations = accepted line-search steps), nfev (calls of
-    fun_and_grad), success, status (0 converged, 1 max_iter, 2 failure), message, nskipped (pairs rejected by
-    the curvature test).
+    fun_and_grad), success, status (0 converged, 1 max_iter, 2 failure), message; L-BFGS adds nskipped (pairs
+    rejected by the curvature test), NCG nrestarts (steepest-descent restarts by reason: "every", "powell",
+    "descent").
     """
 
     def __getattr__(self, name):
@@ -417,8 +419,11 @@ class LBFGSResult(dict):
     __setattr__ = dict.__setitem__
 
     def __repr__(self):
-        keys = ("success", "status", "message", "fun", "nit", "nfev", "nskipped")
-        return "LBFGSResult(" + ", ".join(f"{k}={self[k]!r}" for k in keys if k in self) + ")"
+        keys = ("success", "status", "message", "fun", "nit", "nfev", "nskipped", "nrestarts")
+        return "OptimizeResult(" + ", ".join(f"{k}={self[k]!r}" for k in keys if k in self) + ")"
+
+
+LBFGSResult = OptimizeResult
 
 
 class _NonFinite(Exception):
@@ -554,6 +559,14 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
     A fun_and_grad that calls a multithreaded BLAS (OpenBLAS busy-waits after each call) competes with the
     kernels for the cores on small machines: one BLAS thread can make iterations 1.3-1.5x faster (README).
     """
+    _check_minimize_args(x0, line_search, max_iter, gtol, ftol, c1, c2, max_ls)
+    hist = LBFGSHistory(int(np.prod(x0.shape)), history_size, x0.dtype, like=x0)  # validates history_size
+    return _descent(fun_and_grad, x0, _LBFGSMethod(hist), max_iter, gtol, ftol, line_search, callback, c1, c2,
+                    max_ls)
+
+
+def _check_minimize_args(x0, line_search, max_iter, gtol, ftol, c1, c2, max_ls):
+    """The argument checks shared by lbfgs_minimize and ncg_minimize (ValueError/TypeError naming the argument)."""
     if _library(x0) not in ("numpy", "cupy") and not isinstance(x0, np.ndarray):
         raise TypeError(f"x0: expected a NumPy or CuPy array, got {type(x0).__name__}")
     if x0.dtype not in _DTYPES:
@@ -571,20 +584,60 @@ def lbfgs_minimize(fun_and_grad, x0, *, history_size=10, max_iter=1000, gtol=1e-
         raise ValueError(f"max_ls: expected an integer >= 1, got {max_ls!r}")
     if int(np.prod(x0.shape)) < 1:
         raise ValueError("x0: expected at least one element")
+
+
+class _LBFGSMethod:
+    """lbfgs_minimize's part of the shared loop (_descent): the two-pass direction and the pair push."""
+
+    def __init__(self, hist):
+        self.hist = hist
+        self.d = None
+
+    def direction(self, g):
+        """(d, g.d, steepest)."""
+        if self.d is None:
+            self.d = _aligned_like(g)
+        # g.d from pass 1's products: -g.H g up to rounding, so a non-descent sign flags a history that lost
+        # positive definiteness, not rounding in d (if it ever misleads, the search finds no decrease and the
+        # history is reset).
+        gtd = self.hist.direction_and_slope(g, out=self.d)[1]
+        return self.d, gtd, len(self.hist) == 0
+
+    def first_step(self, gtd, steepest, f, f_old):
+        return min(1.0, 1.0 / math.sqrt(-gtd)) if steepest else 1.0  # -gtd = ||g||^2 on steepest descent
+
+    def trial_slope(self, d, g, gt):
+        return float(_dots([d], [gt])[0, 0]), None
+
+    def reset(self):
+        self.hist.reset()
+
+    def accept(self, x, g, x_new, g_new, extra):
+        """Push the pair; returns the buffers no longer referenced (g: y is formed)."""
+        s, y = self.hist._staged()
+        _lincomb([x_new, x], [1.0, -1.0], s)
+        _lincomb([g_new, g], [1.0, -1.0], y)
+        self.hist._commit()
+        return [g]
+
+    def info(self):
+        return {"nskipped": self.hist.num_skipped}
+
+
+def _descent(fun_and_grad, x0, method, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls):
+    """The line-search descent loop of lbfgs_minimize and ncg_minimize, after their argument checks; ``method``
+    makes the directions (_LBFGSMethod, ncg._NCGMethod).  For CuPy, runs with x0's device current (CuPy runs its
+    operations, and fun_and_grad and callback, on the current device)."""
     if _xp(x0) is not np:
-        # With x0's device current: CuPy runs its operations (and fun_and_grad, callback) on the current device.
         with _xp(x0).cuda.Device(x0.device.id):
-            return _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2,
-                             max_ls)
-    return _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls)
+            return _descent_loop(fun_and_grad, x0, method, max_iter, gtol, ftol, line_search, callback, c1, c2,
+                                 max_ls)
+    return _descent_loop(fun_and_grad, x0, method, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls)
 
 
-def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls):
-    """lbfgs_minimize after its argument checks (on x0's device for CuPy)."""
+def _descent_loop(fun_and_grad, x0, method, max_iter, gtol, ftol, line_search, callback, c1, c2, max_ls):
     xp = _xp(x0)
     shape, dtype = tuple(x0.shape), x0.dtype
-    n = int(np.prod(shape))
-    hist = LBFGSHistory(n, history_size, dtype, like=x0)  # validates history_size
     gtol, ftol = float(gtol), float(ftol)
     state = {"nfev": 0}
     # Gradient copies no longer referenced, reused by the next evaluations instead of fresh (page-faulting)
@@ -598,7 +651,7 @@ def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search,
         f = float(f)
         _check_gradient(g, x0)
         # A copy (in x0's dtype): fun_and_grad may return the same buffer every call (refilled in place), and the
-        # previous gradient must survive the next evaluation (y = g_new - g).
+        # previous gradient must survive the next evaluation (y = g_new - g, NCG's g_prev).
         gc = spare.pop() if spare else _aligned_like(x)
         gc[...] = g.reshape(-1)
         g = gc
@@ -608,8 +661,8 @@ def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search,
         return f, g, gmax
 
     def result(x, f, g, nit, status, message):
-        return LBFGSResult(x=x.reshape(shape), fun=f, grad=g.reshape(shape), nit=nit, nfev=state["nfev"],
-                           success=status == 0, status=status, message=message, nskipped=hist.num_skipped)
+        return OptimizeResult(x=x.reshape(shape), fun=f, grad=g.reshape(shape), nit=nit, nfev=state["nfev"],
+                              success=status == 0, status=status, message=message, **method.info())
 
     x = _aligned_copy(x0)
     try:
@@ -618,32 +671,29 @@ def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search,
         return result(x, math.nan, xp.full_like(x, math.nan), 0, 2, f"{e} at x0")
     if gmax <= gtol:
         return result(x, f, g, 0, 0, "CONVERGENCE: NORM OF GRADIENT <= GTOL")
-    d = _aligned_like(x)
     nit = 0
+    f_old = None
     while True:
         if nit >= max_iter:
             return result(x, f, g, nit, 1, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT")
         for _ in range(2):
-            # g.d from pass 1's products: -g.H g up to rounding, so a non-descent sign flags a history that
-            # lost positive definiteness, not rounding in d (if it ever misleads, the search finds no decrease
-            # and the history is reset below).
-            gtd = hist.direction_and_slope(g, out=d)[1]
-            steepest = len(hist) == 0
+            d, gtd, steepest = method.direction(g)
             if steepest and not (gtd < 0 and math.isfinite(gtd)):
                 return result(x, f, g, nit, 2, f"ABNORMAL: THE SQUARED GRADIENT NORM IS {-gtd} (OVERFLOW)")
             if not (gtd < 0 and math.isfinite(gtd)) and not steepest:
-                hist.reset()  # not a descent direction: restart from steepest descent
+                method.reset()  # not a descent direction: restart from steepest descent
                 continue
-            t0 = min(1.0, 1.0 / math.sqrt(-gtd)) if steepest else 1.0  # -gtd = ||g||^2 here
+            t0 = method.first_step(gtd, steepest, f, f_old)
 
             trials = []
 
-            def ev(t, x=x, trials=trials):
+            def ev(t, x=x, d=d, g=g, trials=trials):
                 xt = _aligned_like(x)
                 _lincomb([x, d], [1.0, t], xt)
                 ft, gt, gm = evaluate(xt)
                 trials.append(gt)
-                return ft, float(_dots([d], [gt])[0, 0]), (xt, gt, gm)
+                gtd_t, extra = method.trial_slope(d, g, gt)
+                return ft, gtd_t, (xt, gt, gm, extra)
 
             try:
                 if line_search == "strong_wolfe":
@@ -660,16 +710,13 @@ def _minimize(fun_and_grad, x0, history_size, max_iter, gtol, ftol, line_search,
                 break  # progress (with or without the Wolfe conditions: the curvature guard protects the history)
             if steepest:
                 return result(x, f, g, nit, 2, "ABNORMAL: THE LINE SEARCH FOUND NO DECREASE")
-            hist.reset()  # scipy's remedy: drop the history and retry once from steepest descent
+            method.reset()  # scipy's remedy: drop the history and retry once from steepest descent
         else:
             return result(x, f, g, nit, 2, "ABNORMAL: NO DESCENT DIRECTION")
-        x_new, g_new, gmax = pt
-        s, y = hist._staged()
-        _lincomb([x_new, x], [1.0, -1.0], s)
-        _lincomb([g_new, g], [1.0, -1.0], y)
-        hist._commit()
-        if len(spare) < keep_spare:
-            spare.append(g)  # the previous gradient: y is formed
+        x_new, g_new, gmax, extra = pt
+        for b in method.accept(x, g, x_new, g_new, extra):
+            if len(spare) < keep_spare:
+                spare.append(b)
         f_old, x, f, g = f, x_new, ft, g_new
         nit += 1
         if callback is not None and callback(x.reshape(shape)) is True:

@@ -15,6 +15,9 @@
 //    the terms 4 vectors at a time into a 16 KB running-sum buffer (4 input streams at once; the block's working
 //    set, about 96 KB, stays in L2), the last group written to out (non-temporal for outputs too large for the
 //    caches).
+//  - ncg_direction (the NCG direction, ncg_rules.h): chunks split across threads as for the dots; each lane block
+//    reads g and v, writes v = beta v - g back in place and accumulates v_new . g in the dots' lanes, so the
+//    slope comes out of the same pass, bitwise the dots' v_new . g.
 // Helpers are OK_ISA_INLINE functions, never lambdas: a lambda does not inherit the kernel's target attribute,
 // and GCC then moved its 16-lane values through the stack (3-4x slower).
 // lbfgs_rules.h and simd16.h pass 16-lane vectors between always-inlined helpers: the ABI note does not apply.
@@ -26,6 +29,7 @@
 
 #include "../lbfgs_executors.h"
 #include "../lbfgs_rules.h"
+#include "../ncg_rules.h"
 #include "../work_plan.h"
 #include "isa_kernel.h"
 #include "thread_pool.h"
@@ -305,6 +309,32 @@ OK_KERNEL void lincomb_range(const T* const* v, const T* c, int m, T* __restrict
   if (nt) stream_fence();
 }
 
+// The chunk-ordered reduction shared by the dots and the NCG direction: run(c0, c1, part) fills the P partials
+// of each chunk c in [c0, c1) at part[c * P ..]; chunk ranges are split across threads (nt from the `work`
+// elements touched), and the partials are summed on the calling thread in chunk order from 0.0 (lbfgs_rules.h),
+// so out[0, P) does not depend on the thread count.
+template <class Run>
+void chunked_sums(int64_t n, int64_t work, int64_t P, double* out, Run&& run) {
+  const int64_t nchunks = lb_num_chunks(n);
+  std::vector<double> part(static_cast<size_t>(nchunks * P));
+  int nt = threads_for_total(work);
+  if (nt > nchunks) nt = static_cast<int>(nchunks);
+  if (nt <= 1) {
+    run(int64_t(0), nchunks, part.data());
+  } else {
+    parallel_run(nt, [&](int tid, int nth) {
+      int64_t lo, hi;
+      part_bounds(nchunks, tid, nth, 1, &lo, &hi);
+      run(lo, hi, part.data());
+    });
+  }
+  for (int64_t p = 0; p < P; ++p) out[p] = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const double* pc = part.data() + c * P;
+    for (int64_t p = 0; p < P; ++p) out[p] += pc[p];
+  }
+}
+
 template <class T>
 void dots_typed(const VecBatch& stored, const VecBatch& queries, double* out) {
   const int k = static_cast<int>(stored.vecs.size());
@@ -314,26 +344,9 @@ void dots_typed(const VecBatch& stored, const VecBatch& queries, double* out) {
   for (int i = 0; i < k; ++i) sp[static_cast<size_t>(i)] = static_cast<const T*>(stored.vecs[static_cast<size_t>(i)]);
   for (int q = 0; q < nq; ++q) qp[static_cast<size_t>(q)] = static_cast<const T*>(queries.vecs[static_cast<size_t>(q)]);
   const int64_t n = stored.n;
-  const int64_t nchunks = lb_num_chunks(n);
-  std::vector<double> part(static_cast<size_t>(nchunks * P));
-  auto run = [&](int64_t c0, int64_t c1) { chunk_dots<T>(sp.data(), k, qp.data(), nq, n, c0, c1, part.data()); };
-  int nt = threads_for_total(n * (k + nq));
-  if (nt > nchunks) nt = static_cast<int>(nchunks);
-  if (nt <= 1) {
-    run(0, nchunks);
-  } else {
-    parallel_run(nt, [&](int tid, int nth) {
-      int64_t lo, hi;
-      part_bounds(nchunks, tid, nth, 1, &lo, &hi);
-      run(lo, hi);
-    });
-  }
-  // Chunk partials in chunk order (lbfgs_rules.h).
-  for (int64_t p = 0; p < P; ++p) out[p] = 0.0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const double* pc = part.data() + c * P;
-    for (int64_t p = 0; p < P; ++p) out[p] += pc[p];
-  }
+  chunked_sums(n, n * (k + nq), P, out, [&](int64_t c0, int64_t c1, double* part) {
+    chunk_dots<T>(sp.data(), k, qp.data(), nq, n, c0, c1, part);
+  });
 }
 
 template <class T>
@@ -360,6 +373,56 @@ void lincomb_typed(const VecBatch& vecs, const std::vector<double>& coef, void* 
   });
 }
 
+
+// ---- NCG direction -------------------------------------------------------------------------------------------
+
+// One lane block of blk <= kLbLaneBlock values: v = ncg_dir(beta, v, g) (kSteepest: -g, v not read) written in
+// place, and the block's total of v_new * g in the dot order (16 lanes, the tree, then the tail in order): the
+// block total of lbfgs_dots({v_new}, {g}).  The new value is rounded to T before it is multiplied, as the dots
+// read it back from memory.
+template <class T, bool kSteepest>
+OK_ISA_INLINE double ncg_block(const T* g, T* v, T beta, int64_t blk) {
+  const int64_t vec = blk / kLbLanes * kLbLanes;
+  V16<T> acc = {};
+  for (int64_t j = 0; j < vec; j += kLbLanes) {
+    const V16<T> gj = load16(g + j);
+    const V16<T> vn = kSteepest ? ncg_steepest(gj) : ncg_dir(beta, load16(v + j), gj);
+    store16(v + j, vn);
+    acc = lb_dot_step(acc, vn, gj);
+  }
+  double t = lane_tree<T>(acc);
+  for (int64_t j = vec; j < blk; ++j) {
+    const T vn = kSteepest ? ncg_steepest(g[j]) : ncg_dir(beta, v[j], g[j]);
+    v[j] = vn;
+    t += static_cast<double>(lb_prod(vn, g[j]));
+  }
+  return t;
+}
+
+// Chunks [c0, c1): the direction written in place, part[c] = the chunk's slope partial (block totals in order).
+template <class T, bool kSteepest>
+OK_KERNEL void ncg_chunks(const T* g, T* v, T beta, int64_t n, int64_t c0, int64_t c1, double* part) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = c * kLbChunk, len = std::min<int64_t>(kLbChunk, n - off);
+    double s = 0.0;
+    for (int64_t o = 0; o < len; o += kLbLaneBlock)
+      s += ncg_block<T, kSteepest>(g + off + o, v + off + o, beta, std::min<int64_t>(kLbLaneBlock, len - o));
+    part[c] = s;
+  }
+}
+
+template <class T>
+void ncg_typed(const VecBatch& gb, void* v_, double beta, double* slope) {
+  const T* g = static_cast<const T*>(gb.vecs[0]);
+  T* v = static_cast<T*>(v_);
+  const T b = static_cast<T>(beta);
+  const int64_t n = gb.n;
+  chunked_sums(n, 3 * n, 1, slope, [&](int64_t c0, int64_t c1, double* part) {
+    if (beta == 0.0) ncg_chunks<T, true>(g, v, b, n, c0, c1, part);
+    else ncg_chunks<T, false>(g, v, b, n, c0, c1, part);
+  });
+}
+
 }  // namespace
 
 void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
@@ -370,6 +433,11 @@ void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
 void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out) {
   if (vecs.dtype == DType::f32) lincomb_typed<float>(vecs, coef, out);
   else lincomb_typed<double>(vecs, coef, out);
+}
+
+void ncg_direction(const VecBatch& g, void* v, double beta, double* slope) {
+  if (g.dtype == DType::f32) ncg_typed<float>(g, v, beta, slope);
+  else ncg_typed<double>(g, v, beta, slope);
 }
 
 }  // namespace OPTKERN_ISA_NS

@@ -17,6 +17,11 @@
 // lincomb: one grid-stride launch (grid from occupancy), the vector pointers and the coefficients (already cast
 // to T) passed by value as a kernel parameter (at most 64 of each, about 1 KB); 16-byte loads and stores when
 // every array is 16-byte aligned, one element at a time otherwise.  No synchronization.
+// ncg_direction (ncg_rules.h): ncg_partials_kernel walks the chunks like dots_partials_kernel (slot s = lane block
+// s, lane l = values l, l + 16, ...), each thread reading g and v, writing v = beta v - g back in place and
+// accumulating v_new . g in T; the lanes' tree, the tail by lane 0 (which also writes the tail's v), the block
+// totals in block order: the chunk partial of lbfgs_dots({v_new}, {g}).  dots_sum_kernel folds the partials
+// (P = 1) and the slope is copied back: one stream synchronization, as for the dots.
 // No floating-point atomics and no order that depends on the grid: the results equal the CPU executor's bitwise
 // (the GPU is built with --fmad=false, the CPU with -ffp-contract=off).  Scratch is an owned DeviceBuffer from
 // optkern's pool (stream-ordered), every CUDA call and launch is checked, a failure throws, and nothing falls back
@@ -29,6 +34,7 @@
 
 #include "../lbfgs_executors.h"
 #include "../lbfgs_rules.h"
+#include "../ncg_rules.h"
 #include "cuda_util.cuh"
 
 namespace optkern {
@@ -46,6 +52,24 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 // ---- dots -------------------------------------------------------------------------------------------------
 
+// This thread's place in the chunk at off (of n values): slot = its lane block, lane = its lane; the block
+// starts at b0 and holds blk values (0 past the chunk's end), vec of them in whole 16-lane rows; nblocks lane
+// blocks in the chunk.  Shared by the dots and the NCG direction.
+struct LaneBlock {
+  int slot, lane, nblocks;
+  int64_t b0, blk, vec;
+  __device__ __forceinline__ LaneBlock(int64_t n, int64_t off) {
+    const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
+    slot = static_cast<int>(threadIdx.x) / kLbLanes;
+    lane = static_cast<int>(threadIdx.x) % kLbLanes;
+    b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
+    const int64_t rest = len - b0;
+    blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
+    vec = blk / kLbLanes * kLbLanes;
+    nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  }
+};
+
 template <class T>
 struct DotPtrs {
   const T* stored[kLbMaxVecs];
@@ -57,13 +81,9 @@ template <class T>
 __device__ __forceinline__ void chunk_partials(const DotPtrs<T>& ptrs, int k, int nq, int64_t n, int64_t nchunks,
                                                int64_t c, double (*red)[kSlots + 1], double* __restrict__ part) {
   const int64_t off = c * kLbChunk;
-  const int64_t len = n - off < kLbChunk ? n - off : kLbChunk;
-  const int slot = threadIdx.x / kLbLanes, lane = threadIdx.x % kLbLanes;
-  const int64_t b0 = static_cast<int64_t>(slot) * kLbLaneBlock;
-  const int64_t rest = len - b0;
-  const int64_t blk = rest <= 0 ? 0 : (rest < kLbLaneBlock ? rest : kLbLaneBlock);
-  const int64_t vec = blk / kLbLanes * kLbLanes;
-  const int nblocks = static_cast<int>(ceil_div(len, kLbLaneBlock));
+  const LaneBlock lb(n, off);
+  const int slot = lb.slot, lane = lb.lane, nblocks = lb.nblocks;
+  const int64_t b0 = lb.b0, blk = lb.blk, vec = lb.vec;
   const int P = k * nq;
   for (int pb = 0; pb < P; pb += kPairBatch) {
     const int pe = P - pb < kPairBatch ? P : pb + kPairBatch;
@@ -240,6 +260,86 @@ void lincomb_typed(const VecBatch& vecs, const std::vector<double>& coef, void* 
   OK_CUDA_CHECK(cudaGetLastError());
 }
 
+
+// ---- NCG direction ----------------------------------------------------------------------------------------
+
+// One chunk c: v = beta v - g (kSteepest: -g, v not read) in place, and part[c] = the chunk's v_new . g partial.
+template <class T, bool kSteepest>
+__device__ __forceinline__ void ncg_chunk(const T* __restrict__ g, T* __restrict__ v, T beta, int64_t n, int64_t c,
+                                          double* red, double* __restrict__ part) {
+  const int64_t off = c * kLbChunk;
+  const LaneBlock lb(n, off);
+  const int slot = lb.slot, lane = lb.lane, nblocks = lb.nblocks;
+  const int64_t b0 = lb.b0, blk = lb.blk, vec = lb.vec;
+  const T* gb = g + off + b0;
+  T* vb = v + off + b0;
+  T acc = T(0);
+  double h = 0.0;
+  if (blk > 0) {
+#pragma unroll 4
+    for (int64_t j = lane; j < vec; j += kLbLanes) {
+      const T gj = gb[j];
+      const T vn = kSteepest ? ncg_steepest(gj) : ncg_dir(beta, vb[j], gj);
+      vb[j] = vn;
+      acc = lb_dot_step(acc, vn, gj);
+    }
+    h = static_cast<double>(acc);
+  }
+  // All 32 lanes of the warp take part (both of its slots reach here together).
+#pragma unroll
+  for (int w = kLbLanes / 2; w >= 1; w /= 2) h += __shfl_down_sync(0xffffffffu, h, w, kLbLanes);
+  if (lane == 0 && blk > 0) {
+    for (int64_t j = vec; j < blk; ++j) {
+      const T vn = kSteepest ? ncg_steepest(gb[j]) : ncg_dir(beta, vb[j], gb[j]);
+      vb[j] = vn;
+      h += static_cast<double>(lb_prod(vn, gb[j]));
+    }
+    red[slot] = h;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int b = 0; b < nblocks; ++b) s += red[b];
+    part[c] = s;
+  }
+  __syncthreads();
+}
+
+template <class T, bool kSteepest>
+__global__ void __launch_bounds__(kThreads) ncg_partials_kernel(const T* __restrict__ g, T* __restrict__ v, T beta,
+                                                                int64_t n, int64_t nchunks, double* __restrict__ part) {
+  __shared__ double red[kSlots];
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) ncg_chunk<T, kSteepest>(g, v, beta, n, c, red, part);
+}
+
+template <class T, bool kSteepest>
+void ncg_launch(const T* g, T* v, T beta, int64_t n, int64_t nchunks, double* part, int device, cudaStream_t stream) {
+  const int64_t cap =
+      static_cast<int64_t>(resident_blocks_per_sm(ncg_partials_kernel<T, kSteepest>, kThreads)) * sm_count(device);
+  const unsigned grid = static_cast<unsigned>(nchunks < cap ? nchunks : cap);
+  ncg_partials_kernel<T, kSteepest><<<grid, kThreads, 0, stream>>>(g, v, beta, n, nchunks, part);
+  OK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T>
+void ncg_typed(const VecBatch& gb, void* v_, double beta, double* slope) {
+  DeviceGuard guard(gb.device.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(gb.stream);
+  const T* g = static_cast<const T*>(gb.vecs[0]);
+  T* v = static_cast<T*>(v_);
+  const int64_t nchunks = lb_num_chunks(gb.n);
+  if (nchunks > 0x7fffffff) throw std::invalid_argument("g: too many elements for one CUDA launch");
+  DeviceBuffer buf(static_cast<size_t>(nchunks + 1) * sizeof(double), stream);
+  double* part = buf.as<double>();
+  double* dev_out = part + nchunks;
+  if (beta == 0.0) ncg_launch<T, true>(g, v, T(0), gb.n, nchunks, part, gb.device.index, stream);
+  else ncg_launch<T, false>(g, v, static_cast<T>(beta), gb.n, nchunks, part, gb.device.index, stream);
+  dots_sum_kernel<<<1, kThreads, 0, stream>>>(part, nchunks, 1, dev_out);
+  OK_CUDA_CHECK(cudaGetLastError());
+  OK_CUDA_CHECK(cudaMemcpyAsync(slope, dev_out, sizeof(double), cudaMemcpyDeviceToHost, stream));
+  OK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the slope is returned in host memory
+}
+
 }  // namespace
 
 void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
@@ -250,6 +350,11 @@ void lbfgs_dots(const VecBatch& stored, const VecBatch& queries, double* out) {
 void lbfgs_lincomb(const VecBatch& vecs, const std::vector<double>& coef, void* out) {
   if (vecs.dtype == DType::f32) lincomb_typed<float>(vecs, coef, out);
   else lincomb_typed<double>(vecs, coef, out);
+}
+
+void ncg_direction(const VecBatch& g, void* v, double beta, double* slope) {
+  if (g.dtype == DType::f32) ncg_typed<float>(g, v, beta, slope);
+  else ncg_typed<double>(g, v, beta, slope);
 }
 
 }  // namespace cuda_exec

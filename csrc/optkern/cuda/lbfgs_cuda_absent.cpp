@@ -15,5 +15,6 @@ namespace {
 }  // namespace
 void lbfgs_dots(const VecBatch&, const VecBatch&, double*) { refuse("stored"); }
 void lbfgs_lincomb(const VecBatch&, const std::vector<double>&, void*) { refuse("vecs"); }
+void ncg_direction(const VecBatch&, void*, double, double*) { refuse("g"); }
 }  // namespace cuda_exec
 }  // namespace optkern

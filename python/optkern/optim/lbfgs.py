@@ -151,18 +151,27 @@ class LBFGS:
 
     def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7, tolerance_change=1e-9,
                  history_size=100, line_search_fn=None):
+        self.defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
+                             tolerance_change=tolerance_change, history_size=history_size,
+                             line_search_fn=line_search_fn)
+        self._setup(params)
+
+    _HYPER = _HYPER
+    _check_group = staticmethod(_check_group)
+
+    def _setup(self, params):
+        """The param group (one, as torch's LBFGS), the flat views and the buffers, from self.defaults; every
+        check (the group's hyperparameters by ``_check_group``) before anything is kept.  Shared with NCG."""
+        name = type(self).__name__
         if hasattr(params, "shape") or isinstance(params, dict):
             raise TypeError(f"params: expected an iterable of arrays or of one dict, got {type(params).__name__}")
         params = list(params)
         if len(params) == 0:
             raise ValueError("params: optimizer got an empty parameter list")
-        self.defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
-                             tolerance_change=tolerance_change, history_size=history_size,
-                             line_search_fn=line_search_fn)
         if isinstance(params[0], dict):
             if len(params) != 1:
-                raise ValueError(f"params: LBFGS supports one param group (as torch), got {len(params)}")
-            unknown = set(params[0]) - set(_HYPER) - {"params"}
+                raise ValueError(f"params: {name} supports one param group (as torch's LBFGS), got {len(params)}")
+            unknown = set(params[0]) - set(self._HYPER) - {"params"}
             if unknown:
                 raise TypeError(f"params: unexpected param group keys {sorted(unknown)}")
             group = dict(self.defaults, **params[0])
@@ -172,8 +181,9 @@ class LBFGS:
             group = dict(self.defaults, params=params)
         if group["max_eval"] is None:
             group["max_eval"] = group["max_iter"] * 5 // 4 if isinstance(group["max_iter"], int) else None
-        _check_group(group)
-        self.defaults["max_eval"] = group["max_eval"] if max_eval is None else max_eval
+        self._check_group(group)
+        if self.defaults["max_eval"] is None:
+            self.defaults["max_eval"] = group["max_eval"]
         self.param_groups = [group]
         params = group["params"]
         if len(params) == 0:
@@ -332,10 +342,15 @@ class LBFGS:
         with self._lock:
             self._load_state_dict(state_dict)
 
-    def _load_state_dict(self, state_dict):
+    def _loaded_groups(self, state_dict):
+        """state_dict's param groups, checked to be one group over as many params as this optimizer's."""
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
             raise ValueError("state_dict: expected one param group with as many params as this optimizer's")
+        return groups
+
+    def _load_state_dict(self, state_dict):
+        groups = self._loaded_groups(state_dict)
         st = state_dict["state"]
         for name in ("d", "g_prev"):
             if st[name] is not None and tuple(st[name].shape) != (self._n,):
@@ -369,15 +384,8 @@ class LBFGS:
         if self._hist is None or self._hist.history_size != history_size:
             self._hist = self._make_history(history_size, self._pairs())
         hist = self._hist
-        if self._torch:
-            import torch
-
-            closure = torch.enable_grad()(closure)  # as torch: the closure runs with grad enabled
-
-        orig_loss = self._evaluate(closure)
-        loss = _to_float(orig_loss)
+        closure, orig_loss, loss = self._first_evaluation(closure)
         current_evals = 1
-        state["func_evals"] += 1
         g = self._g
         if _max_abs(g) <= tol_grad:
             return orig_loss
@@ -452,11 +460,22 @@ class LBFGS:
             current_evals += ls_evals
             state["func_evals"] += ls_evals
             self._t = t
-            # the stopping tests
-            if n_iter == max_iter or current_evals >= max_eval or opt_cond:
-                break
-            if abs(t) * _max_abs(d) <= tol_change:
-                break
-            if abs(loss - self._prev_loss) < tol_change:
+            if self._stop(n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss, tol_change):
                 break
         return orig_loss
+
+    def _first_evaluation(self, closure):
+        """The step's first evaluation (shared with NCG): the closure (under torch.enable_grad for torch params,
+        as torch), its loss and the loss as a float; counts func_evals."""
+        if self._torch:
+            import torch
+
+            closure = torch.enable_grad()(closure)  # as torch: the closure runs with grad enabled
+        orig_loss = self._evaluate(closure)
+        self.state["func_evals"] += 1
+        return closure, orig_loss, _to_float(orig_loss)
+
+    def _stop(self, budget_or_converged, t, d, loss, tol_change):
+        """torch's stopping tests after an iteration (shared with NCG): the budget or ||g||_inf, then
+        ||t d||_inf <= tolerance_change, then |f - f_prev| < tolerance_change."""
+        return budget_or_converged or abs(t) * _max_abs(d) <= tol_change or abs(loss - self._prev_loss) < tol_change
