@@ -160,6 +160,23 @@ def _byte_range(a):
     return p, p + a.nbytes
 
 
+def _check_vector(v, name, owner, what):
+    """v checked to be a vector like ``owner``'s (its array library, n, dtype, contiguity, device); ``what`` names
+    the owner in the messages ("the history", "the state")."""
+    ok = isinstance(v, np.ndarray) if owner._xp is np else _library(v) == "cupy"
+    if not ok:
+        raise TypeError(f"{name}: expected a {owner._xp.__name__} array like {what}, got {type(v).__name__}")
+    if tuple(v.shape) != (owner.n,):
+        raise ValueError(f"{name}: expected shape ({owner.n},), got {tuple(v.shape)}")
+    if v.dtype != owner.dtype:
+        raise TypeError(f"{name}: expected {owner.dtype} like {what}, got {v.dtype}")
+    if not v.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a contiguous vector")
+    if owner._device is not None and v.device.id != owner._device:
+        raise ValueError(f"{name}: on device {v.device.id}, {what} on device {owner._device}")
+    return v
+
+
 def _aligned_copy(a):
     """A 64-byte aligned 1-D copy of a (same library and dtype)."""
     out = _aligned_like(a)
@@ -245,18 +262,7 @@ class LBFGSHistory:
     # -- push --------------------------------------------------------------------------------------------------
 
     def _check(self, v, name):
-        ok = isinstance(v, np.ndarray) if self._xp is np else _library(v) == "cupy"
-        if not ok:
-            raise TypeError(f"{name}: expected a {self._xp.__name__} array like the history, got {type(v).__name__}")
-        if tuple(v.shape) != (self.n,):
-            raise ValueError(f"{name}: expected shape ({self.n},), got {tuple(v.shape)}")
-        if v.dtype != self.dtype:
-            raise TypeError(f"{name}: expected {self.dtype} like the history, got {v.dtype}")
-        if not v.flags.c_contiguous:
-            raise ValueError(f"{name}: expected a contiguous vector")
-        if self._device is not None and v.device.id != self._device:
-            raise ValueError(f"{name}: on device {v.device.id}, the history on device {self._device}")
-        return v
+        return _check_vector(v, name, self, "the history")
 
     def _staged(self):
         """The spare slot's (s, y) vectors, to be written in place and then given to _commit."""

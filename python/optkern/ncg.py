@@ -48,6 +48,7 @@ from .lbfgs import (
     _DTYPES,
     _aligned_rows,
     _byte_range,
+    _check_vector,
     _check_minimize_args,
     _descent,
     _dots,
@@ -125,17 +126,7 @@ class NCGState:
         self.beta = 0.0  # beta of the last direction (0: steepest descent)
 
     def _check(self, a, name):
-        ok = isinstance(a, np.ndarray) if self._xp is np else _library(a) == "cupy"
-        if not ok:
-            raise TypeError(f"{name}: expected a {self._xp.__name__} array like the state, got {type(a).__name__}")
-        if tuple(a.shape) != (self.n,):
-            raise ValueError(f"{name}: expected shape ({self.n},), got {tuple(a.shape)}")
-        if a.dtype != self.dtype:
-            raise TypeError(f"{name}: expected {self.dtype} like the state, got {a.dtype}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name}: expected a contiguous vector")
-        if self._device is not None and a.device.id != self._device:
-            raise ValueError(f"{name}: on device {a.device.id}, the state on device {self._device}")
+        _check_vector(a, name, self, "the state")
         (a0, a1), (v0, v1) = _byte_range(a), _byte_range(self.v)
         if a0 < v1 and v0 < a1:
             raise ValueError(f"{name}: overlaps the state's direction v (which the kernel writes)")

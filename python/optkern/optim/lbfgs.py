@@ -349,20 +349,43 @@ class LBFGS:
             raise ValueError("state_dict: expected one param group with as many params as this optimizer's")
         return groups
 
-    def _load_state_dict(self, state_dict):
+    def _search_start(self, g):
+        """The params gathered into the reused buffer x0 (allocated once, like g): a line search's start."""
+        if self._x0 is None:
+            self._x0 = _aligned_like(g)
+        return self._gather_params(self._x0)
+
+    def _loss_at(self, tt, d, x0, closure):
+        """The closure's loss at params = x0 + tt d; the params are put back to x0, also when the closure raises."""
+        self._add_step(tt, d)
+        try:
+            return _to_float(self._evaluate(closure))
+        finally:
+            self._set_params(x0)
+
+    def _load_common(self, state_dict, vectors):
+        """Checks ``vectors`` (name: array or None) against this optimizer's size and the saved group's
+        hyperparameters, then restores what LBFGS and NCG share: hyperparameters, counters, t, prev_loss, g_prev.
+        Returns the merged group and the saved state."""
         groups = self._loaded_groups(state_dict)
         st = state_dict["state"]
-        for name in ("d", "g_prev"):
-            if st[name] is not None and tuple(st[name].shape) != (self._n,):
-                raise ValueError(f"state_dict: {name} has shape {tuple(st[name].shape)}, expected ({self._n},)")
+        for name, a in vectors.items():
+            if a is not None and tuple(a.shape) != (self._n,):
+                raise ValueError(f"state_dict: {name} has shape {tuple(a.shape)}, expected ({self._n},)")
         group = dict(self.param_groups[0], **{k: v for k, v in groups[0].items() if k != "params"})
-        _check_group(group)
-        xp, dt = self._xp, self._dtype
-        self.param_groups[0].update({k: group[k] for k in _HYPER})
+        self._check_group(group)
+        self.param_groups[0].update({k: group[k] for k in self._HYPER})
         self.state = {"func_evals": int(st["func_evals"]), "n_iter": int(st["n_iter"])}
         self._t, self._prev_loss = st["t"], st["prev_loss"]
+        self._g_prev = None if st["g_prev"] is None else _aligned_copy(self._xp.asarray(st["g_prev"],
+                                                                                         dtype=self._dtype))
+        return group, st
+
+    def _load_state_dict(self, state_dict):
+        st = state_dict["state"]
+        group, st = self._load_common(state_dict, {"d": st["d"], "g_prev": st["g_prev"]})
+        xp, dt = self._xp, self._dtype
         self._d = None if st["d"] is None else _aligned_copy(xp.asarray(st["d"], dtype=dt))
-        self._g_prev = None if st["g_prev"] is None else _aligned_copy(xp.asarray(st["g_prev"], dtype=dt))
         self._hist = self._make_history(int(group["history_size"]),
                                         [(xp.asarray(s, dtype=dt), xp.asarray(y, dtype=dt)) for s, y in st["pairs"]])
         self._hist.num_skipped = int(st["num_skipped"])
@@ -420,18 +443,11 @@ class LBFGS:
                 break
             ls_evals = 0
             if line_search_fn == "strong_wolfe":
-                if self._x0 is None:
-                    self._x0 = _aligned_like(g)
-                x0 = self._gather_params(self._x0)
+                x0 = self._search_start(g)
                 count = [0]
 
                 def ev(tt, x0=x0, count=count):
-                    # params = x0 + tt d, evaluated, then put back to x0 (also when the closure raises)
-                    self._add_step(tt, d)
-                    try:
-                        ft = _to_float(self._evaluate(closure))
-                    finally:
-                        self._set_params(x0)
+                    ft = self._loss_at(tt, d, x0, closure)
                     count[0] += 1
                     gt = _aligned_copy(g)
                     return ft, float(_dots([d], [gt])[0, 0]), gt
@@ -458,9 +474,8 @@ class LBFGS:
                     opt_cond = _max_abs(g) <= tol_grad
                     ls_evals = 1
             current_evals += ls_evals
-            state["func_evals"] += ls_evals
-            self._t = t
-            if self._stop(n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss, tol_change):
+            if self._stop(ls_evals, n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss,
+                          tol_change):
                 break
         return orig_loss
 
@@ -475,7 +490,10 @@ class LBFGS:
         self.state["func_evals"] += 1
         return closure, orig_loss, _to_float(orig_loss)
 
-    def _stop(self, budget_or_converged, t, d, loss, tol_change):
-        """torch's stopping tests after an iteration (shared with NCG): the budget or ||g||_inf, then
-        ||t d||_inf <= tolerance_change, then |f - f_prev| < tolerance_change."""
+    def _stop(self, ls_evals, budget_or_converged, t, d, loss, tol_change):
+        """The end of an iteration (shared with NCG): its evaluations counted, its step length kept, then torch's
+        stopping tests: the budget or ||g||_inf, then ||t d||_inf <= tolerance_change, then
+        |f - f_prev| < tolerance_change."""
+        self.state["func_evals"] += ls_evals
+        self._t = t
         return budget_or_converged or abs(t) * _max_abs(d) <= tol_change or abs(loss - self._prev_loss) < tol_change

@@ -109,19 +109,11 @@ class NCG(LBFGS):
         return {"state": state, "param_groups": [group]}
 
     def _load_state_dict(self, state_dict):
-        groups = self._loaded_groups(state_dict)
         st = state_dict["state"]
         ncg = st.get("ncg")
-        for name, a in (("g_prev", st.get("g_prev")), ("ncg.v", None if ncg is None else ncg["v"])):
-            if a is not None and tuple(a.shape) != (self._n,):
-                raise ValueError(f"state_dict: {name} has shape {tuple(a.shape)}, expected ({self._n},)")
-        group = dict(self.param_groups[0], **{k: v for k, v in groups[0].items() if k != "params"})
-        _check_group(group)
+        _, st = self._load_common(state_dict, {"g_prev": st.get("g_prev"),
+                                               "ncg.v": None if ncg is None else ncg["v"]})
         xp, dt = self._xp, self._dtype
-        self.param_groups[0].update({k: group[k] for k in _HYPER})
-        self.state = {"func_evals": int(st["func_evals"]), "n_iter": int(st["n_iter"])}
-        self._t, self._prev_loss = st["t"], st["prev_loss"]
-        self._g_prev = None if st["g_prev"] is None else _aligned_copy(xp.asarray(st["g_prev"], dtype=dt))
         self._ncg = None
         self._dots = st.get("dots")
         if ncg is not None:
@@ -170,9 +162,7 @@ class NCG(LBFGS):
                 break
             ls_evals = 0
             if line_search_fn == "strong_wolfe":
-                if self._x0 is None:
-                    self._x0 = _aligned_like(g)
-                x0 = self._gather_params(self._x0)
+                x0 = self._search_start(g)
                 count = [0]
                 needs = ncg.needs_g_prev
 
@@ -180,12 +170,7 @@ class NCG(LBFGS):
                 self._g = scratch
 
                 def ev(tt, x0=x0, count=count, g=g):
-                    # params = x0 + tt d, evaluated, then put back to x0 (also when the closure raises)
-                    self._add_step(tt, d)
-                    try:
-                        ft = _to_float(self._evaluate(closure))
-                    finally:
-                        self._set_params(x0)
+                    ft = self._loss_at(tt, d, x0, closure)
                     count[0] += 1
                     gt = _aligned_copy(scratch)
                     dd = _dots([d, gt] + ([g] if needs else []), [gt])[0]  # gt.v, gt.gt, gt.g: one pass
@@ -218,8 +203,7 @@ class NCG(LBFGS):
                     opt_cond = _max_abs(self._g) <= tol_grad
                     ls_evals = 1
             current_evals += ls_evals
-            state["func_evals"] += ls_evals
-            self._t = t
-            if self._stop(n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss, tol_change):
+            if self._stop(ls_evals, n_iter == max_iter or current_evals >= max_eval or opt_cond, t, d, loss,
+                          tol_change):
                 break
         return orig_loss
