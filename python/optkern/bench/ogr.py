@@ -181,11 +181,12 @@ def main(argv=None) -> int:
     def saddle_cell(m, lr):
         r = saddle_run(m, lr)
         cell = ("-" if r["left"] is None else str(r["left"])) + ("*" if r["at_min"] else "")
-        return cell, (r["left"] if r["left"] is not None else 10**9), r["curve"]
+        # best: the fewest steps among runs that end at a minimum (a run that leaves and diverges does not count)
+        return cell, (r["left"] if r["left"] is not None and r["at_min"] else 10**9), r["curve"]
 
     best = grid_table(md, "## 1. Saddle f = x^2 - y^2 + y^4/4 from (1, 1e-4)",
                       "Steps until |y| > 1 (-: not within 500 steps); `*`: ended within 1e-3 of a minimum "
-                      "(0, +-sqrt 2).", grid, saddle_cell)
+                      "(0, +-sqrt 2); the best per method counts starred runs only.", grid, saddle_cell)
     md += ["Best per method: " + "; ".join(
         f"{m} {('-' if b[0] == 10**9 else b[0])} steps (lr {b[1]:g})" for m, b in best.items()), ""]
     curves["saddle"] = {m: (b[1], b[2]) for m, b in best.items()}
