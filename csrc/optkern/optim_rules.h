@@ -361,7 +361,8 @@ struct OgrRule {
     T cv = c.first_step ? T(0) : c.beta * (cov + c.one_minus_beta * d * e);  // EMA covariance of g and theta
     T acov = ok_abs(cv);
     T thr = c.eps * (T(1) + ok_abs(mt));
-    bool use = c.fit && v > thr * thr && acov * c.sgd_lr > c.eps * v;   // the guards
+    // the guards, combined with & (not &&): no short-circuit branch, so the loop if-converts and vectorizes
+    const bool use = c.fit & (v > thr * thr) & (acov * c.sgd_lr > c.eps * v);
     T d_sgd = c.neg_sgd_lr * g;                                         // fallback: plain SGD
     T num = mg * v + cv * (p - mt);                                     // fitted gradient at theta, times var
     T d_fit = c.neg_alpha * num / (use ? acov : T(1));                  // -alpha g^ / |lambda|
